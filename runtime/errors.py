@@ -1,0 +1,25 @@
+"""User errors: one class per kind of mistake, caught by the CLI and printed as one line (exit 1).
+
+Anything that is not a `UserError` is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in what the user gave moeplan (a file, a field, a flag); the message says which."""
+
+
+class PlanError(UserError):
+    """A plan file that is missing, malformed or out of range."""
+
+
+class ModelError(UserError):
+    """A checkpoint folder that is missing, corrupt, or of a family moeplan cannot run."""
+
+
+class TraceError(UserError):
+    """A routing trace that is missing or malformed."""
+
+
+class HardwareError(UserError):
+    """A plan that asks for hardware this host does not have, or more memory than it has."""

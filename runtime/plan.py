@@ -1,0 +1,314 @@
+"""The execution plan (schema version 1 of DESIGN.md): frozen dataclasses, strict loading, round-trip.
+
+A plan says where experts live and what happens on a miss. It is data only: the runtime reads it, the
+planner writes it. Every error names the field path (`cache.slots[3]: must be >= 0, got -1`).
+Standard library and PyYAML only, so that `planner/` can import it without torch.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PlanError
+
+SCHEMA_VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("lru", "lfu", "fifo", "static")
+MISS_COMPUTE = ("cpu", "accelerator")
+_ACCELERATOR = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = ""  # informational: the catalog name the plan was tuned for
+    path: str | None = None  # local Hugging Face folder; `run --model DIR` overrides it
+    dtype: str = "bfloat16"  # weights and activations: float32 | bfloat16 | float16
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    accelerator: str = "cpu"  # cuda:N, or cpu (then the "cache" is host memory: used by tests)
+    cpu_threads: int = 1  # threads for CPU expert work
+    profile: str = ""  # informational: the profile the plan was tuned against
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    # Experts kept on the accelerator per MoE layer: one int for every layer, or one int per layer.
+    slots: int | tuple[int, ...] = 0
+    policy: str = "lru"  # lru | lfu | fifo | static (the preloaded set never changes)
+    # None, or one tuple of expert ids per MoE layer, loaded before the first token.
+    preload: tuple[tuple[int, ...], ...] | None = None
+
+    def slots_per_layer(self, num_layers: int, num_experts: int) -> list[int]:
+        """The slot count of each MoE layer, checked against the model's layer and expert counts."""
+        if isinstance(self.slots, int):
+            per_layer = [self.slots] * num_layers
+        else:
+            if len(self.slots) != num_layers:
+                raise PlanError(f"cache.slots: has {len(self.slots)} entries but the model has "
+                                f"{num_layers} MoE layers")
+            per_layer = list(self.slots)
+        for i, n in enumerate(per_layer):
+            if n > num_experts:
+                where = "cache.slots" if isinstance(self.slots, int) else f"cache.slots[{i}]"
+                raise PlanError(f"{where}: {n} slots but the model has only {num_experts} experts per layer")
+        return per_layer
+
+    def preload_per_layer(self, num_layers: int, num_experts: int) -> list[list[int]]:
+        """The preload list of each MoE layer (empty lists when there is none), checked against the model."""
+        if self.preload is None:
+            return [[] for _ in range(num_layers)]
+        if len(self.preload) != num_layers:
+            raise PlanError(f"cache.preload: has {len(self.preload)} lists but the model has "
+                            f"{num_layers} MoE layers")
+        for i, ids in enumerate(self.preload):
+            for j, e in enumerate(ids):
+                if e >= num_experts:
+                    raise PlanError(f"cache.preload[{i}][{j}]: expert {e} does not exist "
+                                    f"(the model has {num_experts} experts per layer)")
+        return [list(ids) for ids in self.preload]
+
+
+@dataclass(frozen=True)
+class MissSpec:
+    compute: str = "cpu"  # cpu | accelerator: where a missed expert is computed
+    # A missed expert used by at least this many tokens in one pass is copied and computed on the
+    # accelerator (prefill); 0 = never.
+    transfer_min_tokens: int = 0
+    promote: bool = False  # after a CPU-computed miss, copy the expert into the cache in the background
+
+
+@dataclass(frozen=True)
+class PrefetchSpec:
+    lookahead: int = 0  # 0 = off; 1 = guess the next MoE layer's experts and start copies early
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int = SCHEMA_VERSION
+    model: ModelSpec = field(default_factory=ModelSpec)
+    hardware: HardwareSpec = field(default_factory=HardwareSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    miss: MissSpec = field(default_factory=MissSpec)
+    prefetch: PrefetchSpec = field(default_factory=PrefetchSpec)
+    predicted: dict[str, Any] | None = None  # written by `tune`, ignored by `run`
+    provenance: dict[str, Any] | None = None  # written by `tune`, ignored by `run`
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise PlanError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            raise PlanError(f"{p}: no such plan file") from None
+        except IsADirectoryError:
+            raise PlanError(f"{p}: is a folder, not a plan file") from None
+        except OSError as exc:
+            raise PlanError(f"{p}: cannot read ({exc.strerror})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+        return cls.from_yaml(text, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> "Plan":
+        try:
+            return _parse_plan(data)
+        except PlanError as exc:
+            raise PlanError(f"{source}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        cache: dict[str, Any] = {
+            "slots": self.cache.slots if isinstance(self.cache.slots, int) else list(self.cache.slots),
+            "policy": self.cache.policy,
+            "preload": "none" if self.cache.preload is None else [list(ids) for ids in self.cache.preload],
+        }
+        out: dict[str, Any] = {
+            "version": self.version,
+            "model": {"name": self.model.name, "path": self.model.path, "dtype": self.model.dtype},
+            "hardware": {"accelerator": self.hardware.accelerator, "cpu_threads": self.hardware.cpu_threads,
+                         "profile": self.hardware.profile},
+            "cache": cache,
+            "miss": {"compute": self.miss.compute, "transfer_min_tokens": self.miss.transfer_min_tokens,
+                     "promote": self.miss.promote},
+            "prefetch": {"lookahead": self.prefetch.lookahead},
+        }
+        if self.predicted is not None:
+            out["predicted"] = self.predicted
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_PlanDumper, sort_keys=False, default_flow_style=False)
+
+    def with_model_path(self, path: str) -> "Plan":
+        return replace(self, model=replace(self.model, path=path))
+
+
+class _PlanDumper(yaml.SafeDumper):
+    """Safe dumper that writes lists of numbers inline (`[0, 3, 5]`), the rest in block style."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_PlanDumper.add_representer(list, _represent_list)
+
+
+# ---- validation: small checkers that name the field path ----------------------------------------
+def _mapping(value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PlanError(f"{path or 'plan'}: must be a mapping, got {_kind(value)}")
+    for key in value:
+        if not isinstance(key, str) or key not in allowed:
+            prefix = f"{path}." if path else ""
+            raise PlanError(f"{prefix}{key}: unknown key (allowed: {', '.join(allowed)})")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _int(value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{path}: must be an integer, got {_kind(value)} {value!r}")
+    if lo is not None and value < lo:
+        raise PlanError(f"{path}: must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise PlanError(f"{path}: must be <= {hi}, got {value}")
+    return value
+
+
+def _str(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str):
+        raise PlanError(f"{path}: must be a string, got {_kind(value)} {value!r}")
+    if choices is not None and value not in choices:
+        raise PlanError(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(f"{path}: must be true or false, got {_kind(value)} {value!r}")
+    return value
+
+
+def _optional_mapping(value: Any, path: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PlanError(f"{path}: must be a mapping, got {_kind(value)}")
+    return value
+
+
+def _parse_plan(data: Any) -> Plan:
+    top = _mapping(data, "", ("version", "model", "hardware", "cache", "miss", "prefetch", "predicted",
+                              "provenance"))
+    if "version" not in top:
+        raise PlanError("version: missing (this moeplan reads schema version 1)")
+    version = _int(top["version"], "version")
+    if version != SCHEMA_VERSION:
+        raise PlanError(f"version: this moeplan reads schema version {SCHEMA_VERSION}, got {version}")
+
+    m = _mapping(top.get("model"), "model", ("name", "path", "dtype"))
+    d = ModelSpec()
+    model = ModelSpec(
+        name=_str(m.get("name", d.name) or "", "model.name"),
+        path=None if m.get("path") is None else _str(m["path"], "model.path"),
+        dtype=_str(m.get("dtype", d.dtype), "model.dtype", DTYPES),
+    )
+
+    h = _mapping(top.get("hardware"), "hardware", ("accelerator", "cpu_threads", "profile"))
+    dh = HardwareSpec()
+    accelerator = _str(h.get("accelerator", dh.accelerator), "hardware.accelerator")
+    if not _ACCELERATOR.match(accelerator):
+        raise PlanError(f"hardware.accelerator: must be cpu or cuda:N, got {accelerator!r}")
+    hardware = HardwareSpec(
+        accelerator=accelerator,
+        cpu_threads=_int(h.get("cpu_threads", dh.cpu_threads), "hardware.cpu_threads", lo=1, hi=4096),
+        profile=_str(h.get("profile", dh.profile) or "", "hardware.profile"),
+    )
+
+    cache = _parse_cache(_mapping(top.get("cache"), "cache", ("slots", "policy", "preload")))
+
+    x = _mapping(top.get("miss"), "miss", ("compute", "transfer_min_tokens", "promote"))
+    dx = MissSpec()
+    miss = MissSpec(
+        compute=_str(x.get("compute", dx.compute), "miss.compute", MISS_COMPUTE),
+        transfer_min_tokens=_int(x.get("transfer_min_tokens", dx.transfer_min_tokens),
+                                 "miss.transfer_min_tokens", lo=0),
+        promote=_bool(x.get("promote", dx.promote), "miss.promote"),
+    )
+
+    p = _mapping(top.get("prefetch"), "prefetch", ("lookahead",))
+    prefetch = PrefetchSpec(lookahead=_int(p.get("lookahead", 0), "prefetch.lookahead", lo=0, hi=1))
+
+    return Plan(version=version, model=model, hardware=hardware, cache=cache, miss=miss, prefetch=prefetch,
+                predicted=_optional_mapping(top.get("predicted"), "predicted"),
+                provenance=_optional_mapping(top.get("provenance"), "provenance"))
+
+
+def _parse_cache(c: dict[str, Any]) -> CacheSpec:
+    raw_slots = c.get("slots", 0)
+    slots: int | tuple[int, ...]
+    if isinstance(raw_slots, list):
+        if not raw_slots:
+            raise PlanError("cache.slots: the list is empty (one int per MoE layer)")
+        slots = tuple(_int(n, f"cache.slots[{i}]", lo=0) for i, n in enumerate(raw_slots))
+    else:
+        if not isinstance(raw_slots, int) or isinstance(raw_slots, bool):
+            raise PlanError(f"cache.slots: must be an integer or a list of integers, got {_kind(raw_slots)}")
+        slots = _int(raw_slots, "cache.slots", lo=0)
+    policy = _str(c.get("policy", "lru"), "cache.policy", POLICIES)
+
+    raw_preload = c.get("preload", "none")
+    preload: tuple[tuple[int, ...], ...] | None
+    if raw_preload is None or raw_preload == "none":
+        preload = None
+    elif isinstance(raw_preload, list):
+        if isinstance(slots, tuple) and len(raw_preload) != len(slots):
+            raise PlanError(f"cache.preload: has {len(raw_preload)} lists but cache.slots has {len(slots)} entries")
+        layers = []
+        for i, ids in enumerate(raw_preload):
+            if not isinstance(ids, list):
+                raise PlanError(f"cache.preload[{i}]: must be a list of expert ids, got {_kind(ids)}")
+            parsed = tuple(_int(e, f"cache.preload[{i}][{j}]", lo=0) for j, e in enumerate(ids))
+            if len(set(parsed)) != len(parsed):
+                raise PlanError(f"cache.preload[{i}]: lists an expert twice")
+            cap = slots if isinstance(slots, int) else slots[i]
+            if len(parsed) > cap:
+                raise PlanError(f"cache.preload[{i}]: {len(parsed)} experts but the layer has {cap} slots")
+            layers.append(parsed)
+        preload = tuple(layers)
+    else:
+        raise PlanError(f"cache.preload: must be none or one list of expert ids per MoE layer, "
+                        f"got {_kind(raw_preload)} {raw_preload!r}")
+    if policy == "static" and preload is None:
+        raise PlanError("cache.policy: static needs a preload list (the set it keeps)")
+    return CacheSpec(slots=slots, policy=policy, preload=preload)
