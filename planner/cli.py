@@ -25,7 +25,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
     for name in COMMANDS:
-        module = importlib.import_module(f"planner.commands.{name}")
+        try:
+            module = importlib.import_module(f"planner.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command still being built in this checkout
+            if exc.name != f"planner.commands.{name}":
+                raise
+            continue
         module.add_parser(sub)
         modules[name] = module
     return parser, modules
