@@ -157,6 +157,7 @@ class PassOutcome:
     """One layer's decisions for one forward pass, in the order the runtime carries them out."""
 
     hits: list[int]  # resident at layer start: computed from their slots
+    hit_slots: dict[int, int]  # the slot of each hit at layer start (an entry may reuse it afterwards)
     accelerator_misses: list[int]  # copied and computed on the accelerator
     cpu_misses: list[int]  # computed on CPU threads from host memory
     entries: list[Entry]  # cache changes, in entry order (ascending expert id)
@@ -168,6 +169,7 @@ def route_pass(cache: LayerCachePolicy, tokens_per_expert: dict[int, int], rule:
     `tokens_per_expert` maps each needed expert to how many of the pass's tokens chose it.
     """
     hits, misses = cache.lookup(tokens_per_expert)
+    hit_slots = {e: cache.slot_of(e) for e in hits}
     accelerator, cpu, entries = [], [], []
     for expert in misses:
         transfer = rule.on_accelerator(tokens_per_expert[expert])
@@ -176,4 +178,4 @@ def route_pass(cache: LayerCachePolicy, tokens_per_expert: dict[int, int], rule:
             placed = cache.admit(expert)
             if placed is not None:
                 entries.append(Entry(expert, placed[0], placed[1], transfer))
-    return PassOutcome(hits, accelerator, cpu, entries)
+    return PassOutcome(hits, hit_slots, accelerator, cpu, entries)

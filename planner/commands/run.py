@@ -1,0 +1,79 @@
+"""`moeplan run PLAN`: load a plan and its checkpoint, generate, and report tokens/s and the cache's work."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a model with an execution plan",
+                       description="Load PLAN and its checkpoint, generate text, report tokens/s and cache hits.")
+    p.add_argument("plan", metavar="PLAN", help="execution plan (YAML), e.g. plans/rtx4070.yaml")
+    p.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint folder (overrides model.path)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                   help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout when done")
+    p.add_argument("--trace-out", metavar="FILE", help="write every forward pass's routing to FILE (JSON Lines)")
+    p.add_argument("--replay-trace", metavar="FILE",
+                   help="force each layer's experts from a recorded trace (benchmarks on random weights)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from runtime.plan import Plan
+    from runtime.session import Session
+
+    plan = Plan.load(args.plan)
+    session = Session.load(plan, args.model, replay_trace=args.replay_trace)
+    on_text = None if args.json else _print_now
+    result = session.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, on_text=on_text, trace_out=args.trace_out)
+    report = result.as_dict()
+    if plan.predicted:
+        report["predicted"] = plan.predicted
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print()
+        cache = report["cache"]
+        print(f"{len(result.generated_ids)} tokens | prefill {result.prompt_tokens} tokens in "
+              f"{result.prefill_seconds:.2f} s | decode {result.decode_tokens_per_s:.2f} tokens/s | "
+              f"hit rate {cache['hit_rate']:.1%} ({cache['hits']} hits, {cache['misses']} misses)",
+              file=sys.stderr)
+        if plan.predicted:
+            pred = plan.predicted
+            print(f"plan predicted: decode {pred.get('decode_tokens_per_s', float('nan')):.2f} tokens/s, "
+                  f"hit rate {pred.get('hit_rate', float('nan')):.1%}", file=sys.stderr)
+    return 0
+
+
+def _print_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,94 @@
+"""The engine: builds each MoE layer's cache from the plan, attaches it to the model, and keeps the books.
+
+It also carries what spans layers: the pass counter (for traces), the routing trace being recorded,
+the routing being replayed, the CUDA side stream for background copies, and the statistics.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .cache_policy import LayerCachePolicy, MissRule
+from .cpu_executor import CpuExecutor
+from .experts_hook import ATTRIBUTE
+from .expert_store import ExpertStore
+from .loader import LoadedModel
+from .moe_layer import MoeLayer
+from .plan import Plan
+from .replay import RoutingReplay
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None) -> None:
+        experts = loaded.experts
+        num_layers, num_experts = len(experts), experts[0].num_experts
+        slots = plan.cache.slots_per_layer(num_layers, num_experts)
+        preload = plan.cache.preload_per_layer(num_layers, num_experts)
+        rule = MissRule(plan.miss.compute, plan.miss.transfer_min_tokens, plan.miss.promote)
+        self.device = loaded.device
+        self.num_experts = num_experts
+        self.top_k = int(getattr(loaded.model.config, "num_experts_per_tok", 0) or 0)
+        self.lookahead = plan.prefetch.lookahead
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.replay = replay
+        torch.set_num_threads(plan.hardware.cpu_threads)
+        cpu = CpuExecutor(plan.hardware.cpu_threads)
+        self.layers: list[MoeLayer] = []
+        for i, module in enumerate(experts):
+            store = ExpertStore(module, slots[i], self.device)
+            policy = LayerCachePolicy(slots[i], plan.cache.policy, preload[i])
+            for expert, slot in policy.resident().items():  # preload: before the first token
+                store.copy_to_slot(expert, slot)
+            layer = MoeLayer(i, module, loaded.routers[i], store, policy, rule, self, cpu)
+            setattr(module, ATTRIBUTE, layer)
+            self.layers.append(layer)
+        for layer, nxt in zip(self.layers, self.layers[1:]):
+            layer.next = nxt
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._pass = -1
+        self._trace: list[dict[str, Any]] | None = None
+
+    # ---- passes and traces ------------------------------------------------------------------
+    def begin_pass(self, phase: str, tokens: int) -> None:
+        self._pass += 1
+        if self._trace is not None:
+            self._trace.append({"pass": self._pass, "phase": phase, "tokens": tokens,
+                                "experts": [None] * len(self.layers), "weights": [None] * len(self.layers)})
+
+    def start_trace(self) -> None:
+        self._trace = []
+
+    def trace_passes(self) -> list[dict[str, Any]]:
+        return list(self._trace or [])
+
+    def record_routing(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        if self._trace is None:
+            return
+        record = self._trace[-1]
+        record["experts"][layer] = idx.tolist()
+        record["weights"][layer] = [[round(w, 6) for w in row] for row in weights.float().cpu().tolist()]
+
+    def routing_override(self, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
+        if self.replay is None:
+            return top_k_index
+        return self.replay.ids(self._pass, layer, top_k_index)
+
+    # ---- statistics -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        per_layer = [layer.stats.as_dict() for layer in self.layers]
+        hits = sum(s["hits"] for s in per_layer)
+        misses = sum(s["misses"] for s in per_layer)
+        guesses = sum(s["prefetch_copies"] for s in per_layer)
+        return {
+            "cache": {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                      "per_layer": [{"hits": s["hits"], "misses": s["misses"], "hit_rate": s["hit_rate"]}
+                                    for s in per_layer]},
+            "cpu_misses": sum(s["cpu_misses"] for s in per_layer),
+            "accelerator_misses": sum(s["accelerator_misses"] for s in per_layer),
+            "promotions": sum(s["promotions"] for s in per_layer),
+            "prefetch": {"copies": guesses, "right": sum(s["prefetch_right"] for s in per_layer)},
+            "bytes_to_accelerator": sum(s["bytes_to_accelerator"] for s in per_layer),
+            "cpu_expert_seconds": sum(s["cpu_expert_seconds"] for s in per_layer),
+        }

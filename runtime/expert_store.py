@@ -1,0 +1,51 @@
+"""Where one MoE layer's expert weights live: all of them in host memory, some in accelerator slots.
+
+Host storage is the experts module's own fused tensors (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`,
+biases if any): expert e is the contiguous slice [e], so bringing it to a slot is one copy per tensor.
+Slot storage is a tensor of the same layout with `slots` rows on the accelerator, allocated once.
+"""
+from __future__ import annotations
+
+import torch
+
+from .expert_math import in_proj_name
+
+
+class ExpertStore:
+    def __init__(self, module: torch.nn.Module, slots: int, device: torch.device) -> None:
+        self.module = module
+        self.device = device
+        names = [in_proj_name(module), "down_proj"]
+        if getattr(module, "has_bias", False):
+            names += [f"{names[0]}_bias", "down_proj_bias"]
+        self.names = names
+        self.host = [getattr(module, n) for n in names]  # [E, ...] each, in host memory
+        self.slots = [torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.host]
+        self.expert_bytes = sum(t[0].numel() * t.element_size() for t in self.host)
+        self._scratch: list[torch.Tensor] | None = None  # for accelerator misses that do not enter the cache
+
+    def host_weights(self, expert: int) -> list[torch.Tensor]:
+        return [t[expert] for t in self.host]
+
+    def slot_weights(self, slot: int) -> list[torch.Tensor]:
+        return [t[slot] for t in self.slots]
+
+    def copy_to_slot(self, expert: int, slot: int) -> int:
+        """Copy an expert into a slot (asynchronous on CUDA from pinned memory); returns the bytes copied."""
+        for dst, src in zip(self.slots, self.host):
+            dst[slot].copy_(src[expert], non_blocking=True)
+        return self.expert_bytes
+
+    def copy_to_scratch(self, expert: int) -> list[torch.Tensor]:
+        """An expert's weights on the accelerator outside the cache (static policy, zero slots)."""
+        if self._scratch is None:
+            self._scratch = [torch.empty(t.shape[1:], dtype=t.dtype, device=self.device) for t in self.host]
+        for dst, src in zip(self._scratch, self.host):
+            dst.copy_(src[expert], non_blocking=True)
+        return self._scratch
+
+    def weights_args(self, weights: list[torch.Tensor]) -> tuple:
+        """(w_in, w_out, b_in, b_out) for `module_expert_ffn`."""
+        if len(weights) == 4:
+            return weights[0], weights[1], weights[2], weights[3]
+        return weights[0], weights[1], None, None

@@ -1,0 +1,152 @@
+"""Load a local Hugging Face MoE checkpoint: dense weights on the accelerator, routed experts in host memory.
+
+transformers builds the model and reads the safetensors files (converting per-expert tensors into the
+fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` layout as it goes). Loading happens on the CPU;
+then every parameter that is not a routed expert moves to the accelerator, and the experts stay where
+they are (pinned when the accelerator is CUDA, so that a copy into a cache slot is one DMA). Experts are
+never all put on the accelerator, and the host never holds two full copies of them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import HardwareError, ModelError
+from .experts_hook import IMPLEMENTATION_NAME, register
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    experts: list[torch.nn.Module]  # the routed-experts modules, one per MoE layer, in model order
+    routers: list[torch.nn.Module | None]  # each MoE layer's router (for prefetch guesses), if found
+    device: torch.device
+    model_dir: Path
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The plan's `hardware.accelerator` as a torch device, checked against this host."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise HardwareError(f"hardware.accelerator: the plan asks for {accelerator} but this host has no CUDA "
+                            f"device (torch {torch.__version__}); use a plan with accelerator: cpu")
+    device = torch.device(accelerator)
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise HardwareError(f"hardware.accelerator: {accelerator} does not exist "
+                            f"(this host has {torch.cuda.device_count()} CUDA devices)")
+    return torch.device("cuda", index)
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """A routed-experts module prepared by transformers' `use_experts_implementation` decorator."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "down_proj")
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """Fail early, with one line, on a folder that cannot be a checkpoint; return its config."""
+    if not model_dir.exists():
+        raise ModelError(f"{model_dir}: no such model folder")
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: not a folder (expected a Hugging Face checkpoint folder)")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelError(f"{config_path}: no model_type (not a transformers config)")
+    if not list(model_dir.glob("*.safetensors")):
+        raise ModelError(f"{model_dir}: no *.safetensors weights (moeplan reads safetensors only)")
+    return config
+
+
+def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(model_dir).expanduser()
+    device = resolve_device(accelerator)
+    config = check_model_dir(folder)
+    register()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers raises many kinds here; all mean "no usable tokenizer"
+        raise ModelError(f"{folder}: cannot load the tokenizer ({_first_line(exc)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=DTYPES[dtype], experts_implementation=IMPLEMENTATION_NAME, use_safetensors=True)
+    except (ValueError, KeyError) as exc:
+        if "experts_implementation" in str(exc) or IMPLEMENTATION_NAME in str(exc):
+            raise ModelError(f"{folder}: model type {config['model_type']!r} does not use transformers' "
+                             f"experts interface, so moeplan cannot run it") from None
+        raise ModelError(f"{folder}: cannot load the checkpoint ({_first_line(exc)})") from None
+    except (OSError, RuntimeError, EnvironmentError) as exc:
+        raise ModelError(f"{folder}: cannot load the checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        if type(exc).__name__ == "SafetensorError":
+            raise ModelError(f"{folder}: corrupt safetensors file ({_first_line(exc)})") from None
+        raise
+    model.eval()
+    model.requires_grad_(False)
+
+    experts, routers = _find_experts(model)
+    if not experts:
+        raise ModelError(f"{folder}: model type {config['model_type']!r} has no experts module that uses "
+                         f"transformers' experts interface, so moeplan cannot run it")
+    _place(model, experts, device)
+    log.info("loaded %s: %d MoE layers, %d experts each, dense weights on %s", folder.name, len(experts),
+             experts[0].num_experts, device)
+    return LoadedModel(model, tokenizer, experts, routers, device, folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _find_experts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module | None]]:
+    """The experts modules in model order, and the router beside each (the MoE block's `gate`/`router`)."""
+    experts, routers = [], []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not is_experts_module(module):
+            continue
+        experts.append(module)
+        parent = modules.get(name.rpartition(".")[0])
+        router = None
+        for attr in ("gate", "router"):
+            candidate = getattr(parent, attr, None)
+            if isinstance(candidate, torch.nn.Module) and getattr(candidate, "weight", None) is not None:
+                router = candidate
+                break
+        routers.append(router)
+    return experts, routers
+
+
+def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device) -> None:
+    """Dense parameters and buffers to the accelerator; expert weights stay in (pinned) host memory."""
+    expert_params = {id(p) for m in experts for p in m.parameters(recurse=False)}
+    if device.type != "cpu":
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) not in expert_params:
+                    param.data = param.data.to(device)
+            for name, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
+    if device.type == "cuda":
+        for m in experts:
+            for param in m.parameters(recurse=False):
+                param.data = param.data.pin_memory()  # one layer at a time: never two full copies

@@ -1,0 +1,169 @@
+"""One MoE layer at run time: split the pass's experts into hits and misses, compute each where the plan says.
+
+Order of work in one pass (it is what makes the overlap and the slot safety hold):
+  1. hits, from their accelerator slots (on CUDA these kernels are queued and run while the CPU works);
+  2. misses that go to the accelerator: copy into their slot (or a scratch buffer), compute;
+  3. promotions: background copies into their slots, on a side stream that first waits for 1-2, so a
+     slot is never overwritten while a kernel still reads it; the next pass of this layer waits for them;
+  4. misses on the CPU, from host memory, with the plan's CPU threads; their sum joins the output;
+  5. prefetch (lookahead 1): guess the next MoE layer's experts with its router and copy the
+     non-resident guesses into its cache in the background.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .cache_policy import LayerCachePolicy, MissRule, route_pass
+from .cpu_executor import CpuExecutor
+from .expert_math import module_expert_ffn
+from .expert_store import ExpertStore
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    cpu_misses: int = 0
+    accelerator_misses: int = 0
+    promotions: int = 0
+    prefetch_copies: int = 0
+    prefetch_right: int = 0
+    bytes_to_accelerator: int = 0
+    cpu_expert_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        total = self.hits + self.misses
+        return {**self.__dict__, "hit_rate": self.hits / total if total else 0.0}
+
+
+@dataclass
+class MoeLayer:
+    index: int  # position among the model's MoE layers
+    module: torch.nn.Module  # transformers' experts module (host weights, flags, _apply_gate)
+    router: torch.nn.Module | None  # this layer's router, used by the previous layer to prefetch
+    store: ExpertStore
+    policy: LayerCachePolicy
+    rule: MissRule
+    engine: "Engine"
+    cpu: CpuExecutor
+    next: "MoeLayer | None" = None
+    stats: LayerStats = field(default_factory=LayerStats)
+    _pending: object = None  # CUDA event of the latest background copy into this layer's slots
+    _guesses: frozenset[int] = frozenset()  # experts the previous layer prefetched for this pass
+
+    # ---- the forward pass -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        engine = self.engine
+        top_k_index = engine.routing_override(self.index, top_k_index)
+        idx = top_k_index.to("cpu")  # [T, k]: routing decisions are made on the host
+        engine.record_routing(self.index, idx, top_k_weights)
+        num_experts = self.module.num_experts
+        counts = torch.bincount(idx.flatten(), minlength=num_experts).tolist()
+        tokens_per_expert = {e: n for e, n in enumerate(counts) if n}
+        self._wait_for_copies()
+        outcome = route_pass(self.policy, tokens_per_expert, self.rule)
+        self._count(outcome, tokens_per_expert)
+
+        rows = _rows_by_expert(idx)  # expert -> (token indices, rank positions)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in outcome.hits:  # 1. hits
+            self._accumulate(out, x, top_k_weights, rows[e], self.store.slot_weights(outcome.hit_slots[e]))
+        entered = {entry.expert: entry for entry in outcome.entries}
+        last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
+        for e in outcome.accelerator_misses:  # 2. misses computed on the accelerator
+            entry = entered.get(e)
+            if entry is not None:
+                self.stats.bytes_to_accelerator += self.store.copy_to_slot(e, entry.slot)
+                weights = self.store.slot_weights(entry.slot)
+            else:
+                weights = self.store.copy_to_scratch(e)
+                self.stats.bytes_to_accelerator += self.store.expert_bytes
+            self._accumulate(out, x, top_k_weights, rows[e], weights)
+        promotions = [en for en in outcome.entries if not en.transfer and last_in_slot[en.slot] == en.expert]
+        if promotions:  # 3. background copies of CPU-computed misses into the cache
+            self._copy_in_background([(en.expert, en.slot) for en in promotions], self)
+        if outcome.cpu_misses:  # 4. misses on the CPU threads
+            start = time.perf_counter()
+            jobs = [(rows[e][0], rows[e][1], e) for e in outcome.cpu_misses]
+            out += self.cpu.run(self.module, self.store, x, top_k_weights, jobs).to(out.device)
+            self.stats.cpu_expert_seconds += time.perf_counter() - start
+        if engine.lookahead and self.next is not None:  # 5. prefetch for the next MoE layer
+            self._prefetch_next(x)
+        return out.to(x.dtype)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _accumulate(self, out: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor,
+                    rows: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor]) -> None:
+        tokens, ranks = (r.to(x.device, non_blocking=True) for r in rows)
+        y = module_expert_ffn(self.module, x[tokens], *self.store.weights_args(weights))  # [n, H]
+        out.index_add_(0, tokens, (y * top_k_weights[tokens, ranks, None]).float())
+
+    def _count(self, outcome, tokens_per_expert: dict[int, int]) -> None:
+        s = self.stats
+        s.hits += len(outcome.hits)
+        s.misses += len(outcome.cpu_misses) + len(outcome.accelerator_misses)
+        s.cpu_misses += len(outcome.cpu_misses)
+        s.accelerator_misses += len(outcome.accelerator_misses)
+        s.promotions += sum(1 for en in outcome.entries if not en.transfer)
+        if self._guesses:
+            s.prefetch_right += len(self._guesses & tokens_per_expert.keys())
+            self._guesses = frozenset()
+
+    def _wait_for_copies(self) -> None:
+        if self._pending is not None:
+            torch.cuda.current_stream(self.store.device).wait_event(self._pending)
+            self._pending = None
+
+    def _copy_in_background(self, copies: list[tuple[int, int]], target: "MoeLayer") -> None:
+        """Copy (expert, slot) pairs into `target`'s slots; on CUDA on the side stream, after queued reads."""
+        stream = self.engine.copy_stream
+        if stream is None:  # accelerator: cpu, the copy is an ordinary memory copy
+            for expert, slot in copies:
+                target.stats.bytes_to_accelerator += target.store.copy_to_slot(expert, slot)
+            return
+        stream.wait_stream(torch.cuda.current_stream(target.store.device))
+        with torch.cuda.stream(stream):
+            for expert, slot in copies:
+                target.stats.bytes_to_accelerator += target.store.copy_to_slot(expert, slot)
+            event = torch.cuda.Event()
+            event.record(stream)
+        target._pending = event
+
+    def _prefetch_next(self, x: torch.Tensor) -> None:
+        nxt = self.next
+        if nxt.router is None or not nxt.policy.admits:
+            return
+        logits = F.linear(x, nxt.router.weight.to(x.dtype))  # [T, E]: the next router on these hidden states
+        k = self.engine.top_k
+        guesses = frozenset(torch.topk(logits, k, dim=-1).indices.flatten().tolist())
+        copies = []
+        for g in sorted(guesses):
+            if g in nxt.policy:
+                continue
+            placed = nxt.policy.admit(g, used=False, protected=guesses)
+            if placed is not None:
+                copies.append((g, placed[0]))
+        nxt.stats.prefetch_copies += len(copies)
+        nxt._guesses = guesses
+        if copies:
+            self._copy_in_background(copies, nxt)
+
+
+def _rows_by_expert(idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each expert in idx [T, k]: the tokens that chose it and at which rank (CPU tensors)."""
+    k = idx.shape[1]
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    out = {}
+    for e, chunk in zip(experts.tolist(), torch.split(order, counts.tolist())):
+        out[e] = (chunk // k, chunk % k)
+    return out

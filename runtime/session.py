@@ -1,0 +1,144 @@
+"""A loaded model with its plan: generate text, stream it, and report what the cache did.
+
+    session = Session.load(Plan.load("plans/x.yaml"), model_dir="models/tiny-moe")
+    result = session.generate("def fibonacci(n):", max_new_tokens=32, on_text=print)
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import write_atomic
+from .engine import Engine
+from .errors import PlanError
+from .loader import LoadedModel, load_model
+from .plan import Plan
+from .replay import RoutingReplay
+from .sampling import Sampler
+
+
+@dataclass
+class GenerationResult:
+    generated_ids: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decoded = len(self.generated_ids) - 1  # the first new token comes out of the prefill pass
+        return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"generated_ids": self.generated_ids, "text": self.text, "prompt_tokens": self.prompt_tokens,
+                "prefill_seconds": self.prefill_seconds, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "decode_seconds": self.decode_seconds, **self.stats}
+
+
+class Session:
+    def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None) -> None:
+        self.loaded = loaded
+        self.plan = plan
+        self.engine = Engine(loaded, plan, replay)
+
+    @classmethod
+    def load(cls, plan: Plan, model_dir: str | Path | None = None,
+             replay_trace: str | Path | None = None) -> "Session":
+        folder = model_dir if model_dir is not None else plan.model.path
+        if not folder:
+            raise PlanError("model.path: the plan names no model folder; give one with --model DIR")
+        loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator)
+        replay = None
+        if replay_trace is not None:
+            top_k = int(getattr(loaded.model.config, "num_experts_per_tok"))
+            replay = RoutingReplay.load(replay_trace, len(loaded.experts), loaded.experts[0].num_experts, top_k)
+        return cls(loaded, plan, replay)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, on_text: Callable[[str], None] | None = None,
+                 trace_out: str | Path | None = None) -> GenerationResult:
+        from transformers import DynamicCache
+
+        model, tokenizer, device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+        if not prompt_ids:
+            raise PlanError("--prompt: the prompt encodes to no tokens")
+        if trace_out is not None:
+            self.engine.start_trace()
+        sampler = Sampler(temperature, top_p, seed)
+        stop_ids = _stop_ids(model.config)
+        cache = DynamicCache(config=model.config)
+        streamer = _TextStream(tokenizer, on_text)
+        generated: list[int] = []
+
+        next_input = torch.tensor([prompt_ids], device=device)
+        start = time.perf_counter()
+        prefill_seconds = 0.0
+        for step in range(max_new_tokens):
+            self.engine.begin_pass("prefill" if step == 0 else "decode", next_input.shape[1])
+            logits = model(input_ids=next_input, past_key_values=cache, use_cache=True).logits[0, -1]
+            token = sampler.pick(logits)
+            if step == 0:
+                prefill_seconds = time.perf_counter() - start
+                start = time.perf_counter()
+            generated.append(token)
+            streamer.push(generated)
+            if token in stop_ids:
+                break
+            next_input = torch.tensor([[token]], device=device)
+        decode_seconds = time.perf_counter() - start if len(generated) > 1 else 0.0
+        streamer.close(generated)
+        if trace_out is not None:
+            self._write_trace(trace_out, prompt)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        return GenerationResult(generated, text, len(prompt_ids), prefill_seconds, decode_seconds,
+                                self.engine.stats())
+
+    def _write_trace(self, path: str | Path, prompt: str) -> None:
+        experts = self.loaded.experts
+        header = {"trace": 1, "model": self.plan.model.name or self.loaded.model_dir.name,
+                  "num_layers": len(experts), "num_experts": experts[0].num_experts,
+                  "top_k": self.engine.top_k, "source": "recorded", "dtype": self.plan.model.dtype,
+                  "model_dir": str(self.loaded.model_dir), "prompt": prompt,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        lines = [json.dumps(header)] + [json.dumps(p, separators=(",", ":")) for p in self.engine.trace_passes()]
+        write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _stop_ids(config: Any) -> set[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+class _TextStream:
+    """Turns the growing list of ids into text pieces, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.sent = 0
+
+    def push(self, ids: list[int], final: bool = False) -> None:
+        if self.on_text is None:
+            return
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return
+        if len(text) > self.sent:
+            self.on_text(text[self.sent:])
+            self.sent = len(text)
+
+    def close(self, ids: list[int]) -> None:
+        self.push(ids, final=True)
