@@ -230,7 +230,7 @@ ALIASES = {"mixtral": "mixtral-8x7b"}
 
 
 def known_names() -> list[str]:
-    return sorted(CATALOG) + sorted(ALIASES)
+    return sorted(CATALOG) + [f"{a} (= {n})" for a, n in sorted(ALIASES.items())]
 
 
 def load_model_shape(name_or_dir: str, dtype: str | None = None) -> ModelShape:
