@@ -1,0 +1,312 @@
+"""Routing traces: which experts each token chose, per MoE layer and forward pass (DESIGN.md, "Contract:
+routing traces").
+
+Two formats are read:
+- the moeplan format (written by `run --trace-out`, `trace` and `write_trace`): a header line
+  `{"trace": 1, "model", "num_layers", "num_experts", "top_k", "source", ...}`, then one line per
+  forward pass `{"pass", "phase", "tokens", "experts": [L][T][k], "weights": [L][T][k] (optional)}`;
+- the shared format of `shared/traces/*.jsonl`: one decode token a line, `{"tok": N, "layers": [L][k]}`,
+  with no header: the model name, expert count and top-k come from the caller or are inferred.
+
+Pure Python (no torch), so that the simulator and the tuner can load traces fast. Every malformation
+is a `TraceError` that names the file, the line and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from runtime.atomic import write_atomic
+from runtime.errors import TraceError
+
+TRACE_VERSION = 1
+PHASES = ("prefill", "decode")
+SOURCES = ("recorded", "synthetic")
+_HEADER_KEYS = ("trace", "model", "num_layers", "num_experts", "top_k", "source")
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    model: str  # model name (informational)
+    num_layers: int  # MoE layers, in model order
+    num_experts: int  # experts per MoE layer
+    top_k: int  # experts each token chooses per layer
+    source: str = "recorded"  # recorded | synthetic
+    extra: dict[str, Any] = field(default_factory=dict)  # any further header keys (prompts, generator...)
+
+
+@dataclass(frozen=True)
+class TracePass:
+    index: int  # pass number (continues across prompts in one file)
+    phase: str  # prefill | decode
+    tokens: int  # tokens in this forward pass
+    experts: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][token][rank] expert ids
+    weights: tuple[tuple[tuple[float, ...], ...], ...] | None = None  # same shape: gate weights, or None
+
+
+@dataclass(frozen=True)
+class Trace:
+    header: TraceHeader
+    passes: tuple[TracePass, ...]
+
+    def decode_passes(self) -> list[TracePass]:
+        return [p for p in self.passes if p.phase == "decode"]
+
+    def prefill_passes(self) -> list[TracePass]:
+        return [p for p in self.passes if p.phase == "prefill"]
+
+    def tokens_per_expert(self, pass_: TracePass | int, layer: int) -> dict[int, int]:
+        """How many of the pass's tokens chose each expert of `layer` (keys: the experts it needs).
+
+        `pass_` is a TracePass of this trace or its position in `passes`. The result is shared: do not
+        modify it.
+        """
+        position = pass_ if isinstance(pass_, int) else self._position[id(pass_)]
+        return self._needed[position][layer]
+
+    @cached_property
+    def _position(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(self.passes)}
+
+    @cached_property
+    def _needed(self) -> list[list[dict[int, int]]]:
+        # Computed once per trace: the simulator replays the same trace hundreds of times.
+        out = []
+        for p in self.passes:
+            layers = []
+            for rows in p.experts:
+                counts: dict[int, int] = {}
+                for row in rows:
+                    for e in row:
+                        counts[e] = counts.get(e, 0) + 1
+                layers.append(counts)
+            out.append(layers)
+        return out
+
+    def token_rows(self, layer: int, phases: Iterable[str] = PHASES) -> list[tuple[int, ...]]:
+        """Every token's expert ids at `layer`, in trace order, for the passes of `phases`."""
+        wanted = set(phases)
+        return [row for p in self.passes if p.phase in wanted for row in p.experts[layer]]
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def load_trace(path: str | Path, *, num_experts: int | None = None, top_k: int | None = None,
+               model: str | None = None) -> Trace:
+    """Read a trace in the moeplan format or the shared `{"tok", "layers"}` format.
+
+    For the shared format, `num_experts` defaults to the largest id + 1, `top_k` to the row width and
+    `model` to the file name; for the moeplan format these arguments, when given, must agree with the
+    header.
+    """
+    p = Path(path)
+    rows = list(_read_json_lines(p))
+    if not rows:
+        raise TraceError(f"{p}: empty trace file (no JSON lines)")
+    first_line, first = rows[0]
+    if not isinstance(first, dict):
+        raise TraceError(f"{p}:{first_line}: expected a JSON object, got {_kind(first)}")
+    if "trace" in first:
+        trace = _parse_moeplan(p, rows)
+        h = trace.header
+        for name, given, actual in (("num_experts", num_experts, h.num_experts), ("top_k", top_k, h.top_k)):
+            if given is not None and given != actual:
+                raise TraceError(f"{p}:{first_line}: header {name} is {actual} but {given} was given")
+        return trace
+    if "layers" in first or "tok" in first:
+        return _parse_shared(p, rows, num_experts=num_experts, top_k=top_k, model=model)
+    raise TraceError(f"{p}:{first_line}: neither a moeplan trace header (key 'trace') nor a shared-format "
+                     f"row (keys 'tok', 'layers')")
+
+
+def _read_json_lines(p: Path) -> Iterable[tuple[int, Any]]:
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise TraceError(f"{p}: no such trace file") from None
+    except IsADirectoryError:
+        raise TraceError(f"{p}: is a folder, not a trace file") from None
+    except OSError as exc:
+        raise TraceError(f"{p}: cannot read ({exc.strerror})") from None
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{p}:{number}: not UTF-8 text (byte {exc.start} of the line)") from None
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise TraceError(f"{p}:{number}: not valid JSON ({msg})") from None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _int(value: Any, where: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TraceError(f"{where}: must be an integer, got {_kind(value)} {value!r}"[:200])
+    if value < lo:
+        raise TraceError(f"{where}: must be >= {lo}, got {value}")
+    return value
+
+
+def _parse_header(where: str, data: dict[str, Any]) -> TraceHeader:
+    for key in _HEADER_KEYS:
+        if key not in data:
+            raise TraceError(f"{where}: header is missing key {key!r}")
+    version = _int(data["trace"], f"{where}: header trace")
+    if version != TRACE_VERSION:
+        raise TraceError(f"{where}: header trace: this moeplan reads trace version {TRACE_VERSION}, got {version}")
+    if not isinstance(data["model"], str):
+        raise TraceError(f"{where}: header model: must be a string, got {_kind(data['model'])}")
+    source = data["source"]
+    if source not in SOURCES:
+        raise TraceError(f"{where}: header source: must be one of {', '.join(SOURCES)}, got {source!r}")
+    extra = {k: v for k, v in data.items() if k not in _HEADER_KEYS}
+    return TraceHeader(model=data["model"], num_layers=_int(data["num_layers"], f"{where}: header num_layers", 1),
+                       num_experts=_int(data["num_experts"], f"{where}: header num_experts", 1),
+                       top_k=_int(data["top_k"], f"{where}: header top_k", 1), source=source, extra=extra)
+
+
+def _parse_moeplan(p: Path, rows: list[tuple[int, Any]]) -> Trace:
+    header_line, header_data = rows[0]
+    header = _parse_header(f"{p}:{header_line}", header_data)
+    if header.top_k > header.num_experts:
+        raise TraceError(f"{p}:{header_line}: header top_k {header.top_k} exceeds num_experts {header.num_experts}")
+    passes = []
+    for number, data in rows[1:]:
+        where = f"{p}:{number}"
+        if not isinstance(data, dict):
+            raise TraceError(f"{where}: expected a JSON object (one forward pass), got {_kind(data)}")
+        for key in ("pass", "phase", "tokens", "experts"):
+            if key not in data:
+                raise TraceError(f"{where}: pass is missing key {key!r}")
+        index = _int(data["pass"], f"{where}: pass")
+        phase = data["phase"]
+        if phase not in PHASES:
+            raise TraceError(f"{where}: phase: must be prefill or decode, got {phase!r}"[:200])
+        tokens = _int(data["tokens"], f"{where}: tokens", 1)
+        experts = _ids_block(data["experts"], where, header, tokens)
+        weights = None
+        if data.get("weights") is not None:
+            weights = _weights_block(data["weights"], where, header.num_layers, tokens, header.top_k)
+        passes.append(TracePass(index, phase, tokens, experts, weights))
+    return Trace(header, tuple(passes))
+
+
+def _ids_block(block: Any, where: str, header: TraceHeader, tokens: int) -> tuple:
+    L, E, k = header.num_layers, header.num_experts, header.top_k
+    if not isinstance(block, list) or len(block) != L:
+        got = f"{len(block)} entries" if isinstance(block, list) else _kind(block)
+        raise TraceError(f"{where}: experts: must be a list of {L} layers, got {got}")
+    out = []
+    for l, rows in enumerate(block):
+        if not isinstance(rows, list) or len(rows) != tokens:
+            got = f"{len(rows)} entries" if isinstance(rows, list) else _kind(rows)
+            raise TraceError(f"{where}: experts[{l}]: must be a list of {tokens} tokens, got {got}")
+        out.append(tuple(_id_row(row, f"{where}: experts[{l}][{t}]", E, k) for t, row in enumerate(rows)))
+    return tuple(out)
+
+
+def _id_row(row: Any, where: str, num_experts: int, top_k: int) -> tuple[int, ...]:
+    if not isinstance(row, list) or len(row) != top_k:
+        got = f"{len(row)} ids" if isinstance(row, list) else _kind(row)
+        raise TraceError(f"{where}: must be a list of {top_k} expert ids, got {got}")
+    for e in row:
+        if isinstance(e, bool) or not isinstance(e, int):
+            raise TraceError(f"{where}: expert id must be an integer, got {_kind(e)} {e!r}"[:200])
+        if not 0 <= e < num_experts:
+            raise TraceError(f"{where}: expert id {e} out of range 0..{num_experts - 1}")
+    if len(set(row)) != len(row):
+        raise TraceError(f"{where}: lists an expert twice: {row}")
+    return tuple(row)
+
+
+def _weights_block(block: Any, where: str, L: int, tokens: int, k: int) -> tuple:
+    if not isinstance(block, list) or len(block) != L:
+        raise TraceError(f"{where}: weights: must be a list of {L} layers like experts")
+    out = []
+    for l, rows in enumerate(block):
+        if not isinstance(rows, list) or len(rows) != tokens:
+            raise TraceError(f"{where}: weights[{l}]: must be a list of {tokens} tokens like experts")
+        layer = []
+        for t, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != k:
+                raise TraceError(f"{where}: weights[{l}][{t}]: must be a list of {k} numbers like experts")
+            for w in row:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                    raise TraceError(f"{where}: weights[{l}][{t}]: must hold finite numbers, got {w!r}"[:200])
+            layer.append(tuple(float(w) for w in row))
+        out.append(tuple(layer))
+    return tuple(out)
+
+
+def _parse_shared(p: Path, rows: list[tuple[int, Any]], *, num_experts: int | None, top_k: int | None,
+                  model: str | None) -> Trace:
+    tables = []
+    for number, data in rows:
+        where = f"{p}:{number}"
+        if not isinstance(data, dict):
+            raise TraceError(f"{where}: expected a JSON object {{\"tok\", \"layers\"}}, got {_kind(data)}")
+        for key in ("tok", "layers"):
+            if key not in data:
+                raise TraceError(f"{where}: row is missing key {key!r}")
+        tok = _int(data["tok"], f"{where}: tok")
+        layers = data["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise TraceError(f"{where}: layers: must be a non-empty list of expert-id lists, got {_kind(layers)}")
+        tables.append((number, tok, layers))
+    first_number, _, first_layers = tables[0]
+    num_layers = len(first_layers)
+    if top_k is None:
+        row0 = first_layers[0]
+        if not isinstance(row0, list) or not row0:
+            raise TraceError(f"{p}:{first_number}: layers[0]: must be a non-empty list of expert ids")
+        top_k = len(row0)
+    if num_experts is None:
+        # Infer the expert count from the ids; ids are validated below, so skip non-integers here.
+        ids = [e for _, _, layers in tables for row in layers if isinstance(row, list) for e in row
+               if isinstance(e, int) and not isinstance(e, bool)]
+        num_experts = max(ids) + 1 if ids else 1
+    header = TraceHeader(model=model if model is not None else p.stem, num_layers=num_layers,
+                         num_experts=num_experts, top_k=top_k, source="recorded",
+                         extra={"format": "shared", "file": p.name})
+    passes = []
+    for number, tok, layers in tables:
+        where = f"{p}:{number}"
+        if len(layers) != num_layers:
+            raise TraceError(f"{where}: layers: has {len(layers)} layers but line {first_number} has {num_layers}")
+        experts = tuple((_id_row(row, f"{where}: layers[{l}]", num_experts, top_k),) for l, row in enumerate(layers))
+        passes.append(TracePass(tok, "decode", 1, experts, None))
+    return Trace(header, tuple(passes))
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+def trace_to_jsonl(trace: Trace) -> str:
+    h = trace.header
+    head = {"trace": TRACE_VERSION, "model": h.model, "num_layers": h.num_layers, "num_experts": h.num_experts,
+            "top_k": h.top_k, "source": h.source, **h.extra}
+    lines = [json.dumps(head, separators=(",", ":"))]
+    for p in trace.passes:
+        row: dict[str, Any] = {"pass": p.index, "phase": p.phase, "tokens": p.tokens,
+                               "experts": [[list(r) for r in layer] for layer in p.experts]}
+        if p.weights is not None:
+            row["weights"] = [[list(r) for r in layer] for layer in p.weights]
+        lines.append(json.dumps(row, separators=(",", ":")))
+    return "\n".join(lines) + "\n"
+
+
+def write_trace(path: str | Path, trace: Trace) -> Path:
+    """Write `trace` in the moeplan format, atomically."""
+    return write_atomic(path, trace_to_jsonl(trace))
