@@ -1,0 +1,107 @@
+"""`moeplan explain PLAN`: predicted speed and memory per device of a plan, item by item, before loading anything.
+
+It reads the plan, a hardware profile, a model shape (catalog or config.json) and a routing trace,
+replays the trace through the cache simulator under the plan, and prints the cost model's breakdown.
+It never loads weights, so it works for a plan of any accelerator on any host.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from pathlib import Path
+
+from runtime.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("explain", help="predicted tokens/s and memory per device of a plan, item by item",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("plan", help="plan file (YAML)")
+    p.add_argument("--profile", help="hardware profile (default: profiles/<hostname>.yaml)")
+    p.add_argument("--trace", help="routing trace (default: the recorded trace of the model, else synthetic)")
+    p.add_argument("--model", help="catalog name or checkpoint folder (default: from the plan)")
+    p.add_argument("--context", type=int, default=512, help="tokens in the KV cache at a decode step (512)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the prefill (128)")
+    p.add_argument("--vram-budget", type=int, default=None, help="accelerator bytes to fit in (default: the profile's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import workload
+    from ..cost_model import predict
+    from runtime.plan import Plan
+
+    if args.context < 0:
+        raise UserError(f"--context: must be >= 0, got {args.context}")
+    if args.prompt_tokens < 1:
+        raise UserError(f"--prompt-tokens: must be >= 1, got {args.prompt_tokens}")
+    plan = Plan.load(args.plan)
+    profile = _load_profile(args.profile)
+    shape = workload.resolve_model(plan, args.model)
+    trace, trace_source = workload.resolve_trace(shape, args.trace, PROJECT_ROOT, args.prompt_tokens)
+    sim = workload.replay(trace, plan, shape)
+    prediction = predict(profile, shape, plan, sim, context=args.context, prompt_tokens=args.prompt_tokens,
+                         vram_budget=args.vram_budget)
+    if args.json:
+        out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
+               "accelerator": plan.hardware.accelerator, "context": args.context,
+               "prompt_tokens": args.prompt_tokens, "trace_source": trace_source, **prediction.as_dict()}
+        print(json.dumps(out))
+    else:
+        print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens))
+    return 0
+
+
+def _load_profile(path: str | None):
+    from ..profile import Profile
+
+    if path is not None:
+        return Profile.load(path)
+    default = PROJECT_ROOT / "profiles" / f"{socket.gethostname()}.yaml"
+    if not default.is_file():
+        raise UserError(f"{default}: no profile for this host; run `moeplan profile` first or pass --profile FILE")
+    return Profile.load(default)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int) -> str:
+    d, f = p.decode, p.prefill
+    lines = [
+        f"model      {shape.name}: {shape.num_layers} layers ({shape.num_moe_layers} MoE), {shape.num_experts} "
+        f"experts, top-{shape.top_k}, {shape.dtype}; expert {shape.expert_bytes / 2**20:.1f} MiB",
+        f"plan       accelerator {plan.hardware.accelerator}, {plan.hardware.cpu_threads} CPU threads, "
+        f"slots {plan.cache.slots}, policy {plan.cache.policy}, miss on {plan.miss.compute}, "
+        f"transfer_min_tokens {plan.miss.transfer_min_tokens}, promote {plan.miss.promote}, "
+        f"lookahead {plan.prefetch.lookahead}",
+        f"workload   context {context}, prompt {prompt_tokens} tokens; trace: {trace_source}",
+        "",
+        f"{'time':28s}{'decode ms/token':>18s}{'prefill ms/prompt':>20s}",
+    ]
+    labels = [("dense_s", "dense + KV + overhead"), ("hit_s", "hits (cache slots)"),
+              ("cpu_miss_s", "misses on CPU"), ("transfer_s", "transfers (copy+compute)"),
+              ("background_copy_s", "background copies"), ("copy_excess_s", "  of which on the path"),
+              ("overlap_s", "overlap (saved)"), ("total_s", "total")]
+    for key, label in labels:
+        lines.append(f"  {label:26s}{getattr(d, key) * 1e3:18.3f}{getattr(f, key) * 1e3:20.3f}")
+    lines += [
+        "",
+        f"decode   {p.decode_tokens_per_s:10.2f} tokens/s   hit rate {p.hit_rate:.3f}",
+        f"prefill  {p.prefill_tokens_per_s:10.2f} tokens/s",
+        "",
+        "memory",
+    ]
+    for device, items in p.memory_items.items():
+        need, have = p.memory_bytes[device], p.memory_limit_bytes[device]
+        verdict = "fits" if need <= have else "DOES NOT FIT"
+        lines.append(f"  {device:12s}{_gib(need)} of {_gib(have)}  {verdict}")
+        for item, n in items.items():
+            lines.append(f"    {item:28s}{_gib(n)}")
+    lines.append(f"verdict  {'fits' if p.fits else 'does not fit'}")
+    lines += [f"note     {n}" for n in p.notes]
+    return "\n".join(lines)
