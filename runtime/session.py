@@ -78,6 +78,7 @@ class Session:
         sampler = Sampler(temperature, top_p, seed)
         stop_ids = _stop_ids(model.config)
         cache = DynamicCache(config=model.config)
+        cache_arg = _cache_argument(model)
         streamer = _TextStream(tokenizer, on_text)
         generated: list[int] = []
 
@@ -86,7 +87,7 @@ class Session:
         prefill_seconds = 0.0
         for step in range(max_new_tokens):
             self.engine.begin_pass("prefill" if step == 0 else "decode", next_input.shape[1])
-            logits = model(input_ids=next_input, past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=next_input, use_cache=True, **{cache_arg: cache}).logits[0, -1]
             token = sampler.pick(logits)
             if step == 0:
                 prefill_seconds = time.perf_counter() - start
@@ -113,6 +114,13 @@ class Session:
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         lines = [json.dumps(header)] + [json.dumps(p, separators=(",", ":")) for p in self.engine.trace_passes()]
         write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x: use whichever this version takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _stop_ids(config: Any) -> set[int]:
