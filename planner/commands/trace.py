@@ -113,7 +113,8 @@ def _record(model_dir: Path, prompts_file: Path, out: Path, max_new_tokens: int,
             recorded = load_trace(part)
             header = header or recorded.header
             # Pass indices continue across prompts.
-            passes.extend(replace(p, index=len(passes) + j) for j, p in enumerate(recorded.passes))
+            base = len(passes)
+            passes.extend([replace(p, index=base + j) for j, p in enumerate(recorded.passes)])
             log.info("prompt %d/%d: %d prompt tokens, %d generated, %d passes", i + 1, len(prompts),
                      result.prompt_tokens, len(result.generated_ids), len(recorded.passes))
     assert header is not None
