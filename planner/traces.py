@@ -141,8 +141,8 @@ def _read_json_lines(p: Path) -> Iterable[tuple[int, Any]]:
             continue
         try:
             yield number, json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an int too long
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)[:80] or "nested too deeply"
             raise TraceError(f"{p}:{number}: not valid JSON ({msg})") from None
 
 

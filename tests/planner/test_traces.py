@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trace_factory import OLMOE, make_trace, needs_olmoe
 
 from planner.traces import load_trace, write_trace
@@ -127,3 +129,22 @@ def test_missing_empty_and_folder_files(tmp_path):
 def test_make_trace_helper_counts_tokens_per_expert():
     trace = make_trace([("prefill", [[[0, 1], [1, 2], [1, 0]]])], num_experts=3, top_k=2)
     assert trace.tokens_per_expert(0, 0) == {0: 2, 1: 3, 2: 1}
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 9) | st.floats() | st.text(max_size=3),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                        st.sampled_from(["tok", "layers", "pass", "phase", "tokens", "experts", "weights", "x"]),
+                        inner, max_size=5), max_leaves=20)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(JSON.map(json.dumps), st.binary(max_size=8).map(lambda b: b.decode("latin-1"))),
+                min_size=0, max_size=4), st.booleans(), st.booleans())
+def test_any_garbage_is_a_trace_error_or_a_trace(tmp_path, lines, with_header, long_int):
+    path = tmp_path / "fuzz.jsonl"
+    body = ([json.dumps(HEADER)] if with_header else []) + lines + (["1" * 5000] if long_int else [])
+    path.write_bytes("\n".join(body).encode("utf-8") + b"\n")
+    try:
+        load_trace(path)
+    except TraceError:
+        pass
