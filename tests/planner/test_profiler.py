@@ -1,0 +1,107 @@
+"""The measurement code on small shapes, and `moeplan profile` through the real CLI (in-process).
+
+Sizes are small so that the whole file runs in seconds on a busy 2-core machine; the numbers are checked
+for sanity (positive, finite, ordered), never against a speed.
+"""
+from __future__ import annotations
+
+import math
+
+import psutil
+import pytest
+import torch
+
+from planner.cli import main as cli_main
+from planner.profile import Profile
+from planner.profiler import ExpertPool, StreamBuffer, summarize, thread_counts, time_call, time_cpu_expert
+from planner.profiler_dense import DenseLayerBench, LayerShape
+
+
+def test_summarize_median_and_spread():
+    t = summarize([3.0, 1.0, 2.0, 5.0, 4.0])
+    assert t.median_s == 3.0 and t.min_s == 1.0 and t.repeats == 5
+    assert t.spread == pytest.approx((5.0 - 1.0) / 3.0)
+    assert summarize([2.0, 4.0]).median_s == 3.0
+
+
+def test_time_call_runs_warmup_before_and_enough_repeats():
+    calls = []
+    t = time_call(lambda: calls.append("call"), warmup=2, repeats=4, before=lambda: calls.append("before"))
+    assert t.repeats == 4 and calls == ["before", "call"] * 6
+    assert time_call(lambda: None, repeats=3, min_seconds=0.01, max_repeats=7).repeats == 7
+
+
+def test_thread_counts():
+    assert thread_counts(2, quick=True) == [1, 2] and thread_counts(1, quick=False) == [1]
+    assert thread_counts(24, quick=False) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24]
+    assert thread_counts(64, quick=True) == [1, 64]
+
+
+def test_cpu_expert_timing_is_positive_and_finite():
+    pool = ExpertPool(128, 256, "bfloat16", pool_bytes=4 << 20)
+    assert pool.copies == math.ceil((4 << 20) / (3 * 128 * 256 * 2))
+    for tokens in (1, 16):
+        t = time_cpu_expert(128, 256, "bfloat16", tokens, 1, pool=pool, repeats=3)
+        assert 0 < t.median_s < 1 and math.isfinite(t.spread) and t.spread >= 0
+    with pytest.raises(ValueError, match="pool holds"):
+        time_cpu_expert(128, 512, "bfloat16", 1, 1, pool=pool)
+
+
+def test_more_threads_never_read_less_than_half_of_one_thread():
+    buf = StreamBuffer(96 << 20)
+    rates = {n: buf.read_gbps(n, warmup=1, repeats=7)[0] for n in sorted({1, psutil.cpu_count(logical=False) or 1})}
+    assert all(math.isfinite(r) and r > 0 for r in rates.values())
+    assert all(r >= rates[1] / 2 for r in rates.values()), rates
+
+
+def test_dense_layer_timing_decode_and_prefill():
+    bench = DenseLayerBench(LayerShape("t", 64, 128, 4, 2, 16, 4), "float32", "cpu")
+    torch.set_num_threads(1)
+    for tokens, context in ((1, 32), (8, 8)):
+        t = bench.time(tokens, context, warmup=1, repeats=3)
+        assert 0 < t.median_s < 1
+    with pytest.raises(ValueError, match="tokens must be in 1..context"):
+        bench.time(9, 8, warmup=0, repeats=1)
+
+
+TINY = ["--quick", "--shape", "128:256:4:2:32:4", "--stream-mb", "32", "--pool-mb", "4", "--tokens", "1,8",
+        "--contexts", "16", "--no-progress"]
+
+
+def test_profile_command_writes_a_valid_measured_profile(tmp_path, capsys):
+    out = tmp_path / "host.yaml"
+    assert cli_main(["profile", "--out", str(out), "--name", "testhost", *TINY]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    p = Profile.load(out)
+    cores = psutil.cpu_count(logical=False) or 1
+    assert (p.name, p.source, p.physical_cores, p.has_accelerator) == ("testhost", "measured", cores, False)
+    threads = sorted({1, cores})
+    assert sorted(p.cpu.memory_read_gbps) == threads
+    assert len(p.cpu.expert_ffn) == 2 * len(threads) * 2  # dtypes x threads x token counts
+    assert {r.dtype for r in p.cpu.expert_ffn} == {"bfloat16", "float32"}
+    assert len(p.cpu.dense_layer) == 2 * 2  # dtypes x (decode at one context, prefill), all cores only
+    for n in threads:
+        assert 0 < p.memory_read_gbps(n) < 1e4
+        assert 0 < p.cpu_expert_seconds(128, 256, "bfloat16", 4, n) < 1
+    assert p.cpu.expert_overhead_s is not None and p.cpu.expert_overhead_s > 0
+    assert p.cpu.layer_overhead_s is not None and p.cpu.layer_overhead_s >= 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "1:2:3"], "--shape: expected H:I:HEADS:KV:HEAD_DIM"),
+    (["--shape", "64:128:4:3:16"], "KV heads must divide heads"),
+    (["--model", "no-such-model"], "not a known model nor a checkpoint folder"),
+    (["--tokens", "1,x"], "--tokens: expected comma-separated integers"),
+    (["--accelerator", "tpu"], "--accelerator: expected cuda:N, none or auto"),
+])
+def test_profile_command_user_errors(tmp_path, capsys, argv, message):
+    assert cli_main(["profile", "--out", str(tmp_path / "x.yaml"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
+def test_profile_command_refuses_cuda_without_cuda(tmp_path, capsys):
+    assert cli_main(["profile", "--out", str(tmp_path / "x.yaml"), "--accelerator", "cuda:0"]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
