@@ -1,19 +1,23 @@
 """Predicted vs measured decode tokens/s of CPU-only plans of the benchmark model.
 
-    .venv/bin/python bench/predict_vs_measure.py [--profile profiles/<host>.yaml] [--tokens 48]
+    .venv/bin/python bench/predict_vs_measure.py [--profile FILE] [--tokens 32] [--only LABEL ...]
 
 The benchmark model is Mixtral-shaped with random weights (hidden 1024, expert intermediate 3584,
 8 layers, 8 experts, top-2, 16 heads / 8 KV heads, bfloat16, about 1.4 GB); it is built under
 bench/models/ when missing. For each plan the script runs `moeplan run --json --trace-out`, then
 `moeplan explain --json` on the routing that run recorded (so the cache replay sees the run's own
 routing), and writes bench/results/predict_vs_measure.md with the two figures side by side.
-Each `run` is a fresh process: the first runs pay for the page cache, so the checkpoint is read once
-before timing.
+Each `run` is a fresh process; the checkpoint is read once first so that no run pays the disk.
+
+Without `--profile` the host is measured now (bench/measure_host.py) and `cpu.layer_overhead_s` is
+fitted on one calibration plan (1 thread, no cache) that is not among the validated plans; the
+profile is saved as bench/results/profile-<host>-bench.yaml.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,20 +29,27 @@ import yaml
 
 from runtime.atomic import write_atomic
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_host import fit_layer_overhead, measure  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "bench" / "models" / "mixtral-bench"
 RESULTS = ROOT / "bench" / "results" / "predict_vs_measure.md"
+BENCH_PROFILE = ROOT / "bench" / "results" / f"profile-{socket.gethostname()}-bench.yaml"
+# The plan whose run fits cpu.layer_overhead_s of a profile measured here; it is not validated.
+CALIBRATION = ("calibration-t1-s0", 1, {"slots": 0, "policy": "lru"},
+               {"compute": "cpu", "transfer_min_tokens": 0, "promote": False})
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 
 # (label, hardware.cpu_threads, cache section, miss section): CPU-only plans that differ in threads,
 # slots, promotion and the transfer threshold.
 PLANS = [
-    ("t1-s0", 1, {"slots": 0, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": False}),
+    ("t1-s4-promote", 1, {"slots": 4, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
+    ("t1-s2-lfu-promote", 1, {"slots": 2, "policy": "lfu"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
+    ("t1-s4-transfer1", 1, {"slots": 4, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 1, "promote": False}),
+    ("t1-s8-promote", 1, {"slots": 8, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
     ("t2-s0", 2, {"slots": 0, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": False}),
     ("t2-s4-promote", 2, {"slots": 4, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
-    ("t1-s2-promote", 1, {"slots": 2, "policy": "lfu"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
-    ("t2-s4-transfer1", 2, {"slots": 4, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 1, "promote": False}),
-    ("t2-s8-promote", 2, {"slots": 8, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
 ]
 
 
@@ -76,11 +87,62 @@ def moeplan(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write_plan(folder: Path, label: str, threads: int, cache: dict, miss: dict, profile_name: str) -> Path:
+    path = folder / f"{label}.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "mixtral-bench", "path": str(MODEL_DIR), "dtype": "bfloat16"},
+        "hardware": {"accelerator": "cpu", "cpu_threads": threads, "profile": profile_name},
+        "cache": {**cache, "preload": "none"}, "miss": miss, "prefetch": {"lookahead": 0}}))
+    return path
+
+
+def run_and_explain(folder: Path, plan: tuple, profile: Path, tokens: int, repeats: int) -> tuple[dict, dict]:
+    """Measure one plan with `moeplan run` (the run of median decode speed among `repeats`), then predict
+    it with `moeplan explain` on that run's routing."""
+    label, threads, cache, miss = plan
+    plan_path = write_plan(folder, label, threads, cache, miss, profile.stem)
+    runs = []
+    for i in range(repeats):
+        trace = folder / f"{label}-{i}.jsonl"
+        measured = moeplan("run", str(plan_path), "--prompt", PROMPT, "--max-new-tokens", str(tokens),
+                           "--trace-out", str(trace))
+        runs.append((measured["decode_tokens_per_s"], i, measured, trace))
+    runs.sort(key=lambda r: r[0])
+    _, _, measured, trace = runs[len(runs) // 2]
+    measured["all_decode_tokens_per_s"] = [r[0] for r in runs]
+    prompt_tokens = measured["prompt_tokens"]
+    context = prompt_tokens + tokens // 2  # the mean KV length over the decode steps
+    predicted = moeplan("explain", str(plan_path), "--profile", str(profile), "--trace", str(trace),
+                        "--context", str(context), "--prompt-tokens", str(prompt_tokens))
+    return measured, predicted
+
+
+def calibrated_profile(folder: Path, tokens: int, repeats: int) -> Path:
+    """Measure this host now, fit cpu.layer_overhead_s on the calibration run, save the profile."""
+    from planner.catalog import load_model_shape
+    from planner.profile import Profile
+
+    shape = load_model_shape(str(MODEL_DIR))
+    data = measure(shape.hidden, shape.expert_intermediate, shape.dtype, threads=[1, 2], tokens=[1, 4, 16])
+    raw = folder / "profile-no-overhead.yaml"
+    Profile.from_dict(data).save(raw)
+    measured, predicted = run_and_explain(folder, CALIBRATION, raw, tokens, repeats)
+    overhead = fit_layer_overhead(data, measured, 1.0 / predicted["decode_tokens_per_s"], shape.num_layers)
+    data["cpu"]["layer_overhead_s"] = overhead
+    Profile.from_dict(data).save(BENCH_PROFILE)
+    print(f"calibration: measured {measured['decode_tokens_per_s']:.3f} tok/s, predicted without layer "
+          f"overhead {predicted['decode_tokens_per_s']:.3f} tok/s -> cpu.layer_overhead_s = {overhead:.5f} s",
+          file=sys.stderr)
+    return BENCH_PROFILE
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=str(ROOT / "profiles" / f"{socket.gethostname()}.yaml"))
-    parser.add_argument("--tokens", type=int, default=48, help="new tokens per run (48)")
+    parser.add_argument("--profile", help="profile to predict with (default: measure this host now, see "
+                                          "bench/measure_host.py)")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per run (32)")
     parser.add_argument("--only", nargs="*", help="plan labels to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per plan; the median one counts (3)")
     args = parser.parse_args()
     if not (MODEL_DIR / "config.json").is_file():
         print(f"building the benchmark checkpoint in {MODEL_DIR}", file=sys.stderr)
@@ -88,50 +150,43 @@ def main() -> int:
     for f in MODEL_DIR.glob("*.safetensors"):  # warm the page cache so that no run pays the disk
         f.read_bytes()
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, threads, cache, miss in PLANS:
+        folder = Path(tmp)
+        profile = Path(args.profile) if args.profile else calibrated_profile(folder, args.tokens, args.repeats)
+        for plan in PLANS:
+            label, threads, cache, miss = plan
             if args.only and label not in args.only:
                 continue
-            plan_path = Path(tmp) / f"{label}.yaml"
-            plan_path.write_text(yaml.safe_dump({
-                "version": 1, "model": {"name": "mixtral-bench", "path": str(MODEL_DIR), "dtype": "bfloat16"},
-                "hardware": {"accelerator": "cpu", "cpu_threads": threads, "profile": Path(args.profile).stem},
-                "cache": {**cache, "preload": "none"}, "miss": miss, "prefetch": {"lookahead": 0}}))
-            trace = Path(tmp) / f"{label}.jsonl"
-            start = time.perf_counter()
-            measured = moeplan("run", str(plan_path), "--prompt", PROMPT, "--max-new-tokens", str(args.tokens),
-                               "--trace-out", str(trace))
-            wall = time.perf_counter() - start
-            prompt_tokens = measured["prompt_tokens"]
-            context = prompt_tokens + args.tokens // 2  # the mean KV length over the decode steps
-            predicted = moeplan("explain", str(plan_path), "--profile", args.profile, "--trace", str(trace),
-                                "--context", str(context), "--prompt-tokens", str(prompt_tokens))
+            measured, predicted = run_and_explain(folder, plan, profile, args.tokens, args.repeats)
             ratio = predicted["decode_tokens_per_s"] / measured["decode_tokens_per_s"]
-            rows.append((label, threads, cache, miss, measured, predicted, ratio, wall))
-            print(f"{label:18s} measured {measured['decode_tokens_per_s']:7.2f} tok/s  predicted "
-                  f"{predicted['decode_tokens_per_s']:7.2f} tok/s  ratio {ratio:.3f}  hit rate "
+            rows.append((label, threads, cache, miss, measured, predicted, ratio))
+            print(f"{label:18s} measured {measured['decode_tokens_per_s']:7.3f} tok/s  predicted "
+                  f"{predicted['decode_tokens_per_s']:7.3f} tok/s  ratio {ratio:.3f}  hit rate "
                   f"{measured['cache']['hit_rate']:.3f} / {predicted['hit_rate']:.3f}", file=sys.stderr)
-    write_results(rows, args)
+    write_results(rows, args, profile, (load_before, os.getloadavg()[0]))
     return 0
 
 
-def write_results(rows: list, args: argparse.Namespace) -> None:
+def write_results(rows: list, args: argparse.Namespace, profile: Path, load: tuple[float, float]) -> None:
     lines = [
         "# Predicted vs measured decode tokens/s (CPU-only plans)",
         "",
-        f"Host `{socket.gethostname()}`, profile `{Path(args.profile).name}`, benchmark model "
+        f"Host `{socket.gethostname()}` ({os.cpu_count()} cores; 1-minute load average {load[0]:.1f} before, "
+        f"{load[1]:.1f} after: the machine is shared), profile `{profile.relative_to(ROOT) if profile.is_relative_to(ROOT) else profile}`, benchmark model "
         f"(Mixtral-shaped, random weights, {MODEL_DIR.relative_to(ROOT)}), {args.tokens} new tokens, "
         "greedy. Command: `.venv/bin/python bench/predict_vs_measure.py`.",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| plan | threads | slots | policy | promote | transfer_min_tokens | hit rate run / sim | "
-        "measured tok/s | predicted tok/s | predicted / measured |",
+        "measured tok/s (median; all runs) | predicted tok/s | predicted / measured |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, threads, cache, miss, m, p, ratio, _ in rows:
+    for label, threads, cache, miss, m, p, ratio in rows:
         lines.append(f"| {label} | {threads} | {cache['slots']} | {cache['policy']} | {miss['promote']} | "
                      f"{miss['transfer_min_tokens']} | {m['cache']['hit_rate']:.3f} / {p['hit_rate']:.3f} | "
-                     f"{m['decode_tokens_per_s']:.2f} | {p['decode_tokens_per_s']:.2f} | {ratio:.3f} |")
+                     f"{m['decode_tokens_per_s']:.2f} ({', '.join(f'{x:.2f}' for x in m['all_decode_tokens_per_s'])}) | "
+                     f"{p['decode_tokens_per_s']:.2f} | {ratio:.3f} |")
     within = sum(1 for r in rows if abs(r[6] - 1) <= 0.15)
     lines += ["", f"{within} of {len(rows)} plans within 15 %.", ""]
     write_atomic(RESULTS, "\n".join(lines))

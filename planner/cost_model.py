@@ -74,7 +74,7 @@ class Breakdown:
 class Prediction:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
-    hit_rate: float  # decode hit rate of the replay
+    hit_rate: float  # hit rate of the replay over all its passes (what `run` reports)
     fits: bool
     memory_bytes: dict[str, int]  # device ("accelerator", "host") -> bytes the plan needs there
     memory_limit_bytes: dict[str, int]  # device -> bytes available

@@ -1,0 +1,160 @@
+"""Cost model: a pure function whose predictions move the way the hardware and the replay say."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.catalog import load_model_shape
+from planner.cost_model import predict
+from planner.profile import Profile
+from planner.simulator import PassCounts, SimResult, popular_preload
+from planner.workload import replay, resolve_trace
+from runtime.plan import CacheSpec, Plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Vendor data-sheet figures of an RTX 4070 desktop (see the file's comment).
+PUBLISHED_PATH = Path(__file__).resolve().parent / "data" / "desktop-rtx4070-published.yaml"
+PUBLISHED = yaml.safe_load(PUBLISHED_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return Profile.from_dict(PUBLISHED)
+
+
+def _plan(accelerator: str = "cuda:0", threads: int = 8, slots: int = 16, promote: bool = True,
+          name: str = "olmoe-1b-7b", transfer: int = 32) -> Plan:
+    return Plan.from_dict({"version": 1, "model": {"name": name, "dtype": "bfloat16"},
+                           "hardware": {"accelerator": accelerator, "cpu_threads": threads},
+                           "cache": {"slots": slots, "policy": "lru"},
+                           "miss": {"compute": "cpu", "transfer_min_tokens": transfer, "promote": promote}})
+
+
+@pytest.fixture(scope="module")
+def olmoe_trace():
+    shape = load_model_shape("olmoe-1b-7b")
+    trace, source = resolve_trace(shape, None, ROOT, prompt_tokens=64)
+    assert "recorded" in source and trace.prefill_passes()[0].tokens == 64
+    return shape, trace
+
+
+def test_importing_the_planner_core_does_not_import_torch() -> None:
+    code = ("import sys, planner.cost_model, planner.catalog, planner.workload, planner.commands.explain; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_breakdown_adds_up(profile, olmoe_trace) -> None:
+    shape, trace = olmoe_trace
+    plan = _plan()
+    p = predict(profile, shape, plan, replay(trace, plan, shape), context=512, prompt_tokens=64)
+    for b in (p.decode, p.prefill):
+        assert b.total_s == pytest.approx(b.dense_s + b.hit_s + b.cpu_miss_s + b.transfer_s + b.copy_excess_s
+                                          + b.overlap_s)
+        assert b.overlap_s <= 0 and 0 <= b.copy_excess_s <= b.background_copy_s
+    assert p.decode_tokens_per_s == pytest.approx(1 / p.decode.total_s)
+    assert p.prefill_tokens_per_s == pytest.approx(64 / p.prefill.total_s)
+    assert 0 < p.hit_rate < 1 and p.fits
+
+
+def test_more_slots_never_slower_on_the_recorded_trace(profile, olmoe_trace) -> None:
+    """A static cache of the most used experts: more slots, more hits, no copies, never slower."""
+    shape, trace = olmoe_trace
+    rates, hit_rates = [], []
+    for slots in (1, 8, 16, 32, 64):
+        preload = popular_preload(trace, [slots] * shape.num_moe_layers)
+        plan = dataclasses.replace(_plan(slots=slots), cache=CacheSpec(
+            slots=slots, policy="static", preload=tuple(tuple(ids) for ids in preload)))
+        p = predict(profile, shape, plan, replay(trace, plan, shape), 512, 64)
+        rates.append(p.decode_tokens_per_s)
+        hit_rates.append(p.hit_rate)
+    assert hit_rates == sorted(hit_rates) and hit_rates[-1] == pytest.approx(1.0, abs=0.01)
+    assert rates == sorted(rates) and rates[-1] > 2 * rates[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(hits=st.floats(0, 60), misses=st.floats(0, 60), moved=st.floats(0, 1), copies=st.floats(0, 60),
+       accelerator=st.sampled_from(["cuda:0", "cpu"]))
+def test_turning_misses_into_hits_never_slows(hits, misses, moved, copies, accelerator) -> None:
+    """An expert that hits instead of missing can only save time. With a GPU, one exception: when the
+    GPU side is the longer one, the hit adds its own (small) GPU time while the CPU miss it replaces
+    ran for free beside it."""
+    profile = Profile.from_dict(PUBLISHED)
+    shape = load_model_shape("olmoe-1b-7b")
+    plan = _plan(accelerator=accelerator)
+
+    def sim(h: float, m: float) -> SimResult:
+        decode = PassCounts(1, 1.0, h, h, m, m, 0.0, 0.0, copies, 0.0)
+        return SimResult(0, 0, (), decode, ())
+
+    k = misses * moved
+    before = predict(profile, shape, plan, sim(hits, misses), 256, 16).decode.total_s
+    after = predict(profile, shape, plan, sim(hits + k, misses - k), 256, 16).decode.total_s
+    bound = k * profile.accelerator_expert_seconds(shape.hidden, shape.expert_intermediate, shape.dtype, 1)
+    assert after <= before * (1 + 1e-12) + (bound if accelerator != "cpu" else 0.0)
+
+
+def test_more_threads_never_slower_where_the_profile_says_faster(profile, olmoe_trace) -> None:
+    shape, trace = olmoe_trace
+    for accelerator in ("cuda:0", "cpu"):
+        rates = []
+        for threads in (1, 2, 4, 8):
+            plan = _plan(accelerator=accelerator, threads=threads)
+            rates.append(predict(profile, shape, plan, replay(trace, plan, shape), 512, 64).decode_tokens_per_s)
+        assert rates == sorted(rates) and rates[-1] > rates[0], accelerator
+
+
+def test_the_prediction_follows_a_profile_where_two_threads_are_slower(olmoe_trace) -> None:
+    shape, trace = olmoe_trace
+    data = {**PUBLISHED, "cpu": {**PUBLISHED["cpu"], "expert_gbps": {"bfloat16": {1: 12.0, 2: 3.0}},
+                                 "memory_read_gbps": {1: 20.0, 2: 5.0}}}
+    slow = Profile.from_dict(data)
+    one, two = (predict(slow, shape, p, replay(trace, p, shape), 512, 64).decode_tokens_per_s
+                for p in (_plan(threads=1), _plan(threads=2)))
+    assert two < one
+
+
+def test_a_plan_that_does_not_fit_is_reported_with_numbers(profile) -> None:
+    shape = load_model_shape("mixtral")
+    plan = _plan(name="mixtral-8x7b", slots=4)
+    decode = PassCounts(1, 1.0, 40.0, 40.0, 24.0, 24.0, 0.0, 0.0, 10.0, 0.0)
+    sim = SimResult(40, 24, (), decode, ())
+    p = predict(profile, shape, plan, sim, context=1024, prompt_tokens=128)
+    assert not p.fits
+    need = p.memory_bytes["accelerator"]
+    assert need > 4 * 32 * shape.expert_bytes  # 128 slots of 352 MB: 45 GB
+    assert p.memory_limit_bytes["accelerator"] == 12878610432
+    assert any(note.startswith("accelerator: needs") and str(need) in note and "12878610432" in note
+               for note in p.notes)
+    assert p.memory_items["host"]["experts_all"] == shape.expert_bytes_total
+    # The tuner's budget replaces the profile's memory; a plan without slots still needs the dense part.
+    roomy = predict(profile, shape, plan, sim, 1024, 128, vram_budget=need)
+    assert roomy.memory_bytes == p.memory_bytes and roomy.fits is (p.memory_bytes["host"] <= 64 * 2**30)
+
+
+def test_cpu_plans_keep_everything_in_host_memory(profile) -> None:
+    shape = load_model_shape("olmoe-1b-7b")
+    plan = _plan(accelerator="cpu", slots=4)
+    sim = SimResult(1, 1, (), PassCounts(1, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0), ())
+    p = predict(profile, shape, plan, sim, 100, 10)
+    assert set(p.memory_bytes) == {"host"}
+    assert p.memory_items["host"]["expert_slots"] == 16 * 4 * shape.expert_bytes
+    assert p.decode.overlap_s == 0  # serial on the CPU
+    assert p.decode.copy_excess_s == p.decode.background_copy_s  # a host copy is CPU work
+
+
+def test_a_gpu_plan_on_a_profile_without_gpu_does_not_fit(profile) -> None:
+    cpu_only = dataclasses.replace(profile, accelerator=None)
+    shape = load_model_shape("olmoe-1b-7b")
+    sim = SimResult(1, 1, (), PassCounts(1, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0), ())
+    p = predict(cpu_only, shape, _plan(), sim, 100, 10)
+    assert not p.fits and p.memory_limit_bytes["accelerator"] == 0
+    assert any("no accelerator" in n for n in p.notes)
