@@ -73,6 +73,42 @@ def check_model_dir(model_dir: Path) -> dict:
     return config
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a plan is checked against before any weight is read (from the config, on the meta device)."""
+
+    moe_layers: int
+    num_experts: int
+    top_k: int
+    expert_bytes: int  # one routed expert, in the plan's dtype
+    dense_bytes: int  # every parameter that is not a routed expert
+
+
+def inspect_model(model_dir: str | Path, dtype: str) -> ModelLayout:
+    """Build the model on the meta device (no memory, no weights read) and count its MoE layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(model_dir).expanduser()
+    check_model_dir(folder)
+    register()
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    except Exception as exc:  # an unknown model_type, a config transformers rejects
+        raise ModelError(f"{folder}: cannot build the model from config.json ({_first_line(exc)})") from None
+    experts, _ = _find_experts(model)
+    if not experts:
+        raise ModelError(f"{folder}: model type {config.model_type!r} has no experts module that uses "
+                         f"transformers' experts interface, so moeplan cannot run it")
+    size = DTYPES[dtype].itemsize
+    expert_params = sum(p.numel() for m in experts for p in m.parameters(recurse=False))
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = expert_params // (len(experts) * experts[0].num_experts)
+    return ModelLayout(len(experts), experts[0].num_experts, int(getattr(config, "num_experts_per_tok", 0) or 0),
+                       per_expert * size, (total - expert_params) * size)
+
+
 def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

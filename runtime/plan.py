@@ -228,6 +228,8 @@ def _optional_mapping(value: Any, path: str) -> dict[str, Any] | None:
 
 
 def _parse_plan(data: Any) -> Plan:
+    if data is None:
+        raise PlanError("the file is empty (a plan is a mapping that starts with version: 1)")
     top = _mapping(data, "", ("version", "model", "hardware", "cache", "miss", "prefetch", "predicted",
                               "provenance"))
     if "version" not in top:

@@ -18,7 +18,7 @@ import torch
 from .atomic import write_atomic
 from .engine import Engine
 from .errors import PlanError
-from .loader import LoadedModel, load_model
+from .loader import LoadedModel, inspect_model, load_model, resolve_device
 from .plan import Plan
 from .replay import RoutingReplay
 from .sampling import Sampler
@@ -56,6 +56,10 @@ class Session:
         folder = model_dir if model_dir is not None else plan.model.path
         if not folder:
             raise PlanError("model.path: the plan names no model folder; give one with --model DIR")
+        resolve_device(plan.hardware.accelerator)
+        layout = inspect_model(folder, plan.model.dtype)  # check the plan before reading any weight
+        plan.cache.slots_per_layer(layout.moe_layers, layout.num_experts)
+        plan.cache.preload_per_layer(layout.moe_layers, layout.num_experts)
         loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator)
         replay = None
         if replay_trace is not None:
