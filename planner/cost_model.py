@@ -26,7 +26,7 @@ from typing import Any
 from runtime.plan import Plan
 
 from .catalog import ModelShape
-from .profile import ProfileError
+from .profile import ProfileError, _interp
 
 
 # ---- what the cost model reads from a cache replay -------------------------------------------------
@@ -116,15 +116,43 @@ class _Rates:
         return self.profile.memory_read_gbps(self.threads) * 1e9
 
     def weights_s(self, nbytes: float, tokens: int) -> float:
-        """Time of the dense matrices of `nbytes` on `tokens` tokens.
+        """Time of dense matrices of `nbytes` on `tokens` tokens: read once at the memory rate for one
+        token (the profile's model of the dense part), growing with tokens as this model's expert
+        call grows on this device (both are matrix products; prefill turns them compute-bound)."""
+        one = nbytes / self.bandwidth_bps()
+        if tokens <= 1:
+            return one
+        return one * self.slot_expert_s(tokens) / self.slot_expert_s(1)
 
-        They are matrix products like an expert's, so they run at the rate the profile gives this
-        model's expert shape on this device with this many tokens (weight bytes per second of one
-        expert call), never faster than the device's memory read rate. On a CPU whose kernels for
-        the dtype are slow this is what keeps the dense part honest.
+    def measured_layer_s(self, tokens: int, context: int) -> float | None:
+        """One decoder layer without experts (attention with KV cache, norms, router), from the profile's
+        dense_layer table when it measured this model's attention shape and dtype; else None.
+
+        Interpolated over the context (rows of the same tokens), then over threads (CPU rows), clamped
+        at the ends; a prefill measured at another length is scaled by tokens.
         """
-        expert_rate = self.shape.expert_bytes / self.slot_expert_s(max(tokens, 1))
-        return nbytes / min(expert_rate, self.bandwidth_bps())
+        s = self.shape
+        if s.attention_params_override:  # MLA: the table's rows are plain attention
+            return None
+        side = self.profile.accelerator if self.on_gpu else self.profile.cpu
+        rows = [r for r in side.dense_layer
+                if (r.hidden, r.heads, r.kv_heads, r.dtype) == (s.hidden, s.num_heads, s.num_kv_heads, s.dtype)
+                and (r.head_dim or r.hidden // r.heads) == s.head_dim]
+        decode = tokens <= 1
+        rows = [r for r in rows if (r.tokens == 1) == decode]
+        if not rows:
+            return None
+        by_threads: dict[int, dict[int, float]] = {}
+        for r in rows:
+            x = r.context if decode else r.tokens
+            by_threads.setdefault(r.threads or 0, {})[x] = r.median_s
+        x = context if decode else tokens
+        per_threads = {n: _interp(points, x) for n, points in by_threads.items()}
+        value = _interp(per_threads, self.threads)
+        if not decode:
+            longest = max(max(points) for points in by_threads.values())
+            value *= max(1.0, x / longest)  # beyond the measured prefill: linear in tokens
+        return value
 
     def layer_overhead_s(self) -> float:
         value, where = ((self.profile.accelerator.layer_overhead_s, "accelerator.layer_overhead_s") if self.on_gpu
@@ -160,12 +188,21 @@ def _group_s(group: Mapping[int, float], seconds_per_expert) -> float:
 
 def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
     shape = rates.shape
-    bw = rates.bandwidth_bps()
-    kv_read = shape.kv_bytes_per_token / shape.num_layers * context  # one layer's KV cache, read once a pass
     lm_head = shape.vocab * shape.hidden * shape.dtype_bytes
-    layer_weights = sum(shape.dense_params_per_layer) * shape.dtype_bytes
-    dense = (rates.weights_s(lm_head + layer_weights, work.tokens)
-             + shape.num_layers * (kv_read / bw + rates.layer_overhead_s()))
+    measured = rates.measured_layer_s(work.tokens, context)
+    if measured is not None:
+        # The table covers attention, KV cache, norms and router; shared experts and dense MLPs are
+        # the weights beyond those.
+        attention = shape.attention_params + 2 * shape.hidden
+        moe = set(shape.moe_layers)
+        mlp = sum(n - attention - (shape.hidden * shape.num_experts if i in moe else 0)
+                  for i, n in enumerate(shape.dense_params_per_layer))
+        dense = shape.num_layers * measured + rates.weights_s((lm_head + mlp * shape.dtype_bytes), work.tokens)
+    else:
+        kv_read = shape.kv_bytes_per_token * context  # every layer's KV cache, read once a pass
+        layer_weights = sum(shape.dense_params_per_layer) * shape.dtype_bytes
+        dense = (rates.weights_s(lm_head + layer_weights, work.tokens) + kv_read / rates.bandwidth_bps()
+                 + shape.num_layers * rates.layer_overhead_s())
     hit = cpu = transfer = background = overlap = 0.0
     for layer in work.layers:
         h = _group_s(layer.hits, rates.slot_expert_s)

@@ -158,3 +158,20 @@ def test_a_gpu_plan_on_a_profile_without_gpu_does_not_fit(profile) -> None:
     p = predict(cpu_only, shape, _plan(), sim, 100, 10)
     assert not p.fits and p.memory_limit_bytes["accelerator"] == 0
     assert any("no accelerator" in n for n in p.notes)
+
+
+def test_measured_dense_layers_replace_the_fitted_formula(olmoe_trace) -> None:
+    """With this model's attention shape in the profile's dense_layer table, the dense part is the
+    measured layer time (interpolated over context) x layers + the lm_head's bytes."""
+    shape, trace = olmoe_trace
+    rows = [{"hidden": 2048, "heads": 16, "kv_heads": 16, "dtype": "bfloat16", "threads": 8, "tokens": 1,
+             "context": c, "median_s": t, "spread": 0.01} for c, t in ((256, 1.0e-3), (1024, 2.0e-3))]
+    profile = Profile.from_dict({**PUBLISHED, "cpu": {**PUBLISHED["cpu"], "dense_layer": rows}})
+    plan = _plan(accelerator="cpu", threads=8)
+    sim = replay(trace, plan, shape)
+    p = predict(profile, shape, plan, sim, context=640, prompt_tokens=64)
+    lm_head = shape.vocab * shape.hidden * 2 / (profile.memory_read_gbps(8) * 1e9)
+    assert p.decode.dense_s == pytest.approx(16 * 1.5e-3 + lm_head)
+    fitted = predict(Profile.from_dict(PUBLISHED), shape, plan, sim, context=640, prompt_tokens=64)
+    assert fitted.decode.dense_s != pytest.approx(p.decode.dense_s)
+    assert p.decode.cpu_miss_s == fitted.decode.cpu_miss_s
