@@ -9,9 +9,8 @@ bench/models/ when missing. For each plan the script runs `moeplan run --json --
 routing), and writes bench/results/predict_vs_measure.md with the two figures side by side.
 Each `run` is a fresh process; the checkpoint is read once first so that no run pays the disk.
 
-Without `--profile` the host is measured now (bench/measure_host.py) and `cpu.layer_overhead_s` is
-fitted on one calibration plan (1 thread, no cache) that is not among the validated plans; the
-profile is saved as bench/results/profile-<host>-bench.yaml.
+Without `--profile` the host is measured first with `moeplan profile --model <benchmark model>` and
+the profile is saved as bench/results/profile-<host>-bench.yaml: nothing is fitted to the runs.
 """
 from __future__ import annotations
 
@@ -29,21 +28,16 @@ import yaml
 
 from runtime.atomic import write_atomic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure_host import fit_layer_overhead, measure  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "bench" / "models" / "mixtral-bench"
 RESULTS = ROOT / "bench" / "results" / "predict_vs_measure.md"
 BENCH_PROFILE = ROOT / "bench" / "results" / f"profile-{socket.gethostname()}-bench.yaml"
-# The plan whose run fits cpu.layer_overhead_s of a profile measured here; it is not validated.
-CALIBRATION = ("calibration-t1-s0", 1, {"slots": 0, "policy": "lru"},
-               {"compute": "cpu", "transfer_min_tokens": 0, "promote": False})
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 
 # (label, hardware.cpu_threads, cache section, miss section): CPU-only plans that differ in threads,
 # slots, promotion and the transfer threshold.
 PLANS = [
+    ("t1-s0", 1, {"slots": 0, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": False}),
     ("t1-s4-promote", 1, {"slots": 4, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
     ("t1-s2-lfu-promote", 1, {"slots": 2, "policy": "lfu"}, {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
     ("t1-s4-transfer1", 1, {"slots": 4, "policy": "lru"}, {"compute": "cpu", "transfer_min_tokens": 1, "promote": False}),
@@ -117,29 +111,22 @@ def run_and_explain(folder: Path, plan: tuple, profile: Path, tokens: int, repea
     return measured, predicted
 
 
-def calibrated_profile(folder: Path, tokens: int, repeats: int) -> Path:
-    """Measure this host now, fit cpu.layer_overhead_s on the calibration run, save the profile."""
-    from planner.catalog import load_model_shape
-    from planner.profile import Profile
-
-    shape = load_model_shape(str(MODEL_DIR))
-    data = measure(shape.hidden, shape.expert_intermediate, shape.dtype, threads=[1, 2], tokens=[1, 4, 16])
-    raw = folder / "profile-no-overhead.yaml"
-    Profile.from_dict(data).save(raw)
-    measured, predicted = run_and_explain(folder, CALIBRATION, raw, tokens, repeats)
-    overhead = fit_layer_overhead(data, measured, 1.0 / predicted["decode_tokens_per_s"], shape.num_layers)
-    data["cpu"]["layer_overhead_s"] = overhead
-    Profile.from_dict(data).save(BENCH_PROFILE)
-    print(f"calibration: measured {measured['decode_tokens_per_s']:.3f} tok/s, predicted without layer "
-          f"overhead {predicted['decode_tokens_per_s']:.3f} tok/s -> cpu.layer_overhead_s = {overhead:.5f} s",
-          file=sys.stderr)
+def measured_profile(quick: bool) -> Path:
+    """`moeplan profile` of this host for the benchmark model's shapes, measured now (under the load the
+    runs will see: the machine may be shared)."""
+    args = ["profile", "--model", str(MODEL_DIR), "--out", str(BENCH_PROFILE), "--name", BENCH_PROFILE.stem]
+    cmd = [str(ROOT / ".venv" / "bin" / "moeplan"), *args, *(["--quick"] if quick else [])]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return BENCH_PROFILE
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", help="profile to predict with (default: measure this host now, see "
-                                          "bench/measure_host.py)")
+    parser.add_argument("--profile", help="profile to predict with (default: `moeplan profile --model` of the "
+                                          "benchmark model, now, saved to bench/results/)")
+    parser.add_argument("--quick-profile", action="store_true", help="measure the profile with --quick")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per run (32)")
     parser.add_argument("--only", nargs="*", help="plan labels to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per plan; the median one counts (3)")
@@ -153,7 +140,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        profile = Path(args.profile) if args.profile else calibrated_profile(folder, args.tokens, args.repeats)
+        profile = Path(args.profile) if args.profile else measured_profile(args.quick_profile)
         for plan in PLANS:
             label, threads, cache, miss = plan
             if args.only and label not in args.only:
