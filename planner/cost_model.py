@@ -197,12 +197,13 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
         moe = set(shape.moe_layers)
         mlp = sum(n - attention - (shape.hidden * shape.num_experts if i in moe else 0)
                   for i, n in enumerate(shape.dense_params_per_layer))
-        dense = shape.num_layers * measured + rates.weights_s((lm_head + mlp * shape.dtype_bytes), work.tokens)
+        dense = shape.num_layers * measured + rates.weights_s(mlp * shape.dtype_bytes, work.tokens)
     else:
         kv_read = shape.kv_bytes_per_token * context  # every layer's KV cache, read once a pass
         layer_weights = sum(shape.dense_params_per_layer) * shape.dtype_bytes
-        dense = (rates.weights_s(lm_head + layer_weights, work.tokens) + kv_read / rates.bandwidth_bps()
+        dense = (rates.weights_s(layer_weights, work.tokens) + kv_read / rates.bandwidth_bps()
                  + shape.num_layers * rates.layer_overhead_s())
+    dense += rates.weights_s(lm_head, 1)  # generation computes the logits of the last token only
     hit = cpu = transfer = background = overlap = 0.0
     for layer in work.layers:
         h = _group_s(layer.hits, rates.slot_expert_s)
