@@ -82,6 +82,8 @@ class ModelLayout:
     top_k: int
     expert_bytes: int  # one routed expert, in the plan's dtype
     dense_bytes: int  # every parameter that is not a routed expert
+    kv_bytes_per_token: int  # keys and values of every attention layer for one token
+    hidden: int
 
 
 def inspect_model(model_dir: str | Path, dtype: str) -> ModelLayout:
@@ -105,8 +107,13 @@ def inspect_model(model_dir: str | Path, dtype: str) -> ModelLayout:
     expert_params = sum(p.numel() for m in experts for p in m.parameters(recurse=False))
     total = sum(p.numel() for p in model.parameters())
     per_expert = expert_params // (len(experts) * experts[0].num_experts)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * size
     return ModelLayout(len(experts), experts[0].num_experts, int(getattr(config, "num_experts_per_tok", 0) or 0),
-                       per_expert * size, (total - expert_params) * size)
+                       per_expert * size, (total - expert_params) * size, kv_per_token, text.hidden_size)
 
 
 def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedModel:

@@ -18,6 +18,7 @@ import torch
 from .atomic import write_atomic
 from .engine import Engine
 from .errors import PlanError
+from .memory_guard import check_fits, memory_plan
 from .loader import LoadedModel, inspect_model, load_model, resolve_device
 from .plan import Plan
 from .replay import RoutingReplay
@@ -51,15 +52,22 @@ class Session:
         self.engine = Engine(loaded, plan, replay)
 
     @classmethod
-    def load(cls, plan: Plan, model_dir: str | Path | None = None,
-             replay_trace: str | Path | None = None) -> "Session":
+    def load(cls, plan: Plan, model_dir: str | Path | None = None, replay_trace: str | Path | None = None,
+             context_tokens: int = 2048) -> "Session":
+        """Check the plan against the checkpoint and this host's memory, then load.
+
+        `context_tokens` (prompt + new tokens, an upper bound is fine) sizes the KV cache in the memory check.
+        """
         folder = model_dir if model_dir is not None else plan.model.path
         if not folder:
             raise PlanError("model.path: the plan names no model folder; give one with --model DIR")
-        resolve_device(plan.hardware.accelerator)
+        device = resolve_device(plan.hardware.accelerator)
         layout = inspect_model(folder, plan.model.dtype)  # check the plan before reading any weight
-        plan.cache.slots_per_layer(layout.moe_layers, layout.num_experts)
+        slots = plan.cache.slots_per_layer(layout.moe_layers, layout.num_experts)
         plan.cache.preload_per_layer(layout.moe_layers, layout.num_experts)
+        # workspace: activations of a prefill over the context through one expert (fp32 upper bound)
+        workspace = 4 * context_tokens * (layout.hidden * 4 + layout.expert_bytes // max(layout.hidden, 1))
+        check_fits(memory_plan(layout, slots, device, context_tokens, workspace))
         loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator)
         replay = None
         if replay_trace is not None:

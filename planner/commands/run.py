@@ -51,7 +51,9 @@ def main(args: argparse.Namespace) -> int:
     from runtime.session import Session
 
     plan = Plan.load(args.plan)
-    session = Session.load(plan, args.model, replay_trace=args.replay_trace)
+    # prompt characters bound its token count from above: enough to size the KV cache in the memory check
+    session = Session.load(plan, args.model, replay_trace=args.replay_trace,
+                           context_tokens=len(args.prompt.encode()) + args.max_new_tokens + 2)
     on_text = None if args.json else _print_now
     result = session.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, on_text=on_text, trace_out=args.trace_out)
