@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -58,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
     result = session.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, on_text=on_text, trace_out=args.trace_out)
     report = result.as_dict()
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if plan.predicted:
         report["predicted"] = plan.predicted
     if args.json:

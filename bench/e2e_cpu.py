@@ -1,0 +1,104 @@
+"""End-to-end, CPU only: moeplan's all-CPU plan against transformers' `generate` on the same weights.
+
+Each engine runs in its own process (cold start, its own peak memory), in rotating order, `--repeats`
+times; the table gives medians and the ratio to the fastest transformers experts implementation, all
+measured side by side in one run. Greedy tokens are compared too (same weights, same dtype).
+
+    .venv/bin/python bench/e2e_cpu.py --repeats 3 --tokens 32 --out bench/results/e2e_cpu.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from predict_vs_measure import build_model  # noqa: E402  the shared benchmark checkpoint
+
+PLAN = """version: 1
+model: {{name: mixtral-bench, dtype: {dtype}}}
+hardware: {{accelerator: cpu, cpu_threads: {threads}}}
+cache: {{slots: 0, policy: lru, preload: none}}
+miss: {{compute: cpu, transfer_min_tokens: 0, promote: false}}
+prefetch: {{lookahead: 0}}
+"""
+
+
+def run_json(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--impls", default="eager,batched_mm,grouped_mm")
+    ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    ap.add_argument("--out", default=None, help="write the Markdown table here")
+    args = ap.parse_args()
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(f"building the benchmark checkpoint in {model} ...", file=sys.stderr)
+        build_model(model)
+    ckpt_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
+    plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
+    engines = {"moeplan all-CPU": [str(ROOT / ".venv/bin/moeplan"), "run", str(plan), "--model", str(model),
+                                   "--prompt", args.prompt, "--max-new-tokens", str(args.tokens), "--json"]}
+    for impl in args.impls.split(","):
+        engines[f"transformers {impl}"] = [sys.executable, str(ROOT / "bench/hf_generate.py"), "--model", str(model),
+                                           "--impl", impl, "--dtype", args.dtype, "--threads", str(args.threads),
+                                           "--tokens", str(args.tokens), "--prompt", args.prompt]
+    results: dict[str, list[dict]] = {name: [] for name in engines}
+    names = list(engines)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each repeat
+            out = run_json(engines[name])
+            results[name].append(out)
+            print(f"repeat {r + 1}: {name}: {out['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr)
+
+    rows = []
+    for name, outs in results.items():
+        rows.append((name, statistics.median(o["decode_tokens_per_s"] for o in outs),
+                     statistics.median(o["prefill_seconds"] for o in outs),
+                     max(o["peak_rss_bytes"] for o in outs), outs[0]["generated_ids"]))
+    best_hf = max((r for r in rows if r[0].startswith("transformers")), key=lambda r: r[1])
+    ours = rows[0]
+    lines = [f"# End-to-end CPU decode: moeplan vs transformers ({args.dtype}, {args.threads} threads)", "",
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
+             f"1-minute load average at the end {os.getloadavg()[0]:.2f}",
+             f"- model: {model.name}, checkpoint {ckpt_bytes / 1e9:.2f} GB, prompt {len(args.prompt)} chars, "
+             f"{args.tokens} new tokens, {args.repeats} repeats (median)",
+             f"- command: `.venv/bin/python bench/e2e_cpu.py --repeats {args.repeats} --tokens {args.tokens}`", "",
+             "| engine | decode tokens/s | prefill s | peak RSS GB | peak / checkpoint | same tokens as moeplan |",
+             "|---|---|---|---|---|---|"]
+    for name, tps, pre, rss, ids in rows:
+        lines.append(f"| {name} | {tps:.2f} | {pre:.2f} | {rss / 1e9:.2f} | {rss / ckpt_bytes:.2f} | "
+                     f"{'yes' if ids == ours[4] else 'no'} |")
+    lines += ["", f"moeplan / fastest transformers ({best_hf[0]}): **{ours[1] / best_hf[1]:.2f}x** decode tokens/s"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
