@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from model_factory import FAMILIES, num_experts
 from runtime.plan import Plan
 from runtime.session import Session
 
+# bench/device_check.sh runs this file with MOEPLAN_TEST_ACCELERATOR=cuda:0 on a GPU machine
+ACCELERATOR = os.environ.get("MOEPLAN_TEST_ACCELERATOR", "cpu")
 PROMPT = "def main(argv):\n    for name in"
 TOL = 1e-3
 
@@ -39,7 +42,7 @@ def make_plan(spec: dict, experts: int, layers: int) -> Plan:
     return Plan.from_dict({
         "version": 1,
         "model": {"name": "test", "dtype": "float32"},
-        "hardware": {"accelerator": "cpu", "cpu_threads": spec.get("threads", 2)},
+        "hardware": {"accelerator": ACCELERATOR, "cpu_threads": spec.get("threads", 2)},
         "cache": {"slots": slots, "policy": spec["policy"], "preload": preload},
         "miss": {"compute": spec.get("compute", "cpu"), "transfer_min_tokens": spec.get("transfer_min_tokens", 0),
                  "promote": spec.get("promote", False)},
