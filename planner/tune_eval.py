@@ -1,0 +1,281 @@
+"""One point of the tuner's search space, turned into a plan and predicted: the objective `tune` calls.
+
+A `Choice` is what the search picks (cache budget in slots, policy, preload, CPU threads, miss rule,
+prefetch). `Evaluator.evaluate` splits the budget across layers exactly (`planner.allocation`) from
+per-layer hit curves, writes the plan, replays the trace through the simulator and asks the cost model.
+Pure Python, no torch; curves and replays are memoised, so a study of hundreds of trials replays each
+distinct configuration once.
+
+Hit curves, per layer, hits for every slot count 0..E over the whole replayed trace (prefill and
+decode passes, which is what the cost model adds up):
+- static: the sum of the s most used experts' pass counts (exact: what a static cache of the
+  `popular_preload` experts hits);
+- lru with no preload where every miss enters the cache: `lru_hit_curves` (exact, one sweep);
+- every other policy, preload and miss rule: one `simulate` per slot count with that many slots in
+  every layer (exact, since layers are independent without prefetch). With `lookahead: 1` the curves
+  ignore prefetch (the final replay does not): the split is then optimal for the cache without prefetch.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.cache_policy import MissRule
+from runtime.errors import UserError
+from runtime.plan import CacheSpec, HardwareSpec, MissSpec, ModelSpec, Plan, PrefetchSpec
+
+from .allocation import Allocation, allocate
+from .catalog import ModelShape
+from .cost_model import Prediction, memory_plan, predict
+from .simulator import SimResult, lru_hit_curves, popular_preload, simulate
+from .traces import Trace
+
+POLICIES = ("lru", "lfu", "fifo", "static")
+TRANSFER_MIN_TOKENS = (0, 8, 32, 128)  # 0 = never; powers of two around a prompt's tokens per expert
+MISS_COMPUTE = ("cpu", "accelerator")
+
+
+class InfeasibleBudget(UserError):
+    """Not even the plan without any expert slot fits the memory it is given."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One point of the search space (before the budget is split across layers)."""
+
+    budget: int  # expert slots in all layers together
+    policy: str  # lru | lfu | fifo | static
+    preload: bool  # True: the most used experts per layer are loaded before the first token
+    cpu_threads: int
+    miss_compute: str  # cpu | accelerator
+    transfer_min_tokens: int  # 0 = never copy a CPU miss for its token count
+    promote: bool
+    lookahead: int  # 0 | 1
+
+    def canonical(self) -> "Choice":
+        """The same plan with the knobs that cannot matter set to fixed values (one grid point per plan)."""
+        c = self
+        if c.policy == "static":  # static keeps its preloaded set: no promotion, no prefetch
+            c = Choice(c.budget, c.policy, True, c.cpu_threads, c.miss_compute, c.transfer_min_tokens, False, 0)
+        if c.miss_compute == "accelerator":  # every miss is copied: the token threshold and promotion are moot
+            c = Choice(c.budget, c.policy, c.preload, c.cpu_threads, c.miss_compute, 0, False, c.lookahead)
+        return c
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Space:
+    """The ranges the search draws from."""
+
+    max_budget: int  # slots that fit the memory (at most layers x experts)
+    max_threads: int  # physical cores of the profile
+
+    def choices(self) -> Iterator[Choice]:
+        """Every canonical point, for the exhaustive grid (bench/tune_vs_grid.py)."""
+        seen: set[Choice] = set()
+        for budget in range(self.max_budget + 1):
+            for policy in POLICIES:
+                for preload in (False, True):
+                    for threads in range(1, self.max_threads + 1):
+                        for compute in MISS_COMPUTE:
+                            for tmt in TRANSFER_MIN_TOKENS:
+                                for promote in (False, True):
+                                    for lookahead in (0, 1):
+                                        c = Choice(budget, policy, preload, threads, compute, tmt, promote,
+                                                   lookahead).canonical()
+                                        if c not in seen:
+                                            seen.add(c)
+                                            yield c
+
+
+def suggest(trial: Any, space: Space) -> Choice:
+    """Draw a choice from an Optuna trial; knobs that cannot matter for the drawn policy are not drawn."""
+    budget = trial.suggest_int("budget", 0, space.max_budget)
+    policy = trial.suggest_categorical("policy", list(POLICIES))
+    threads = trial.suggest_int("cpu_threads", 1, space.max_threads)
+    compute = trial.suggest_categorical("miss_compute", list(MISS_COMPUTE))
+    preload, promote, lookahead, tmt = True, False, 0, 0
+    if policy != "static":
+        preload = trial.suggest_categorical("preload", ["none", "popular"]) == "popular"
+        lookahead = trial.suggest_int("lookahead", 0, 1)
+    if compute == "cpu":
+        tmt = trial.suggest_categorical("transfer_min_tokens", list(TRANSFER_MIN_TOKENS))
+        if policy != "static":
+            promote = trial.suggest_categorical("promote", [False, True])
+    return Choice(budget, policy, preload, threads, compute, tmt, promote, lookahead).canonical()
+
+
+# ---- memory: how many slots fit ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Capacity:
+    """Where expert slots live and how many fit there."""
+
+    device: str  # "accelerator", or "host" for accelerator: cpu plans
+    limit_bytes: int  # what the device (or --vram-budget) allows for the cache's side
+    fixed_bytes: int  # what that side needs with zero slots (dense weights, KV cache, workspace)
+    expert_bytes: int
+    max_slots: int  # min(layers x experts, what fits)
+
+
+def cache_capacity(profile: Any, shape: ModelShape, accelerator: str, context: int, prompt_tokens: int,
+                   vram_budget: int | None) -> Capacity:
+    """Slots that fit beside the dense weights, KV cache and workspace; `InfeasibleBudget` if none can.
+
+    On a GPU plan the limit is `vram_budget` or the profile's accelerator memory; the host must also
+    hold every expert. On a CPU plan (`accelerator: cpu`) the slots are host memory: the limit is the
+    host's memory and, when `vram_budget` is given, that budget also caps dense + KV + workspace + slots
+    (the part that would sit on an accelerator), so a CPU plan can be sized like a GPU one.
+    """
+    L, E = shape.num_moe_layers, shape.num_experts
+    empty = Plan(model=ModelSpec(name=shape.name, dtype=shape.dtype), hardware=HardwareSpec(accelerator=accelerator),
+                 cache=CacheSpec(slots=0))
+    items, limits = memory_plan(profile, shape, empty, context, prompt_tokens, vram_budget)
+    eb = shape.expert_bytes
+    host_need = sum(items["host"].values())
+    if accelerator != "cpu":
+        fixed, limit = sum(items["accelerator"].values()), limits["accelerator"]
+        if fixed > limit:
+            raise InfeasibleBudget(_no_fit("accelerator memory", fixed, limit, items["accelerator"]))
+        if host_need > limits["host"]:
+            raise InfeasibleBudget(_no_fit("host memory", host_need, limits["host"], items["host"]))
+        return Capacity("accelerator", limit, fixed, eb, min(L * E, (limit - fixed) // eb))
+    if host_need > limits["host"]:
+        raise InfeasibleBudget(_no_fit("host memory", host_need, limits["host"], items["host"]))
+    room = (limits["host"] - host_need) // eb
+    limit, fixed = limits["host"], host_need
+    if vram_budget is not None:
+        side = {k: v for k, v in items["host"].items() if k != "experts_all"}
+        fixed, limit = sum(side.values()), vram_budget
+        if fixed > limit:
+            raise InfeasibleBudget(_no_fit("--vram-budget", fixed, limit, side))
+        room = min(room, (limit - fixed) // eb)
+    return Capacity("host", limit, fixed, eb, min(L * E, room))
+
+
+def _no_fit(what: str, need: int, have: int, items: dict[str, int]) -> str:
+    parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in items.items() if v)
+    return (f"{what}: the plan needs {need / 2**30:.2f} GiB ({need} bytes) before any expert slot "
+            f"({parts}) but has {have / 2**30:.2f} GiB ({have} bytes)")
+
+
+# ---- evaluating one choice ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    """A choice, the plan it became, and what the cost model predicts for it."""
+
+    choice: Choice
+    plan: Plan
+    prediction: Prediction
+    feasible: bool  # fits every device's memory (and the cache budget)
+    excess_bytes: int  # largest overshoot of a memory limit (<= 0 when feasible): the Optuna constraint
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.prediction.decode_tokens_per_s
+
+    @property
+    def prefill_s(self) -> float:
+        return self.prediction.prefill.total_s
+
+
+class Evaluator:
+    """Turns choices into predicted plans for one (profile, model, trace, workload, memory limit)."""
+
+    def __init__(self, profile: Any, shape: ModelShape, trace: Trace, *, accelerator: str, context: int,
+                 prompt_tokens: int, capacity: Capacity, vram_budget: int | None = None,
+                 model_path: str | None = None, profile_name: str = "") -> None:
+        self.profile, self.shape, self.trace = profile, shape, trace
+        self.accelerator, self.context, self.prompt_tokens = accelerator, context, prompt_tokens
+        self.capacity, self.vram_budget = capacity, vram_budget
+        self.model_path, self.profile_name = model_path, profile_name
+        self._curves: dict[tuple, list[list[int]]] = {}
+        self._sims: dict[tuple, SimResult] = {}
+        self._preloads: dict[tuple[int, ...], list[list[int]]] = {}
+
+    @property
+    def space(self) -> Space:
+        return Space(max_budget=self.capacity.max_slots, max_threads=self.profile.physical_cores)
+
+    # -- curves and allocation
+    def curves(self, policy: str, preload: bool, rule: MissRule) -> list[list[int]]:
+        """Per layer, hits over the replayed trace for 0..E slots in that layer (see the module docstring)."""
+        enters_all = rule.promote or rule.compute == "accelerator"
+        key = ("static",) if policy == "static" else (policy, preload, True if enters_all else rule.transfer_min_tokens)
+        if key not in self._curves:
+            self._curves[key] = self._compute_curves(policy, preload, enters_all, rule)
+        return self._curves[key]
+
+    def _compute_curves(self, policy: str, preload: bool, enters_all: bool, rule: MissRule) -> list[list[int]]:
+        L, E = self.shape.num_moe_layers, self.shape.num_experts
+        if policy == "static":
+            ranked = popular_preload(self.trace, [E] * L)  # most used first
+            uses = [[0] * E for _ in range(L)]
+            for position in range(len(self.trace.passes)):
+                for l in range(L):
+                    for e in self.trace.tokens_per_expert(position, l):
+                        uses[l][e] += 1
+            curves = []
+            for l in range(L):
+                running, c = 0, [0]
+                for e in ranked[l]:
+                    running += uses[l][e]
+                    c.append(running)
+                curves.append(c)
+            return curves
+        if policy == "lru" and not preload and enters_all:
+            return lru_hit_curves(self.trace)
+        # The cache state depends on the rule only through which misses enter: a representative rule.
+        rep = MissRule("cpu", 0, True) if enters_all else MissRule("cpu", rule.transfer_min_tokens, False)
+        curves = [[0] * (E + 1) for _ in range(L)]
+        for s in range(1, E + 1):
+            slots = [s] * L
+            pre = self.preload_for(tuple(slots)) if preload else None
+            result = simulate(self.trace, slots, policy, pre, rep)
+            for l, counts in enumerate(result.per_layer):
+                curves[l][s] = counts.hits
+        return curves
+
+    def preload_for(self, slots: tuple[int, ...]) -> list[list[int]]:
+        if slots not in self._preloads:
+            self._preloads[slots] = popular_preload(self.trace, list(slots))
+        return self._preloads[slots]
+
+    def allocation(self, choice: Choice) -> Allocation:
+        rule = MissRule(choice.miss_compute, choice.transfer_min_tokens, choice.promote)
+        return allocate(self.curves(choice.policy, choice.preload, rule), choice.budget)
+
+    # -- plan and prediction
+    def plan(self, choice: Choice, slots: tuple[int, ...]) -> Plan:
+        preload = tuple(tuple(ids) for ids in self.preload_for(slots)) if choice.preload else None
+        return Plan(
+            model=ModelSpec(name=self.shape.name, path=self.model_path, dtype=self.shape.dtype),
+            hardware=HardwareSpec(accelerator=self.accelerator, cpu_threads=choice.cpu_threads,
+                                  profile=self.profile_name),
+            cache=CacheSpec(slots=slots, policy=choice.policy, preload=preload),
+            miss=MissSpec(compute=choice.miss_compute, transfer_min_tokens=choice.transfer_min_tokens,
+                          promote=choice.promote),
+            prefetch=PrefetchSpec(lookahead=choice.lookahead),
+        )
+
+    def replay(self, choice: Choice, slots: tuple[int, ...]) -> SimResult:
+        rule = MissRule(choice.miss_compute, choice.transfer_min_tokens, choice.promote)
+        key = (slots, choice.policy, choice.preload, rule, choice.lookahead)
+        if key not in self._sims:
+            pre = self.preload_for(slots) if choice.preload else None
+            self._sims[key] = simulate(self.trace, list(slots), choice.policy, pre, rule,
+                                       lookahead=choice.lookahead, prefetch_accuracy=0.0)
+        return self._sims[key]
+
+    def evaluate(self, choice: Choice) -> Candidate:
+        choice = choice.canonical()
+        slots = self.allocation(choice).slots
+        plan = self.plan(choice, slots)
+        prediction = predict(self.profile, self.shape, plan, self.replay(choice, slots), context=self.context,
+                             prompt_tokens=self.prompt_tokens, vram_budget=self.vram_budget)
+        excess = max(prediction.memory_bytes[d] - prediction.memory_limit_bytes[d] for d in prediction.memory_bytes)
+        cap = self.capacity
+        excess = max(excess, cap.fixed_bytes + sum(slots) * cap.expert_bytes - cap.limit_bytes)
+        return Candidate(choice, plan, prediction, feasible=excess <= 0, excess_bytes=int(excess))

@@ -1,0 +1,160 @@
+"""The search behind `moeplan tune`: a seeded multi-objective Optuna study over `tune_eval.Choice`.
+
+Objectives: predicted decode tokens/s (maximise) and predicted prefill seconds of the prompt
+(minimise). Plans that do not fit memory are infeasible through the trial's constraint (`Trial.set_constraint`, read by TPE)
+(the overshoot in bytes, <= 0 when it fits), never just penalised, and never chosen. The study may
+live in any Optuna storage so that it resumes and several workers share it; Ctrl-C ends the loop
+cleanly and the trials finished so far are kept.
+
+The chosen plan: among the feasible Pareto plans, the highest decode tokens/s whose prefill time is
+within `prefill_slack` (a fraction) of the fastest feasible prefill (`choose`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import UserError
+
+from .tune_eval import Candidate, Choice, Evaluator, Space, suggest
+
+log = logging.getLogger(__name__)
+
+SAMPLER = "TPESampler"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    candidates: tuple[tuple[int, Candidate], ...]  # (trial number, candidate) of every finished trial
+    front: tuple[Candidate, ...]  # feasible Pareto plans, fastest decode first
+    chosen: Candidate | None  # None when no trial finished feasible
+    rule: str  # the sentence that says why `chosen`
+    trials_total: int  # finished trials in the study (earlier runs included)
+    trials_run: int  # trials this call finished
+    interrupted: bool  # stopped by Ctrl-C
+
+
+def open_storage(url: str | None) -> Any:
+    """None (in memory), an RDB URL (sqlite:///x.db, postgresql://...), or a journal file (*.log, *.journal)."""
+    import optuna
+
+    if url is None:
+        return None
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        Path(url).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
+    if "://" not in url:
+        raise UserError(f"--storage: {url!r} is neither a database URL (sqlite:///FILE, postgresql://...) "
+                        f"nor a journal file ending in .log or .journal")
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # optuna/sqlalchemy raise many kinds for a bad URL or an unreachable server
+        raise UserError(f"--storage: cannot open {url!r}: {exc.__class__.__name__}: {exc}".splitlines()[0]) from None
+
+
+def create_study(storage: Any, study_name: str | None, seed: int, fingerprint: dict[str, Any]) -> Any:
+    """A new study, or the stored one of that name; refuses to resume a study of another workload."""
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                directions=["maximize", "minimize"], load_if_exists=storage is not None)
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif stored != fingerprint:
+        diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+        raise UserError(f"--study {study_name}: the stored study was tuned for another workload "
+                        f"(differs in {', '.join(diff)}); use another --study name")
+    return study
+
+
+def run_study(evaluator: Evaluator, study: Any, trials: int,
+              on_trial: Callable[[int, Candidate], None] | None = None,
+              prefill_slack: float = 0.25) -> TuneResult:
+    """Run `trials` more trials of `study` (Ctrl-C stops early), then rebuild every trial's candidate."""
+    import optuna
+
+    space = evaluator.space
+    before = _finished(study)
+
+    def objective(trial: Any) -> tuple[float, float]:
+        choice = suggest(trial, space)
+        cand = evaluator.evaluate(choice)
+        trial.set_user_attr("choice", choice.as_dict())
+        trial.set_user_attr("slots", list(cand.plan.cache.slots))
+        # Optuna 5: the sampler reads constraints set on the trial (<= 0 feasible); this replaces
+        # the deprecated `constraints_func`.
+        trial.set_constraint("memory_excess_bytes", float(cand.excess_bytes))
+        if on_trial is not None:
+            on_trial(trial.number, cand)
+        return cand.decode_tokens_per_s, cand.prefill_s
+
+    interrupted = False
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the progress bar
+    try:
+        study.optimize(objective, n_trials=trials, gc_after_trial=False)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the %d trials finished so far", _finished(study) - before)
+    return summarize(evaluator, study, before, interrupted, prefill_slack)
+
+
+def _finished(study: Any) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def summarize(evaluator: Evaluator, study: Any, before: int, interrupted: bool, prefill_slack: float) -> TuneResult:
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    cands = []
+    for t in done:
+        if "choice" in t.user_attrs:  # re-evaluated (memoised, deterministic): a resumed study's old trials too
+            cands.append((t.number, evaluator.evaluate(Choice(**t.user_attrs["choice"]))))
+    front = pareto_front([c for _, c in cands if c.feasible])
+    chosen, rule = choose(front, prefill_slack)
+    return TuneResult(tuple(cands), tuple(front), chosen, rule, len(done), len(done) - before, interrupted)
+
+
+def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other beats on both objectives (distinct plans), fastest decode first."""
+    unique: dict[Any, Candidate] = {}
+    for c in cands:
+        unique.setdefault(c.plan, c)
+    pool = list(unique.values())
+    front = [c for c in pool
+             if not any(o.decode_tokens_per_s >= c.decode_tokens_per_s and o.prefill_s <= c.prefill_s
+                        and (o.decode_tokens_per_s > c.decode_tokens_per_s or o.prefill_s < c.prefill_s)
+                        for o in pool)]
+    return sorted(front, key=lambda c: (-c.decode_tokens_per_s, c.prefill_s))
+
+
+def choose(front: Sequence[Candidate], prefill_slack: float) -> tuple[Candidate | None, str]:
+    """The fastest-decode plan of the front whose prefill is within `prefill_slack` of the front's fastest."""
+    if prefill_slack < 0:
+        raise UserError(f"--prefill-slack: must be >= 0, got {prefill_slack}")
+    rule = (f"highest predicted decode tokens/s among the feasible Pareto plans whose prefill time is within "
+            f"{prefill_slack:.0%} of the fastest feasible prefill")
+    if not front:
+        return None, rule
+    fastest = min(c.prefill_s for c in front)
+    eligible = [c for c in front if c.prefill_s <= fastest * (1 + prefill_slack)]
+    return max(eligible, key=lambda c: (c.decode_tokens_per_s, -c.prefill_s)), rule
+
+
+def best_by_decode(cands: Sequence[Candidate], k: int) -> list[Candidate]:
+    """The `k` feasible distinct plans of highest predicted decode tokens/s (for --measure)."""
+    unique: dict[Any, Candidate] = {}
+    for c in cands:
+        if c.feasible:
+            unique.setdefault(c.plan, c)
+    return sorted(unique.values(), key=lambda c: (-c.decode_tokens_per_s, c.prefill_s))[:k]
+
