@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded model, in one command: set up .venv (first run only), measure
+# this host (quick profile), tune a plan whose cache holds a quarter of the model's experts, run it,
+# and print the generated text, measured decode tokens/s and hit rate beside the plan's predictions.
+# Usage: scripts/demo.sh ["prompt"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+prompt=${1:-"def fibonacci(n):"}
+work=.moeplan-demo
+mkdir -p "$work"
+moeplan=.venv/bin/moeplan
+echo "== 1/3 moeplan profile --quick (this host)" >&2
+$moeplan profile --quick --model models/tiny-moe --out "$work/profile.yaml"
+echo "== 2/3 moeplan tune (a cache that holds a quarter of the experts)" >&2
+$moeplan tune --model models/tiny-moe --profile "$work/profile.yaml" --expert-budget-fraction 0.25 \
+  --trials 60 --out "$work/plan.yaml"
+echo "== 3/3 moeplan run $work/plan.yaml" >&2
+$moeplan run "$work/plan.yaml" --model models/tiny-moe --prompt "$prompt" --max-new-tokens 48
