@@ -108,6 +108,8 @@ class Plan:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise PlanError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise PlanError(f"{source}: not valid YAML: nested too deeply") from None
         return cls.from_dict(data, source)
 
     @classmethod
