@@ -232,6 +232,8 @@ class Profile:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ProfileError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ProfileError(f"{source}: not valid YAML: nested too deeply") from None
         return cls.from_dict(data, source)
 
     @classmethod
