@@ -55,3 +55,11 @@ def test_layer_overhead_recovers_the_fixed_cost():
     # q, k, v (1024 x (1024 + 512 + 512)), o (1024 x 1024), 2 norms, router 8 x 1024, KV 2 x 128 x 512; bf16.
     assert dense_layer_bytes(rows[0], 8) == (1024 * 2048 + 1024 * 1024 + 2048 + 8192 + 2 * 128 * 512) * 2
     assert fit_layer_overhead([prefill], lambda r: rate, lambda r: 8) is None
+
+
+def test_layer_overhead_takes_the_fastest_thread_count_of_each_case():
+    base = dict(hidden=256, heads=8, kv_heads=4, dtype="float32", tokens=1, context=128, spread=0.0)
+    fast = DenseRow(threads=1, median_s=1e-3, **base)
+    contended = DenseRow(threads=2, median_s=5e-2, **base)  # more threads, slower: interference
+    expected = 1e-3 - dense_layer_bytes(fast, 8) / 10e9
+    assert fit_layer_overhead([fast, contended], lambda r: 10.0, lambda r: 8) == pytest.approx(expected)
