@@ -66,6 +66,10 @@ def check_model_dir(model_dir: Path) -> dict:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ModelError(f"{config_path}: not valid JSON (nested too deeply)") from None
+    except OSError as exc:
+        raise ModelError(f"{config_path}: cannot read ({exc.strerror})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelError(f"{config_path}: no model_type (not a transformers config)")
     if not list(model_dir.glob("*.safetensors")):
