@@ -259,6 +259,8 @@ def shape_from_config(path: Path) -> ModelShape:
         raise ModelError(f"{path}: no config.json in the checkpoint folder") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read as JSON ({exc})") from None
+    except RecursionError:
+        raise ModelError(f"{path}: cannot read as JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise ModelError(f"{path}: must be a JSON object")
     family = config.get("model_type")
@@ -294,6 +296,8 @@ class _Getter:
 
     def common(self) -> dict[str, Any]:
         hidden, heads = self.int("hidden_size"), self.int("num_attention_heads")
+        if heads < 1:  # divides hidden_size below
+            raise ModelError(f"{self.path}: num_attention_heads: must be a positive integer, got {heads}")
         return dict(num_layers=self.int("num_hidden_layers"), hidden=hidden, num_heads=heads,
                     num_kv_heads=self.int("num_key_value_heads", heads),
                     head_dim=self.int("head_dim") if self.config.get("head_dim") else hidden // heads,
@@ -313,7 +317,10 @@ def _qwen_moe(get: _Getter, name: str) -> ModelShape:
     c = get.common()
     layers = c["num_layers"]
     step = get.int("decoder_sparse_step", 1)
-    mlp_only = set(get.opt("mlp_only_layers", []))
+    mlp_only = get.opt("mlp_only_layers", [])
+    if not isinstance(mlp_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mlp_only):
+        raise ModelError(f"{get.path}: mlp_only_layers: must be a list of layer indices, got {mlp_only!r}"[:300])
+    mlp_only = set(mlp_only)
     # transformers: layer i is sparse when it is not in mlp_only_layers, num_experts > 0 and
     # (i + 1) % decoder_sparse_step == 0.
     moe = tuple(i for i in range(layers) if i not in mlp_only and step > 0 and (i + 1) % step == 0)
