@@ -61,6 +61,7 @@ def create_study(storage: Any, study_name: str | None, seed: int, fingerprint: d
     """A new study, or the stored one of that name; refuses to resume a study of another workload."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial lines would drown the progress bar
     sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                 directions=["maximize", "minimize"], load_if_exists=storage is not None)
@@ -96,7 +97,6 @@ def run_study(evaluator: Evaluator, study: Any, trials: int,
         return cand.decode_tokens_per_s, cand.prefill_s
 
     interrupted = False
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the progress bar
     try:
         study.optimize(objective, n_trials=trials, gc_after_trial=False)
     except KeyboardInterrupt:
