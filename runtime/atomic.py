@@ -5,13 +5,23 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write `data` to `path` atomically; the old file (if any) stays intact until the rename."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # The path comes from the user (--out, --trace-out): a folder or an unwritable place is their mistake.
+    if target.is_dir():
+        raise UserError(f"{target}: is a folder; give the path of a file to write")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = "wb" if isinstance(data, bytes) else "w"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{target}: cannot write there (a part of the folder path is a file)") from None
+    except PermissionError as exc:
+        raise UserError(f"{target}: cannot write there ({exc.strerror})") from None
     try:
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as handle:
             handle.write(data)
