@@ -38,6 +38,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--context: must be >= 0, got {args.context}")
     if args.prompt_tokens < 1:
         raise UserError(f"--prompt-tokens: must be >= 1, got {args.prompt_tokens}")
+    if args.vram_budget is not None and args.vram_budget < 0:
+        raise UserError(f"--vram-budget: must be >= 0 bytes, got {args.vram_budget}")
     plan = Plan.load(args.plan)
     profile = _load_profile(args.profile)
     shape = workload.resolve_model(plan, args.model)
