@@ -46,8 +46,12 @@ def open_storage(url: str | None) -> Any:
     if url.endswith((".log", ".journal")) and "://" not in url:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        Path(url).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
+        try:
+            Path(url).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
+        except (OSError, ValueError) as exc:  # a folder, a path under a file, a log that is not optuna's JSON
+            raise UserError(f"--storage: cannot open journal {url!r}: {exc.__class__.__name__}: {exc}"
+                            .splitlines()[0][:300]) from None
     if "://" not in url:
         raise UserError(f"--storage: {url!r} is neither a database URL (sqlite:///FILE, postgresql://...) "
                         f"nor a journal file ending in .log or .journal")
