@@ -14,6 +14,7 @@ from typing import Any
 
 from runtime.atomic import write_atomic
 from runtime.cache_policy import MissRule
+from runtime.errors import UserError
 
 from .tune_eval import Evaluator
 from .tuner import TuneResult
@@ -26,7 +27,10 @@ def write_report(folder: Path, study: Any, evaluator: Evaluator, result: TuneRes
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--report: {folder} is a file or lies under one; give a folder") from None
     written = [_history(folder, result, plt), _importances(folder, study, plt), _hit_rates(folder, evaluator, plt)]
     written.append(write_atomic(folder / "summary.md", _summary(evaluator, result, plan, elapsed_s)))
     return written
