@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,9 @@ def _importances(folder: Path, study: Any, plt: Any) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     try:
-        imp = optuna.importance.get_param_importances(study, target=lambda t: -t.values[0])  # the evaluator ranks low targets as good
+        with warnings.catch_warnings():  # it warns on every call that it ranks low targets as good: negated here
+            warnings.simplefilter("ignore", UserWarning)
+            imp = optuna.importance.get_param_importances(study, target=lambda t: -t.values[0])
     except (RuntimeError, ValueError) as exc:  # too few trials, or a single value of every knob
         imp = {}
         ax.text(0.5, 0.5, f"no importances: {exc}", ha="center", va="center", wrap=True)

@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
         "trace": trace_source, "trace_source": trace.header.source, "trace_sha256": trace_sha,
         "sampler": f"optuna.samplers.TPESampler(seed={args.seed})", "seed": args.seed,
         "trials": result.trials_total, "trials_this_run": result.trials_run, "interrupted": result.interrupted,
-        "study": study.study_name, "selection": result.rule if not measured else
+        "study": study.study_name if args.storage else None, "selection": result.rule if not measured else
         f"highest measured decode tokens/s among the {len(measured.ranked)} best predicted plans",
         "vram_budget": vram_budget, "moeplan": _version("moeplan"), "optuna": optuna.__version__,
         "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
