@@ -104,8 +104,10 @@ def _accelerator(a: dict[str, Any]) -> AcceleratorProfile:
         matmul_tflops=tflops,
         kernel_overhead_s=_opt(a, "kernel_overhead_s", p, _nonneg_number),
         layer_overhead_s=_opt(a, "layer_overhead_s", p, _nonneg_number),
-        expert_ffn=_rows(a.get("expert_ffn"), f"{p}.expert_ffn", _EXPERT_ROW, lambda r, q: _expert_row(r, q, cpu=False)),
-        dense_layer=_rows(a.get("dense_layer"), f"{p}.dense_layer", _DENSE_ROW, lambda r, q: _dense_row(r, q, cpu=False)),
+        expert_ffn=_rows(a.get("expert_ffn"), f"{p}.expert_ffn", _EXPERT_ROW,
+                         lambda r, q: _expert_row(r, q, cpu=False)),
+        dense_layer=_rows(a.get("dense_layer"), f"{p}.dense_layer", _DENSE_ROW,
+                          lambda r, q: _dense_row(r, q, cpu=False)),
     )
 
 

@@ -113,7 +113,8 @@ BAD = [
     (("gpu",), {}, "gpu: unknown section"),
     (("cpu", "expert_overhead_s"), -1e-5, "cpu.expert_overhead_s: must be a number >= 0"),
     (("cpu", "expert_gbps", "int8"), {1: 3.0}, "cpu.expert_gbps.int8: unknown key"),
-    (("cpu", "expert_gflops", "bfloat16", 4), True, "cpu.expert_gflops.bfloat16.4: must be a positive number, got a boolean"),
+    (("cpu", "expert_gflops", "bfloat16", 4), True,
+     "cpu.expert_gflops.bfloat16.4: must be a positive number, got a boolean"),
     (("cpu", "expert_ffn", 1, "median_s"), 0, "cpu.expert_ffn[1].median_s: must be a positive number, got 0"),
     (("cpu", "expert_ffn", 0, "threads"), _DELETE, "cpu.expert_ffn[0].threads: missing"),
     (("cpu", "expert_ffn", 0, "dtype"), "int4", "cpu.expert_ffn[0].dtype: must be one of"),
@@ -121,14 +122,16 @@ BAD = [
     (("cpu", "expert_ffn"), {"a": 1}, "cpu.expert_ffn: must be a list of rows"),
     (("cpu", "dense_layer", 0, "tokens"), 1024, "cpu.dense_layer[0].tokens: 1024 new tokens cannot exceed"),
     (("accelerator", "h2d_pinned_gbps"), _DELETE, "accelerator.h2d_pinned_gbps: missing"),
-    (("accelerator", "matmul_tflops", "bfloat16"), float("nan"), "accelerator.matmul_tflops.bfloat16: must be a positive"),
+    (("accelerator", "matmul_tflops", "bfloat16"), float("nan"),
+     "accelerator.matmul_tflops.bfloat16: must be a positive"),
     (("accelerator", "transfers", 0, "direction"), "sideways", "accelerator.transfers[0].direction: must be one of"),
     (("accelerator", "transfers", 1, "pinned"), "yes", "accelerator.transfers[1].pinned: must be true or false"),
     (("accelerator",), [], "accelerator: must be a mapping, got a list"),
 ]
 
 
-@pytest.mark.parametrize("path,value,message", BAD, ids=[m.split(":")[0] + str(i) for i, (_, _, m) in enumerate(BAD)])
+@pytest.mark.parametrize("path,value,message", BAD,
+                         ids=[f"{i}-{m.split(':')[0]}" for i, (_, _, m) in enumerate(BAD)])
 def test_bad_profiles_name_the_field(tmp_path, path, value, message):
     f = tmp_path / "x.yaml"
     f.write_text(yaml.safe_dump(_set(sample(), path, value)))
@@ -165,8 +168,8 @@ def test_cpu_expert_seconds_from_the_table():
     assert p.cpu_expert_seconds(64, 128, "bfloat16", 1, 2) == pytest.approx(0.001 - 0.0005 / 3)
     assert p.cpu_expert_seconds(64, 128, "bfloat16", 4, 1) == pytest.approx(0.001 + 0.001 * 3 / 7)
     assert p.cpu_expert_seconds(64, 128, "bfloat16", 4, 4) == pytest.approx(0.0005 + 0.0004 * 3 / 7)
-    # Beyond the largest token count: the last segment's slope continues.
-    assert p.cpu_expert_seconds(64, 128, "bfloat16", 15, 1) == pytest.approx(0.002 + 0.001 / 7 * 7)  # 7 tokens past 8 at 1/7 ms each
+    # Beyond the largest token count the last segment's slope (1 ms per 7 tokens) continues: 7 more tokens.
+    assert p.cpu_expert_seconds(64, 128, "bfloat16", 15, 1) == pytest.approx(0.002 + 0.001)
     assert p.cpu_expert_seconds(64, 128, "bfloat16", 0, 1) == 0.0
 
 
@@ -178,7 +181,8 @@ def test_cpu_expert_seconds_from_fitted_rates_for_unmeasured_shapes():
     many = 2e-5 + max(expert_bytes(h, i, "float32") / 27e9, expert_flops(h, i, 512) / 200e9)
     assert p.cpu_expert_seconds(h, i, "float32", 512, 4) == pytest.approx(many)
     assert expert_bytes(h, i, "bfloat16") == 352_321_536  # Mixtral-8x7B expert: 3 x 4096 x 14336 x 2 bytes
-    with pytest.raises(ProfileError, match=r"cpu\.expert_gbps\.float16: missing \(the profile has: bfloat16, float32\)"):
+    missing = r"cpu\.expert_gbps\.float16: missing \(the profile has: bfloat16, float32\)"
+    with pytest.raises(ProfileError, match=missing):
         p.cpu_expert_seconds(h, i, "float16", 1, 1)
     with pytest.raises(ValueError, match="dtype"):
         p.cpu_expert_seconds(h, i, "int8", 1, 1)
