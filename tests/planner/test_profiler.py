@@ -48,8 +48,11 @@ def test_cpu_expert_timing_is_positive_and_finite():
 
 
 def test_more_threads_never_read_less_than_half_of_one_thread():
-    buf = StreamBuffer(96 << 20)
-    rates = {n: buf.read_gbps(n, warmup=1, repeats=7)[0] for n in sorted({1, psutil.cpu_count(logical=False) or 1})}
+    # Best of 15 short passes (as the profiler reports DRAM): on a shared machine some repeats of the
+    # multi-threaded pass lose a core to other processes, and the best one shows what the cores can do.
+    buf = StreamBuffer(48 << 20)
+    threads = sorted({1, psutil.cpu_count(logical=False) or 1})
+    rates = {n: buf.read_gbps(n, warmup=1, repeats=15)[0] for n in threads}
     assert all(math.isfinite(r) and r > 0 for r in rates.values())
     assert all(r >= rates[1] / 2 for r in rates.values()), rates
 
