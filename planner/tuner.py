@@ -11,6 +11,7 @@ within `prefill_slack` (a fraction) of the fastest feasible prefill (`choose`).
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,11 @@ def create_study(storage: Any, study_name: str | None, seed: int, fingerprint: d
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial lines would drown the progress bar
     sampler = optuna.samplers.TPESampler(seed=seed)
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                directions=["maximize", "minimize"], load_if_exists=storage is not None)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                    directions=["maximize", "minimize"], load_if_exists=storage is not None)
+    except json.JSONDecodeError as exc:  # a --storage journal file that holds other text than optuna's log
+        raise UserError(f"--storage: the journal file is not an optuna journal ({exc})") from None
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
         study.set_user_attr("fingerprint", fingerprint)
