@@ -5,6 +5,7 @@ for sanity (positive, finite, ordered), never against a speed.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -113,3 +114,19 @@ def test_profile_command_user_errors(tmp_path, capsys, argv, message):
 def test_profile_command_refuses_cuda_without_cuda(tmp_path, capsys):
     assert cli_main(["profile", "--out", str(tmp_path / "x.yaml"), "--accelerator", "cuda:0"]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_profile_command_reads_the_shape_from_a_checkpoint_config(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "vocab_size": 100, "torch_dtype": "bfloat16"}))
+    out = tmp_path / "p.yaml"
+    tiny = [a for a in TINY if a not in ("--shape", "128:256:4:2:32:4")]
+    assert cli_main(["profile", "--model", str(ckpt), "--out", str(out), "--threads", "1", *tiny]) == 0
+    p = Profile.load(out)
+    assert {(r.hidden, r.intermediate) for r in p.cpu.expert_ffn} == {(96, 160)}
+    assert {(r.hidden, r.heads, r.kv_heads, r.head_dim) for r in p.cpu.dense_layer} == {(96, 4, 2, 32)}
+    assert sorted(p.cpu.memory_read_gbps) == [1]
