@@ -1,21 +1,30 @@
 """Compute missed experts on CPU threads, from the experts' host memory.
 
-The activations come over from the accelerator once per layer (a few KB per token), the expert weights
+The activations come over from the accelerator once per layer (a few KB per token); the expert weights
 never move: for a decode token, streaming an expert from DRAM beats copying it over PCIe.
+
+Two paths, chosen per expert by its token count:
+- few tokens (decode): the GEMV kernel of runtime/kernels, which runs the input projections of all of
+  the layer's missed experts in one parallel region, then all their output projections in another, so
+  the experts run in parallel across the threads and each weight byte is read once;
+- many tokens (prefill), or a layout the kernel does not cover (biases, transposed weights, a dtype or
+  CPU it does not support): torch's matmul (oneDNN, AMX where the CPU has it), expert by expert.
 """
 from __future__ import annotations
 
 import torch
 
-from .expert_math import module_expert_ffn
+from .expert_math import module_expert_ffn, module_gate
 from .expert_store import ExpertStore
+from .kernels import GemvKernel, load
 
 Job = tuple[torch.Tensor, torch.Tensor, int]  # (token indices, rank positions, expert id)
 
 
 class CpuExecutor:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, kernel: GemvKernel | None = None, use_kernel: bool = True) -> None:
         self.threads = threads
+        self.kernel = (kernel or load()) if use_kernel else None
 
     def run(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, top_k_weights: torch.Tensor,
             jobs: list[Job]) -> torch.Tensor:
@@ -23,7 +32,30 @@ class CpuExecutor:
         x_cpu = x.to("cpu")
         w_cpu = top_k_weights.to("cpu")
         out = torch.zeros(x_cpu.shape, dtype=torch.float32)
+        small = [j for j in jobs if self._kernel_fits(module, x_cpu.dtype, len(j[0]))]
+        if small:
+            self._run_kernel(module, store, x_cpu, w_cpu, small, out)
+        done = {j[2] for j in small}
         for tokens, ranks, expert in jobs:
+            if expert in done:
+                continue
             y = module_expert_ffn(module, x_cpu[tokens], *store.weights_args(store.host_weights(expert)))
-            out.index_add_(0, tokens, (y * w_cpu[tokens, ranks, None]).float())
+            out[tokens] += y.float() * w_cpu[tokens, ranks, None]  # a token meets an expert once: no duplicates
         return out
+
+    def _kernel_fits(self, module: torch.nn.Module, dtype: torch.dtype, tokens: int) -> bool:
+        k = self.kernel
+        return (k is not None and tokens <= k.max_tokens and k.supports(dtype)
+                and not getattr(module, "has_bias", False) and not getattr(module, "is_transposed", False)
+                and not getattr(module, "has_post_expert_norm", False))
+
+    def _run_kernel(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, w: torch.Tensor,
+                    jobs: list[Job], out: torch.Tensor) -> None:
+        gate = module_gate(module)
+        inputs = [x[tokens].contiguous() for tokens, _, _ in jobs]
+        w_in = [store.host[0][e] for _, _, e in jobs]
+        # Round to the weights' dtype between the projections, as the reference's matmuls do.
+        hidden = [gate(h.to(x.dtype)).contiguous() for h in self.kernel.multi(w_in, inputs, self.threads)]
+        w_out = [store.host[1][e] for _, _, e in jobs]
+        for (tokens, ranks, _), y in zip(jobs, self.kernel.multi(w_out, hidden, self.threads)):
+            out[tokens] += y.to(x.dtype).float() * w[tokens, ranks, None]
