@@ -221,11 +221,26 @@ def _bool(value: Any, path: str) -> bool:
     return value
 
 
+FREE_FORM_LIMIT = 100_000  # values in `predicted:` / `provenance:`; tune writes a few dozen
+
+
 def _optional_mapping(value: Any, path: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise PlanError(f"{path}: must be a mapping, got {_kind(value)}")
+    # YAML aliases can make a few hundred bytes stand for billions of values ("billion laughs"): count
+    # the values as a reader that expands them (json.dumps in `run --json`) would, and stop early.
+    stack, seen = [value], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > FREE_FORM_LIMIT:
+            raise PlanError(f"{path}: holds more than {FREE_FORM_LIMIT} values (YAML aliases expanded)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return value
 
 
