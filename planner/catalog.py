@@ -266,7 +266,7 @@ def shape_from_config(path: Path) -> ModelShape:
     family = config.get("model_type")
     readers = {"mixtral": _mixtral, "phimoe": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe,
                "olmoe": _olmoe, "deepseek_v2": _deepseek_v2, "gpt_oss": _gpt_oss}
-    if family not in readers:
+    if not isinstance(family, str) or family not in readers:
         raise ModelError(f"{path}: model_type: moeplan knows {', '.join(sorted(readers))}, got {family!r}")
     get = _Getter(config, path)
     return readers[family](get, path.parent.name or str(path.parent))
