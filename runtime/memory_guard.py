@@ -7,6 +7,7 @@ Needed in host memory: every routed expert (they all live there), plus the dense
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,19 +45,21 @@ def host_available_bytes() -> int | None:
 
 
 def memory_plan(layout: ModelLayout, slots: list[int], device: torch.device, context_tokens: int,
-                workspace_bytes: int) -> list[DeviceNeed]:
+                workspace_bytes: int,
+                host_available: Callable[[], int | None] = host_available_bytes) -> list[DeviceNeed]:
+    """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure)."""
     experts_total = layout.expert_bytes * layout.num_experts * layout.moe_layers
     slot_bytes = layout.expert_bytes * sum(slots)
     kv = layout.kv_bytes_per_token * context_tokens
     if device.type == "cpu":
         items = {"dense": layout.dense_bytes, "experts": experts_total, "cache slots": slot_bytes, "KV cache": kv,
                  "workspace": workspace_bytes}
-        return [DeviceNeed("host", sum(items.values()), host_available_bytes(), items)]
+        return [DeviceNeed("host", sum(items.values()), host_available(), items)]
     free, _total = torch.cuda.mem_get_info(device)
     acc_items = {"dense": layout.dense_bytes, "KV cache": kv, "cache slots": slot_bytes, "workspace": workspace_bytes}
     host_items = {"experts": experts_total, "dense while loading": layout.dense_bytes}
     return [DeviceNeed(str(device), sum(acc_items.values()), free, acc_items),
-            DeviceNeed("host", sum(host_items.values()), host_available_bytes(), host_items)]
+            DeviceNeed("host", sum(host_items.values()), host_available(), host_items)]
 
 
 def check_fits(needs: list[DeviceNeed]) -> None:
