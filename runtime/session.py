@@ -78,7 +78,9 @@ class Session:
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, on_text: Callable[[str], None] | None = None,
-                 trace_out: str | Path | None = None) -> GenerationResult:
+                 trace_out: str | Path | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """`on_token(step, token_id)` is called after each new token (long-run benchmarks sample memory there)."""
         from transformers import DynamicCache
 
         model, tokenizer, device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
@@ -106,6 +108,8 @@ class Session:
                 start = time.perf_counter()
             generated.append(token)
             streamer.push(generated)
+            if on_token is not None:
+                on_token(step, token)
             if token in stop_ids:
                 break
             next_input = torch.tensor([[token]], device=device)
