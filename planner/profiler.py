@@ -5,7 +5,8 @@ numbers honest for an offloading runtime:
 - weights are read cold. A missed expert (and a decoder layer of a model larger than the last-level
   cache) comes from DRAM, so timings rotate through a pool of copies larger than twice the LLC, or
   flush the cache before each repeat; a warm-cache number would flatter the CPU by the LLC's speed-up.
-- the expert is timed with the runtime's own arithmetic, `runtime.expert_math.ffn(..., silu_gate)`.
+- the expert is timed through the runtime's own CPU executor (`CpuExecutor.expert`: its GEMV kernel at few
+  tokens, torch's matmul above), so the profile measures what `run` runs.
 
 `time_cpu_expert` is the function to reuse elsewhere (benchmarks, the cost model's checks).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from runtime.cpu_executor import CpuExecutor
 from runtime.expert_math import ffn, silu_gate
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -226,9 +228,11 @@ def time_cpu_expert(hidden: int, intermediate: int, dtype: str, tokens: int, thr
     torch.set_num_threads(threads)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(pool.dtype)
 
+    executor = CpuExecutor(threads)  # the runtime's own CPU path (its GEMV kernel where it applies)
+
     def call() -> None:
         w_in, w_out = pool.next()
-        ffn(x, w_in, w_out, silu_gate)
+        executor.expert(x, w_in, w_out, silu_gate)
 
     with torch.inference_mode():
         return time_call(call, warmup=warmup, repeats=repeats, min_seconds=min_seconds)

@@ -12,9 +12,11 @@ Two paths, chosen per expert by its token count:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .expert_math import module_expert_ffn, module_gate
+from .expert_math import ffn, module_expert_ffn, module_gate
 from .expert_store import ExpertStore
 from .kernels import GemvKernel, load
 
@@ -42,6 +44,16 @@ class CpuExecutor:
             y = module_expert_ffn(module, x_cpu[tokens], *store.weights_args(store.host_weights(expert)))
             out[tokens] += y.float() * w_cpu[tokens, ranks, None]  # a token meets an expert once: no duplicates
         return out
+
+    def expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+               gate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One expert in the standard layout (w_in [2I, H], w_out [H, I], no bias) on x [T, H], by the path
+        `run` would take for it: what the profiler times."""
+        k = self.kernel
+        if k is None or x.shape[0] > k.max_tokens or not k.supports(x.dtype):
+            return ffn(x, w_in, w_out, gate)
+        h = gate(k.multi([w_in], [x.contiguous()], self.threads)[0].to(x.dtype)).contiguous()
+        return k.multi([w_out], [h], self.threads)[0].to(x.dtype)
 
     def _kernel_fits(self, module: torch.nn.Module, dtype: torch.dtype, tokens: int) -> bool:
         k = self.kernel
