@@ -298,7 +298,10 @@ class _Getter:
         hidden, heads = self.int("hidden_size"), self.int("num_attention_heads")
         if heads < 1:  # divides hidden_size below
             raise ModelError(f"{self.path}: num_attention_heads: must be a positive integer, got {heads}")
-        return dict(num_layers=self.int("num_hidden_layers"), hidden=hidden, num_heads=heads,
+        layers = self.int("num_hidden_layers")
+        if not 1 <= layers <= 100_000:  # a sanity bound, not a model fact: the layer tuples are built in memory
+            raise ModelError(f"{self.path}: num_hidden_layers: must be in 1..100000, got {layers}")
+        return dict(num_layers=layers, hidden=hidden, num_heads=heads,
                     num_kv_heads=self.int("num_key_value_heads", heads),
                     head_dim=self.int("head_dim") if self.config.get("head_dim") else hidden // heads,
                     vocab=self.int("vocab_size"), tied_embeddings=bool(self.opt("tie_word_embeddings", False)),
