@@ -8,6 +8,22 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse, before any long work, an output path that cannot be written (a folder where a file is
+    wanted, or a file where a folder is wanted, or a file on the way to it)."""
+    target = Path(path)
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{flag} {target}: is a file; give a folder")
+    elif target.is_dir():
+        raise UserError(f"{flag} {target}: is a folder; give the path of a file to write")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {target}: cannot write there ({parent} is a file)")
+            break
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write `data` to `path` atomically; the old file (if any) stays intact until the rename."""
     target = Path(path)

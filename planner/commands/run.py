@@ -48,10 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from runtime.atomic import check_writable
     from runtime.plan import Plan
     from runtime.session import Session
 
     plan = Plan.load(args.plan)
+    if args.trace_out:
+        check_writable(args.trace_out, "--trace-out")
     # prompt characters bound its token count from above: enough to size the KV cache in the memory check
     session = Session.load(plan, args.model, replay_trace=args.replay_trace,
                            context_tokens=len(args.prompt.encode()) + args.max_new_tokens + 2)

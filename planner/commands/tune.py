@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from runtime.atomic import check_writable
 from runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ def main(args: argparse.Namespace) -> int:
                  vram_budget, fixed, slots, 100 * args.expert_budget_fraction,
                  shape.num_moe_layers * shape.num_experts, shape.expert_bytes)
     capacity = cache_capacity(profile, shape, accelerator, args.context, args.prompt_tokens, vram_budget)
+    out = Path(args.out) if args.out else PROJECT_ROOT / "plans" / f"{profile.name}.yaml"
+    check_writable(out, "--out")  # before the study: a bad path must not cost a tuning run
+    if args.report:
+        check_writable(args.report, "--report", folder=True)
     model_path = str(args.model) if model_dir.is_dir() else None
     evaluator = Evaluator(profile, shape, trace, accelerator=accelerator, context=args.context,
                           prompt_tokens=args.prompt_tokens, capacity=capacity, vram_budget=vram_budget,
@@ -179,7 +184,6 @@ def main(args: argparse.Namespace) -> int:
     from runtime.atomic import write_atomic
 
     plan = replace(chosen.plan, predicted=predicted, provenance=provenance)
-    out = Path(args.out) if args.out else PROJECT_ROOT / "plans" / f"{profile.name}.yaml"
     write_atomic(out, plan.to_yaml())
     if args.report:
         from ..tune_report import write_report
