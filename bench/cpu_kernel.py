@@ -1,0 +1,134 @@
+"""The CPU expert kernel: weight bytes streamed per second against the DRAM read bandwidth.
+
+For each dtype, thread count and token count: one whole expert (gate_up then down, with the gate
+between) computed by moeplan's executor (the GEMV kernel, all of a layer's missed experts in one
+parallel region) and by torch's matmul, cycling over a pool of experts larger than the last-level
+cache so every byte comes from DRAM. The DRAM rate is measured in the same run (a read of a 2 GB
+tensor) and taken from a profile if one is given. Medians of --repeats; ratios side by side.
+
+    .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtime.cpu_executor import CpuExecutor  # noqa: E402
+from runtime.expert_store import ExpertStore  # noqa: E402
+
+
+class Experts(torch.nn.Module):
+    """The layout of transformers' fused experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    has_gate, has_bias, is_transposed, has_post_expert_norm = True, False, False, False
+
+    def __init__(self, num: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_experts = num
+        self.gate_up_proj = torch.nn.Parameter(torch.empty(num, 2 * inter, hidden, dtype=dtype).normal_(0, 0.02),
+                                               requires_grad=False)
+        self.down_proj = torch.nn.Parameter(torch.empty(num, hidden, inter, dtype=dtype).normal_(0, 0.02),
+                                            requires_grad=False)
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+
+def dram_read_gbps(threads: int, repeats: int) -> float:
+    torch.set_num_threads(threads)
+    a = torch.ones(512 * 1024 * 1024, dtype=torch.float32)  # 2 GB
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    return a.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def time_expert(executor: CpuExecutor, module: Experts, store: ExpertStore, tokens: int, per_call: int,
+                repeats: int) -> float:
+    """Median seconds for `per_call` experts (the missed experts of one layer) on `tokens` tokens."""
+    hidden = module.gate_up_proj.shape[2]
+    x = torch.randn(tokens, hidden, dtype=module.gate_up_proj.dtype)
+    weights = torch.full((tokens, per_call), 1.0 / per_call)
+    rank_of = torch.arange(per_call)
+    times, start = [], 0
+    for r in range(repeats + 1):
+        jobs = []
+        for j in range(per_call):
+            e = (start + j) % module.num_experts
+            jobs.append((torch.arange(tokens), torch.full((tokens,), int(rank_of[j])), e))
+        start += per_call
+        t = time.perf_counter()
+        executor.run(module, store, x, weights, jobs)
+        if r:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=4096, help="Mixtral-8x7B's expert shape by default")
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--pool-gb", type=float, default=3.0, help="bytes of distinct experts cycled through")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--tokens", default="1,4,32")
+    ap.add_argument("--per-call", type=int, default=2, help="missed experts per layer (top-k)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    dram = {t: dram_read_gbps(t, args.repeats) for t in threads}
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        size = dtype.itemsize
+        expert_bytes = 3 * args.hidden * args.intermediate * size
+        num = max(args.per_call * 2, int(args.pool_gb * 1e9 // expert_bytes))
+        module = Experts(num, args.hidden, args.intermediate, dtype)
+        store = ExpertStore(module, 0, torch.device("cpu"))
+        for t in threads:
+            torch.set_num_threads(t)
+            fast, plain = CpuExecutor(t, use_kernel=True), CpuExecutor(t, use_kernel=False)
+            for tokens in token_counts:
+                s_fast = time_expert(fast, module, store, tokens, args.per_call, args.repeats)
+                s_plain = time_expert(plain, module, store, tokens, args.per_call, args.repeats)
+                moved = expert_bytes * args.per_call
+                rows.append((str(dtype).split(".")[1], t, tokens, moved / s_fast / 1e9, moved / s_plain / 1e9,
+                             dram[t], s_fast, s_plain, 2 * moved / size * tokens / s_fast / 1e9))
+                print(rows[-1], file=sys.stderr, flush=True)
+        del module, store
+    lines = ["# CPU expert kernel: weight bytes streamed per second", "",
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, torch "
+             f"{torch.__version__}, load average at the end {os.getloadavg()[0]:.2f}",
+             f"- expert shape: hidden {args.hidden}, intermediate {args.intermediate} (gate, up, down), "
+             f"{args.per_call} experts per call (one layer's misses), pool of {args.pool_gb} GB so reads come "
+             f"from DRAM; medians of {args.repeats}",
+             f"- command: `.venv/bin/python bench/cpu_kernel.py {' '.join(sys.argv[1:])}`", "",
+             "| dtype | threads | tokens | moeplan GB/s | torch GB/s | DRAM read GB/s | moeplan / DRAM | "
+             "moeplan / torch | moeplan GFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for dt, t, tok, fast, plain, d, _, _, flops in rows:
+        lines.append(f"| {dt} | {t} | {tok} | {fast:.1f} | {plain:.1f} | {d:.1f} | {fast / d:.2f} | "
+                     f"{fast / plain:.2f} | {flops:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
