@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +106,31 @@ def run_study(evaluator: Evaluator, study: Any, trials: int,
             on_trial(trial.number, cand)
         return cand.decode_tokens_per_s, cand.prefill_s
 
-    interrupted = False
+    # Ctrl-C is turned into a request that stops the study between trials: a KeyboardInterrupt raised
+    # inside Optuna's bookkeeping of a trial can surface as another exception (optuna 5 raises
+    # UnboundLocalError from `_run_trial`). A second Ctrl-C interrupts at once.
+    requested = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    def stop_if_requested(study: Any, trial: Any) -> None:
+        if requested.is_set():
+            study.stop()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
-        study.optimize(objective, n_trials=trials, gc_after_trial=False)
+        study.optimize(objective, n_trials=trials, gc_after_trial=False, callbacks=[stop_if_requested])
     except KeyboardInterrupt:
-        interrupted = True
+        requested.set()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    interrupted = requested.is_set()
+    if interrupted:
         log.warning("interrupted: keeping the %d trials finished so far", _finished(study) - before)
     return summarize(evaluator, study, before, interrupted, prefill_slack)
 
