@@ -21,6 +21,7 @@ import yaml
 
 from runtime.atomic import write_atomic
 from runtime.errors import UserError
+from runtime.textfile import parse_yaml, read_text
 
 SCHEMA_VERSION = 1
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -226,30 +227,11 @@ class Profile:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "profile") -> "Profile":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ProfileError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        except RecursionError:  # PyYAML composes nested collections recursively
-            raise ProfileError(f"{source}: not valid YAML: nested too deeply") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(parse_yaml(text, source, ProfileError), source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProfileError(f"{p}: no such profile file") from None
-        except IsADirectoryError:
-            raise ProfileError(f"{p}: is a folder, not a profile file") from None
-        except UnicodeDecodeError as exc:
-            raise ProfileError(f"{p}: not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise ProfileError(f"{p}: cannot read ({exc.strerror})") from None
-        return cls.from_yaml(text, source=str(p))
+        return cls.from_yaml(read_text(path, ProfileError, "profile file"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         from .profile_schema import profile_to_dict

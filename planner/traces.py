@@ -23,6 +23,7 @@ from typing import Any
 
 from runtime.atomic import write_atomic
 from runtime.errors import TraceError
+from runtime.textfile import read_bytes
 
 TRACE_VERSION = 1
 PHASES = ("prefill", "decode")
@@ -124,14 +125,7 @@ def load_trace(path: str | Path, *, num_experts: int | None = None, top_k: int |
 
 
 def _read_json_lines(p: Path) -> Iterable[tuple[int, Any]]:
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise TraceError(f"{p}: no such trace file") from None
-    except IsADirectoryError:
-        raise TraceError(f"{p}: is a folder, not a trace file") from None
-    except OSError as exc:
-        raise TraceError(f"{p}: cannot read ({exc.strerror})") from None
+    raw = read_bytes(p, TraceError, "trace file")
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8")

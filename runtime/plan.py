@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import PlanError
+from .textfile import parse_yaml, read_text
 
 SCHEMA_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -102,32 +103,11 @@ class Plan:
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> "Plan":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise PlanError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        except RecursionError:  # PyYAML composes nested collections recursively
-            raise PlanError(f"{source}: not valid YAML: nested too deeply") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(parse_yaml(text, source, PlanError), source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        p = Path(path)
-        try:
-            raw = p.read_bytes()
-        except FileNotFoundError:
-            raise PlanError(f"{p}: no such plan file") from None
-        except IsADirectoryError:
-            raise PlanError(f"{p}: is a folder, not a plan file") from None
-        except OSError as exc:
-            raise PlanError(f"{p}: cannot read ({exc.strerror})") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PlanError(f"{p}: not UTF-8 text (byte {exc.start})") from None
-        return cls.from_yaml(text, source=str(p))
+        return cls.from_yaml(read_text(path, PlanError, "plan file"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "Plan":

@@ -75,14 +75,12 @@ def _stats(args: argparse.Namespace) -> int:
 def read_prompts(path: Path) -> list[str]:
     from runtime.errors import UserError
 
+    from runtime.textfile import read_text
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--prompts {path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"--prompts {path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"--prompts {path}: cannot read ({exc.strerror})") from None
+        text = read_text(path, UserError, "prompts file")
+    except UserError as exc:
+        raise UserError(f"--prompts {exc}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompts {path}: no prompts (one per non-empty line)")
