@@ -6,28 +6,9 @@ import json
 import resource
 import sys
 
+from .arg_types import non_negative_float, positive_int, probability
+
 DEFAULT_PROMPT = "def fibonacci(n):"
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", metavar="PLAN", help="execution plan (YAML), e.g. plans/rtx4070.yaml")
     p.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint folder (overrides model.path)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="default 64")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                    help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
+    p.add_argument("--top-p", type=probability, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout when done")
     p.add_argument("--trace-out", metavar="FILE", help="write every forward pass's routing to FILE (JSON Lines)")

@@ -10,14 +10,9 @@ import json
 import logging
 from pathlib import Path
 
+from .arg_types import positive_int
+
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,24 +22,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint folder to record")
     p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per non-empty line")
     p.add_argument("--out", metavar="FILE", help="trace file to write (JSON Lines)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                    help="tokens generated per prompt (default 64)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
                    help="weights dtype for recording (default bfloat16)")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="CPU threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N", help="CPU threads (default 1)")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     s = actions.add_parser("stats", help="routing statistics of a trace file",
                            description="Per MoE layer: popularity skew, next-token and cross-layer reuse, "
                                        "working-set size.")
     s.add_argument("file", metavar="FILE", help="trace (moeplan format or shared {tok, layers} format)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    s.add_argument("--num-experts", type=_positive_int, metavar="E",
+    s.add_argument("--num-experts", type=positive_int, metavar="E",
                    help="experts per layer (shared format; default: largest id + 1)")
-    s.add_argument("--top-k", type=_positive_int, metavar="K", help="experts per token (shared format)")
+    s.add_argument("--top-k", type=positive_int, metavar="K", help="experts per token (shared format)")
     s.add_argument("--model-name", metavar="NAME", help="model name (shared format; default: file name)")
     s.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
                    help="which passes to count (default all)")
-    s.add_argument("--window", type=_positive_int, default=16, metavar="N",
+    s.add_argument("--window", type=positive_int, default=16, metavar="N",
                    help="tokens per working-set window (default 16)")
 
 
