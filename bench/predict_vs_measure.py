@@ -9,8 +9,10 @@ bench/models/ when missing. For each plan the script runs `moeplan run --json --
 routing), and writes bench/results/predict_vs_measure.md with the two figures side by side.
 Each `run` is a fresh process; the checkpoint is read once first so that no run pays the disk.
 
-Without `--profile` the host is measured first with `moeplan profile --model <benchmark model>` and
-the profile is saved as bench/results/profile-<host>-bench.yaml: nothing is fitted to the runs.
+Without `--profile` the host is measured first with `moeplan profile --model <benchmark model>`,
+`--repeats` times; the profile saved as bench/results/profile-<host>-bench.yaml keeps each figure's
+fastest measurement, and each plan counts its fastest run: on a machine shared with other work both
+sides then describe the host rather than the load of the moment. Nothing is fitted to the runs.
 """
 from __future__ import annotations
 
@@ -91,8 +93,8 @@ def write_plan(folder: Path, label: str, threads: int, cache: dict, miss: dict, 
 
 
 def run_and_explain(folder: Path, plan: tuple, profile: Path, tokens: int, repeats: int) -> tuple[dict, dict]:
-    """Measure one plan with `moeplan run` (the run of median decode speed among `repeats`), then predict
-    it with `moeplan explain` on that run's routing."""
+    """Measure one plan with `moeplan run` (the fastest decode of `repeats` runs: on a shared machine the
+    slower ones measure the other work), then predict it with `moeplan explain` on that run's routing."""
     label, threads, cache, miss = plan
     plan_path = write_plan(folder, label, threads, cache, miss, profile.stem)
     runs = []
@@ -102,7 +104,7 @@ def run_and_explain(folder: Path, plan: tuple, profile: Path, tokens: int, repea
                            "--trace-out", str(trace))
         runs.append((measured["decode_tokens_per_s"], i, measured, trace))
     runs.sort(key=lambda r: r[0])
-    _, _, measured, trace = runs[len(runs) // 2]
+    _, _, measured, trace = runs[-1]
     measured["all_decode_tokens_per_s"] = [r[0] for r in runs]
     prompt_tokens = measured["prompt_tokens"]
     context = prompt_tokens + tokens // 2  # the mean KV length over the decode steps
@@ -111,15 +113,52 @@ def run_and_explain(folder: Path, plan: tuple, profile: Path, tokens: int, repea
     return measured, predicted
 
 
-def measured_profile(quick: bool) -> Path:
-    """`moeplan profile` of this host for the benchmark model's shapes, measured now (under the load the
-    runs will see: the machine may be shared)."""
-    args = ["profile", "--model", str(MODEL_DIR), "--out", str(BENCH_PROFILE), "--name", BENCH_PROFILE.stem]
-    cmd = [str(ROOT / ".venv" / "bin" / "moeplan"), *args, *(["--quick"] if quick else [])]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return BENCH_PROFILE
+def measured_profile(quick: bool, times: int, folder: Path) -> Path:
+    """`moeplan profile --model <benchmark model>` of this host, measured `times` times; the saved profile
+    keeps, figure by figure, the fastest measurement (shortest row times, highest rates).
+
+    On a machine shared with other work, a single profile catches whatever load was running at that
+    moment; the fastest of several is the host's own capability, and the runs are compared on the
+    same footing (their fastest repeat).
+    """
+    import yaml as _yaml
+
+    from planner.profile import Profile
+
+    measured = []
+    for i in range(times):
+        out = folder / f"profile-{i}.yaml"
+        args = ["profile", "--model", str(MODEL_DIR), "--out", str(out), "--name", BENCH_PROFILE.stem]
+        cmd = [str(ROOT / ".venv" / "bin" / "moeplan"), *args, *(["--quick"] if quick else [])]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        measured.append(_yaml.safe_load(out.read_text()))
+    best = measured[0]
+    for other in measured[1:]:
+        best = _fastest(best, other)
+    return Profile.from_dict(best).save(BENCH_PROFILE)
+
+
+def _row_key(row: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in row.items() if k not in ("median_s", "spread")))
+
+
+def _fastest(a: dict, b: dict) -> dict:
+    """Profile dict `a` with each measured figure replaced by `b`'s where `b`'s is faster."""
+    cpu, other = dict(a["cpu"]), b["cpu"]
+    cpu["memory_read_gbps"] = {n: max(v, other["memory_read_gbps"].get(n, v)) for n, v in cpu["memory_read_gbps"].items()}
+    for rates in ("expert_gbps", "expert_gflops"):
+        if cpu.get(rates) and other.get(rates):
+            cpu[rates] = {dt: {n: max(v, other[rates].get(dt, {}).get(n, v)) for n, v in per.items()}
+                          for dt, per in cpu[rates].items()}
+    for overhead in ("expert_overhead_s", "layer_overhead_s"):
+        if cpu.get(overhead) is not None and other.get(overhead) is not None:
+            cpu[overhead] = min(cpu[overhead], other[overhead])
+    for table in ("expert_ffn", "dense_layer"):
+        theirs = {_row_key(r): r for r in other.get(table) or []}
+        cpu[table] = [min(r, theirs.get(_row_key(r), r), key=lambda x: x["median_s"]) for r in cpu.get(table) or []]
+    return {**a, "cpu": cpu}
 
 
 def main() -> int:
@@ -127,9 +166,10 @@ def main() -> int:
     parser.add_argument("--profile", help="profile to predict with (default: `moeplan profile --model` of the "
                                           "benchmark model, now, saved to bench/results/)")
     parser.add_argument("--quick-profile", action="store_true", help="measure the profile with --quick")
+    parser.add_argument("--out", default=str(RESULTS), help=f"results file (default: {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per run (32)")
     parser.add_argument("--only", nargs="*", help="plan labels to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per plan; the median one counts (3)")
+    parser.add_argument("--repeats", type=int, default=3, help="profiles and runs per plan; the fastest counts (3)")
     args = parser.parse_args()
     if not (MODEL_DIR / "config.json").is_file():
         print(f"building the benchmark checkpoint in {MODEL_DIR}", file=sys.stderr)
@@ -140,7 +180,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        profile = Path(args.profile) if args.profile else measured_profile(args.quick_profile)
+        profile = Path(args.profile) if args.profile else measured_profile(args.quick_profile, args.repeats, folder)
         for plan in PLANS:
             label, threads, cache, miss = plan
             if args.only and label not in args.only:
@@ -166,7 +206,7 @@ def write_results(rows: list, args: argparse.Namespace, profile: Path, load: tup
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| plan | threads | slots | policy | promote | transfer_min_tokens | hit rate run / sim | "
-        "measured tok/s (median; all runs) | predicted tok/s | predicted / measured |",
+        "measured tok/s (fastest; all runs) | predicted tok/s | predicted / measured |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, threads, cache, miss, m, p, ratio in rows:
@@ -176,7 +216,7 @@ def write_results(rows: list, args: argparse.Namespace, profile: Path, load: tup
                      f"{p['decode_tokens_per_s']:.2f} | {ratio:.3f} |")
     within = sum(1 for r in rows if abs(r[6] - 1) <= 0.15)
     lines += ["", f"{within} of {len(rows)} plans within 15 %.", ""]
-    write_atomic(RESULTS, "\n".join(lines))
+    write_atomic(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":
