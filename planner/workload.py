@@ -16,7 +16,7 @@ from runtime.errors import ModelError, TraceError
 from runtime.plan import Plan
 
 from .catalog import ModelShape, load_model_shape
-from .traces import Trace, TraceHeader, TracePass, load_trace
+from .traces import Trace, TracePass, load_trace
 
 # The recorded trace shipped with the project's shared data, and the model it was recorded from.
 RECORDED_MODEL = "olmoe-1b-7b"
