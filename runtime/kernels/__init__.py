@@ -19,6 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.c")
+BF16_MAX_TOKENS = 1  # token counts up to which the kernel is used: see GemvKernel.handles
+F32_MAX_TOKENS = 4
 
 
 def cpu_flags() -> set[str]:
@@ -44,6 +46,14 @@ class GemvKernel:
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
+
+    def handles(self, dtype: torch.dtype, tokens: int) -> bool:
+        """Whether this kernel beats torch's matmul here. Measured with bench/cpu_kernel.py on a
+        Mixtral-sized expert (bench/results/cpu_kernel.md): bf16 wins at one token (1.5-1.7x) and
+        loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across tokens); fp32
+        wins up to four tokens (1.2x)."""
+        limit = {torch.bfloat16: BF16_MAX_TOKENS, torch.float32: F32_MAX_TOKENS}.get(dtype, 0)
+        return dtype in self.dtypes and tokens <= min(limit, self.max_tokens)
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
         """[x_i @ W_i^T for each i] as fp32 [T_i, N]; every W_i is [N, K] contiguous, x_i [T_i, K] contiguous."""

@@ -12,7 +12,7 @@ from runtime.kernels import load
 
 @pytest.mark.skipif(load() is None, reason="no C compiler or no AVX-512 on this CPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 20])
 def test_kernel_equals_torch(dtype, tol, tokens):
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
