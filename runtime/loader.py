@@ -17,6 +17,7 @@ import torch
 
 from .errors import HardwareError, ModelError
 from .experts_hook import IMPLEMENTATION_NAME, register
+from .mapped_pages import ReleaseMappedPages
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedMod
     except Exception as exc:  # transformers raises many kinds here; all mean "no usable tokenizer"
         raise ModelError(f"{folder}: cannot load the tokenizer ({_first_line(exc)})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=DTYPES[dtype], experts_implementation=IMPLEMENTATION_NAME, use_safetensors=True)
+        with ReleaseMappedPages(folder):  # keeps the loading peak near one checkpoint, not two
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=DTYPES[dtype], experts_implementation=IMPLEMENTATION_NAME, use_safetensors=True)
     except (ValueError, KeyError) as exc:
         if "experts_implementation" in str(exc) or IMPLEMENTATION_NAME in str(exc):
             raise ModelError(f"{folder}: model type {config['model_type']!r} does not use transformers' "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded model, in one command: set up .venv (first run only), measure
 # this host (quick profile), tune a plan whose cache holds a quarter of the model's experts, run it,
-# and print the generated text, measured decode tokens/s and hit rate beside the plan's predictions.
+# and print the generated text, measured decode tokens/s and hit rate beside the plan's predictions;
+# then tune the same model for an RTX 4070 box (published profile) and explain that plan.
 # Usage: scripts/demo.sh ["prompt"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +16,9 @@ $moeplan profile --quick --model models/tiny-moe --out "$work/profile.yaml"
 echo "== 2/3 moeplan tune (a cache that holds a quarter of the experts)" >&2
 $moeplan tune --model models/tiny-moe --profile "$work/profile.yaml" --expert-budget-fraction 0.25 \
   --trials 60 --out "$work/plan.yaml"
-echo "== 3/3 moeplan run $work/plan.yaml" >&2
+echo "== 3/4 moeplan run $work/plan.yaml" >&2
 $moeplan run "$work/plan.yaml" --model models/tiny-moe --prompt "$prompt" --max-new-tokens 48
+echo "== 4/4 the same tuning for an RTX 4070 box (published profile), and what it predicts" >&2
+$moeplan tune --model models/tiny-moe --profile profiles/rtx4070.yaml --expert-budget-fraction 0.25 \
+  --trials 60 --out "$work/rtx4070-plan.yaml" --no-progress
+$moeplan explain "$work/rtx4070-plan.yaml" --profile profiles/rtx4070.yaml
