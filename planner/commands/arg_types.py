@@ -2,34 +2,30 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
+
+
+def _checked(text: str, convert: Callable[[str], T], kind: str, ok: Callable[[T], bool], rule: str) -> T:
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+    if not ok(value):  # written as "not ok" so that nan fails every rule
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return _checked(text, int, "an integer", lambda v: v >= 1, ">= 1")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _checked(text, float, "a number", lambda v: v >= 0, ">= 0")
 
 
 def probability(text: str) -> float:
     """A mass in (0, 1], for --top-p."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return _checked(text, float, "a number", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
