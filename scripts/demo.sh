@@ -7,13 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-prompt=${1:-"def fibonacci(n):"}
+prompt=${1:-$'def read_file(path):\n    with open('}
 work=.moeplan-demo
 mkdir -p "$work"
 moeplan=.venv/bin/moeplan
-echo "== 1/3 moeplan profile --quick (this host)" >&2
+echo "== 1/4 moeplan profile --quick (this host)" >&2
 $moeplan profile --quick --model models/tiny-moe --out "$work/profile.yaml"
-echo "== 2/3 moeplan tune (a cache that holds a quarter of the experts)" >&2
+echo "== 2/4 moeplan tune (a cache that holds a quarter of the experts)" >&2
 $moeplan tune --model models/tiny-moe --profile "$work/profile.yaml" --expert-budget-fraction 0.25 \
   --trials 60 --out "$work/plan.yaml"
 echo "== 3/4 moeplan run $work/plan.yaml" >&2
