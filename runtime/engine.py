@@ -11,6 +11,7 @@ import torch
 
 from .cache_policy import LayerCachePolicy, MissRule
 from .cpu_executor import CpuExecutor
+from .dense_linear import use_kernel_for_dense
 from .experts_hook import ATTRIBUTE
 from .expert_store import ExpertStore
 from .loader import LoadedModel
@@ -34,6 +35,8 @@ class Engine:
         self.replay = replay
         torch.set_num_threads(plan.hardware.cpu_threads)
         cpu = CpuExecutor(plan.hardware.cpu_threads)
+        if self.device.type == "cpu":  # the dense part runs on the CPU too: same kernel at decode
+            use_kernel_for_dense(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
         self.layers: list[MoeLayer] = []
         for i, module in enumerate(experts):
             store = ExpertStore(module, slots[i], self.device)

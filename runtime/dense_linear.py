@@ -1,0 +1,51 @@
+"""Dense projections on the CPU at decode: the same GEMV kernel as the missed experts.
+
+With `accelerator: cpu` the dense part (attention projections, lm_head) runs on the CPU too, and at one
+token torch's bf16 matmul streams its weights at about half the DRAM rate (bench/results/cpu_kernel.md).
+Each `nn.Linear` outside the experts is replaced by a `KernelLinear` that holds the same parameters and
+uses the kernel where it is measured faster (few rows), torch's matmul otherwise. Module replacement,
+as quantisation libraries do it: no modeling code is copied or patched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import GemvKernel
+
+
+class KernelLinear(torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, kernel: GemvKernel, threads: int) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
+        self.kernel, self.threads = kernel, threads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        w = self.weight
+        if x.dtype != w.dtype or x.device.type != "cpu" or not self.kernel.handles(w.dtype, rows) \
+                or not w.is_contiguous():
+            return F.linear(x, w, self.bias)
+        y = self.kernel.multi([w], [x.reshape(rows, self.in_features).contiguous()], self.threads)[0]
+        y = y.to(x.dtype)  # rounded like torch's own bf16 matmul output
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def use_kernel_for_dense(model: torch.nn.Module, skip: list[torch.nn.Module], kernel: GemvKernel | None,
+                         threads: int) -> int:
+    """Replace every plain `nn.Linear` of `model` outside the `skip` modules; returns how many."""
+    if kernel is None:
+        return 0
+    skipped = {id(m) for root in skip for m in root.modules()}
+    replaced = 0
+    for parent in list(model.modules()):
+        if id(parent) in skipped:
+            continue
+        for name, child in list(parent._modules.items()):
+            if type(child) is torch.nn.Linear and id(child) not in skipped:
+                parent._modules[name] = KernelLinear(child, kernel, threads)
+                replaced += 1
+    return replaced
