@@ -308,12 +308,20 @@ class _Getter:
                     dtype=self.dtype())
 
 
-def _mixtral(get: _Getter, name: str) -> ModelShape:
-    c = get.common()
-    return ModelShape(name=name, moe_layers=_all(c["num_layers"]), num_experts=get.int("num_local_experts"),
-                      top_k=get.int("num_experts_per_tok"), expert_intermediate=get.int("intermediate_size"),
-                      shared_expert_intermediate=0, dense_intermediate=0,
-                      attention_bias=bool(get.opt("attention_bias", False)), **c)
+def _every_layer_sparse(experts_key: str):
+    """Reader for families whose every decoder layer is sparse (Mixtral, PhiMoE: `num_local_experts`;
+    OLMoE: `num_experts`), with the expert size in `intermediate_size`."""
+    def read(get: _Getter, name: str) -> ModelShape:
+        c = get.common()
+        return ModelShape(name=name, moe_layers=_all(c["num_layers"]), num_experts=get.int(experts_key),
+                          top_k=get.int("num_experts_per_tok"), expert_intermediate=get.int("intermediate_size"),
+                          shared_expert_intermediate=0, dense_intermediate=0,
+                          attention_bias=bool(get.opt("attention_bias", False)), **c)
+    return read
+
+
+_mixtral = _every_layer_sparse("num_local_experts")
+_olmoe = _every_layer_sparse("num_experts")
 
 
 def _qwen_moe(get: _Getter, name: str) -> ModelShape:
@@ -333,14 +341,6 @@ def _qwen_moe(get: _Getter, name: str) -> ModelShape:
                       shared_expert_intermediate=get.int("shared_expert_intermediate_size", 0) if qwen2 else 0,
                       dense_intermediate=get.int("intermediate_size") if len(moe) < layers else 0,
                       attention_bias=qwen2 or bool(get.opt("attention_bias", False)), **c)
-
-
-def _olmoe(get: _Getter, name: str) -> ModelShape:
-    c = get.common()
-    return ModelShape(name=name, moe_layers=_all(c["num_layers"]), num_experts=get.int("num_experts"),
-                      top_k=get.int("num_experts_per_tok"), expert_intermediate=get.int("intermediate_size"),
-                      shared_expert_intermediate=0, dense_intermediate=0,
-                      attention_bias=bool(get.opt("attention_bias", False)), **c)
 
 
 def _deepseek_v2(get: _Getter, name: str) -> ModelShape:
