@@ -65,14 +65,12 @@ class MoeLayer:
         top_k_index = engine.routing_override(self.index, top_k_index)
         idx = top_k_index.to("cpu")  # [T, k]: routing decisions are made on the host
         engine.record_routing(self.index, idx, top_k_weights)
-        num_experts = self.module.num_experts
-        counts = torch.bincount(idx.flatten(), minlength=num_experts).tolist()
-        tokens_per_expert = {e: n for e, n in enumerate(counts) if n}
+        rows = _rows_by_expert(idx)  # expert -> (token indices, rank positions)
+        tokens_per_expert = {e: len(tokens) for e, (tokens, _) in rows.items()}
         self._wait_for_copies()
         outcome = route_pass(self.policy, tokens_per_expert, self.rule)
         self._count(outcome, tokens_per_expert)
 
-        rows = _rows_by_expert(idx)  # expert -> (token indices, rank positions)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in outcome.hits:  # 1. hits
             self._accumulate(out, x, top_k_weights, rows[e], self.store.slot_weights(outcome.hit_slots[e]))
