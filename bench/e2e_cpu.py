@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from predict_vs_measure import build_model  # noqa: E402  the shared benchmark checkpoint
 
+# moeplan's all-CPU plan; the engines compared run in their own processes
 PLAN = """version: 1
 model: {{name: mixtral-bench, dtype: {dtype}}}
 hardware: {{accelerator: cpu, cpu_threads: {threads}}}
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--impls", default="eager,batched_mm,grouped_mm")
     ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
+    ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed (bench/llama_cpp/README.md)")
+    ap.add_argument("--gguf", help="the same checkpoint converted to GGUF in --dtype (bench/llama_cpp/convert_gguf.py)")
     args = ap.parse_args()
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -65,6 +68,10 @@ def main() -> int:
         engines[f"transformers {impl}"] = [sys.executable, str(ROOT / "bench/hf_generate.py"), "--model", str(model),
                                            "--impl", impl, "--dtype", args.dtype, "--threads", str(args.threads),
                                            "--tokens", str(args.tokens), "--prompt", args.prompt]
+    if args.llama_python and args.gguf:
+        engines[f"llama.cpp {args.dtype}"] = [args.llama_python, str(ROOT / "bench/llama_cpp/generate.py"),
+                                             "--gguf", args.gguf, "--threads", str(args.threads),
+                                             "--tokens", str(args.tokens), "--prompt", args.prompt]
     results: dict[str, list[dict]] = {name: [] for name in engines}
     names = list(engines)
     for r in range(args.repeats):
@@ -93,6 +100,9 @@ def main() -> int:
         lines.append(f"| {name} | {tps:.2f} | {pre:.2f} | {rss / 1e9:.2f} | {rss / ckpt_bytes:.2f} | "
                      f"{'yes' if ids == ours[4] else 'no'} |")
     lines += ["", f"moeplan / fastest transformers ({best_hf[0]}): **{ours[1] / best_hf[1]:.2f}x** decode tokens/s"]
+    for name, tps, *_ in rows:
+        if name.startswith("llama.cpp"):
+            lines.append(f"moeplan / {name}: **{ours[1] / tps:.2f}x** decode tokens/s")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
