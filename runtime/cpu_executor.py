@@ -50,14 +50,14 @@ class CpuExecutor:
         """One expert in the standard layout (w_in [2I, H], w_out [H, I], no bias) on x [T, H], by the path
         `run` would take for it: what the profiler times."""
         k = self.kernel
-        if k is None or not k.handles(x.dtype, x.shape[0]):
+        if k is None or not k.handles(x.dtype, x.shape[0], self.threads):
             return ffn(x, w_in, w_out, gate)
         h = gate(k.multi([w_in], [x.contiguous()], self.threads)[0].to(x.dtype)).contiguous()
         return k.multi([w_out], [h], self.threads)[0].to(x.dtype)
 
     def _kernel_fits(self, module: torch.nn.Module, dtype: torch.dtype, tokens: int) -> bool:
         k = self.kernel
-        return (k is not None and k.handles(dtype, tokens)
+        return (k is not None and k.handles(dtype, tokens, self.threads)
                 and not getattr(module, "has_bias", False) and not getattr(module, "is_transposed", False)
                 and not getattr(module, "has_post_expert_norm", False))
 

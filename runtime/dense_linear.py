@@ -24,7 +24,7 @@ class KernelLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         w = self.weight
-        if x.dtype != w.dtype or x.device.type != "cpu" or not self.kernel.handles(w.dtype, rows) \
+        if x.dtype != w.dtype or x.device.type != "cpu" or not self.kernel.handles(w.dtype, rows, self.threads) \
                 or not w.is_contiguous():
             return F.linear(x, w, self.bias)
         y = self.kernel.multi([w], [x.reshape(rows, self.in_features).contiguous()], self.threads)[0]

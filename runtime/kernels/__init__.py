@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.c")
 BF16_MAX_TOKENS = 1  # token counts up to which the kernel is used: see GemvKernel.handles
-F32_MAX_TOKENS = 4
+F32_MAX_TOKENS = 4  # and on one thread only
 
 
 def cpu_flags() -> set[str]:
@@ -47,13 +47,16 @@ class GemvKernel:
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
 
-    def handles(self, dtype: torch.dtype, tokens: int) -> bool:
+    def handles(self, dtype: torch.dtype, tokens: int, threads: int) -> bool:
         """Whether this kernel beats torch's matmul here. Measured with bench/cpu_kernel.py on a
         Mixtral-sized expert (bench/results/cpu_kernel.md): bf16 wins at one token (1.5-1.7x) and
-        loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across tokens); fp32
-        wins up to four tokens (1.2x)."""
-        limit = {torch.bfloat16: BF16_MAX_TOKENS, torch.float32: F32_MAX_TOKENS}.get(dtype, 0)
-        return dtype in self.dtypes and tokens <= min(limit, self.max_tokens)
+        loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across tokens); fp32 wins
+        up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x)."""
+        if dtype not in self.dtypes:
+            return False
+        if dtype == torch.bfloat16:
+            return tokens <= min(BF16_MAX_TOKENS, self.max_tokens)
+        return threads == 1 and tokens <= min(F32_MAX_TOKENS, self.max_tokens)
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
         """[x_i @ W_i^T for each i] as fp32 [T_i, N]; every W_i is [N, K] contiguous, x_i [T_i, K] contiguous."""
