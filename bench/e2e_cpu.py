@@ -87,13 +87,13 @@ def main() -> int:
                      max(o["peak_rss_bytes"] for o in outs), outs[0]["generated_ids"]))
     best_hf = max((r for r in rows if r[0].startswith("transformers")), key=lambda r: r[1])
     ours = rows[0]
-    lines = [f"# End-to-end CPU decode: moeplan vs transformers ({args.dtype}, {args.threads} threads)", "",
+    lines = [f"# End-to-end CPU decode: moeplan vs transformers and llama.cpp ({args.dtype}, {args.threads} threads)", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"1-minute load average at the end {os.getloadavg()[0]:.2f}",
              f"- model: {model.name}, checkpoint {ckpt_bytes / 1e9:.2f} GB, prompt {len(args.prompt)} chars, "
              f"{args.tokens} new tokens, {args.repeats} repeats (median)",
-             f"- command: `.venv/bin/python bench/e2e_cpu.py --repeats {args.repeats} --tokens {args.tokens}`", "",
+             f"- command: `.venv/bin/python bench/e2e_cpu.py {' '.join(sys.argv[1:])}`", "",
              "| engine | decode tokens/s | prefill s | peak RSS GB | peak / checkpoint | same tokens as moeplan |",
              "|---|---|---|---|---|---|"]
     for name, tps, pre, rss, ids in rows:
