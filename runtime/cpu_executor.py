@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .expert_math import ffn, module_expert_ffn, module_gate
+from .expert_math import add_weighted, ffn, module_expert_ffn, module_gate
 from .expert_store import ExpertStore
 from .kernels import GemvKernel, load
 
@@ -42,7 +42,7 @@ class CpuExecutor:
             if expert in done:
                 continue
             y = module_expert_ffn(module, x_cpu[tokens], *store.weights_args(store.host_weights(expert)))
-            out[tokens] += y.float() * w_cpu[tokens, ranks, None]  # a token meets an expert once: no duplicates
+            add_weighted(out, tokens, ranks, y, w_cpu)
         return out
 
     def expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
@@ -70,4 +70,4 @@ class CpuExecutor:
         hidden = [gate(h.to(x.dtype)).contiguous() for h in self.kernel.multi(w_in, inputs, self.threads)]
         w_out = [store.host[1][e] for _, _, e in jobs]
         for (tokens, ranks, _), y in zip(jobs, self.kernel.multi(w_out, hidden, self.threads)):
-            out[tokens] += y.to(x.dtype).float() * w[tokens, ranks, None]
+            add_weighted(out, tokens, ranks, y.to(x.dtype), w)  # rounded as the reference's matmul output

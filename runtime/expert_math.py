@@ -55,3 +55,12 @@ def module_expert_ffn(module: torch.nn.Module, x: torch.Tensor, w_in: torch.Tens
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
     return out
+
+
+def add_weighted(out: torch.Tensor, tokens: torch.Tensor, ranks: torch.Tensor, y: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> None:
+    """out[tokens] += y * the gate weight of each token for this expert (its rank `ranks`), in fp32.
+
+    A token chooses an expert at most once, so `tokens` has no duplicates.
+    """
+    out.index_add_(0, tokens, y.float() * top_k_weights[tokens, ranks, None])

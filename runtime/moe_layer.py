@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .cache_policy import LayerCachePolicy, MissRule, route_pass
 from .cpu_executor import CpuExecutor
-from .expert_math import module_expert_ffn
+from .expert_math import add_weighted, module_expert_ffn
 from .expert_store import ExpertStore
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class MoeLayer:
                     rows: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor]) -> None:
         tokens, ranks = (r.to(x.device, non_blocking=True) for r in rows)
         y = module_expert_ffn(self.module, x[tokens], *self.store.weights_args(weights))  # [n, H]
-        out.index_add_(0, tokens, (y * top_k_weights[tokens, ranks, None]).float())
+        add_weighted(out, tokens, ranks, y, top_k_weights)
 
     def _count(self, outcome, tokens_per_expert: dict[int, int]) -> None:
         s = self.stats

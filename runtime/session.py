@@ -147,22 +147,30 @@ def _stop_ids(config: Any) -> set[int]:
 
 
 class _TextStream:
-    """Turns the growing list of ids into text pieces, holding back an incomplete UTF-8 character."""
+    """Turns the growing list of ids into text pieces, holding back an incomplete UTF-8 character.
+
+    Only the ids since the last emitted newline are decoded each step (a line boundary is a clean
+    cut for byte-level tokenizers), so streaming costs per token stay bounded on long generations.
+    """
 
     def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None) -> None:
         self.tokenizer = tokenizer
         self.on_text = on_text
-        self.sent = 0
+        self.start = 0  # first id of the line being decoded
+        self.sent = 0  # characters of that line already emitted
 
     def push(self, ids: list[int], final: bool = False) -> None:
         if self.on_text is None:
             return
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[self.start:], skip_special_tokens=True)
         if text.endswith("\ufffd") and not final:
             return
         if len(text) > self.sent:
             self.on_text(text[self.sent:])
-            self.sent = len(text)
+        if text.endswith("\n"):
+            self.start, self.sent = len(ids), 0
+        else:
+            self.sent = max(self.sent, len(text))
 
     def close(self, ids: list[int]) -> None:
         self.push(ids, final=True)
