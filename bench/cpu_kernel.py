@@ -1,8 +1,9 @@
 """The CPU expert kernel: weight bytes streamed per second against the DRAM read bandwidth.
 
 For each dtype, thread count and token count: one whole expert (gate_up then down, with the gate
-between) computed by moeplan's executor (the GEMV kernel, all of a layer's missed experts in one
-parallel region) and by torch's matmul, cycling over a pool of experts larger than the last-level
+between) computed three ways: by the GEMV kernel forced at every token count it can run (all of a
+layer's missed experts in one parallel region), by moeplan's executor as it chooses (the kernel where
+its measured rule says it wins, torch otherwise), and by torch's matmul, cycling over a pool of experts larger than the last-level
 cache so every byte comes from DRAM. The DRAM rate is measured in the same run (a read of a 2 GB
 tensor) and taken from a profile if one is given. Medians of --repeats; ratios side by side.
 
@@ -26,6 +27,20 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.cpu_executor import CpuExecutor  # noqa: E402
 from runtime.expert_store import ExpertStore  # noqa: E402
+from runtime.kernels import GemvKernel, load  # noqa: E402
+
+
+class AlwaysKernel:
+    """The kernel at every token count it can run, whatever its rule (GemvKernel.handles) would choose."""
+
+    def __init__(self, kernel: GemvKernel) -> None:
+        self.kernel = kernel
+
+    def handles(self, dtype: torch.dtype, tokens: int, threads: int) -> bool:
+        return self.kernel.supports(dtype) and tokens <= self.kernel.max_tokens
+
+    def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
+        return self.kernel.multi(weights, inputs, threads)
 
 
 class Experts(torch.nn.Module):
@@ -92,6 +107,9 @@ def main() -> int:
     threads = [int(t) for t in args.threads.split(",")]
     token_counts = [int(t) for t in args.tokens.split(",")]
     dram = {t: dram_read_gbps(t, args.repeats) for t in threads}
+    kernel = load()
+    if kernel is None:
+        raise SystemExit("the GEMV kernel is not available on this CPU (see runtime/kernels/__init__.py)")
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         size = dtype.itemsize
@@ -101,13 +119,16 @@ def main() -> int:
         store = ExpertStore(module, 0, torch.device("cpu"))
         for t in threads:
             torch.set_num_threads(t)
-            fast, plain = CpuExecutor(t, use_kernel=True), CpuExecutor(t, use_kernel=False)
+            forced = CpuExecutor(t, kernel=AlwaysKernel(kernel))  # type: ignore[arg-type]
+            fast, plain = CpuExecutor(t, kernel=kernel), CpuExecutor(t, use_kernel=False)
             for tokens in token_counts:
+                s_kernel = (time_expert(forced, module, store, tokens, args.per_call, args.repeats)
+                            if tokens <= kernel.max_tokens and kernel.supports(dtype) else float("nan"))
                 s_fast = time_expert(fast, module, store, tokens, args.per_call, args.repeats)
                 s_plain = time_expert(plain, module, store, tokens, args.per_call, args.repeats)
                 moved = expert_bytes * args.per_call
-                rows.append((str(dtype).split(".")[1], t, tokens, moved / s_fast / 1e9, moved / s_plain / 1e9,
-                             dram[t], s_fast, s_plain, 2 * moved / size * tokens / s_fast / 1e9))
+                rows.append((str(dtype).split(".")[1], t, tokens, moved / s_kernel / 1e9, moved / s_fast / 1e9,
+                             moved / s_plain / 1e9, dram[t], 2 * moved / size * tokens / s_fast / 1e9))
                 print(rows[-1], file=sys.stderr, flush=True)
         del module, store
     lines = ["# CPU expert kernel: weight bytes streamed per second", "",
@@ -118,11 +139,17 @@ def main() -> int:
              f"{args.per_call} experts per call (one layer's misses), pool of {args.pool_gb} GB so reads come "
              f"from DRAM; medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/cpu_kernel.py {' '.join(sys.argv[1:])}`", "",
-             "| dtype | threads | tokens | moeplan GB/s | torch GB/s | DRAM read GB/s | moeplan / DRAM | "
-             "moeplan / torch | moeplan GFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for dt, t, tok, fast, plain, d, _, _, flops in rows:
-        lines.append(f"| {dt} | {t} | {tok} | {fast:.1f} | {plain:.1f} | {d:.1f} | {fast / d:.2f} | "
-                     f"{fast / plain:.2f} | {flops:.0f} |")
+             f"- kernel instruction sets: { {str(d).split('.')[1]: i for d, i in kernel.isa_names().items()} }",
+             "- kernel: the GEMV kernel forced; moeplan: the path the executor chooses; '-': above the kernel's "
+             "token limit", "",
+             "| dtype | threads | tokens | kernel GB/s | moeplan GB/s | torch GB/s | DRAM read GB/s | kernel / DRAM | "
+             "kernel / torch | moeplan / torch | moeplan GFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for dt, t, tok, forced_rate, fast, plain, d, flops in rows:
+        if forced_rate == forced_rate:  # not NaN
+            k_cols = f"{forced_rate:.1f} | {fast:.1f} | {plain:.1f} | {d:.1f} | {forced_rate / d:.2f} | {forced_rate / plain:.2f}"
+        else:
+            k_cols = f"- | {fast:.1f} | {plain:.1f} | {d:.1f} | - | -"
+        lines.append(f"| {dt} | {t} | {tok} | {k_cols} | {fast / plain:.2f} | {flops:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -1,7 +1,8 @@
 """The CPU GEMV kernel (gemv.c): compiled on first use with the system C compiler, loaded with ctypes.
 
-Where there is no compiler, no AVX-512 (or no AVX512-BF16 for bf16), or the build fails, `load()` returns
-None and the executor uses torch's own matmul: the kernel is a speed-up, never a requirement.
+Each dtype gets the best instruction set the CPU has: AVX-512 (with AVX512-BF16 for bf16), else AVX2 with
+FMA. Where there is neither, no compiler, or the build fails, `load()` returns None and the executor uses
+torch's own matmul: the kernel is a speed-up, never a requirement.
 """
 from __future__ import annotations
 
@@ -19,8 +20,27 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.c")
-BF16_MAX_TOKENS = 1  # token counts up to which the kernel is used: see GemvKernel.handles
-F32_MAX_TOKENS = 4  # and on one thread only
+ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
+
+
+def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> bool:
+    """Where the kernel beats torch's matmul, as measured with bench/cpu_kernel.py on a Mixtral-sized
+    expert; the rule depends on the instruction set because torch's own matmul does.
+
+    AVX-512 with AVX512-BF16 and AMX (bench/results/cpu_kernel_avx512.md): bf16 wins at one token
+    (1.5-1.7x) and loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across
+    tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x).
+    AVX2 (bench/results/cpu_kernel_avx2.md): torch has no native bf16 and its fp32 GEMM reaches about 30
+    GFLOP/s on two cores, so the kernel wins at every token count measured (bf16 1.2-2.9x up to 64
+    tokens, fp32 1.1-4.8x up to 32) except fp32 at one token on one thread (0.84x).
+    """
+    if isa == ISA_AVX512:
+        if dtype == torch.bfloat16:
+            return tokens <= 1
+        return threads == 1 and tokens <= 4
+    if dtype == torch.bfloat16:
+        return tokens <= 64
+    return tokens <= 32 and not (tokens == 1 and threads == 1)
 
 
 def cpu_flags() -> set[str]:
@@ -34,39 +54,57 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def instruction_sets(flags: set[str]) -> dict[torch.dtype, int]:
+    """The kernel's instruction set for each dtype this CPU can run it in."""
+    isa: dict[torch.dtype, int] = {}
+    if "avx2" in flags and "fma" in flags:
+        isa = {torch.float32: ISA_AVX2, torch.bfloat16: ISA_AVX2}
+    if "avx512f" in flags:
+        isa[torch.float32] = ISA_AVX512
+        if "avx512_bf16" in flags:
+            isa[torch.bfloat16] = ISA_AVX512
+    return isa
+
+
 class GemvKernel:
-    def __init__(self, lib: ctypes.CDLL, dtypes: frozenset[torch.dtype]) -> None:
+    def __init__(self, lib: ctypes.CDLL, isa: dict[torch.dtype, int]) -> None:
         self._fn = lib.gemv_multi
-        self._fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+        self._fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                              ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
-                             ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                             ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                             ctypes.c_void_p]
         self._fn.restype = None
         self.max_tokens = int(lib.gemv_max_tokens())
-        self.dtypes = dtypes
+        self.isa = dict(isa)
+        self.dtypes = frozenset(isa)
+
+    def isa_names(self) -> dict[torch.dtype, str]:
+        return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
 
     def handles(self, dtype: torch.dtype, tokens: int, threads: int) -> bool:
-        """Whether this kernel beats torch's matmul here. Measured with bench/cpu_kernel.py on a
-        Mixtral-sized expert (bench/results/cpu_kernel.md): bf16 wins at one token (1.5-1.7x) and
-        loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across tokens); fp32 wins
-        up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x)."""
-        if dtype not in self.dtypes:
+        """Whether this kernel beats torch's matmul here (see _kernel_wins)."""
+        if dtype not in self.dtypes or not 1 <= tokens <= self.max_tokens:
             return False
-        if dtype == torch.bfloat16:
-            return tokens <= min(BF16_MAX_TOKENS, self.max_tokens)
-        return threads == 1 and tokens <= min(F32_MAX_TOKENS, self.max_tokens)
+        return _kernel_wins(self.isa[dtype], dtype, tokens, threads)
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
         """[x_i @ W_i^T for each i] as fp32 [T_i, N]; every W_i is [N, K] contiguous, x_i [T_i, K] contiguous."""
         count = len(weights)
         n, k = weights[0].shape
+        dtype = weights[0].dtype
         outs = [torch.empty((x.shape[0], n), dtype=torch.float32) for x in inputs]
+        isa = self.isa[dtype]
+        scratch = None  # the AVX2 bf16 path widens each input to fp32 once, split into even and odd elements
+        if isa == ISA_AVX2 and dtype == torch.bfloat16:
+            scratch = torch.empty(count * 2 * max(x.shape[0] for x in inputs) * ((k + 1) // 2), dtype=torch.float32)
         ptrs = ctypes.c_void_p * count
-        self._fn(int(weights[0].dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in weights]),
+        self._fn(isa, int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in weights]),
                  ptrs(*[x.data_ptr() for x in inputs]), ptrs(*[y.data_ptr() for y in outs]),
-                 (ctypes.c_int64 * count)(*[x.shape[0] for x in inputs]), n, k, threads)
+                 (ctypes.c_int64 * count)(*[x.shape[0] for x in inputs]), n, k, threads,
+                 None if scratch is None else scratch.data_ptr())
         return outs
 
 
@@ -79,15 +117,10 @@ def _cache_dir() -> Path:
 def load() -> GemvKernel | None:
     if os.environ.get("MOEPLAN_NO_KERNEL"):
         return None
-    flags = cpu_flags()
-    dtypes = set()
-    if "avx512f" in flags:
-        dtypes.add(torch.float32)
-        if "avx512_bf16" in flags:
-            dtypes.add(torch.bfloat16)
+    isa = instruction_sets(cpu_flags())
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not dtypes or compiler is None:
-        log.debug("CPU GEMV kernel unavailable (avx512f: %s, compiler: %s)", "avx512f" in flags, compiler)
+    if not isa or compiler is None:
+        log.debug("CPU GEMV kernel unavailable (instruction sets: %s, compiler: %s)", isa, compiler)
         return None
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
@@ -104,7 +137,7 @@ def load() -> GemvKernel | None:
             return None
         os.replace(tmp, target)
     try:
-        return GemvKernel(ctypes.CDLL(str(target)), frozenset(dtypes))
+        return GemvKernel(ctypes.CDLL(str(target)), isa)
     except OSError as exc:
         log.debug("CPU GEMV kernel did not load: %s", exc)
         return None
