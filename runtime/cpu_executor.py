@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .expert_math import add_weighted, ffn, module_expert_ffn, module_gate
+from .expert_math import add_weighted, ffn, module_expert_ffn, module_gate, silu_gate
 from .expert_store import ExpertStore
 from .kernels import GemvKernel, load
 
@@ -27,6 +27,7 @@ class CpuExecutor:
     def __init__(self, threads: int, kernel: GemvKernel | None = None, use_kernel: bool = True) -> None:
         self.threads = threads
         self.kernel = (kernel or load()) if use_kernel else None
+        self._silu_gated: dict[int, bool] = {}  # id(module) -> whether its gate is silu(gate) * up
 
     def run(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, top_k_weights: torch.Tensor,
             jobs: list[Job]) -> torch.Tensor:
@@ -44,6 +45,23 @@ class CpuExecutor:
             y = module_expert_ffn(module, x_cpu[tokens], *store.weights_args(store.host_weights(expert)))
             add_weighted(out, tokens, ranks, y, w_cpu)
         return out
+
+    def fits_token(self, module: torch.nn.Module, dtype: torch.dtype) -> bool:
+        """Whether `token` can run this module's experts: the kernel wins at one token, and the module
+        has the standard layout with a SiLU gate over [gate; up] (checked once on a probe)."""
+        if not self._kernel_fits(module, dtype, 1):
+            return False
+        known = self._silu_gated.get(id(module))
+        if known is None:
+            known = self._silu_gated[id(module)] = _is_silu_gated(module)
+        return known
+
+    def token(self, x: torch.Tensor, chosen: list[tuple[list[torch.Tensor], float]]) -> torch.Tensor:
+        """One token x [1, H] through the chosen experts ((w_in, w_out), gate weight), summed: fp32 [H]."""
+        if not chosen:
+            return torch.zeros(x.shape[-1], dtype=torch.float32)
+        return self.kernel.moe_token([w[0] for w, _ in chosen], [w[1] for w, _ in chosen],
+                                     x.reshape(-1).contiguous(), [g for _, g in chosen], self.threads)
 
     def expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                gate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -71,3 +89,19 @@ class CpuExecutor:
         w_out = [store.host[1][e] for _, _, e in jobs]
         for (tokens, ranks, _), y in zip(jobs, self.kernel.multi(w_out, hidden, self.threads)):
             add_weighted(out, tokens, ranks, y.to(x.dtype), w)  # rounded as the reference's matmul output
+
+
+def _is_silu_gated(module: torch.nn.Module) -> bool:
+    """Whether the module's activation between the projections is SiLU(first half) * second half, the gate
+    the fused kernel computes: the module's own gate is run on a probe and compared exactly."""
+    if not getattr(module, "has_gate", True):
+        return False
+    width = getattr(module, "gate_up_proj").shape[1]
+    probe = torch.linspace(-6, 6, width, dtype=torch.float32).roll(width // 3).reshape(1, width)
+    with torch.no_grad():
+        try:
+            theirs = module_gate(module)(probe)
+        except Exception:  # a gate that does not take this shape is not the standard one
+            return False
+    return theirs.shape == (1, width // 2) and torch.equal(theirs, silu_gate(probe))
+

@@ -65,27 +65,36 @@ class MoeLayer:
         top_k_index = engine.routing_override(self.index, top_k_index)
         idx = top_k_index.to("cpu")  # [T, k]: routing decisions are made on the host
         engine.record_routing(self.index, idx, top_k_weights)
-        rows = _rows_by_expert(idx)  # expert -> (token indices, rank positions)
-        tokens_per_expert = {e: len(tokens) for e, (tokens, _) in rows.items()}
+        one_token = idx.shape[0] == 1
+        # a token chooses an expert at most once: one token needs its k experts, one token each
+        rows = None if one_token else _rows_by_expert(idx)  # expert -> (token indices, rank positions)
+        tokens_per_expert = dict.fromkeys(idx[0].tolist(), 1) if rows is None else \
+            {e: len(tokens) for e, (tokens, _) in rows.items()}
         self._wait_for_copies()
         outcome = route_pass(self.policy, tokens_per_expert, self.rule)
         self._count(outcome, tokens_per_expert)
+        entered = {entry.expert: entry for entry in outcome.entries}
+        last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
+        promotions = [en for en in outcome.entries if not en.transfer and last_in_slot[en.slot] == en.expert]
 
+        if one_token and x.device.type == "cpu" and not outcome.accelerator_misses \
+                and self.cpu.fits_token(self.module, x.dtype):
+            out = self._token_on_cpu(x, idx[0].tolist(), top_k_weights, outcome, promotions)
+        else:
+            rows = rows if rows is not None else _rows_by_expert(idx)
+            out = self._pass(x, top_k_weights, rows, outcome, entered, promotions)
+        if engine.lookahead and self.next is not None:  # 5. prefetch for the next MoE layer
+            self._prefetch_next(x)
+        return out.to(x.dtype)
+
+    def _pass(self, x: torch.Tensor, top_k_weights: torch.Tensor, rows: dict, outcome, entered: dict,
+              promotions: list) -> torch.Tensor:
+        """Steps 1-4 for any number of tokens on any device: the weighted sum, fp32 [T, H]."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in outcome.hits:  # 1. hits
             self._accumulate(out, x, top_k_weights, rows[e], self.store.slot_weights(outcome.hit_slots[e]))
-        entered = {entry.expert: entry for entry in outcome.entries}
-        last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
         for e in outcome.accelerator_misses:  # 2. misses computed on the accelerator
-            entry = entered.get(e)
-            if entry is not None:
-                self.stats.bytes_to_accelerator += self.store.copy_to_slot(e, entry.slot)
-                weights = self.store.slot_weights(entry.slot)
-            else:
-                weights = self.store.copy_to_scratch(e)
-                self.stats.bytes_to_accelerator += self.store.expert_bytes
-            self._accumulate(out, x, top_k_weights, rows[e], weights)
-        promotions = [en for en in outcome.entries if not en.transfer and last_in_slot[en.slot] == en.expert]
+            self._accumulate(out, x, top_k_weights, rows[e], self._bring_in(e, entered))
         if promotions:  # 3. background copies of CPU-computed misses into the cache
             self._copy_in_background([(en.expert, en.slot) for en in promotions], self)
         if outcome.cpu_misses:  # 4. misses on the CPU threads
@@ -93,9 +102,33 @@ class MoeLayer:
             jobs = [(rows[e][0], rows[e][1], e) for e in outcome.cpu_misses]
             out += self.cpu.run(self.module, self.store, x, top_k_weights, jobs).to(out.device)
             self.stats.cpu_expert_seconds += time.perf_counter() - start
-        if engine.lookahead and self.next is not None:  # 5. prefetch for the next MoE layer
-            self._prefetch_next(x)
-        return out.to(x.dtype)
+        return out
+
+    def _token_on_cpu(self, x: torch.Tensor, ids: list[int], top_k_weights: torch.Tensor, outcome,
+                      promotions: list) -> torch.Tensor:
+        """Steps 1, 3 and 4 for one token when the accelerator is the CPU (no accelerator misses): every
+        expert the token needs, from its slot or from host memory, in one fused kernel call; then the
+        promotions, which may overwrite a slot just read. Same arithmetic as `_pass`, summed in one place."""
+        gate = top_k_weights.reshape(-1).tolist()
+        weight_of = {e: gate[rank] for rank, e in enumerate(ids)}
+        chosen = [(self.store.slot_weights(outcome.hit_slots[e]), weight_of[e]) for e in outcome.hits]
+        chosen += [(self.store.host_weights(e), weight_of[e]) for e in outcome.cpu_misses]
+        start = time.perf_counter()
+        out = self.cpu.token(x, chosen)
+        if outcome.cpu_misses:
+            self.stats.cpu_expert_seconds += time.perf_counter() - start
+        if promotions:
+            self._copy_in_background([(en.expert, en.slot) for en in promotions], self)
+        return out.view(x.shape)
+
+    def _bring_in(self, expert: int, entered: dict) -> list[torch.Tensor]:
+        """An accelerator miss's weights on the accelerator: copied into its new slot, or to scratch."""
+        entry = entered.get(expert)
+        if entry is not None:
+            self.stats.bytes_to_accelerator += self.store.copy_to_slot(expert, entry.slot)
+            return self.store.slot_weights(entry.slot)
+        self.stats.bytes_to_accelerator += self.store.expert_bytes
+        return self.store.copy_to_scratch(expert)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _accumulate(self, out: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor,

@@ -74,6 +74,11 @@ class GemvKernel:
                              ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                              ctypes.c_void_p]
         self._fn.restype = None
+        self._token = lib.moe_token
+        self._token.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
+                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+        self._token.restype = None
         self.max_tokens = int(lib.gemv_max_tokens())
         self.isa = dict(isa)
         self.dtypes = frozenset(isa)
@@ -108,6 +113,24 @@ class GemvKernel:
         return outs
 
 
+    def moe_token(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], x: torch.Tensor,
+                  gate_weights: list[float], threads: int) -> torch.Tensor:
+        """One token through several SiLU-gated experts, weighted and summed: fp32 [H].
+
+        w_in[i] is [2I, H] (gate rows, then up rows), w_out[i] [H, I], all contiguous; x is [H] contiguous in
+        the weights' dtype. bf16 is rounded where torch's bf16 ops round (see moe_token in gemv.c)."""
+        count = len(w_in)
+        inter2, hidden = w_in[0].shape
+        inter = inter2 // 2
+        dtype = w_in[0].dtype
+        out = torch.empty(hidden, dtype=torch.float32)
+        scratch = torch.empty(count * (4 * inter + 2), dtype=torch.float32)
+        ptrs = ctypes.c_void_p * count
+        self._token(self.isa[dtype], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in w_in]),
+                    ptrs(*[w.data_ptr() for w in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
+                    out.data_ptr(), hidden, inter, threads, scratch.data_ptr())
+        return out
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "moeplan"
@@ -129,7 +152,7 @@ def load() -> GemvKernel | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        cmd = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             Path(tmp).unlink(missing_ok=True)

@@ -13,6 +13,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define MAXT 64
@@ -221,6 +222,88 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
                            rows, N, K, T[i]);
         } else {
             rows_f32_avx2((const float *)W[i], (const float *)x[i], y[i], n0, rows, N, K, T[i]);
+        }
+    }
+}
+
+/* ---- one decode token through a layer's missed experts, fused ----------------------------------
+ * For each expert i (weights W_in[i] [2I, H] holding gate then up, W_out[i] [H, I]):
+ *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
+ * with bf16 rounding where the reference's bf16 ops round (each matmul output, silu, the product), in
+ * one parallel region of three work-shared loops: a layer's misses cost one thread wake-up and no
+ * Python between the steps. The caller checks that the module's gate is this one (runtime/cpu_executor.py).
+ * out is fp32 [H]; scratch holds count * (2I + 2 * I) floats. */
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static void rows_any(int isa, int is_bf16, const void *W, const void *x, const float *xe, const float *xo, float *y,
+                     int64_t n0, int64_t rows, int64_t N, int64_t K) {
+    if (isa == ISA_AVX512) {
+        if (is_bf16) rows_bf16_avx512((const uint16_t *)W, (const uint16_t *)x, y, n0, rows, N, K, 1);
+        else rows_f32_avx512((const float *)W, (const float *)x, y, n0, rows, N, K, 1);
+    } else if (is_bf16) {
+        rows_bf16_avx2((const uint16_t *)W, xe, xo, y, n0, rows, N, K, 1);
+    } else {
+        rows_f32_avx2((const float *)W, (const float *)x, y, n0, rows, N, K, 1);
+    }
+}
+
+void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
+               const float *weights, float *out, int64_t H, int64_t I, int threads, float *scratch) {
+    /* scratch: h [count][2I] fp32, then the gate output m [count][I] as the next matmul wants it:
+     * fp32 (fp32, or AVX2 bf16 split into even and odd halves) or bf16 (AVX-512 bf16) */
+    float *h = scratch;
+    float *m = scratch + (int64_t)count * 2 * I;
+    const int64_t halfH = (H + 1) / 2, halfI = (I + 1) / 2;
+    const int split = isa == ISA_AVX2 && is_bf16;
+    float xs[2 * halfH > 0 ? 2 * halfH : 1];  /* x split into even and odd elements (AVX2 bf16) */
+    if (split) split_bf16((const uint16_t *)x, xs, xs + halfH, H, 1);
+    const int64_t in_blocks = (2 * I + ROWS - 1) / ROWS, out_blocks = (H + ROWS - 1) / ROWS;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)count * in_blocks; item++) {
+            const int i = (int)(item / in_blocks);
+            const int64_t n0 = (item % in_blocks) * ROWS;
+            rows_any(isa, is_bf16, W_in[i], x, xs, xs + halfH, h + i * 2 * I, n0,
+                     2 * I - n0 < ROWS ? 2 * I - n0 : ROWS, 2 * I, H);
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)count * I; item++) {
+            const int64_t i = item / I, j = item % I;
+            float g = h[i * 2 * I + j], u = h[i * 2 * I + I + j], v;
+            if (is_bf16) {
+                g = round_bf16(g);
+                u = round_bf16(u);
+                v = round_bf16(round_bf16(g / (1.0f + expf(-g))) * u);
+            } else {
+                v = g / (1.0f + expf(-g)) * u;
+            }
+            if (split) (j & 1 ? m + i * 2 * halfI + halfI : m + i * 2 * halfI)[j / 2] = v;
+            else if (is_bf16) ((uint16_t *)m)[i * I + j] = f32_to_bf16(v);
+            else m[i * I + j] = v;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < out_blocks; b++) {
+            const int64_t n0 = b * ROWS, rows = H - n0 < ROWS ? H - n0 : ROWS;
+            float y[ROWS];
+            for (int64_t r = 0; r < rows; r++) out[n0 + r] = 0.0f;
+            for (int i = 0; i < count; i++) {  /* rows n0.. of W_out[i], as a matrix of `rows` rows */
+                const void *mi = split ? (const void *)(m + i * 2 * halfI)
+                                       : is_bf16 ? (const void *)((const uint16_t *)m + i * I) : (const void *)(m + i * I);
+                const void *w = is_bf16 ? (const void *)((const uint16_t *)W_out[i] + n0 * I)
+                                        : (const void *)((const float *)W_out[i] + n0 * I);
+                rows_any(isa, is_bf16, w, mi, m + i * 2 * halfI, m + i * 2 * halfI + halfI, y, 0, rows, rows, I);
+                for (int64_t r = 0; r < rows; r++) out[n0 + r] += weights[i] * (is_bf16 ? round_bf16(y[r]) : y[r]);
+            }
         }
     }
 }

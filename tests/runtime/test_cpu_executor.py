@@ -34,3 +34,74 @@ def test_kernel_equals_torch(dtype, tol, tokens):
         fast = CpuExecutor(1, use_kernel=True).run(module, store, x, weights, jobs)
         plain = CpuExecutor(1, use_kernel=False).run(module, store, x, weights, jobs)
     assert torch.allclose(fast, plain, rtol=tol, atol=tol * plain.abs().max().item())
+
+
+def _kernels_by_isa():
+    """The kernel once per instruction set this CPU runs (an AVX-512 CPU also runs the AVX2 paths)."""
+    import copy
+
+    from runtime.kernels import ISA_AVX2, ISA_AVX512, cpu_flags, instruction_sets
+
+    kernel = load()
+    if kernel is None:
+        return []
+    best = instruction_sets(cpu_flags())
+    per_isa = {ISA_AVX512: {dt: ISA_AVX512 for dt, isa in best.items() if isa == ISA_AVX512}}
+    if {"avx2", "fma"} <= cpu_flags():
+        per_isa[ISA_AVX2] = {torch.float32: ISA_AVX2, torch.bfloat16: ISA_AVX2}
+    out = []
+    for chosen in per_isa.values():
+        if chosen:
+            k = copy.copy(kernel)
+            k.isa, k.dtypes = chosen, frozenset(chosen)
+            out.append(pytest.param(k, id=k.isa_names()[next(iter(chosen))]))
+    return out
+
+
+@pytest.mark.parametrize("kernel", _kernels_by_isa())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,tokens", [(37, 1024, 1), (37, 1027, 3), (5, 33, 8), (9, 7, 2), (16, 48, 64)])
+def test_multi_equals_fp32_matmul_on_odd_shapes(kernel, dtype, rows, cols, tokens):
+    if not kernel.supports(dtype):
+        pytest.skip(f"no {dtype} kernel for this instruction set")
+    torch.manual_seed(1)
+    w, x = torch.randn(rows, cols).to(dtype), torch.randn(tokens, cols).to(dtype)
+    y = kernel.multi([w, w], [x, x[:1].contiguous()], 2)
+    ref = x.float() @ w.float().T
+    assert torch.allclose(y[0], ref, rtol=1e-5, atol=1e-4) and torch.allclose(y[1], ref[:1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", _kernels_by_isa())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,inter", [(64, 96), (33, 17), (256, 704)])
+def test_fused_token_equals_torch(kernel, dtype, hidden, inter):
+    """The fused one-token path rounds where torch's bf16 ops round: equal to them on these shapes."""
+    import torch.nn.functional as F
+
+    if not kernel.supports(dtype):
+        pytest.skip(f"no {dtype} kernel for this instruction set")
+    torch.manual_seed(2)
+    w_in = [torch.randn(2 * inter, hidden).mul(0.1).to(dtype) for _ in range(3)]
+    w_out = [torch.randn(hidden, inter).mul(0.1).to(dtype) for _ in range(3)]
+    x, gates = torch.randn(hidden).to(dtype), [0.5, 0.3, 0.2]
+    ref = torch.zeros(hidden)
+    for a, b, g in zip(w_in, w_out, gates):
+        gate, up = F.linear(x[None], a).chunk(2, dim=-1)
+        ref += F.linear(F.silu(gate) * up, b)[0].float() * g
+    got = kernel.moe_token(w_in, w_out, x, gates, 2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.skipif(load() is None, reason="no C compiler or no AVX-512/AVX2 on this CPU")
+def test_fused_path_only_for_a_silu_gate():
+    """The fused kernel computes SiLU(gate) * up; a module whose own gate differs keeps the general path."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = make_config("mixtral")
+    executor = CpuExecutor(2)
+    silu = MixtralExperts(config)
+    assert executor.fits_token(silu, torch.bfloat16)
+    config.hidden_act = "gelu"
+    gelu = MixtralExperts(config)
+    assert not executor.fits_token(gelu, torch.bfloat16)
