@@ -39,8 +39,9 @@ class AlwaysKernel:
     def handles(self, dtype: torch.dtype, tokens: int, threads: int) -> bool:
         return self.kernel.supports(dtype) and tokens <= self.kernel.max_tokens
 
-    def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
-        return self.kernel.multi(weights, inputs, threads)
+    def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int,
+              out_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        return self.kernel.multi(weights, inputs, threads, out_dtype)
 
 
 class Experts(torch.nn.Module):

@@ -57,9 +57,9 @@ class CpuExecutor:
         return known
 
     def token(self, x: torch.Tensor, chosen: list[tuple[list[torch.Tensor], float]]) -> torch.Tensor:
-        """One token x [1, H] through the chosen experts ((w_in, w_out), gate weight), summed: fp32 [H]."""
+        """One token x [1, H] through the chosen experts ((w_in, w_out), gate weight), summed: [H], x's dtype."""
         if not chosen:
-            return torch.zeros(x.shape[-1], dtype=torch.float32)
+            return torch.zeros(x.shape[-1], dtype=x.dtype)
         return self.kernel.moe_token([w[0] for w, _ in chosen], [w[1] for w, _ in chosen],
                                      x.reshape(-1).contiguous(), [g for _, g in chosen], self.threads)
 
@@ -70,8 +70,8 @@ class CpuExecutor:
         k = self.kernel
         if k is None or not k.handles(x.dtype, x.shape[0], self.threads):
             return ffn(x, w_in, w_out, gate)
-        h = gate(k.multi([w_in], [x.contiguous()], self.threads)[0].to(x.dtype)).contiguous()
-        return k.multi([w_out], [h], self.threads)[0].to(x.dtype)
+        h = gate(k.multi([w_in], [x.contiguous()], self.threads, x.dtype)[0]).contiguous()
+        return k.multi([w_out], [h], self.threads, x.dtype)[0]
 
     def _kernel_fits(self, module: torch.nn.Module, dtype: torch.dtype, tokens: int) -> bool:
         k = self.kernel
@@ -84,11 +84,11 @@ class CpuExecutor:
         gate = module_gate(module)
         inputs = [x[tokens].contiguous() for tokens, _, _ in jobs]
         w_in = [store.host[0][e] for _, _, e in jobs]
-        # Round to the weights' dtype between the projections, as the reference's matmuls do.
-        hidden = [gate(h.to(x.dtype)).contiguous() for h in self.kernel.multi(w_in, inputs, self.threads)]
+        # Outputs rounded to the weights' dtype, as the reference's matmuls round theirs.
+        hidden = [gate(h).contiguous() for h in self.kernel.multi(w_in, inputs, self.threads, x.dtype)]
         w_out = [store.host[1][e] for _, _, e in jobs]
-        for (tokens, ranks, _), y in zip(jobs, self.kernel.multi(w_out, hidden, self.threads)):
-            add_weighted(out, tokens, ranks, y.to(x.dtype), w)  # rounded as the reference's matmul output
+        for (tokens, ranks, _), y in zip(jobs, self.kernel.multi(w_out, hidden, self.threads, x.dtype)):
+            add_weighted(out, tokens, ranks, y, w)
 
 
 def _is_silu_gated(module: torch.nn.Module) -> bool:

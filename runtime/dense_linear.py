@@ -27,8 +27,8 @@ class KernelLinear(torch.nn.Linear):
         if x.dtype != w.dtype or x.device.type != "cpu" or not self.kernel.handles(w.dtype, rows, self.threads) \
                 or not w.is_contiguous():
             return F.linear(x, w, self.bias)
-        y = self.kernel.multi([w], [x.reshape(rows, self.in_features).contiguous()], self.threads)[0]
-        y = y.to(x.dtype)  # rounded like torch's own bf16 matmul output
+        # the output rounded to x's dtype inside the kernel, like torch's own bf16 matmul output
+        y = self.kernel.multi([w], [x.reshape(rows, self.in_features).contiguous()], self.threads, x.dtype)[0]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

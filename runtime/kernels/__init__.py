@@ -72,7 +72,7 @@ class GemvKernel:
         self._fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                              ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
                              ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                             ctypes.c_void_p]
+                             ctypes.c_void_p, ctypes.c_int]
         self._fn.restype = None
         self._token = lib.moe_token
         self._token.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
@@ -82,6 +82,12 @@ class GemvKernel:
         self.max_tokens = int(lib.gemv_max_tokens())
         self.isa = dict(isa)
         self.dtypes = frozenset(isa)
+        self._scratch = torch.empty(0, dtype=torch.float32)  # reused between calls: one caller thread
+
+    def _scratch_ptr(self, floats: int) -> int:
+        if self._scratch.numel() < floats:
+            self._scratch = torch.empty(floats, dtype=torch.float32)
+        return self._scratch.data_ptr()
 
     def isa_names(self) -> dict[torch.dtype, str]:
         return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}
@@ -95,27 +101,30 @@ class GemvKernel:
             return False
         return _kernel_wins(self.isa[dtype], dtype, tokens, threads)
 
-    def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
-        """[x_i @ W_i^T for each i] as fp32 [T_i, N]; every W_i is [N, K] contiguous, x_i [T_i, K] contiguous."""
+    def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int,
+              out_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """[x_i @ W_i^T for each i] as [T_i, N]; every W_i is [N, K] contiguous, x_i [T_i, K] contiguous.
+
+        The products accumulate in fp32; `out_dtype` bfloat16 (with bf16 weights) rounds them as torch's
+        bf16 matmul rounds its output."""
         count = len(weights)
         n, k = weights[0].shape
         dtype = weights[0].dtype
-        outs = [torch.empty((x.shape[0], n), dtype=torch.float32) for x in inputs]
+        out_bf16 = out_dtype == torch.bfloat16
+        outs = [torch.empty((x.shape[0], n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for x in inputs]
         isa = self.isa[dtype]
         scratch = None  # the AVX2 bf16 path widens each input to fp32 once, split into even and odd elements
         if isa == ISA_AVX2 and dtype == torch.bfloat16:
-            scratch = torch.empty(count * 2 * max(x.shape[0] for x in inputs) * ((k + 1) // 2), dtype=torch.float32)
+            scratch = self._scratch_ptr(count * 2 * max(x.shape[0] for x in inputs) * ((k + 1) // 2))
         ptrs = ctypes.c_void_p * count
         self._fn(isa, int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in weights]),
                  ptrs(*[x.data_ptr() for x in inputs]), ptrs(*[y.data_ptr() for y in outs]),
-                 (ctypes.c_int64 * count)(*[x.shape[0] for x in inputs]), n, k, threads,
-                 None if scratch is None else scratch.data_ptr())
+                 (ctypes.c_int64 * count)(*[x.shape[0] for x in inputs]), n, k, threads, scratch, int(out_bf16))
         return outs
-
 
     def moe_token(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], x: torch.Tensor,
                   gate_weights: list[float], threads: int) -> torch.Tensor:
-        """One token through several SiLU-gated experts, weighted and summed: fp32 [H].
+        """One token through several SiLU-gated experts, weighted and summed: [H] in x's dtype.
 
         w_in[i] is [2I, H] (gate rows, then up rows), w_out[i] [H, I], all contiguous; x is [H] contiguous in
         the weights' dtype. bf16 is rounded where torch's bf16 ops round (see moe_token in gemv.c)."""
@@ -123,13 +132,13 @@ class GemvKernel:
         inter2, hidden = w_in[0].shape
         inter = inter2 // 2
         dtype = w_in[0].dtype
-        out = torch.empty(hidden, dtype=torch.float32)
-        scratch = torch.empty(count * (4 * inter + 2), dtype=torch.float32)
+        out = torch.empty(hidden, dtype=dtype)
         ptrs = ctypes.c_void_p * count
         self._token(self.isa[dtype], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in w_in]),
                     ptrs(*[w.data_ptr() for w in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
-                    out.data_ptr(), hidden, inter, threads, scratch.data_ptr())
+                    out.data_ptr(), hidden, inter, threads, self._scratch_ptr(count * (4 * inter + 2)))
         return out
+
 
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

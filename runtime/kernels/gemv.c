@@ -31,6 +31,16 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
 /* ---- AVX-512 ---------------------------------------------------------------------------------- */
 
 __attribute__((target("avx512f,avx512bf16")))
@@ -195,16 +205,31 @@ static void split_bf16(const uint16_t *x, float *xe, float *xo, int64_t K, int64
             (k & 1 ? xo : xe)[t * half + k / 2] = bf16_to_f32(x[t * K + k]);
 }
 
-/* For each of `count` experts i: y[i] = x[i] @ W[i]^T, with T[i] tokens (<= MAXT). For T > 1 the weight
- * rows are read once per token but stay in cache between tokens (a work item is ROWS rows).
+/* Rows n0 .. n0 + rows of W (a matrix with `rows` rows from there on) against x: y [T, rows] fp32. */
+static void rows_block(int isa, int is_bf16, const void *W, const void *x, const float *xe, const float *xo,
+                       float *y, int64_t n0, int64_t rows, int64_t K, int64_t T) {
+    if (isa == ISA_AVX512) {
+        if (is_bf16) rows_bf16_avx512((const uint16_t *)W + n0 * K, (const uint16_t *)x, y, 0, rows, rows, K, T);
+        else rows_f32_avx512((const float *)W + n0 * K, (const float *)x, y, 0, rows, rows, K, T);
+    } else if (is_bf16) {
+        rows_bf16_avx2((const uint16_t *)W + n0 * K, xe, xo, y, 0, rows, rows, K, T);
+    } else {
+        rows_f32_avx2((const float *)W + n0 * K, (const float *)x, y, 0, rows, rows, K, T);
+    }
+}
+
+/* For each of `count` experts i: y[i] = x[i] @ W[i]^T, with T[i] tokens (<= MAXT), stored as fp32 or, with
+ * out_bf16, rounded to bf16 as torch's bf16 matmul output is. For T > 1 the weight rows are read once
+ * per token but stay in L1 between tokens (rows_*: up to four tokens per pass over a row).
  * `scratch` (AVX2 bf16 only) holds count * 2 * max(T) * ceil(K / 2) floats for the split inputs. */
-void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x, float **y, const int64_t *T,
-                int64_t N, int64_t K, int threads, float *scratch) {
+void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x, void **y, const int64_t *T,
+                int64_t N, int64_t K, int threads, float *scratch, int out_bf16) {
     const int64_t blocks = (N + ROWS - 1) / ROWS;
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
     const int64_t stride = tmax * ((K + 1) / 2);
-    if (isa == ISA_AVX2 && is_bf16)
+    const int split = isa == ISA_AVX2 && is_bf16;
+    if (split)
         for (int i = 0; i < count; i++)
             split_bf16((const uint16_t *)x[i], scratch + 2 * i * stride, scratch + (2 * i + 1) * stride, K, T[i]);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -212,17 +237,14 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
         const int i = (int)(item / blocks);
         const int64_t n0 = (item % blocks) * ROWS;
         const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
-        if (isa == ISA_AVX512) {
-            if (is_bf16)
-                rows_bf16_avx512((const uint16_t *)W[i], (const uint16_t *)x[i], y[i], n0, rows, N, K, T[i]);
-            else
-                rows_f32_avx512((const float *)W[i], (const float *)x[i], y[i], n0, rows, N, K, T[i]);
-        } else if (is_bf16) {
-            rows_bf16_avx2((const uint16_t *)W[i], scratch + 2 * i * stride, scratch + (2 * i + 1) * stride, y[i], n0,
-                           rows, N, K, T[i]);
-        } else {
-            rows_f32_avx2((const float *)W[i], (const float *)x[i], y[i], n0, rows, N, K, T[i]);
-        }
+        float tmp[MAXT * ROWS];  /* [T, rows] */
+        rows_block(isa, is_bf16, W[i], x[i], split ? scratch + 2 * i * stride : NULL,
+                   split ? scratch + (2 * i + 1) * stride : NULL, tmp, n0, rows, K, T[i]);
+        for (int64_t t = 0; t < T[i]; t++)
+            for (int64_t r = 0; r < rows; r++) {
+                if (out_bf16) ((uint16_t *)y[i])[t * N + n0 + r] = f32_to_bf16(tmp[t * rows + r]);
+                else ((float *)y[i])[t * N + n0 + r] = tmp[t * rows + r];
+            }
     }
 }
 
@@ -232,32 +254,11 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
  * with bf16 rounding where the reference's bf16 ops round (each matmul output, silu, the product), in
  * one parallel region of three work-shared loops: a layer's misses cost one thread wake-up and no
  * Python between the steps. The caller checks that the module's gate is this one (runtime/cpu_executor.py).
- * out is fp32 [H]; scratch holds count * (2I + 2 * I) floats. */
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
-
-static void rows_any(int isa, int is_bf16, const void *W, const void *x, const float *xe, const float *xo, float *y,
-                     int64_t n0, int64_t rows, int64_t N, int64_t K) {
-    if (isa == ISA_AVX512) {
-        if (is_bf16) rows_bf16_avx512((const uint16_t *)W, (const uint16_t *)x, y, n0, rows, N, K, 1);
-        else rows_f32_avx512((const float *)W, (const float *)x, y, n0, rows, N, K, 1);
-    } else if (is_bf16) {
-        rows_bf16_avx2((const uint16_t *)W, xe, xo, y, n0, rows, N, K, 1);
-    } else {
-        rows_f32_avx2((const float *)W, (const float *)x, y, n0, rows, N, K, 1);
-    }
-}
+ * out [H] has x's dtype (the fp32 sum rounded once, as the reference's output is); scratch holds
+ * count * (4I + 2) floats. */
 
 void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
-               const float *weights, float *out, int64_t H, int64_t I, int threads, float *scratch) {
+               const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
     /* scratch: h [count][2I] fp32, then the gate output m [count][I] as the next matmul wants it:
      * fp32 (fp32, or AVX2 bf16 split into even and odd halves) or bf16 (AVX-512 bf16) */
     float *h = scratch;
@@ -273,8 +274,8 @@ void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **
         for (int64_t item = 0; item < (int64_t)count * in_blocks; item++) {
             const int i = (int)(item / in_blocks);
             const int64_t n0 = (item % in_blocks) * ROWS;
-            rows_any(isa, is_bf16, W_in[i], x, xs, xs + halfH, h + i * 2 * I, n0,
-                     2 * I - n0 < ROWS ? 2 * I - n0 : ROWS, 2 * I, H);
+            rows_block(isa, is_bf16, W_in[i], x, xs, xs + halfH, h + i * 2 * I + n0, n0,
+                       2 * I - n0 < ROWS ? 2 * I - n0 : ROWS, H, 1);
         }
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
@@ -295,14 +296,16 @@ void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **
         for (int64_t b = 0; b < out_blocks; b++) {
             const int64_t n0 = b * ROWS, rows = H - n0 < ROWS ? H - n0 : ROWS;
             float y[ROWS];
-            for (int64_t r = 0; r < rows; r++) out[n0 + r] = 0.0f;
-            for (int i = 0; i < count; i++) {  /* rows n0.. of W_out[i], as a matrix of `rows` rows */
+            float sum[ROWS] = {0};
+            for (int i = 0; i < count; i++) {
                 const void *mi = split ? (const void *)(m + i * 2 * halfI)
                                        : is_bf16 ? (const void *)((const uint16_t *)m + i * I) : (const void *)(m + i * I);
-                const void *w = is_bf16 ? (const void *)((const uint16_t *)W_out[i] + n0 * I)
-                                        : (const void *)((const float *)W_out[i] + n0 * I);
-                rows_any(isa, is_bf16, w, mi, m + i * 2 * halfI, m + i * 2 * halfI + halfI, y, 0, rows, rows, I);
-                for (int64_t r = 0; r < rows; r++) out[n0 + r] += weights[i] * (is_bf16 ? round_bf16(y[r]) : y[r]);
+                rows_block(isa, is_bf16, W_out[i], mi, m + i * 2 * halfI, m + i * 2 * halfI + halfI, y, n0, rows, I, 1);
+                for (int64_t r = 0; r < rows; r++) sum[r] += weights[i] * (is_bf16 ? round_bf16(y[r]) : y[r]);
+            }
+            for (int64_t r = 0; r < rows; r++) {  /* the weighted sum is fp32; the layer's output has x's dtype */
+                if (is_bf16) ((uint16_t *)out)[n0 + r] = f32_to_bf16(sum[r]);
+                else ((float *)out)[n0 + r] = sum[r];
             }
         }
     }
