@@ -7,7 +7,7 @@ its measured rule says it wins, torch otherwise), and by torch's matmul, cycling
 cache so every byte comes from DRAM. The DRAM rate is measured in the same run (a read of a 2 GB
 tensor) and taken from a profile if one is given. Medians of --repeats; ratios side by side.
 
-    .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel.md
+    .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel_avx2.md
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each engine runs in its own process (cold start, its own peak memory), in rotati
 times; the table gives medians and the ratio to the fastest transformers experts implementation, all
 measured side by side in one run. Greedy tokens are compared too (same weights, same dtype).
 
-    .venv/bin/python bench/e2e_cpu.py --repeats 3 --tokens 32 --out bench/results/e2e_cpu.md
+    .venv/bin/python bench/e2e_cpu.py --repeats 3 --tokens 32 --out bench/results/e2e_cpu_avx2.md
 """
 from __future__ import annotations
 

@@ -3,12 +3,16 @@
 The activations come over from the accelerator once per layer (a few KB per token); the expert weights
 never move: for a decode token, streaming an expert from DRAM beats copying it over PCIe.
 
-Two paths, chosen per expert by its token count:
-- few tokens (decode): the GEMV kernel of runtime/kernels, which runs the input projections of all of
-  the layer's missed experts in one parallel region, then all their output projections in another, so
-  the experts run in parallel across the threads and each weight byte is read once;
-- many tokens (prefill), or a layout the kernel does not cover (biases, transposed weights, a dtype or
-  CPU it does not support): torch's matmul (oneDNN, AMX where the CPU has it), expert by expert.
+Three paths:
+- one token whose experts all run on the CPU (decode with `accelerator: cpu`, `token`): one fused
+  kernel call computes both projections, the SiLU gate and the weighted sum of all the token's experts,
+  in one parallel region, when the module's gate is the standard SiLU(gate) * up (checked on a probe);
+- token counts where the GEMV kernel of runtime/kernels beats torch (its measured rule, by instruction
+  set), `run`: the input projections of all of the layer's missed experts in one parallel region, then
+  all their output projections in another, so the experts run in parallel across the threads and each
+  weight byte is read once;
+- otherwise, or a layout the kernel does not cover (biases, transposed weights, a dtype or CPU it does
+  not support): torch's matmul (oneDNN, AMX where the CPU has it), expert by expert.
 """
 from __future__ import annotations
 
