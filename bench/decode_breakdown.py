@@ -1,0 +1,132 @@
+"""Where a CPU decode token's time goes: the CPU kernel (weights streamed) against everything else.
+
+Loads the benchmark checkpoint with the all-CPU plan in this process, times every call into the CPU
+kernel (`GemvKernel.multi`, `GemvKernel.moe_token`) during decode, and reports per token: the kernel's
+milliseconds and weight bytes (so its GB/s), and the rest (transformers' modeling code, moeplan's
+bookkeeping, sampling). With `--no-weights` the kernel calls return zeros instead of reading weights:
+what remains is the Python and torch overhead with warm caches, to compare with the rest measured
+after real weight streaming. Medians of --repeats generations.
+
+    .venv/bin/python bench/decode_breakdown.py --out bench/results/decode_breakdown_avx2.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import runtime.kernels as kernels  # noqa: E402
+from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
+from predict_vs_measure import build_model  # noqa: E402
+from runtime.plan import Plan  # noqa: E402
+from runtime.session import Session  # noqa: E402
+
+
+class KernelClock:
+    """Wraps the kernel's entry points: seconds, calls and weight bytes, or zeros with `no_weights`."""
+
+    def __init__(self, no_weights: bool) -> None:
+        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        self.no_weights = no_weights
+        multi, token = kernels.GemvKernel.multi, kernels.GemvKernel.moe_token
+        clock = self
+
+        def timed_multi(kernel, weights, inputs, threads, out_dtype=torch.float32):
+            start = time.perf_counter()
+            if clock.no_weights:
+                out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for w, x in zip(weights, inputs)]
+            else:
+                out = multi(kernel, weights, inputs, threads, out_dtype)
+            clock.add(time.perf_counter() - start, weights)
+            return out
+
+        def timed_token(kernel, w_in, w_out, x, gates, threads):
+            start = time.perf_counter()
+            out = torch.zeros_like(x) if clock.no_weights else token(kernel, w_in, w_out, x, gates, threads)
+            clock.add(time.perf_counter() - start, w_in + w_out)
+            return out
+
+        kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
+
+    def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
+        self.seconds += seconds
+        self.calls += 1
+        self.bytes += sum(w.numel() * w.element_size() for w in weights)
+
+    def reset(self) -> tuple[float, int, int]:
+        out = (self.seconds, self.calls, self.bytes)
+        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        build_model(model)
+    if kernels.load() is None:
+        raise SystemExit("the CPU kernel is not available here: nothing to break down")
+    plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
+    plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
+    session = Session.load(Plan.load(plan), model_dir=model)
+    rows = []
+    for no_weights in (False, True):
+        clock = KernelClock(no_weights)
+        session.generate(args.prompt, max_new_tokens=4)  # warm-up
+        per_token, kernel_ms, gbps = [], [], []
+        for _ in range(args.repeats):
+            clock.reset()
+            session.generate(args.prompt, max_new_tokens=1)  # the prefill alone, to subtract
+            pre_s, pre_calls, pre_bytes = clock.reset()
+            result = session.generate(args.prompt, max_new_tokens=args.tokens + 1)
+            s, calls, moved = clock.reset()
+            s, moved = s - pre_s, moved - pre_bytes
+            decoded = len(result.generated_ids) - 1
+            per_token.append(result.decode_seconds / decoded * 1e3)
+            kernel_ms.append(s / decoded * 1e3)
+            gbps.append(moved / s / 1e9 if s > 0 else 0.0)
+        total, k = statistics.median(per_token), statistics.median(kernel_ms)
+        rows.append(("zeros instead of weights (warm caches)" if no_weights else "weights streamed", total, k,
+                     statistics.median(gbps), moved / decoded / 1e6, (calls - pre_calls) / decoded))
+        print(rows[-1], file=sys.stderr, flush=True)
+    lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads)", "",
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, kernel "
+             f"{ {str(d).split('.')[1]: n for d, n in kernels.load().isa_names().items()} }, "
+             f"load average at the end {os.getloadavg()[0]:.2f}",
+             f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens, medians of {args.repeats}",
+             f"- command: `.venv/bin/python bench/decode_breakdown.py {' '.join(sys.argv[1:])}`", "",
+             "| kernel calls | ms per token | kernel ms | kernel GB/s | everything else ms | weight MB per token | "
+             "kernel calls per token |", "|---|---|---|---|---|---|---|"]
+    for name, total, k, rate, mb, calls in rows:
+        rate_text = f"{rate:.1f}" if name == "weights streamed" else "-"
+        lines.append(f"| {name} | {total:.1f} | {k:.1f} | {rate_text} | {total - k:.1f} | {mb:.0f} | {calls:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
