@@ -110,6 +110,8 @@ class GemvKernel:
         count = len(weights)
         n, k = weights[0].shape
         dtype = weights[0].dtype
+        if max(x.shape[0] for x in inputs) > self.max_tokens:  # gemv.c's per-item buffer holds MAXT tokens
+            raise ValueError(f"the GEMV kernel takes at most {self.max_tokens} tokens per call")
         out_bf16 = out_dtype == torch.bfloat16
         outs = [torch.empty((x.shape[0], n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for x in inputs]
         isa = self.isa[dtype]
