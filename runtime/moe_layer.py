@@ -65,10 +65,10 @@ class MoeLayer:
         top_k_index = engine.routing_override(self.index, top_k_index)
         idx = top_k_index.to("cpu")  # [T, k]: routing decisions are made on the host
         engine.record_routing(self.index, idx, top_k_weights)
-        one_token = idx.shape[0] == 1
-        # a token chooses an expert at most once: one token needs its k experts, one token each
-        rows = None if one_token else _rows_by_expert(idx)  # expert -> (token indices, rank positions)
-        tokens_per_expert = dict.fromkeys(idx[0].tolist(), 1) if rows is None else \
+        # one token needs its k experts in rank order, one token each (it chooses an expert at most once)
+        ids = idx[0].tolist() if idx.shape[0] == 1 else None
+        rows = None if ids is not None else _rows_by_expert(idx)  # expert -> (token indices, rank positions)
+        tokens_per_expert = dict.fromkeys(ids, 1) if ids is not None else \
             {e: len(tokens) for e, (tokens, _) in rows.items()}
         self._wait_for_copies()
         outcome = route_pass(self.policy, tokens_per_expert, self.rule)
@@ -77,9 +77,9 @@ class MoeLayer:
         last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
         promotions = [en for en in outcome.entries if not en.transfer and last_in_slot[en.slot] == en.expert]
 
-        if one_token and x.device.type == "cpu" and not outcome.accelerator_misses \
+        if ids is not None and x.device.type == "cpu" and not outcome.accelerator_misses \
                 and self.cpu.fits_token(self.module, x.dtype):
-            out = self._token_on_cpu(x, idx[0].tolist(), top_k_weights, outcome, promotions)
+            out = self._token_on_cpu(x, ids, top_k_weights, outcome, promotions)
         else:
             rows = rows if rows is not None else _rows_by_expert(idx)
             out = self._pass(x, top_k_weights, rows, outcome, entered, promotions)

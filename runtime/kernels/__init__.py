@@ -80,8 +80,7 @@ class GemvKernel:
                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
         self._token.restype = None
         self.max_tokens = int(lib.gemv_max_tokens())
-        self.isa = dict(isa)
-        self.dtypes = frozenset(isa)
+        self.isa = dict(isa)  # dtype -> instruction set: the dtypes this kernel runs
         self._scratch = torch.empty(0, dtype=torch.float32)  # reused between calls: one caller thread
 
     def _scratch_ptr(self, floats: int) -> int:
@@ -93,11 +92,11 @@ class GemvKernel:
         return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}
 
     def supports(self, dtype: torch.dtype) -> bool:
-        return dtype in self.dtypes
+        return dtype in self.isa
 
     def handles(self, dtype: torch.dtype, tokens: int, threads: int) -> bool:
         """Whether this kernel beats torch's matmul here (see _kernel_wins)."""
-        if dtype not in self.dtypes or not 1 <= tokens <= self.max_tokens:
+        if dtype not in self.isa or not 1 <= tokens <= self.max_tokens:
             return False
         return _kernel_wins(self.isa[dtype], dtype, tokens, threads)
 
