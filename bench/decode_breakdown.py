@@ -1,7 +1,7 @@
 """Where a CPU decode token's time goes: the CPU kernel (weights streamed) against everything else.
 
 Loads the benchmark checkpoint with the all-CPU plan in this process, times every call into the CPU
-kernel (`GemvKernel.multi`, `GemvKernel.moe_token`) during decode, and reports per token: the kernel's
+kernel (`GemvKernel.linear`, `.multi`, `.moe_token`) during decode, and reports per token: the kernel's
 milliseconds and weight bytes (so its GB/s), and the rest (transformers' modeling code, moeplan's
 bookkeeping, sampling). With `--no-weights` the kernel calls return zeros instead of reading weights:
 what remains is the Python and torch overhead with warm caches, to compare with the rest measured
@@ -40,7 +40,7 @@ class KernelClock:
     def __init__(self, no_weights: bool) -> None:
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
         self.no_weights = no_weights
-        multi, token = kernels.GemvKernel.multi, kernels.GemvKernel.moe_token
+        multi, token, linear = kernels.GemvKernel.multi, kernels.GemvKernel.moe_token, kernels.GemvKernel.linear
         clock = self
 
         def timed_multi(kernel, weights, inputs, threads, out_dtype=torch.float32):
@@ -58,7 +58,15 @@ class KernelClock:
             clock.add(time.perf_counter() - start, w_in + w_out)
             return out
 
+        def timed_linear(kernel, weight, x, threads, out_dtype):
+            start = time.perf_counter()
+            out = torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype) if clock.no_weights else \
+                linear(kernel, weight, x, threads, out_dtype)
+            clock.add(time.perf_counter() - start, [weight])
+            return out
+
         kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
+        kernels.GemvKernel.linear = timed_linear
 
     def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
         self.seconds += seconds

@@ -28,7 +28,7 @@ class KernelLinear(torch.nn.Linear):
                 or not w.is_contiguous():
             return F.linear(x, w, self.bias)
         # the output rounded to x's dtype inside the kernel, like torch's own bf16 matmul output
-        y = self.kernel.multi([w], [x.reshape(rows, self.in_features).contiguous()], self.threads, x.dtype)[0]
+        y = self.kernel.linear(w, x.reshape(rows, self.in_features).contiguous(), self.threads, x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

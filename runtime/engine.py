@@ -11,8 +11,11 @@ import torch
 
 from .cache_policy import LayerCachePolicy, MissRule
 from .cpu_executor import CpuExecutor
+from .decode_attention import use_cpu_decode_attention
 from .dense_linear import use_kernel_for_dense
+from .dense_norm import use_kernel_for_norms
 from .experts_hook import ATTRIBUTE
+from .kernels.decode_ops import load_decode_ops
 from .expert_store import ExpertStore
 from .loader import LoadedModel
 from .moe_layer import MoeLayer
@@ -35,8 +38,11 @@ class Engine:
         self.replay = replay
         torch.set_num_threads(plan.hardware.cpu_threads)
         cpu = CpuExecutor(plan.hardware.cpu_threads)
-        if self.device.type == "cpu":  # the dense part runs on the CPU too: same kernel at decode
+        if self.device.type == "cpu":  # the dense part runs on the CPU too: C kernels at decode
             use_kernel_for_dense(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
+            ops = load_decode_ops() if cpu.kernel is not None else None
+            use_kernel_for_norms(loaded.model, ops)
+            use_cpu_decode_attention(loaded.model, ops)
         self.layers: list[MoeLayer] = []
         for i, module in enumerate(experts):
             store = ExpertStore(module, slots[i], self.device)

@@ -23,12 +23,15 @@ class ExpertStore:
         self.slots = [torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.host]
         self.expert_bytes = sum(t[0].numel() * t.element_size() for t in self.host)
         self._scratch: list[torch.Tensor] | None = None  # for accelerator misses that do not enter the cache
+        # each expert's and each slot's views, made once: a decode token asks for them in every layer
+        self._host_views = [[t[e] for t in self.host] for e in range(self.host[0].shape[0])]
+        self._slot_views = [[t[s] for t in self.slots] for s in range(slots)]
 
     def host_weights(self, expert: int) -> list[torch.Tensor]:
-        return [t[expert] for t in self.host]
+        return self._host_views[expert]
 
     def slot_weights(self, slot: int) -> list[torch.Tensor]:
-        return [t[slot] for t in self.slots]
+        return self._slot_views[slot]
 
     def copy_to_slot(self, expert: int, slot: int) -> int:
         """Copy an expert into a slot (asynchronous on CUDA from pinned memory); returns the bytes copied."""

@@ -18,6 +18,7 @@ import torch
 from .atomic import write_atomic
 from .engine import Engine
 from .errors import PlanError
+from .kv_cache import use_growing_layers
 from .memory_guard import check_fits, memory_plan
 from .loader import LoadedModel, inspect_model, load_model, resolve_device
 from .plan import Plan
@@ -92,6 +93,8 @@ class Session:
         sampler = Sampler(temperature, top_p, seed)
         stop_ids = _stop_ids(model.config)
         cache = DynamicCache(config=model.config)
+        if device.type == "cpu":
+            use_growing_layers(cache)  # appends in place: no copy of the whole cache per token
         cache_arg = _cache_argument(model)
         streamer = _TextStream(tokenizer, on_text)
         generated: list[int] = []

@@ -1,4 +1,5 @@
-"""The CPU GEMV kernel (gemv.c): compiled on first use with the system C compiler, loaded with ctypes.
+"""The CPU kernels: the GEMV kernel (gemv.c) and the dense part's decode operations (decode_ops.c, wrapped
+in decode_ops.py), compiled on first use into one library with the system C compiler, loaded with ctypes.
 
 Each dtype gets the best instruction set the CPU has: AVX-512 (with AVX512-BF16 for bf16), else AVX2 with
 FMA. Where there is neither, no compiler, or the build fails, `load()` returns None and the executor uses
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("gemv.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "gemv.c", HERE / "decode_ops.c"]
+HEADERS = [HERE / "bf16.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 
 
@@ -74,6 +77,11 @@ class GemvKernel:
                              ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                              ctypes.c_void_p, ctypes.c_int]
         self._fn.restype = None
+        self._one = lib.gemv_one
+        self._one.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                              ctypes.c_int]
+        self._one.restype = None
         self._token = lib.moe_token
         self._token.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
@@ -123,6 +131,20 @@ class GemvKernel:
                  (ctypes.c_int64 * count)(*[x.shape[0] for x in inputs]), n, k, threads, scratch, int(out_bf16))
         return outs
 
+    def linear(self, weight: torch.Tensor, x: torch.Tensor, threads: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """x @ weight^T for one matrix: `multi` with a single item, at less per-call cost (the dense
+        projections call it 30-odd times per token). weight [N, K] and x [T, K] contiguous, T <= max_tokens."""
+        n, k = weight.shape
+        tokens = x.shape[0]
+        out_bf16 = out_dtype == torch.bfloat16
+        out = torch.empty((tokens, n), dtype=torch.bfloat16 if out_bf16 else torch.float32)
+        isa = self.isa[weight.dtype]
+        is_bf16 = weight.dtype == torch.bfloat16
+        scratch = self._scratch_ptr(2 * tokens * ((k + 1) // 2)) if isa == ISA_AVX2 and is_bf16 else None
+        self._one(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), tokens, n, k, threads, scratch,
+                  out_bf16)
+        return out
+
     def moe_token(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], x: torch.Tensor,
                   gate_weights: list[float], threads: int) -> torch.Tensor:
         """One token through several SiLU-gated experts, weighted and summed: [H] in x's dtype.
@@ -147,30 +169,38 @@ def _cache_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
-def load() -> GemvKernel | None:
+def library() -> tuple[ctypes.CDLL, dict[torch.dtype, int]] | None:
+    """The compiled library and the instruction set of each dtype, or None where it cannot be built here."""
     if os.environ.get("MOEPLAN_NO_KERNEL"):
         return None
     isa = instruction_sets(cpu_flags())
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if not isa or compiler is None:
-        log.debug("CPU GEMV kernel unavailable (instruction sets: %s, compiler: %s)", isa, compiler)
+        log.debug("CPU kernels unavailable (instruction sets: %s, compiler: %s)", isa, compiler)
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv-{digest}.so"
+    target = _cache_dir() / f"kernels-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp, "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             Path(tmp).unlink(missing_ok=True)
-            log.debug("CPU GEMV kernel did not build: %s", proc.stderr[-500:])
+            log.debug("CPU kernels did not build: %s", proc.stderr[-500:])
             return None
         os.replace(tmp, target)
     try:
-        return GemvKernel(ctypes.CDLL(str(target)), isa)
+        return ctypes.CDLL(str(target)), isa
     except OSError as exc:
-        log.debug("CPU GEMV kernel did not load: %s", exc)
+        log.debug("CPU kernels did not load: %s", exc)
         return None
+
+
+@lru_cache(maxsize=1)
+def load() -> GemvKernel | None:
+    """The GEMV kernel, or None: the executor then uses torch's matmul."""
+    built = library()
+    return GemvKernel(*built) if built is not None else None

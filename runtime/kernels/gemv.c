@@ -16,6 +16,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAXT 64
 #define ROWS 4 /* rows per work item: four accumulator chains hide the FMA latency */
 /* AVX2 paths: software prefetch this far ahead of the row being read, with the non-temporal hint since
@@ -26,23 +28,6 @@
 #define ISA_AVX512 2
 
 int gemv_max_tokens(void) { return MAXT; }
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* ---- AVX-512 ---------------------------------------------------------------------------------- */
 
@@ -249,6 +234,12 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
                 else ((float *)y[i])[t * N + n0 + r] = tmp[t * rows + r];
             }
     }
+}
+
+/* One matrix (a dense projection): gemv_multi without the caller building arrays for a single item. */
+void gemv_one(int isa, int is_bf16, const void *W, const void *x, void *y, int64_t T, int64_t N, int64_t K,
+              int threads, float *scratch, int out_bf16) {
+    gemv_multi(isa, is_bf16, 1, &W, &x, &y, &T, N, K, threads, scratch, out_bf16);
 }
 
 /* ---- one decode token through a layer's experts, fused -----------------------------------------

@@ -1,0 +1,139 @@
+/* The dense part's small operations at one decode token: RMSNorm, and the attention of one query over the
+ * KV cache. At one token each of them costs more in torch's per-op dispatch (RMSNorm is eight ops, the
+ * attention a dispatch into its flash kernel) than in arithmetic: bench/results/decode_breakdown_avx2.md.
+ * Each follows the rounding of the transformers code it stands in for, so that its output is the
+ * reference's up to the order of fp32 sums. Compiled with gemv.c into one library (runtime/kernels);
+ * the loader builds it only where the CPU has AVX2 and FMA. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "bf16.h"
+
+static inline float load_elem(const void *p, int64_t i, int is_bf16) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_elem(void *p, int64_t i, float v, int is_bf16) {
+    if (is_bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* Llama-style RMSNorm over the last dimension, as transformers writes it:
+ *   h = x.float();  h = h * rsqrt(mean(h^2) + eps);  y = weight * h.to(x.dtype)
+ * x and y are [rows, H] contiguous, weight [H], all in one dtype (bf16: h rounded to bf16, then the
+ * product with the weight rounded again, as torch's bf16 multiply does). */
+__attribute__((target("avx2,fma")))
+void rms_norm(int is_bf16, const void *x, const void *weight, void *y, int64_t rows, int64_t H, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < H; k++) {
+            const float v = load_elem(x, r * H + k, is_bf16);
+            sum += v * v;
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)H + eps);
+        for (int64_t k = 0; k < H; k++) {
+            float h = load_elem(x, r * H + k, is_bf16) * inv;
+            if (is_bf16) h = round_bf16(h);
+            store_elem(y, r * H + k, load_elem(weight, k, is_bf16) * h, is_bf16);
+        }
+    }
+}
+
+/* 8 elements at p + i as fp32 (a bf16 widened by a 16-bit shift) */
+__attribute__((target("avx2,fma"), always_inline))
+static inline __m256 load8(const void *p, int64_t i, int is_bf16) {
+    if (is_bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* q . k_j for R consecutive positions j (R <= 4): R independent FMA chains, where one position alone
+ * would wait on a single chain's latency */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void dot_rows(const float *qf, const void *k, int64_t base, int64_t pos_stride, int64_t D,
+                            int is_bf16, const int R, float *dots) {
+    __m256 a[4];
+    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qf + d);
+        for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(qv, load8(k, base + r * pos_stride + d, is_bf16), a[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        float dot = hsum8(a[r]);
+        for (int64_t t = d; t < D; t++) dot += qf[t] * load_elem(k, base + r * pos_stride + t, is_bf16);
+        dots[r] = dot;
+    }
+}
+
+/* acc[0:D] = sum_j p[j] v_j over L positions. Each 64-wide slice of the row sums in eight registers across
+ * all positions: accumulating in memory would chain every position's FMA through a store and a reload. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void weighted_rows(float *acc, const float *p, const void *v, int64_t base, int64_t pos_stride,
+                                 int64_t L, int64_t D, int is_bf16) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) {
+        __m256 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < L; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            for (int r = 0; r < 8; r++)
+                a[r] = _mm256_fmadd_ps(pj, load8(v, base + j * pos_stride + d0 + 8 * r, is_bf16), a[r]);
+        }
+        for (int r = 0; r < 8; r++) _mm256_storeu_ps(acc + d0 + 8 * r, a[r]);
+    }
+    for (int64_t d = d0; d < D; d++) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < L; j++) sum += p[j] * load_elem(v, base + j * pos_stride + d, is_bf16);
+        acc[d] = sum;
+    }
+}
+
+/* Scaled dot-product attention of one query token over L cached positions, with grouped-query heads
+ * (query head h reads KV head h / (Hq / Hkv)) and no mask (the caller passes only unmasked decode steps):
+ *   out[h] = sum_j p_j v_j / sum_j p_j,   p_j = exp(scale * q_h . k_j - max)
+ * in fp32, as torch's CPU flash-attention kernel computes it; for bf16 it rounds p_j to bf16 before the
+ * product with V, as that kernel does, and the output once at the end.
+ * q is [Hq, D] with head stride q_head; K and V are [Hkv, L, D] with head and position strides (a view of
+ * a longer cache buffer is fine; D is contiguous); out is [Hq, D] contiguous. scratch holds Hq * L floats.
+ * Heads are split across threads only when the cache is long enough to pay for a thread wake-up. */
+__attribute__((target("avx2,fma")))
+void attend_one(int is_bf16, const void *q, const void *k, const void *v, void *out, int64_t Hq, int64_t Hkv,
+                int64_t L, int64_t D, int64_t q_head, int64_t k_head, int64_t k_pos, int64_t v_head, int64_t v_pos,
+                float scale, int threads, float *scratch) {
+    const int64_t group = Hq / Hkv;
+#pragma omp parallel for num_threads(threads) schedule(static) if (Hq * L * D >= (1 << 18))
+    for (int64_t h = 0; h < Hq; h++) {
+        const int64_t g = h / group;
+        float *p = scratch + h * L;
+        float qf[D], acc[D];
+        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(q, h * q_head + d, is_bf16);
+        float top = -INFINITY;
+        int64_t j = 0;
+        for (; j + 4 <= L; j += 4) dot_rows(qf, k, g * k_head + j * k_pos, k_pos, D, is_bf16, 4, p + j);
+        for (; j < L; j++) dot_rows(qf, k, g * k_head + j * k_pos, k_pos, D, is_bf16, 1, p + j);
+        for (j = 0; j < L; j++) {
+            p[j] *= scale;
+            top = p[j] > top ? p[j] : top;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < L; j++) {
+            const float e = expf(p[j] - top);
+            total += e;
+            p[j] = is_bf16 ? round_bf16(e) : e;
+        }
+        weighted_rows(acc, p, v, g * v_head, v_pos, L, D, is_bf16);
+        for (int64_t d = 0; d < D; d++) store_elem(out, h * D + d, acc[d] / total, is_bf16);
+    }
+}

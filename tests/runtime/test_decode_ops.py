@@ -1,0 +1,113 @@
+"""The dense part's C decode operations give what transformers' own modules give (RMSNorm, attention of
+one query), and they are only put in place where they do."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.decode_attention import cpu_decode_attention
+from runtime.dense_norm import KernelRMSNorm, use_kernel_for_norms
+from runtime.kernels.decode_ops import load_decode_ops
+
+ops = load_decode_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C compiler or no AVX2 on this CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 1024), (5, 64), (3, 19)])
+def test_rms_norm_equals_transformers(dtype, rows, hidden):
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    torch.manual_seed(0)
+    norm = MixtralRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+    x = (torch.randn(rows, hidden) * 3).to(dtype)
+    theirs, ours = norm(x), ops.rms_norm(x, norm.weight, 1e-5)
+    assert ours.dtype == dtype and ours.shape == theirs.shape
+    if dtype == torch.bfloat16:  # same roundings: equal but where the fp32 sum of squares rounds differently
+        assert (ours != theirs).float().mean() < 0.01
+    assert torch.allclose(ours.float(), theirs.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_norms_swapped_only_where_the_kernel_matches():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    model = torch.nn.ModuleDict({"llama_style": MixtralRMSNorm(32), "gemma_style": GemmaRMSNorm(32),
+                                 "layer_norm": torch.nn.LayerNorm(32)})
+    with torch.no_grad():
+        for norm in model.values():
+            norm.weight.normal_(0.5, 0.2)
+    reference = copy.deepcopy(model["llama_style"])
+    assert use_kernel_for_norms(model, ops) == 1
+    assert isinstance(model["llama_style"], KernelRMSNorm)
+    assert isinstance(model["gemma_style"], GemmaRMSNorm)  # weight used as 1 + w: another formula
+    assert isinstance(model["layer_norm"], torch.nn.LayerNorm)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32)
+        assert torch.allclose(model["llama_style"](x), reference(x), atol=1e-6)
+        # an input the kernel does not take (a non-contiguous view) goes through the module's own forward
+        view = torch.randn(32, 6).t()
+        assert torch.allclose(model["llama_style"](view), reference(view), atol=1e-6)
+
+
+def _sdpa(query, key, value):
+    return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(16, 8, 64), (4, 1, 80), (4, 4, 12)])
+@pytest.mark.parametrize("length", [1, 5, 33, 300])
+def test_one_query_attention_equals_sdpa(dtype, heads, kv_heads, dim, length):
+    torch.manual_seed(length)
+    query = torch.randn(1, heads, 1, dim).to(dtype)
+    # a view of the first `length` positions of a longer buffer, as the growing KV cache hands them out
+    keys = torch.randn(1, kv_heads, length + 7, dim).to(dtype)[:, :, :length]
+    values = torch.randn(1, kv_heads, length + 7, dim).to(dtype)[:, :, :length]
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    ours, _ = cpu_decode_attention(module, query, keys, values, None, scaling=dim ** -0.5)
+    theirs = _sdpa(query, keys, values).transpose(1, 2)
+    assert ours.shape == theirs.shape == (1, 1, heads, dim)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(ours.float(), theirs.float(), rtol=tol, atol=tol)
+
+
+def test_masked_or_batched_attention_is_sdpa_itself():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    query, keys, values = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    mask[..., :3] = False
+    ours, _ = cpu_decode_attention(module, query, keys, values, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.25)
+    assert torch.equal(ours, theirs)
+    batch = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    ours, _ = cpu_decode_attention(module, *batch, None, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, *batch, None, scaling=0.25)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "phimoe"])
+def test_cpu_sessions_put_the_decode_ops_in_place(family, checkpoint):
+    from model_factory import num_experts
+    from test_conformance import PLANS, make_plan
+
+    from runtime.session import Session
+
+    folder, config = checkpoint(family)
+    plan = make_plan(PLANS["all-cpu-1-thread"], num_experts(config), config.num_hidden_layers)
+    model = Session.load(plan, folder).loaded.model
+    norms = [m for m in model.modules() if isinstance(m, KernelRMSNorm)]
+    if family == "phimoe":  # LayerNorm, not RMSNorm: nothing to swap
+        assert not norms
+    else:  # two per layer and the final norm (Qwen3-MoE adds the per-head q and k norms)
+        assert len(norms) == config.num_hidden_layers * (4 if family == "qwen3_moe" else 2) + 1
+    assert model.config._attn_implementation == "moeplan_cpu"
