@@ -15,6 +15,7 @@ from .decode_attention import use_cpu_decode_attention
 from .dense_linear import use_kernel_for_dense
 from .dense_norm import use_kernel_for_norms
 from .experts_hook import ATTRIBUTE
+from .huge_pages import move_to_huge_pages
 from .kernels.decode_ops import load_decode_ops
 from .expert_store import ExpertStore
 from .loader import LoadedModel
@@ -24,7 +25,8 @@ from .replay import RoutingReplay
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None,
+                 huge_pages: bool = False) -> None:
         experts = loaded.experts
         num_layers, num_experts = len(experts), experts[0].num_experts
         slots = plan.cache.slots_per_layer(num_layers, num_experts)
@@ -43,6 +45,8 @@ class Engine:
             ops = load_decode_ops() if cpu.kernel is not None else None
             use_kernel_for_norms(loaded.model, ops)
             use_cpu_decode_attention(loaded.model, ops)
+        # before the expert stores take their views of the weights: a move re-points the parameters
+        self.huge_page_bytes = move_to_huge_pages(list(loaded.model.parameters())) if huge_pages else 0
         self.layers: list[MoeLayer] = []
         for i, module in enumerate(experts):
             store = ExpertStore(module, slots[i], self.device)
@@ -100,4 +104,5 @@ class Engine:
             "prefetch": {"copies": guesses, "right": sum(s["prefetch_right"] for s in per_layer)},
             "bytes_to_accelerator": sum(s["bytes_to_accelerator"] for s in per_layer),
             "cpu_expert_seconds": sum(s["cpu_expert_seconds"] for s in per_layer),
+            "weights_in_huge_pages_bytes": self.huge_page_bytes,
         }

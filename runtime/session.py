@@ -47,17 +47,19 @@ class GenerationResult:
 
 
 class Session:
-    def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None,
+                 huge_pages: bool = False) -> None:
         self.loaded = loaded
         self.plan = plan
-        self.engine = Engine(loaded, plan, replay)
+        self.engine = Engine(loaded, plan, replay, huge_pages)
 
     @classmethod
     def load(cls, plan: Plan, model_dir: str | Path | None = None, replay_trace: str | Path | None = None,
-             context_tokens: int = 2048) -> "Session":
+             context_tokens: int = 2048, huge_pages: bool = False) -> "Session":
         """Check the plan against the checkpoint and this host's memory, then load.
 
-        `context_tokens` (prompt + new tokens, an upper bound is fine) sizes the KV cache in the memory check.
+        `context_tokens` (prompt + new tokens, an upper bound is fine) sizes the KV cache in the memory check;
+        `huge_pages` moves the CPU-resident weights into 2 MB pages (runtime/huge_pages.py).
         """
         folder = model_dir if model_dir is not None else plan.model.path
         if not folder:
@@ -74,7 +76,7 @@ class Session:
         if replay_trace is not None:
             top_k = int(getattr(loaded.model.config, "num_experts_per_tok"))
             replay = RoutingReplay.load(replay_trace, len(loaded.experts), loaded.experts[0].num_experts, top_k)
-        return cls(loaded, plan, replay)
+        return cls(loaded, plan, replay, huge_pages)
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

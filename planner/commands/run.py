@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-out", metavar="FILE", help="write every forward pass's routing to FILE (JSON Lines)")
     p.add_argument("--replay-trace", metavar="FILE",
                    help="force each layer's experts from a recorded trace (benchmarks on random weights)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="move the CPU-resident weights into 2 MB pages at load (Linux): a slower load (about "
+                        "1 s per GB), faster CPU decode (8%% on the development machine); pays off on long runs")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
         check_writable(args.trace_out, "--trace-out")
     # prompt characters bound its token count from above: enough to size the KV cache in the memory check
     session = Session.load(plan, args.model, replay_trace=args.replay_trace,
-                           context_tokens=len(args.prompt.encode()) + args.max_new_tokens + 2)
+                           context_tokens=len(args.prompt.encode()) + args.max_new_tokens + 2,
+                           huge_pages=args.huge_pages)
     on_text = None if args.json else _print_now
     result = session.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, on_text=on_text, trace_out=args.trace_out)
