@@ -4,8 +4,11 @@ For each dtype, thread count and token count: one whole expert (gate_up then dow
 between) computed three ways: by the GEMV kernel forced at every token count it can run (all of a
 layer's missed experts in one parallel region), by moeplan's executor as it chooses (the kernel where
 its measured rule says it wins, torch otherwise), and by torch's matmul, cycling over a pool of experts larger than the last-level
-cache so every byte comes from DRAM. The DRAM rate is measured in the same run (a read of a 2 GB
-tensor) and taken from a profile if one is given. Medians of --repeats; ratios side by side.
+cache so every byte comes from DRAM. The DRAM rate is torch's `sum()` over the same experts' bytes, timed
+alternately with the forced kernel (each repeat: the kernel on some experts, the read on the next ones),
+so that the ratio does not drift with the machine's load. The whole table is measured twice: with the
+weights in 4 KB pages and moved into 2 MB pages (`moeplan run --huge-pages`, runtime/huge_pages.py).
+Medians of --repeats; ratios side by side.
 
     .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel_avx2.md
 """
@@ -27,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.cpu_executor import CpuExecutor  # noqa: E402
 from runtime.expert_store import ExpertStore  # noqa: E402
+from runtime.huge_pages import move_to_huge_pages, supported  # noqa: E402
 from runtime.kernels import GemvKernel, load  # noqa: E402
 
 
@@ -62,25 +66,22 @@ class Experts(torch.nn.Module):
         return torch.nn.functional.silu(g) * u
 
 
-def dram_read_gbps(threads: int, repeats: int) -> float:
-    torch.set_num_threads(threads)
-    a = torch.ones(512 * 1024 * 1024, dtype=torch.float32)  # 2 GB
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t)
-    return a.numel() * 4 / statistics.median(times[1:]) / 1e9
+def read_experts(module: Experts, experts: list[int]) -> None:
+    """torch's `sum()` over the experts' weight bytes (read as fp32 words): the DRAM read they cost."""
+    for e in experts:
+        for t in (module.gate_up_proj[e], module.down_proj[e]):
+            t.reshape(-1).view(torch.float32).sum()
 
 
 def time_expert(executor: CpuExecutor, module: Experts, store: ExpertStore, tokens: int, per_call: int,
-                repeats: int) -> float:
-    """Median seconds for `per_call` experts (the missed experts of one layer) on `tokens` tokens."""
+                repeats: int, with_read: bool = False) -> tuple[float, float]:
+    """Median seconds for `per_call` experts (the missed experts of one layer) on `tokens` tokens, and with
+    `with_read` the median seconds of reading the next `per_call` experts' bytes, timed alternately."""
     hidden = module.gate_up_proj.shape[2]
     x = torch.randn(tokens, hidden, dtype=module.gate_up_proj.dtype)
     weights = torch.full((tokens, per_call), 1.0 / per_call)
     rank_of = torch.arange(per_call)
-    times, start = [], 0
+    times, reads, start = [], [], 0
     for r in range(repeats + 1):
         jobs = []
         for j in range(per_call):
@@ -91,7 +92,14 @@ def time_expert(executor: CpuExecutor, module: Experts, store: ExpertStore, toke
         executor.run(module, store, x, weights, jobs)
         if r:
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        if with_read:
+            experts = [(start + j) % module.num_experts for j in range(per_call)]
+            start += per_call
+            t = time.perf_counter()
+            read_experts(module, experts)
+            if r:
+                reads.append(time.perf_counter() - t)
+    return statistics.median(times), statistics.median(reads) if reads else float("nan")
 
 
 def main() -> int:
@@ -107,31 +115,37 @@ def main() -> int:
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     token_counts = [int(t) for t in args.tokens.split(",")]
-    dram = {t: dram_read_gbps(t, args.repeats) for t in threads}
     kernel = load()
     if kernel is None:
         raise SystemExit("the GEMV kernel is not available on this CPU (see runtime/kernels/__init__.py)")
     rows = []
+    pages = ["4 KB", "2 MB"] if supported() else ["4 KB"]
     for dtype in (torch.bfloat16, torch.float32):
         size = dtype.itemsize
         expert_bytes = 3 * args.hidden * args.intermediate * size
         num = max(args.per_call * 2, int(args.pool_gb * 1e9 // expert_bytes))
         module = Experts(num, args.hidden, args.intermediate, dtype)
-        store = ExpertStore(module, 0, torch.device("cpu"))
-        for t in threads:
-            torch.set_num_threads(t)
-            forced = CpuExecutor(t, kernel=AlwaysKernel(kernel))  # type: ignore[arg-type]
-            fast, plain = CpuExecutor(t, kernel=kernel), CpuExecutor(t, use_kernel=False)
-            for tokens in token_counts:
-                s_kernel = (time_expert(forced, module, store, tokens, args.per_call, args.repeats)
-                            if tokens <= kernel.max_tokens and kernel.supports(dtype) else float("nan"))
-                s_fast = time_expert(fast, module, store, tokens, args.per_call, args.repeats)
-                s_plain = time_expert(plain, module, store, tokens, args.per_call, args.repeats)
-                moved = expert_bytes * args.per_call
-                rows.append((str(dtype).split(".")[1], t, tokens, moved / s_kernel / 1e9, moved / s_fast / 1e9,
-                             moved / s_plain / 1e9, dram[t], 2 * moved / size * tokens / s_fast / 1e9))
-                print(rows[-1], file=sys.stderr, flush=True)
-        del module, store
+        for page in pages:
+            if page == "2 MB":
+                move_to_huge_pages(list(module.parameters()))
+            store = ExpertStore(module, 0, torch.device("cpu"))
+            for t in threads:
+                torch.set_num_threads(t)
+                forced = CpuExecutor(t, kernel=AlwaysKernel(kernel))  # type: ignore[arg-type]
+                fast, plain = CpuExecutor(t, kernel=kernel), CpuExecutor(t, use_kernel=False)
+                for tokens in token_counts:
+                    s_kernel, s_read = (time_expert(forced, module, store, tokens, args.per_call, args.repeats, True)
+                                        if tokens <= kernel.max_tokens and kernel.supports(dtype)
+                                        else (float("nan"), float("nan")))
+                    s_fast = time_expert(fast, module, store, tokens, args.per_call, args.repeats)[0]
+                    s_plain = time_expert(plain, module, store, tokens, args.per_call, args.repeats)[0]
+                    moved = expert_bytes * args.per_call
+                    rows.append((str(dtype).split(".")[1], page, t, tokens, moved / s_kernel / 1e9,
+                                 moved / s_fast / 1e9, moved / s_plain / 1e9, moved / s_read / 1e9,
+                                 2 * moved / size * tokens / s_fast / 1e9))
+                    print(rows[-1], file=sys.stderr, flush=True)
+            del store
+        del module
     lines = ["# CPU expert kernel: weight bytes streamed per second", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, torch "
@@ -141,16 +155,18 @@ def main() -> int:
              f"from DRAM; medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/cpu_kernel.py {' '.join(sys.argv[1:])}`", "",
              f"- kernel instruction sets: { {str(d).split('.')[1]: i for d, i in kernel.isa_names().items()} }",
-             "- kernel: the GEMV kernel forced; moeplan: the path the executor chooses; '-': above the kernel's "
-             "token limit", "",
-             "| dtype | threads | tokens | kernel GB/s | moeplan GB/s | torch GB/s | DRAM read GB/s | kernel / DRAM | "
-             "kernel / torch | moeplan / torch | moeplan GFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for dt, t, tok, forced_rate, fast, plain, d, flops in rows:
+             "- kernel: the GEMV kernel forced; moeplan: the path the executor chooses; DRAM read: torch's sum() "
+             "over the same experts' bytes, alternating with the kernel; '-': above the kernel's token limit", "",
+             "| dtype | pages | threads | tokens | kernel GB/s | moeplan GB/s | torch GB/s | DRAM read GB/s | "
+             "kernel / DRAM | kernel / torch | moeplan / torch | moeplan GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for dt, page, t, tok, forced_rate, fast, plain, d, flops in rows:
         if forced_rate == forced_rate:  # not NaN
-            k_cols = f"{forced_rate:.1f} | {fast:.1f} | {plain:.1f} | {d:.1f} | {forced_rate / d:.2f} | {forced_rate / plain:.2f}"
+            k_cols = (f"{forced_rate:.1f} | {fast:.1f} | {plain:.1f} | {d:.1f} | {forced_rate / d:.2f} | "
+                      f"{forced_rate / plain:.2f}")
         else:
-            k_cols = f"- | {fast:.1f} | {plain:.1f} | {d:.1f} | - | -"
-        lines.append(f"| {dt} | {t} | {tok} | {k_cols} | {fast / plain:.2f} | {flops:.0f} |")
+            k_cols = f"- | {fast:.1f} | {plain:.1f} | - | - | -"
+        lines.append(f"| {dt} | {page} | {t} | {tok} | {k_cols} | {fast / plain:.2f} | {flops:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

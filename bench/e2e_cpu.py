@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed (bench/llama_cpp/README.md)")
     ap.add_argument("--gguf", help="the same checkpoint converted to GGUF in --dtype (bench/llama_cpp/convert_gguf.py)")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="also run moeplan with --huge-pages (its weights moved into 2 MB pages at load)")
     args = ap.parse_args()
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -64,6 +66,8 @@ def main() -> int:
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
     engines = {"moeplan all-CPU": [str(ROOT / ".venv/bin/moeplan"), "run", str(plan), "--model", str(model),
                                    "--prompt", args.prompt, "--max-new-tokens", str(args.tokens), "--json"]}
+    if args.huge_pages:
+        engines["moeplan all-CPU --huge-pages"] = engines["moeplan all-CPU"] + ["--huge-pages"]
     for impl in args.impls.split(","):
         engines[f"transformers {impl}"] = [sys.executable, str(ROOT / "bench/hf_generate.py"), "--model", str(model),
                                            "--impl", impl, "--dtype", args.dtype, "--threads", str(args.threads),
@@ -76,7 +80,9 @@ def main() -> int:
     names = list(engines)
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each repeat
+            start = time.perf_counter()
             out = run_json(engines[name])
+            out["wall_seconds"] = time.perf_counter() - start  # the whole process: start, load, generate
             results[name].append(out)
             print(f"repeat {r + 1}: {name}: {out['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr)
 
@@ -84,7 +90,8 @@ def main() -> int:
     for name, outs in results.items():
         rows.append((name, statistics.median(o["decode_tokens_per_s"] for o in outs),
                      statistics.median(o["prefill_seconds"] for o in outs),
-                     max(o["peak_rss_bytes"] for o in outs), outs[0]["generated_ids"]))
+                     max(o["peak_rss_bytes"] for o in outs), outs[0]["generated_ids"],
+                     statistics.median(o["wall_seconds"] for o in outs)))
     best_hf = max((r for r in rows if r[0].startswith("transformers")), key=lambda r: r[1])
     ours = rows[0]
     lines = [f"# End-to-end CPU decode: moeplan vs transformers and llama.cpp ({args.dtype}, {args.threads} threads)", "",
@@ -94,15 +101,19 @@ def main() -> int:
              f"- model: {model.name}, checkpoint {ckpt_bytes / 1e9:.2f} GB, prompt {len(args.prompt)} chars, "
              f"{args.tokens} new tokens, {args.repeats} repeats (median)",
              f"- command: `.venv/bin/python bench/e2e_cpu.py {' '.join(sys.argv[1:])}`", "",
-             "| engine | decode tokens/s | prefill s | peak RSS GB | peak / checkpoint | same tokens as moeplan |",
-             "|---|---|---|---|---|---|"]
-    for name, tps, pre, rss, ids in rows:
-        lines.append(f"| {name} | {tps:.2f} | {pre:.2f} | {rss / 1e9:.2f} | {rss / ckpt_bytes:.2f} | "
+             "| engine | decode tokens/s | prefill s | process wall s (load included) | peak RSS GB | "
+             "peak / checkpoint | same tokens as moeplan |",
+             "|---|---|---|---|---|---|---|"]
+    for name, tps, pre, rss, ids, wall in rows:
+        lines.append(f"| {name} | {tps:.2f} | {pre:.2f} | {wall:.1f} | {rss / 1e9:.2f} | {rss / ckpt_bytes:.2f} | "
                      f"{'yes' if ids == ours[4] else 'no'} |")
-    lines += ["", f"moeplan / fastest transformers ({best_hf[0]}): **{ours[1] / best_hf[1]:.2f}x** decode tokens/s"]
-    for name, tps, *_ in rows:
-        if name.startswith("llama.cpp"):
-            lines.append(f"moeplan / {name}: **{ours[1] / tps:.2f}x** decode tokens/s")
+    lines.append("")
+    for mine in (r for r in rows if r[0].startswith("moeplan")):
+        lines.append(f"{mine[0]} / fastest transformers ({best_hf[0]}): **{mine[1] / best_hf[1]:.2f}x** decode "
+                     "tokens/s")
+        for name, tps, *_ in rows:
+            if name.startswith("llama.cpp"):
+                lines.append(f"{mine[0]} / {name}: **{mine[1] / tps:.2f}x** decode tokens/s")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
