@@ -77,15 +77,15 @@ static inline void dot_rows(const float *qf, const void *k, int64_t base, int64_
     }
 }
 
-/* acc[0:D] = sum_j p[j] v_j over L positions. Each 64-wide slice of the row sums in eight registers across
- * all positions: accumulating in memory would chain every position's FMA through a store and a reload. */
+/* acc[0:D] += sum_j p[j] v_j over L positions. Each 64-wide slice of the row sums in eight registers across
+ * the positions: accumulating in memory would chain every position's FMA through a store and a reload. */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void weighted_rows(float *acc, const float *p, const void *v, int64_t base, int64_t pos_stride,
                                  int64_t L, int64_t D, int is_bf16) {
     int64_t d0 = 0;
     for (; d0 + 64 <= D; d0 += 64) {
         __m256 a[8];
-        for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+        for (int r = 0; r < 8; r++) a[r] = _mm256_loadu_ps(acc + d0 + 8 * r);
         for (int64_t j = 0; j < L; j++) {
             const __m256 pj = _mm256_set1_ps(p[j]);
             for (int r = 0; r < 8; r++)
@@ -94,7 +94,7 @@ static inline void weighted_rows(float *acc, const float *p, const void *v, int6
         for (int r = 0; r < 8; r++) _mm256_storeu_ps(acc + d0 + 8 * r, a[r]);
     }
     for (int64_t d = d0; d < D; d++) {
-        float sum = 0.0f;
+        float sum = acc[d];
         for (int64_t j = 0; j < L; j++) sum += p[j] * load_elem(v, base + j * pos_stride + d, is_bf16);
         acc[d] = sum;
     }
@@ -106,34 +106,56 @@ static inline void weighted_rows(float *acc, const float *p, const void *v, int6
  * in fp32, as torch's CPU flash-attention kernel computes it; for bf16 it rounds p_j to bf16 before the
  * product with V, as that kernel does, and the output once at the end.
  * q is [Hq, D] with head stride q_head; K and V are [Hkv, L, D] with head and position strides (a view of
- * a longer cache buffer is fine; D is contiguous); out is [Hq, D] contiguous. scratch holds Hq * L floats.
- * Heads are split across threads only when the cache is long enough to pay for a thread wake-up. */
+ * a longer cache buffer is fine; D is contiguous); out is [Hq, D] contiguous. scratch holds Hq * (L + D)
+ * floats. Work is split by KV head, and within one the positions go in blocks of BLOCK: a block of K or V
+ * rows is read from memory for the group's first query head and from L1 for the others, so a long cache
+ * is streamed once per KV head rather than once per query head (measured on the AVX2 development machine
+ * at 2048 positions: 3.3 ms for torch's bf16 sdpa, 0.72 ms reading once per query head, less now).
+ * Threads split the KV heads only when the cache is long enough to pay for a thread wake-up. */
+#define BLOCK 64
 __attribute__((target("avx2,fma")))
 void attend_one(int is_bf16, const void *q, const void *k, const void *v, void *out, int64_t Hq, int64_t Hkv,
                 int64_t L, int64_t D, int64_t q_head, int64_t k_head, int64_t k_pos, int64_t v_head, int64_t v_pos,
                 float scale, int threads, float *scratch) {
     const int64_t group = Hq / Hkv;
 #pragma omp parallel for num_threads(threads) schedule(static) if (Hq * L * D >= (1 << 18))
-    for (int64_t h = 0; h < Hq; h++) {
-        const int64_t g = h / group;
-        float *p = scratch + h * L;
-        float qf[D], acc[D];
-        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(q, h * q_head + d, is_bf16);
-        float top = -INFINITY;
-        int64_t j = 0;
-        for (; j + 4 <= L; j += 4) dot_rows(qf, k, g * k_head + j * k_pos, k_pos, D, is_bf16, 4, p + j);
-        for (; j < L; j++) dot_rows(qf, k, g * k_head + j * k_pos, k_pos, D, is_bf16, 1, p + j);
-        for (j = 0; j < L; j++) {
-            p[j] *= scale;
-            top = p[j] > top ? p[j] : top;
+    for (int64_t g = 0; g < Hkv; g++) {
+        float *scores = scratch + g * group * L;               /* [group][L] */
+        float *acc = scratch + Hq * L + g * group * D;         /* [group][D] */
+        float qf[group][D], total[group];
+        for (int64_t i = 0; i < group; i++) {
+            for (int64_t d = 0; d < D; d++) {
+                qf[i][d] = load_elem(q, (g * group + i) * q_head + d, is_bf16);
+                acc[i * D + d] = 0.0f;
+            }
         }
-        float total = 0.0f;
-        for (int64_t j = 0; j < L; j++) {
-            const float e = expf(p[j] - top);
-            total += e;
-            p[j] = is_bf16 ? round_bf16(e) : e;
+        for (int64_t j0 = 0; j0 < L; j0 += BLOCK) {
+            const int64_t j1 = j0 + BLOCK < L ? j0 + BLOCK : L;
+            for (int64_t i = 0; i < group; i++) {
+                int64_t j = j0;
+                for (; j + 4 <= j1; j += 4) dot_rows(qf[i], k, g * k_head + j * k_pos, k_pos, D, is_bf16, 4, scores + i * L + j);
+                for (; j < j1; j++) dot_rows(qf[i], k, g * k_head + j * k_pos, k_pos, D, is_bf16, 1, scores + i * L + j);
+            }
         }
-        weighted_rows(acc, p, v, g * v_head, v_pos, L, D, is_bf16);
-        for (int64_t d = 0; d < D; d++) store_elem(out, h * D + d, acc[d] / total, is_bf16);
+        for (int64_t i = 0; i < group; i++) {
+            float *p = scores + i * L, top = -INFINITY, sum = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                p[j] *= scale;
+                top = p[j] > top ? p[j] : top;
+            }
+            for (int64_t j = 0; j < L; j++) {
+                const float e = expf(p[j] - top);
+                sum += e;
+                p[j] = is_bf16 ? round_bf16(e) : e;
+            }
+            total[i] = sum;
+        }
+        for (int64_t j0 = 0; j0 < L; j0 += BLOCK) {
+            const int64_t n = (j0 + BLOCK < L ? BLOCK : L - j0);
+            for (int64_t i = 0; i < group; i++)
+                weighted_rows(acc + i * D, scores + i * L + j0, v, g * v_head + j0 * v_pos, v_pos, n, D, is_bf16);
+        }
+        for (int64_t i = 0; i < group; i++)
+            for (int64_t d = 0; d < D; d++) store_elem(out, (g * group + i) * D + d, acc[i * D + d] / total[i], is_bf16);
     }
 }

@@ -38,8 +38,8 @@ class DecodeOps:
         heads, dim = query.shape
         kv_heads, length, _ = key.shape
         out = torch.empty((heads, dim), dtype=query.dtype)
-        if self._scratch.numel() < heads * length:
-            self._scratch = torch.empty(heads * length, dtype=torch.float32)
+        if self._scratch.numel() < heads * (length + dim):
+            self._scratch = torch.empty(heads * (length + dim), dtype=torch.float32)
         self._attend(int(query.dtype == torch.bfloat16), query.data_ptr(), key.data_ptr(), value.data_ptr(),
                      out.data_ptr(), heads, kv_heads, length, dim, query.stride(0), key.stride(0), key.stride(1),
                      value.stride(0), value.stride(1), scale, threads, self._scratch.data_ptr())
