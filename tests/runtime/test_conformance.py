@@ -84,3 +84,26 @@ def test_every_plan_matches_transformers(family, checkpoint, tmp_path):
             assert result.stats["cpu_misses"] == 0
         if name == "lfu-preload-transfer":
             assert result.stats["accelerator_misses"] > 0, "the prefill should reach the transfer threshold"
+
+
+@pytest.mark.skipif(ACCELERATOR != "cpu", reason="the bf16 CPU decode path (C norms, attention, fused experts)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_cpu_decode_matches_transformers_bf16(family, checkpoint):
+    """In bf16 the CPU decode path (kernel projections, C RMSNorm and attention, the fused experts token)
+    rounds where transformers rounds: its greedy tokens are the bf16 reference's argmax, up to bf16
+    rounding of the logits (about 4e-3 at their scale here)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, config = checkpoint(family)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    for name in ("all-cpu-1-thread", "slot-1-lru-promote"):
+        plan = Plan.from_yaml(make_plan(PLANS[name], num_experts(config), config.num_hidden_layers).to_yaml()
+                              .replace("dtype: float32", "dtype: bfloat16"))
+        session = Session.load(plan, folder)
+        result = session.generate(PROMPT, max_new_tokens=8)
+        prompt_ids = list(session.loaded.tokenizer(PROMPT)["input_ids"])
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt_ids + result.generated_ids])).logits[0].float()
+        n = len(prompt_ids)
+        gaps = [float(logits[n - 1 + i].max() - logits[n - 1 + i, t]) for i, t in enumerate(result.generated_ids)]
+        assert max(gaps) <= 1e-2, f"{family}/{name} bf16: token off the reference argmax by {max(gaps):.3g}"
