@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    ap.add_argument("--huge-pages", action="store_true", help="load as `moeplan run --huge-pages` does")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = Path(args.model)
@@ -96,7 +97,7 @@ def main() -> int:
         raise SystemExit("the CPU kernel is not available here: nothing to break down")
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
-    session = Session.load(Plan.load(plan), model_dir=model)
+    session = Session.load(Plan.load(plan), model_dir=model, huge_pages=args.huge_pages)
     rows = []
     for no_weights in (False, True):
         clock = KernelClock(no_weights)
@@ -117,7 +118,8 @@ def main() -> int:
         rows.append(("zeros instead of weights (warm caches)" if no_weights else "weights streamed", total, k,
                      statistics.median(gbps), moved / decoded / 1e6, (calls - pre_calls) / decoded))
         print(rows[-1], file=sys.stderr, flush=True)
-    lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads)", "",
+    pages = "2 MB pages (--huge-pages)" if args.huge_pages else "4 KB pages"
+    lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads, {pages})", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, kernel "
              f"{ {str(d).split('.')[1]: n for d, n in kernels.load().isa_names().items()} }, "

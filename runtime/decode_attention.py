@@ -42,10 +42,8 @@ def cpu_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    dim = query.shape[-1]
-    scale = scaling if scaling is not None else dim ** -0.5
-    out = ops.attend_one(query[0, :, 0], key[0], value[0], scale, torch.get_num_threads())
-    return out.view(1, 1, query.shape[1], dim), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return ops.attend_one(query, key, value, scale, torch.get_num_threads()), None
 
 
 def use_cpu_decode_attention(model: torch.nn.Module, ops: DecodeOps | None) -> bool:

@@ -63,7 +63,8 @@ class MoeLayer:
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         engine = self.engine
         top_k_index = engine.routing_override(self.index, top_k_index)
-        idx = top_k_index.to("cpu")  # [T, k]: routing decisions are made on the host
+        # [T, k]: routing decisions are made on the host
+        idx = top_k_index if top_k_index.device.type == "cpu" else top_k_index.to("cpu")
         engine.record_routing(self.index, idx, top_k_weights)
         # one token needs its k experts in rank order, one token each (it chooses an expert at most once)
         ids = idx[0].tolist() if idx.shape[0] == 1 else None
@@ -73,9 +74,11 @@ class MoeLayer:
         self._wait_for_copies()
         outcome = route_pass(self.policy, tokens_per_expert, self.rule)
         self._count(outcome, tokens_per_expert)
-        entered = {entry.expert: entry for entry in outcome.entries}
-        last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
-        promotions = [en for en in outcome.entries if not en.transfer and last_in_slot[en.slot] == en.expert]
+        entered, promotions = {}, []
+        if outcome.entries:
+            entered = {entry.expert: entry for entry in outcome.entries}
+            last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
+            promotions = [en for en in outcome.entries if not en.transfer and last_in_slot[en.slot] == en.expert]
 
         if ids is not None and x.device.type == "cpu" and not outcome.accelerator_misses \
                 and self.cpu.fits_token(self.module, x.dtype):
@@ -85,7 +88,7 @@ class MoeLayer:
             out = self._pass(x, top_k_weights, rows, outcome, entered, promotions)
         if engine.lookahead and self.next is not None:  # 5. prefetch for the next MoE layer
             self._prefetch_next(x)
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _pass(self, x: torch.Tensor, top_k_weights: torch.Tensor, rows: dict, outcome, entered: dict,
               promotions: list) -> torch.Tensor:

@@ -100,6 +100,53 @@ static inline void weighted_rows(float *acc, const float *p, const void *v, int6
     }
 }
 
+/* e^x for 8 lanes with x <= 0 (softmax numerators), to about 1 ulp: Cody-Waite reduction to
+ * r in [-ln2/2, ln2/2] and Cephes' degree-6 polynomial, as vectorised exps (torch's among them) do; a
+ * scalar expf per position cost as much as both matrix products at short contexts. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline __m256 exp8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  /* below: e^x < 1.7e-38, within 1e-38 of 0 */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* p[j] = e^(p[j] - top), rounded to bf16 if asked (the values are in [0, 1]: no NaN to keep); returns the
+ * sum of the unrounded values. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline float softmax_numerators(float *p, int64_t L, float top, int round_to_bf16) {
+    const __m256 t = _mm256_set1_ps(top);
+    const __m256i keep = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 sums = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= L; j += 8) {
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), t));
+        sums = _mm256_add_ps(sums, e);
+        __m256i u = _mm256_castps_si256(e);
+        if (round_to_bf16)  /* round to nearest even on the top 16 bits, as f32_to_bf16 */
+            u = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), keep);
+        _mm256_storeu_ps(p + j, _mm256_castsi256_ps(u));
+    }
+    float sum = hsum8(sums);
+    for (; j < L; j++) {
+        const float e = expf(p[j] - top);
+        sum += e;
+        p[j] = round_to_bf16 ? round_bf16(e) : e;
+    }
+    return sum;
+}
+
 /* Scaled dot-product attention of one query token over L cached positions, with grouped-query heads
  * (query head h reads KV head h / (Hq / Hkv)) and no mask (the caller passes only unmasked decode steps):
  *   out[h] = sum_j p_j v_j / sum_j p_j,   p_j = exp(scale * q_h . k_j - max)
@@ -138,17 +185,12 @@ void attend_one(int is_bf16, const void *q, const void *k, const void *v, void *
             }
         }
         for (int64_t i = 0; i < group; i++) {
-            float *p = scores + i * L, top = -INFINITY, sum = 0.0f;
+            float *p = scores + i * L, top = -INFINITY;
             for (int64_t j = 0; j < L; j++) {
                 p[j] *= scale;
                 top = p[j] > top ? p[j] : top;
             }
-            for (int64_t j = 0; j < L; j++) {
-                const float e = expf(p[j] - top);
-                sum += e;
-                p[j] = is_bf16 ? round_bf16(e) : e;
-            }
-            total[i] = sum;
+            total[i] = softmax_numerators(p, L, top, is_bf16);
         }
         for (int64_t j0 = 0; j0 < L; j0 += BLOCK) {
             const int64_t n = (j0 + BLOCK < L ? BLOCK : L - j0);

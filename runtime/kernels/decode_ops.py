@@ -33,16 +33,17 @@ class DecodeOps:
 
     def attend_one(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                    threads: int) -> torch.Tensor:
-        """Unmasked attention of one query: query [Hq, D], key and value [Hkv, L, D] (any head and position
-        strides, D contiguous), all one dtype; returns [Hq, D]."""
-        heads, dim = query.shape
-        kv_heads, length, _ = key.shape
-        out = torch.empty((heads, dim), dtype=query.dtype)
+        """Unmasked attention of one query, in the attention interface's layout: query [1, Hq, 1, D], key and
+        value [1, Hkv, L, D] (any head and position strides, D contiguous), all one dtype; returns
+        [1, 1, Hq, D] (sdpa_attention_forward's output layout)."""
+        _, heads, _, dim = query.shape
+        _, kv_heads, length, _ = key.shape
+        out = torch.empty((1, 1, heads, dim), dtype=query.dtype)
         if self._scratch.numel() < heads * (length + dim):
             self._scratch = torch.empty(heads * (length + dim), dtype=torch.float32)
         self._attend(int(query.dtype == torch.bfloat16), query.data_ptr(), key.data_ptr(), value.data_ptr(),
-                     out.data_ptr(), heads, kv_heads, length, dim, query.stride(0), key.stride(0), key.stride(1),
-                     value.stride(0), value.stride(1), scale, threads, self._scratch.data_ptr())
+                     out.data_ptr(), heads, kv_heads, length, dim, query.stride(1), key.stride(1), key.stride(2),
+                     value.stride(1), value.stride(2), scale, threads, self._scratch.data_ptr())
         return out
 
 
