@@ -1,9 +1,11 @@
 """Timing of the dense part of one decoder layer (norms, attention with a KV cache, router), on any device.
 
 The layer is transformers' own `MixtralDecoderLayer`, built from a `MixtralConfig` with the model's
-hidden size and attention shape, so the profile measures the code the runtime runs. Its experts are
-replaced by a module that returns zeros: in the runtime, moeplan's experts hook does that work, and
-its cost is measured separately (`expert_ffn`, `expert_overhead_s`).
+hidden size and attention shape, so the profile measures the code the runtime runs; on the CPU with the
+runtime's CPU decode path in place (kernel projections, C norms and attention, the in-place KV cache:
+runtime/cpu_decode.py), as `accelerator: cpu` runs it. Its experts are replaced by a module that returns
+zeros: in the runtime, moeplan's experts hook does that work, and its cost is measured separately
+(`expert_ffn`, `expert_overhead_s`).
 """
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ class DenseLayerBench:
                 p.copy_(torch.ones_like(p) if "layernorm" in name else torch.randn(p.shape, generator=gen) * 0.02)
         self.layer = layer.to(device=self.device, dtype=self.dtype).eval()
         self.rotary = MixtralRotaryEmbedding(config).to(self.device)
+        self.config = config
+        if self.device.type == "cpu":
+            from runtime.cpu_decode import use_cpu_decode_path
+            from runtime.kernels import load
+
+            use_cpu_decode_path(self.layer, [], load(), torch.get_num_threads())
 
     def time(self, tokens: int, context: int, *, warmup: int, repeats: int, min_seconds: float = 0.0,
              flush: Callable[[], object] | None = None, sync: Callable[[], object] | None = None) -> Timing:
@@ -67,6 +75,9 @@ class DenseLayerBench:
         caches, so weights and KV come from memory as they do in a model larger than the cache).
         """
         from transformers import DynamicCache
+
+        from runtime.cpu_decode import set_kernel_threads
+        from runtime.kv_cache import use_growing_layers
 
         if not 1 <= tokens <= context:
             raise ValueError(f"tokens must be in 1..context, got tokens {tokens}, context {context}")
@@ -81,8 +92,12 @@ class DenseLayerBench:
         position_embeddings = self.rotary(x, position_ids)
         state: dict[str, object] = {}
 
+        set_kernel_threads(self.layer, torch.get_num_threads())  # the caller's thread count for this timing
+
         def before() -> None:
-            cache = DynamicCache()
+            cache = DynamicCache(config=self.config)
+            if self.device.type == "cpu":
+                use_growing_layers(cache)
             if past:
                 cache.update(k0, v0, 0)
             state["cache"] = cache

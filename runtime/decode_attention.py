@@ -48,13 +48,20 @@ def cpu_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 
 def use_cpu_decode_attention(model: torch.nn.Module, ops: DecodeOps | None) -> bool:
     """Select `moeplan_cpu` for a model whose attention goes through sdpa (another choice, eager or a
-    model-specific one, is the user's or the model's and is kept); returns whether it was selected."""
-    if ops is None or getattr(model.config, "_attn_implementation", None) != "sdpa":
+    model-specific one, is the user's or the model's and is kept); returns whether it was selected.
+    A bare module (the profiler's decoder layer) gets it in the config its attention reads."""
+    config = getattr(model, "config", None)
+    if config is None:  # a decoder layer: its attention module holds the config
+        config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    if ops is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(NAME, cpu_decode_attention)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(NAME)
+    else:
+        config._attn_implementation = NAME
+    return config._attn_implementation == NAME

@@ -11,12 +11,9 @@ import torch
 
 from .cache_policy import LayerCachePolicy, MissRule
 from .cpu_executor import CpuExecutor
-from .decode_attention import use_cpu_decode_attention
-from .dense_linear import use_kernel_for_dense
-from .dense_norm import use_kernel_for_norms
+from .cpu_decode import use_cpu_decode_path
 from .experts_hook import ATTRIBUTE
 from .huge_pages import move_to_huge_pages
-from .kernels.decode_ops import load_decode_ops
 from .expert_store import ExpertStore
 from .loader import LoadedModel
 from .moe_layer import MoeLayer
@@ -41,10 +38,7 @@ class Engine:
         torch.set_num_threads(plan.hardware.cpu_threads)
         cpu = CpuExecutor(plan.hardware.cpu_threads)
         if self.device.type == "cpu":  # the dense part runs on the CPU too: C kernels at decode
-            use_kernel_for_dense(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
-            ops = load_decode_ops() if cpu.kernel is not None else None
-            use_kernel_for_norms(loaded.model, ops)
-            use_cpu_decode_attention(loaded.model, ops)
+            use_cpu_decode_path(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
         # before the expert stores take their views of the weights: a move re-points the parameters
         self.huge_page_bytes = move_to_huge_pages(list(loaded.model.parameters())) if huge_pages else 0
         self.layers: list[MoeLayer] = []
