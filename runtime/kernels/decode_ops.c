@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "hsum.h"
 
 static inline float load_elem(const void *p, int64_t i, int is_bf16) {
     return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -50,14 +51,6 @@ static inline __m256 load8(const void *p, int64_t i, int is_bf16) {
     return _mm256_loadu_ps((const float *)p + i);
 }
 
-__attribute__((target("avx2,fma"), always_inline))
-static inline float hsum8(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* q . k_j for R consecutive positions j (R <= 4): R independent FMA chains, where one position alone
  * would wait on a single chain's latency */
 __attribute__((target("avx2,fma"), always_inline))
@@ -71,7 +64,7 @@ static inline void dot_rows(const float *qf, const void *k, int64_t base, int64_
         for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(qv, load8(k, base + r * pos_stride + d, is_bf16), a[r]);
     }
     for (int r = 0; r < R; r++) {
-        float dot = hsum8(a[r]);
+        float dot = hsum256(a[r]);
         for (int64_t t = d; t < D; t++) dot += qf[t] * load_elem(k, base + r * pos_stride + t, is_bf16);
         dots[r] = dot;
     }
@@ -138,7 +131,7 @@ static inline float softmax_numerators(float *p, int64_t L, float top, int round
                                  _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), keep);
         _mm256_storeu_ps(p + j, _mm256_castsi256_ps(u));
     }
-    float sum = hsum8(sums);
+    float sum = hsum256(sums);
     for (; j < L; j++) {
         const float e = expf(p[j] - top);
         sum += e;

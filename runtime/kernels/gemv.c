@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "hsum.h"
 
 #define MAXT 64
 #define ROWS 4 /* rows per work item: four accumulator chains hide the FMA latency */
@@ -75,14 +76,6 @@ static void rows_f32_avx512(const float *W, const float *x, float *y, int64_t n0
 }
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------- */
-
-__attribute__((target("avx2,fma"), always_inline))
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One weight row against G tokens (G <= 4), reading the row once, front to back: one sequential stream
  * per thread, which the hardware prefetcher follows (interleaving several rows splits it into short
