@@ -32,6 +32,7 @@ from runtime.cpu_executor import CpuExecutor  # noqa: E402
 from runtime.expert_store import ExpertStore  # noqa: E402
 from runtime.huge_pages import move_to_huge_pages, supported  # noqa: E402
 from runtime.kernels import GemvKernel, load  # noqa: E402
+from report import emit  # noqa: E402
 
 
 class AlwaysKernel:
@@ -167,11 +168,7 @@ def main() -> int:
         else:
             k_cols = f"- | {fast:.1f} | {plain:.1f} | - | - | -"
         lines.append(f"| {dt} | {page} | {t} | {tok} | {k_cols} | {fast / plain:.2f} | {flops:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

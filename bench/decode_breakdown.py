@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import runtime.kernels as kernels  # noqa: E402
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
+from report import emit  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
@@ -131,11 +132,7 @@ def main() -> int:
     for name, total, k, rate, mb, calls in rows:
         rate_text = f"{rate:.1f}" if name == "weights streamed" else "-"
         lines.append(f"| {name} | {total:.1f} | {k:.1f} | {rate_text} | {total - k:.1f} | {mb:.0f} | {calls:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

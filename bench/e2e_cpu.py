@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from predict_vs_measure import build_model  # noqa: E402  the shared benchmark checkpoint
+from report import emit  # noqa: E402
 
 # moeplan's all-CPU plan; the engines compared run in their own processes
 PLAN = """version: 1
@@ -114,11 +115,7 @@ def main() -> int:
         for name, tps, *_ in rows:
             if name.startswith("llama.cpp"):
                 lines.append(f"{mine[0]} / {name}: **{mine[1] / tps:.2f}x** decode tokens/s")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":
