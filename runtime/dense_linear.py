@@ -32,9 +32,11 @@ class SharedInput:
         self.members = members
         self.weight = torch.cat([m.weight.detach() for m in members])  # [sum of N, K], contiguous
         start = 0
+        self._bounds: list[tuple[int, int, int]] = []  # (id of the member, first row, end row)
         for m in members:  # each member's weight becomes its rows of the shared buffer: no second copy
             m.weight.data = self.weight[start:start + m.out_features]
             m.group = self
+            self._bounds.append((id(m), start, start + m.out_features))
             start += m.out_features
         # a copy of the latest input: an output is handed out only for an input equal to it, whatever
         # tensor carries it (inference tensors have no version counter to tell an in-place change)
@@ -43,17 +45,17 @@ class SharedInput:
 
     def output(self, member: "KernelLinear", x2d: torch.Tensor) -> torch.Tensor:
         ready = self._outputs.pop(id(member), None)
-        if ready is not None and self._input.shape == x2d.shape and torch.equal(self._input, x2d):
+        if ready is not None and torch.equal(self._input, x2d):  # False for another shape too
             return ready
         first = self.members[0].weight
         if first.data_ptr() != self.weight.data_ptr():  # the members were moved together (runtime/huge_pages.py)
             self.weight = torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), first.storage_offset(),
                                                                   self.weight.shape, self.weight.stride())
         both = member.kernel.linear(self.weight, x2d, member.threads, x2d.dtype)  # [T, sum of N]
-        outputs, start = {}, 0
-        for m in self.members:  # at one token each slice is contiguous; more tokens need a copy
-            outputs[id(m)] = both[:, start:start + m.out_features].contiguous()
-            start += m.out_features
+        one_token = x2d.shape[0] == 1  # then each slice is contiguous already; more tokens need a copy
+        outputs = {}
+        for key, start, end in self._bounds:
+            outputs[key] = both[:, start:end] if one_token else both[:, start:end].contiguous()
         mine = outputs.pop(id(member))
         self._input, self._outputs = x2d.clone(), outputs
         return mine
@@ -64,16 +66,29 @@ class KernelLinear(torch.nn.Linear):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
-        self.kernel, self.threads = kernel, threads
+        self.kernel = kernel
         self.group: SharedInput | None = None
+        self.set_threads(threads)
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+        # Decided once, not per call: a decode token makes some thirty of these calls, and on the AVX2
+        # development machine each Python check or attribute lookup of a module costs about 1 µs.
+        self._one_token_kernel = self.kernel.handles(self.weight.dtype, 1, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._one_token_kernel and x.numel() == self.in_features and x.is_cpu and x.is_contiguous():
+            return self._kernel(x, x.view(1, self.in_features))
         rows = x.numel() // self.in_features
         w = self.weight
-        if x.dtype != w.dtype or x.device.type != "cpu" or not self.kernel.handles(w.dtype, rows, self.threads) \
-                or not w.is_contiguous():
+        if x.dtype != w.dtype or not x.is_cpu or not self.kernel.handles(w.dtype, rows, self.threads):
             return F.linear(x, w, self.bias)
-        x2d = x.reshape(rows, self.in_features)
+        return self._kernel(x, x.reshape(rows, self.in_features))
+
+    def _kernel(self, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype != w.dtype or not w.is_contiguous():
+            return F.linear(x, w, self.bias)
         if self.group is not None and x2d.is_contiguous():
             y = self.group.output(self, x2d)
         else:

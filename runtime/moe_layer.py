@@ -62,10 +62,16 @@ class MoeLayer:
     # ---- the forward pass -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         engine = self.engine
-        top_k_index = engine.routing_override(self.index, top_k_index)
+        if engine.replay is not None:
+            top_k_index = engine.routing_override(self.index, top_k_index)
         # [T, k]: routing decisions are made on the host
-        idx = top_k_index if top_k_index.device.type == "cpu" else top_k_index.to("cpu")
+        idx = top_k_index if top_k_index.is_cpu else top_k_index.to("cpu")
         engine.record_routing(self.index, idx, top_k_weights)
+        if idx.shape[0] == 1 and self.host_only and x.is_cpu and self.cpu.fits_token(self.module, x.dtype):
+            out = self._token_from_host(x, idx[0].tolist(), top_k_weights)  # a decode token, no cache here
+            if engine.lookahead and self.next is not None:  # the next layer may have a cache to prefetch into
+                self._prefetch_next(x)
+            return out
         # one token needs its k experts in rank order, one token each (it chooses an expert at most once)
         ids = idx[0].tolist() if idx.shape[0] == 1 else None
         rows = None if ids is not None else _rows_by_expert(idx)  # expert -> (token indices, rank positions)
@@ -89,6 +95,27 @@ class MoeLayer:
         if engine.lookahead and self.next is not None:  # 5. prefetch for the next MoE layer
             self._prefetch_next(x)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @property
+    def host_only(self) -> bool:
+        """Whether every expert of every pass is a CPU miss: a cache of no slots (`accelerator: cpu` plans),
+        misses computed on the CPU. Then `route_pass` would only count, and one token takes a shorter path."""
+        return self.policy.slots == 0 and self.rule.compute == "cpu" and not self.rule.on_accelerator(1)
+
+    def _token_from_host(self, x: torch.Tensor, ranked: list[int], top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One token's experts (`ranked`: in rank order) from host memory, in one fused kernel call, in
+        ascending id order as `route_pass` orders misses; counted as `route_pass` and `_count` would count
+        them: k misses, all on the CPU."""
+        gate = top_k_weights.reshape(-1).tolist()
+        store = self.store
+        chosen = sorted((e, store.host_weights(e), gate[rank]) for rank, e in enumerate(ranked))
+        start = time.perf_counter()
+        out = self.cpu.token(x, [(weights, g) for _, weights, g in chosen])
+        s = self.stats
+        s.cpu_expert_seconds += time.perf_counter() - start
+        s.misses += len(ranked)
+        s.cpu_misses += len(ranked)
+        return out.view(x.shape)
 
     def _pass(self, x: torch.Tensor, top_k_weights: torch.Tensor, rows: dict, outcome, entered: dict,
               promotions: list) -> torch.Tensor:

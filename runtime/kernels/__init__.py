@@ -69,6 +69,18 @@ def instruction_sets(flags: set[str]) -> dict[torch.dtype, int]:
     return isa
 
 
+class Scratch:
+    """A float32 buffer reused between kernel calls, grown on demand (kernels are called from one thread)."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.float32)
+
+    def ptr(self, floats: int) -> int:
+        if self._buffer.numel() < floats:
+            self._buffer = torch.empty(floats, dtype=torch.float32)
+        return self._buffer.data_ptr()
+
+
 class GemvKernel:
     def __init__(self, lib: ctypes.CDLL, isa: dict[torch.dtype, int]) -> None:
         self._fn = lib.gemv_multi
@@ -89,12 +101,7 @@ class GemvKernel:
         self._token.restype = None
         self.max_tokens = int(lib.gemv_max_tokens())
         self.isa = dict(isa)  # dtype -> instruction set: the dtypes this kernel runs
-        self._scratch = torch.empty(0, dtype=torch.float32)  # reused between calls: one caller thread
-
-    def _scratch_ptr(self, floats: int) -> int:
-        if self._scratch.numel() < floats:
-            self._scratch = torch.empty(floats, dtype=torch.float32)
-        return self._scratch.data_ptr()
+        self._scratch_ptr = Scratch().ptr
 
     def isa_names(self) -> dict[torch.dtype, str]:
         return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}

@@ -20,6 +20,7 @@ from runtime.session import Session
 OLMOE_TRACE = Path(__file__).resolve().parents[2].parent / "shared/traces/olmoe-1b-7b-decode-299.jsonl"
 
 PLANS = {
+    "all-cpu": "cache: {slots: 0, policy: lru}",  # no cache: a decode token's short path (MoeLayer.host_only)
     "lru-promote": "cache: {slots: 16, policy: lru}\nmiss: {promote: true}",
     "lfu-transfer": "cache: {slots: 8, policy: lfu}\nmiss: {promote: true, transfer_min_tokens: 2}",
     "fifo-accelerator": "cache: {slots: 6, policy: fifo}\nmiss: {compute: accelerator}",
@@ -58,4 +59,4 @@ def test_counts_equal(name, olmoe_shaped, tmp_path):
     ran = result.stats["cache"]
     assert (sim.hits, sim.misses) == (ran["hits"], ran["misses"])
     assert [(c.hits, c.misses) for c in sim.per_layer] == [(c["hits"], c["misses"]) for c in ran["per_layer"]]
-    assert sim.hits > 0 or name == "static"
+    assert sim.hits > 0 or name in ("static", "all-cpu")  # these two never hit
