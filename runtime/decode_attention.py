@@ -22,13 +22,15 @@ _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
 
 def _takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
            dropout: float, kwargs: dict[str, Any]) -> bool:
-    if attention_mask is not None or dropout != 0.0 or query.dtype not in DTYPES or query.device.type != "cpu":
+    # cheapest tests first: this runs once per layer per token
+    if attention_mask is not None or dropout != 0.0 or not query.is_cpu or query.dtype not in DTYPES:
         return False
     batch, heads, tokens, dim = query.shape
-    return (batch == 1 and tokens == 1 and key.dtype == value.dtype == query.dtype
-            and dim == key.shape[-1] == value.shape[-1] and key.shape[1] == value.shape[1]
+    if batch != 1 or tokens != 1 or not key.dtype == value.dtype == query.dtype:
+        return False
+    return (dim == key.shape[-1] == value.shape[-1] and key.shape[1] == value.shape[1]
             and heads % key.shape[1] == 0 and key.stride(-1) == 1 and value.stride(-1) == 1
-            and all(kwargs.get(name) is None for name in _UNSUPPORTED))
+            and (not kwargs or all(kwargs.get(name) is None for name in _UNSUPPORTED)))
 
 
 def cpu_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -97,7 +97,7 @@ class Session:
         cache = DynamicCache(config=model.config)
         if device.type == "cpu":
             use_growing_layers(cache)  # appends in place: no copy of the whole cache per token
-        cache_arg = _cache_argument(model)
+        forward_kwargs = _forward_arguments(model, cache)
         streamer = _TextStream(tokenizer, on_text)
         generated: list[int] = []
 
@@ -106,7 +106,7 @@ class Session:
         prefill_seconds = 0.0
         for step in range(max_new_tokens):
             self.engine.begin_pass("prefill" if step == 0 else "decode", next_input.shape[1])
-            logits = model(input_ids=next_input, use_cache=True, **{cache_arg: cache}).logits[0, -1]
+            logits = model(input_ids=next_input, **forward_kwargs).logits[0, -1]
             token = sampler.pick(logits)
             if step == 0:
                 prefill_seconds = time.perf_counter() - start
@@ -137,11 +137,18 @@ class Session:
         write_atomic(path, "\n".join(lines) + "\n")
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x: use whichever this version takes."""
+def _forward_arguments(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The model call's keyword arguments besides the input ids: the cache, under the name this version of
+    transformers takes (`past_key_values` became `cache` during 5.x), and, where the model takes it,
+    `logits_to_keep=1`: only the last position's logits are sampled from, and a prompt's full logits would
+    cost the LM head once per prompt token (for Mixtral, a 32000 x 4096 product per token)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {"use_cache": True, "cache" if "cache" in parameters else "past_key_values": cache}
+    if "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 def _stop_ids(config: Any) -> set[int]:
