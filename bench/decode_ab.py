@@ -1,0 +1,106 @@
+"""One CPU decode-path piece on and off, side by side in one process: decode ms per token with each.
+
+On a shared VM whose speed drifts by 10-20 % between runs, two processes measured minutes apart cannot
+show a 5 % change; generations in one process that alternate the piece on and off (in alternating order)
+can. Loads the benchmark checkpoint with the all-CPU plan, then for --pairs rounds generates --tokens
+tokens with the piece on and with it off, and reports the medians, their ratio, and whether both gave
+the same tokens.
+
+    .venv/bin/python bench/decode_ab.py --piece router --out bench/results/decode_ab_router_avx2.md
+
+Pieces: `router` (runtime/dense_router.py: the C router, against the module's own forward),
+`grouped-projections` (runtime/dense_linear.py: q, k and v in one kernel call, against three calls).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
+from predict_vs_measure import build_model  # noqa: E402
+from report import emit  # noqa: E402
+from runtime.dense_linear import KernelLinear  # noqa: E402
+from runtime.dense_router import KernelRouter  # noqa: E402
+from runtime.plan import Plan  # noqa: E402
+from runtime.session import Session  # noqa: E402
+
+
+def switch(session: Session, piece: str):
+    """A function that turns the piece on (True) or off (False) in the loaded model."""
+    modules = list(session.loaded.model.modules())
+    if piece == "router":
+        routers = [m for m in modules if isinstance(m, KernelRouter)]
+        if not routers:
+            raise SystemExit("no C router in place here (no kernel, or the routers failed the probe)")
+
+        def set_router(on: bool) -> None:
+            for m in routers:
+                m.enabled = on
+        return set_router
+    groups = {m: m.group for m in modules if isinstance(m, KernelLinear) and m.group is not None}
+    if not groups:
+        raise SystemExit("no grouped projections in place here")
+
+    def set_groups(on: bool) -> None:
+        for m, group in groups.items():
+            m.group = group if on else None
+    return set_groups
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--piece", choices=["router", "grouped-projections"], required=True)
+    ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        build_model(model)
+    plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
+    plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
+    session = Session.load(Plan.load(plan), model_dir=model)
+    turn = switch(session, args.piece)
+    session.generate(args.prompt, max_new_tokens=4)  # warm-up
+    ms: dict[bool, list[float]] = {True: [], False: []}
+    tokens: dict[bool, list[int]] = {}
+    for pair in range(args.pairs):
+        for on in ((True, False) if pair % 2 == 0 else (False, True)):
+            turn(on)
+            result = session.generate(args.prompt, max_new_tokens=args.tokens + 1)
+            tokens.setdefault(on, result.generated_ids)
+            ms[on].append(result.decode_seconds / (len(result.generated_ids) - 1) * 1e3)
+        print(f"pair {pair + 1}: on {ms[True][-1]:.2f} ms/token, off {ms[False][-1]:.2f}", file=sys.stderr, flush=True)
+    on, off = statistics.median(ms[True]), statistics.median(ms[False])
+    wins = sum(a < b for a, b in zip(ms[True], ms[False]))
+    lines = [f"# CPU decode, {args.piece} on and off in one process ({args.dtype}, {args.threads} threads)", "",
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
+             f"load average at the end {os.getloadavg()[0]:.2f}",
+             f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens per generation, {args.pairs} pairs "
+             "in alternating order",
+             f"- command: `.venv/bin/python bench/decode_ab.py {' '.join(sys.argv[1:])}`", "",
+             "| | ms per token (median) | each generation |", "|---|---|---|",
+             f"| on | {on:.2f} | {', '.join(f'{x:.1f}' for x in ms[True])} |",
+             f"| off | {off:.2f} | {', '.join(f'{x:.1f}' for x in ms[False])} |", "",
+             f"on / off: **{on / off:.3f}** (on faster in {wins} of {args.pairs} pairs); "
+             f"same tokens: {'yes' if tokens[True] == tokens[False] else 'no'}"]
+    return emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
