@@ -2,10 +2,12 @@
 
 With `accelerator: cpu` each MoE layer runs its router once per token: in transformers a linear, an
 upcast, a softmax, a top-k, a sum and a division (Mixtral, Qwen2/3-MoE and OLMoE write it alike), each a
-dispatched op whose code is cold after the expert kernel streamed its weights. Measured on the AVX2
-development machine with the benchmark model: about 1.6 ms of a 40 ms token in routers
-(bench/results/decode_breakdown_avx2.md). The C version (`route_one` in runtime/kernels/decode_ops.c) does
-the same arithmetic in one call.
+dispatched op. The C version (`route_one` in runtime/kernels/decode_ops.c) does the same arithmetic in one
+call. Measured on the AVX2 development machine: about 25-45 µs per call against 45-110 µs for the module,
+and, side by side in one process over 30 pairs of generations with the benchmark model, 0.991 of the
+decode time with the module's own forward (bench/results/decode_ab_router_avx2.md): within that shared
+VM's noise. It matters where per-token overhead does, on small models; on Mixtral-sized ones the experts'
+weights dwarf it.
 
 Each router whose output equals the kernel's on a probe is replaced by a `KernelRouter` holding the same
 weight, as `KernelRMSNorm` replaces the norms: whether the top values are renormalised and in which dtype
