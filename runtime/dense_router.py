@@ -40,7 +40,7 @@ class KernelRouter(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = self.weight
         if self.enabled and hidden_states.numel() == w.shape[1] and hidden_states.dtype == w.dtype \
-                and hidden_states.device.type == "cpu" and hidden_states.is_contiguous() and w.is_contiguous():
+                and hidden_states.is_cpu and hidden_states.is_contiguous() and w.is_contiguous():
             routed = self.ops.route_one(hidden_states, w, self.top_k, self.normalize, self.scores_dtype)
             self.calls += 1
             if routed is not None:
@@ -59,7 +59,8 @@ def _kernel_rule(router: torch.nn.Module, ops: DecodeOps) -> tuple[int, bool, to
     tokens, or None: the same experts in the same order, scores and logits equal up to the rounding of sums."""
     weight = router.weight
     hidden = weight.shape[1]
-    generator = torch.Generator().manual_seed(1234)  # not 0: a model initialised from seed 0 would match it
+    # not seed 0: a router drawn from seed 0 (as test models are) would have the probe's rows as its own
+    generator = torch.Generator().manual_seed(1234)
     # logits of a spread like a trained router's (standard deviation up to 2): saturated probabilities
     # would tie at zero and give no verdict
     scale = 2.0 / max(float(weight.detach().float().norm(dim=1).max()), 1e-6)

@@ -112,6 +112,8 @@ def test_cpu_sessions_put_the_decode_ops_in_place(family, checkpoint):
     else:  # two per layer and the final norm (Qwen3-MoE adds the per-head q and k norms)
         assert len(norms) == config.num_hidden_layers * (4 if family == "qwen3_moe" else 2) + 1
     assert model.config._attn_implementation == "moeplan_cpu"
+    routers = [m for m in model.modules() if isinstance(m, KernelRouter)]
+    assert len(routers) == (0 if family == "phimoe" else config.num_hidden_layers)  # sparsemixer stays
 
 
 # ---- the router ---------------------------------------------------------------------------------
@@ -198,17 +200,3 @@ def test_tied_probabilities_fall_back_to_the_module():
         for _ in range(MIN_CALLS):
             assert all(torch.equal(a, b) for a, b in zip(kernel_router(x), router(x)))
     assert not kernel_router.enabled  # every call tied: the kernel is no longer tried
-
-
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "phimoe"])
-def test_cpu_sessions_put_the_router_in_place(family, checkpoint):
-    from model_factory import num_experts
-    from test_conformance import PLANS, make_plan
-
-    from runtime.session import Session
-
-    folder, config = checkpoint(family)
-    plan = make_plan(PLANS["all-cpu-1-thread"], num_experts(config), config.num_hidden_layers)
-    model = Session.load(plan, folder).loaded.model
-    routers = [m for m in model.modules() if isinstance(m, KernelRouter)]
-    assert len(routers) == (0 if family == "phimoe" else config.num_hidden_layers)
