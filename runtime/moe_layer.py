@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -96,7 +97,7 @@ class MoeLayer:
             self._prefetch_next(x)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    @property
+    @cached_property  # the plan's cache size and miss rule do not change after load
     def host_only(self) -> bool:
         """Whether every expert of every pass is a CPU miss: a cache of no slots (`accelerator: cpu` plans),
         misses computed on the CPU. Then `route_pass` would only count, and one token takes a shorter path."""
