@@ -63,8 +63,7 @@ class MoeLayer:
     # ---- the forward pass -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         engine = self.engine
-        if engine.replay is not None:
-            top_k_index = engine.routing_override(self.index, top_k_index)
+        top_k_index = engine.routing_override(self.index, top_k_index)
         # [T, k]: routing decisions are made on the host
         idx = top_k_index if top_k_index.is_cpu else top_k_index.to("cpu")
         engine.record_routing(self.index, idx, top_k_weights)

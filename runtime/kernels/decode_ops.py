@@ -50,7 +50,6 @@ class DecodeOps:
                      value.stride(1), value.stride(2), scale, threads, scratch)
         return out
 
-
     def route_one(self, x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool,
                   scores_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A softmax top-k router on one token x [1, H] with weight [E, H] (contiguous, x's dtype): (logits
