@@ -55,8 +55,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed (bench/llama_cpp/README.md)")
     ap.add_argument("--gguf", help="the same checkpoint converted to GGUF in --dtype (bench/llama_cpp/convert_gguf.py)")
-    ap.add_argument("--huge-pages", action="store_true",
-                    help="also run moeplan with --huge-pages (its weights moved into 2 MB pages at load)")
+    ap.add_argument("--no-huge-pages", action="store_true",
+                    help="also run moeplan with --no-huge-pages (its weights in 4 KB pages, as before 2026-11-29 "
+                         "night; by default they are in 2 MB pages)")
     args = ap.parse_args()
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -67,8 +68,8 @@ def main() -> int:
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
     engines = {"moeplan all-CPU": [str(ROOT / ".venv/bin/moeplan"), "run", str(plan), "--model", str(model),
                                    "--prompt", args.prompt, "--max-new-tokens", str(args.tokens), "--json"]}
-    if args.huge_pages:
-        engines["moeplan all-CPU --huge-pages"] = engines["moeplan all-CPU"] + ["--huge-pages"]
+    if args.no_huge_pages:
+        engines["moeplan all-CPU --no-huge-pages"] = engines["moeplan all-CPU"] + ["--no-huge-pages"]
     for impl in args.impls.split(","):
         engines[f"transformers {impl}"] = [sys.executable, str(ROOT / "bench/hf_generate.py"), "--model", str(model),
                                            "--impl", impl, "--dtype", args.dtype, "--threads", str(args.threads),

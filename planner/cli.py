@@ -11,6 +11,7 @@ import logging
 import sys
 
 from runtime.errors import UserError
+from runtime.huge_pages import request_for_new_tensors
 
 # The sub-commands, in the order `moeplan --help` lists them.
 COMMANDS = ("profile", "trace", "tune", "explain", "run")
@@ -39,6 +40,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    # before torch's first allocation: weights loaded from here on are born in 2 MB pages
+    request_for_new_tensors(getattr(args, "huge_pages", None) is not False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:

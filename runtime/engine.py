@@ -13,7 +13,7 @@ from .cache_policy import LayerCachePolicy, MissRule
 from .cpu_executor import CpuExecutor
 from .cpu_decode import use_cpu_decode_path
 from .experts_hook import ATTRIBUTE
-from .huge_pages import move_to_huge_pages
+from .huge_pages import born_in_huge_pages, bytes_in_huge_pages, move_to_huge_pages
 from .expert_store import ExpertStore
 from .loader import LoadedModel
 from .moe_layer import MoeLayer
@@ -23,7 +23,7 @@ from .replay import RoutingReplay
 
 class Engine:
     def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None,
-                 huge_pages: bool = False) -> None:
+                 huge_pages: bool | None = None) -> None:
         experts = loaded.experts
         num_layers, num_experts = len(experts), experts[0].num_experts
         slots = plan.cache.slots_per_layer(num_layers, num_experts)
@@ -39,8 +39,12 @@ class Engine:
         cpu = CpuExecutor(plan.hardware.cpu_threads)
         if self.device.type == "cpu":  # the dense part runs on the CPU too: C kernels at decode
             use_cpu_decode_path(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
-        # before the expert stores take their views of the weights: a move re-points the parameters
-        self.huge_page_bytes = move_to_huge_pages(list(loaded.model.parameters())) if huge_pages else 0
+        # before the expert stores take their views of the weights: a move re-points the parameters.
+        # None: move the rest only where torch's allocator gave the large weights 2 MB pages (it is small)
+        params = list(loaded.model.parameters())
+        if huge_pages or (huge_pages is None and born_in_huge_pages(params)):
+            move_to_huge_pages(params)
+        self.huge_page_bytes = bytes_in_huge_pages(params)
         self.layers: list[MoeLayer] = []
         for i, module in enumerate(experts):
             store = ExpertStore(module, slots[i], self.device)

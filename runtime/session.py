@@ -48,18 +48,19 @@ class GenerationResult:
 
 class Session:
     def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None,
-                 huge_pages: bool = False) -> None:
+                 huge_pages: bool | None = None) -> None:
         self.loaded = loaded
         self.plan = plan
         self.engine = Engine(loaded, plan, replay, huge_pages)
 
     @classmethod
     def load(cls, plan: Plan, model_dir: str | Path | None = None, replay_trace: str | Path | None = None,
-             context_tokens: int = 2048, huge_pages: bool = False) -> "Session":
+             context_tokens: int = 2048, huge_pages: bool | None = None) -> "Session":
         """Check the plan against the checkpoint and this host's memory, then load.
 
         `context_tokens` (prompt + new tokens, an upper bound is fine) sizes the KV cache in the memory check;
-        `huge_pages` moves the CPU-resident weights into 2 MB pages (runtime/huge_pages.py).
+        `huge_pages`: True moves every CPU-resident weight not in 2 MB pages yet into them, False none, None
+        (the default) the rest only when torch's allocator gave the large ones 2 MB pages (runtime/huge_pages.py).
         """
         folder = model_dir if model_dir is not None else plan.model.path
         if not folder:

@@ -26,9 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-out", metavar="FILE", help="write every forward pass's routing to FILE (JSON Lines)")
     p.add_argument("--replay-trace", metavar="FILE",
                    help="force each layer's experts from a recorded trace (benchmarks on random weights)")
-    p.add_argument("--huge-pages", action="store_true",
-                   help="move the CPU-resident weights into 2 MB pages at load (Linux): a slower load (about "
-                        "1 s per GB), faster CPU decode (8%% on the development machine); pays off on long runs")
+    p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU-resident weights in 2 MB pages (Linux), faster CPU decode. Default: the weights are "
+                        "allocated in them and the small rest is copied; --huge-pages also copies whatever was "
+                        "not (about 1 s per GB), --no-huge-pages keeps 4 KB pages")
 
 
 def main(args: argparse.Namespace) -> int:
