@@ -31,6 +31,7 @@ import runtime.kernels as kernels  # noqa: E402
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
 from report import emit  # noqa: E402
+from runtime.huge_pages import request_for_new_tensors  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
@@ -88,9 +89,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
-    ap.add_argument("--huge-pages", action="store_true", help="load as `moeplan run --huge-pages` does")
+    ap.add_argument("--no-huge-pages", action="store_true", help="load as `moeplan run --no-huge-pages` does")
     ap.add_argument("--out")
     args = ap.parse_args()
+    request_for_new_tensors(not args.no_huge_pages)  # as the command line does, before torch allocates
     model = Path(args.model)
     if not (model / "config.json").exists():
         build_model(model)
@@ -98,7 +100,7 @@ def main() -> int:
         raise SystemExit("the CPU kernel is not available here: nothing to break down")
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
-    session = Session.load(Plan.load(plan), model_dir=model, huge_pages=args.huge_pages)
+    session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
     rows = []
     for no_weights in (False, True):
         clock = KernelClock(no_weights)
@@ -119,7 +121,8 @@ def main() -> int:
         rows.append(("zeros instead of weights (warm caches)" if no_weights else "weights streamed", total, k,
                      statistics.median(gbps), moved / decoded / 1e6, (calls - pre_calls) / decoded))
         print(rows[-1], file=sys.stderr, flush=True)
-    pages = "2 MB pages (--huge-pages)" if args.huge_pages else "4 KB pages"
+    in_huge = session.engine.huge_page_bytes
+    pages = f"{in_huge / 1e9:.2f} GB of weights in 2 MB pages" if in_huge else "4 KB pages"
     lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads, {pages})", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, kernel "

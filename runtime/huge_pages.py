@@ -55,54 +55,63 @@ def _huge_buffer(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
-class PageMap:
-    """This process's mappings and how many bytes of each are in 2 MB pages, read once from
-    /proc/self/smaps (AnonHugePages). Empty where the file does not exist."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ranges: list[tuple[int, int, int]] = []  # (start, end, bytes in huge pages)
-        try:
-            with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
-                lines = smaps.readlines()
-        except OSError:
-            return
-        current: list[int] | None = None
-        mappings = []
-        for line in lines:
-            head = line.split(maxsplit=2)
-            if not head:
-                continue
-            if head[0] == "AnonHugePages:" and current is not None:
-                current[2] = int(head[1]) * 1024
-            elif "-" in head[0] and not head[0].endswith(":"):
-                start, end = (int(x, 16) for x in head[0].split("-"))
-                current = [start, end, 0]
-                mappings.append(current)
-        for start, end, huge in sorted(mappings):
-            self.starts.append(start)
-            self.ranges.append((start, end, huge))
-
-    def in_huge_pages(self, address: int, nbytes: int) -> bool:
-        """Whether the mapping holding [address, address + nbytes) has at least the whole 2 MB pages that
-        range could hold in 2 MB pages (an allocation's unaligned head and tail stay in 4 KB pages)."""
-        i = bisect.bisect_right(self.starts, address) - 1
-        if i < 0:
-            return False
-        start, end, huge = self.ranges[i]
-        if address + nbytes > end:
-            return False
-        aligned = (address + nbytes) // HUGE * HUGE - (address + HUGE - 1) // HUGE * HUGE
-        return aligned > 0 and huge >= aligned
+def _mappings() -> list[tuple[int, int, int]]:
+    """This process's mappings as (start, end, bytes in 2 MB pages), sorted, from /proc/self/smaps
+    (AnonHugePages); empty where the file does not exist."""
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+            lines = smaps.readlines()
+    except OSError:
+        return []
+    mappings: list[list[int]] = []
+    for line in lines:
+        head = line.split(maxsplit=2)
+        if not head:
+            continue
+        if head[0] == "AnonHugePages:" and mappings:
+            mappings[-1][2] = int(head[1]) * 1024
+        elif "-" in head[0] and not head[0].endswith(":"):
+            mappings.append([*(int(x, 16) for x in head[0].split("-")), 0])
+    return sorted((start, end, huge) for start, end, huge in mappings)
 
 
-def _storages(params: list[torch.nn.Parameter]) -> dict[int, list[torch.nn.Parameter]]:
-    """The CPU storages of 2 MB or more behind `params` (by data pointer), with the parameters sharing each."""
+def _aligned(start: int, nbytes: int) -> int:
+    """Bytes of [start, start + nbytes) in whole 2 MB-aligned pages: the most of it 2 MB pages can hold."""
+    return max(0, (start + nbytes) // HUGE * HUGE - (start + HUGE - 1) // HUGE * HUGE)
+
+
+def _in_huge_pages(spans: list[tuple[int, int]]) -> list[bool]:
+    """For each (start, bytes) range of weights, whether it lies in 2 MB pages.
+
+    smaps counts huge pages per mapping, not per range, so the verdict is per mapping: its ranges are in
+    huge pages when the mapping holds little else (at most one 2 MB page more per range: an allocation's
+    alignment) and its huge pages cover their aligned parts. A mapping holding other data too (the
+    malloc heap) gets no verdict, and its ranges count as not in huge pages: a move then makes sure."""
+    mappings = _mappings()
+    starts = [m[0] for m in mappings]
+    members: dict[int, list[int]] = defaultdict(list)  # mapping index -> indices of the spans in it
+    for n, (start, nbytes) in enumerate(spans):
+        i = bisect.bisect_right(starts, start) - 1
+        if i >= 0 and start + nbytes <= mappings[i][1]:
+            members[i].append(n)
+    verdict = [False] * len(spans)
+    for i, inside in members.items():
+        begin, end, huge = mappings[i]
+        held = sum(spans[n][1] for n in inside)
+        aligned = sum(_aligned(*spans[n]) for n in inside)
+        if end - begin <= held + HUGE * len(inside) and aligned > 0 and huge >= aligned:
+            for n in inside:
+                verdict[n] = True
+    return verdict
+
+
+def _storages(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """The CPU storages of 2 MB or more behind `params`, each as the parameters sharing it."""
     by_storage: dict[int, list[torch.nn.Parameter]] = defaultdict(list)
     for p in params:
         if p.device.type == "cpu" and not p.is_pinned() and p.untyped_storage().nbytes() >= HUGE:
             by_storage[p.untyped_storage().data_ptr()].append(p)
-    return by_storage
+    return list(by_storage.values())
 
 
 def _span(sharing: list[torch.nn.Parameter]) -> tuple[int, int]:
@@ -116,9 +125,8 @@ def bytes_in_huge_pages(params: list[torch.nn.Parameter]) -> int:
     """Bytes of the CPU weights behind `params` that lie in 2 MB pages (shared storage counted once)."""
     if not supported():
         return 0
-    pages = PageMap()
-    spans = [_span(sharing) for sharing in _storages(params).values()]
-    return sum(nbytes for start, nbytes in spans if pages.in_huge_pages(start, nbytes))
+    spans = [_span(sharing) for sharing in _storages(params)]
+    return sum(nbytes for (_, nbytes), huge in zip(spans, _in_huge_pages(spans)) if huge)
 
 
 def born_in_huge_pages(params: list[torch.nn.Parameter]) -> bool:
@@ -127,8 +135,7 @@ def born_in_huge_pages(params: list[torch.nn.Parameter]) -> bool:
     storages = _storages(params)
     if not supported() or not storages:
         return False
-    largest = max(storages.values(), key=lambda sharing: _span(sharing)[1])
-    return PageMap().in_huge_pages(*_span(largest))
+    return _in_huge_pages([max((_span(sharing) for sharing in storages), key=lambda span: span[1])])[0]
 
 
 def move_to_huge_pages(params: list[torch.nn.Parameter]) -> int:
@@ -139,10 +146,10 @@ def move_to_huge_pages(params: list[torch.nn.Parameter]) -> int:
         return 0
     import torch
 
-    pages = PageMap()
+    storages = _storages(params)
     moved = 0
-    for sharing in _storages(params).values():
-        if pages.in_huge_pages(*_span(sharing)):
+    for sharing, huge in zip(storages, _in_huge_pages([_span(sharing) for sharing in storages])):
+        if huge:
             continue
         old = sharing[0].untyped_storage()
         new = _huge_buffer(old.nbytes())

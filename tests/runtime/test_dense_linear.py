@@ -51,7 +51,7 @@ def test_siblings_computed_together_equal_torch(dtype, tokens):
 
 
 def test_huge_pages_keep_weights_and_sharing():
-    from runtime.huge_pages import move_to_huge_pages, supported
+    from runtime.huge_pages import bytes_in_huge_pages, move_to_huge_pages, supported
 
     if not supported():
         pytest.skip("huge pages are a Linux feature")
@@ -64,9 +64,10 @@ def test_huge_pages_keep_weights_and_sharing():
     with torch.inference_mode():
         x = torch.randn(1, 1, 1024).to(torch.bfloat16)
         block.q_proj(x)  # the group's buffer is in use before the move
+        group = (1024 + 512 + 512) * 1024 * 2  # the shared q/k/v buffer, once; o_proj is too small
         moved = move_to_huge_pages(list(block.parameters()))
-        assert moved == (1024 + 512 + 512) * 1024 * 2  # the shared q/k/v buffer, once; o_proj is too small
-        assert block.q_proj.weight.data_ptr() % (2 << 20) == 0
+        assert moved in (0, group)  # 0 where torch's allocator already gave the buffer 2 MB pages
+        assert bytes_in_huge_pages(list(block.parameters())) == group
         assert block.k_proj.weight.data_ptr() == block.q_proj.weight.data_ptr() + 1024 * 1024 * 2  # still shared
         for name, m in block.named_children():
             assert torch.equal(m.weight, reference[name]), name

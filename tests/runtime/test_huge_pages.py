@@ -3,6 +3,7 @@ nothing moved twice, and the same tokens either way."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -26,9 +27,20 @@ pytestmark = pytest.mark.skipif(not (supported() and _thp_available()),
                                 reason="transparent huge pages are a Linux feature, off on this host")
 
 
+def _in_small_pages(values: torch.Tensor) -> torch.nn.Parameter:
+    """A parameter holding `values` in a mapping advised never to use 2 MB pages (torch's allocator may give
+    a new tensor 2 MB pages, when this process asked it to)."""
+    region = mmap.mmap(-1, values.numel() * values.element_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_NOHUGEPAGE)
+    data = torch.frombuffer(region, dtype=values.dtype)
+    data.copy_(values)
+    return torch.nn.Parameter(data, requires_grad=False)
+
+
 def test_move_skips_what_is_already_in_huge_pages():
     torch.manual_seed(0)
-    big = torch.nn.Parameter(torch.randn(3 * HUGE // 4), requires_grad=False)  # 6 MB of fp32
+    big = _in_small_pages(torch.randn(3 * HUGE // 4))  # 6 MB of fp32
+    assert bytes_in_huge_pages([big]) == 0
     small = torch.nn.Parameter(torch.randn(1000), requires_grad=False)
     values = big.detach().clone()
     params = [big, small]
