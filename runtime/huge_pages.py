@@ -2,15 +2,16 @@
 
 A decode token streams every weight it uses once, and with 4 KB pages that is a TLB miss (a nested page
 walk in a VM) and a restart of the hardware prefetcher, which stops at page boundaries, every 4 KB. On
-the AVX2 development machine the expert kernel read 18.7 GB/s on two threads from 2 MB pages against
-16.8 from 4 KB pages (bench/results/huge_pages.md).
+the AVX2 development machine the expert kernel read 17.9 GB/s on two threads from 2 MB pages against
+16.4 from 4 KB pages (bench/results/cpu_kernel_avx2.md), and whole decode ran 8 % faster
+(bench/results/e2e_cpu_avx2_run3.md).
 
 Two ways in, the first one free:
 - At birth: torch's CPU allocator advises MADV_HUGEPAGE for every allocation of 2 MB or more when the
   environment says `THP_MEM_ALLOC_ENABLE=1`, which it reads once, at its first allocation. The command
   line asks for it before anything is allocated (`request_for_new_tensors`), so the fused expert tensors
   that transformers builds at load are born in 2 MB pages. A 2 MB fault costs no more than the 512 4 KB
-  faults it replaces (the model loaded as fast either way on the development machine).
+  faults it replaces (the process took no longer to start and load on the development machine).
 - By copy (`move_to_huge_pages`): each storage not yet in 2 MB pages (the 2 MB dense weights, which an
   allocation 4 KB-aligned cannot hold in a whole 2 MB page, or everything when torch allocated before the
   request) is copied into a fresh 2 MB-aligned mapping advised MADV_HUGEPAGE. About 1 s per GB there.

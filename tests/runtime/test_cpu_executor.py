@@ -60,7 +60,10 @@ def _kernels_by_isa():
 
 @pytest.mark.parametrize("kernel", _kernels_by_isa())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,cols,tokens", [(37, 1024, 1), (37, 1027, 3), (5, 33, 8), (9, 7, 2), (16, 48, 64)])
+# 4096 and 2056 columns: rows of 8 KB or more, read four at a time at one token (AVX2; 2056 in fp32 only,
+# 4104 in fp32 only: not a multiple of 16); the rest row by row
+@pytest.mark.parametrize("rows,cols,tokens", [(37, 1024, 1), (37, 1027, 3), (5, 33, 8), (9, 7, 2), (16, 48, 64),
+                                              (37, 4096, 1), (37, 2056, 1), (6, 4104, 1)])
 def test_multi_equals_fp32_matmul_on_odd_shapes(kernel, dtype, rows, cols, tokens):
     if not kernel.supports(dtype):
         pytest.skip(f"no {dtype} kernel for this instruction set")
@@ -73,7 +76,7 @@ def test_multi_equals_fp32_matmul_on_odd_shapes(kernel, dtype, rows, cols, token
 
 @pytest.mark.parametrize("kernel", _kernels_by_isa())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden,inter", [(64, 96), (33, 17), (256, 704)])
+@pytest.mark.parametrize("hidden,inter", [(64, 96), (33, 17), (256, 704), (4096, 512), (512, 4096)])
 def test_fused_token_equals_torch(kernel, dtype, hidden, inter):
     """The fused one-token path rounds where torch's bf16 ops round: equal to them on these shapes."""
     import torch.nn.functional as F
