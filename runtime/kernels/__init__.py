@@ -34,8 +34,9 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     (1.5-1.7x) and loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across
     tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x).
     AVX2 (bench/results/cpu_kernel_avx2.md): torch has no native bf16 and its fp32 GEMM reaches about 30
-    GFLOP/s on two cores, so the kernel wins at every token count measured (bf16 1.2-2.9x up to 64
-    tokens, fp32 1.1-4.8x up to 32) except fp32 at one token on one thread (0.84x).
+    GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
+    tokens, fp32 1.4-5x up to 32 on two threads). On one thread fp32 is close to even at one token (0.8x
+    before the four-row path, 1.03-1.08x after: torch kept) and at 32 tokens (0.86-1.35x across runs).
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:

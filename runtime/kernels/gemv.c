@@ -29,7 +29,9 @@
  * four (measured on a Mixtral-8x7B expert, 2 MB pages, two AMD Zen 3 cores: bf16 0.82 -> 0.94 and fp32
  * 0.83 -> 1.0 of a plain read of the same bytes). Shorter rows keep to one at a time: four short streams
  * at once give the hardware prefetcher too little to follow (2 KB bf16 rows fell from 0.85 to 0.6). */
+#ifndef LONG_ROW_BYTES /* bench/kernel_rows_ab.sh builds the kernel without the four-row path to compare */
 #define LONG_ROW_BYTES 8192
+#endif
 #define ISA_AVX2 1
 #define ISA_AVX512 2
 
