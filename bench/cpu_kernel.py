@@ -7,7 +7,7 @@ its measured rule says it wins, torch otherwise), and by torch's matmul, cycling
 cache so every byte comes from DRAM. The DRAM rate is torch's `sum()` over the same experts' bytes, timed
 alternately with the forced kernel (each repeat: the kernel on some experts, the read on the next ones),
 so that the ratio does not drift with the machine's load. The whole table is measured twice: with the
-weights in 4 KB pages and moved into 2 MB pages (`moeplan run --huge-pages`, runtime/huge_pages.py).
+weights in 4 KB pages and moved into 2 MB pages (where `moeplan run` keeps them by default, runtime/huge_pages.py).
 Medians of --repeats; ratios side by side.
 
     .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel_avx2.md
