@@ -26,10 +26,12 @@
  * AMD Zen 3 cores; 512-4096 bytes and the T0 hint were within that machine's noise) */
 #define PREFETCH_BYTES 1024
 /* AVX2 paths, one token: rows at least this long are read four at a time, each input load shared by the
- * four (measured on a Mixtral-8x7B expert, 2 MB pages, two AMD Zen 3 cores: bf16 0.82 -> 0.94 and fp32
- * 0.83 -> 1.0 of a plain read of the same bytes). Shorter rows keep to one at a time: four short streams
- * at once give the hardware prefetcher too little to follow (2 KB bf16 rows fell from 0.85 to 0.6). */
-#ifndef LONG_ROW_BYTES /* bench/kernel_rows_ab.sh builds the kernel without the four-row path to compare */
+ * four (Mixtral-8x7B experts, two AMD Zen 3 cores, kernel / plain read of the same bytes: bf16 0.85 -> 0.89
+ * in 2 MB pages and 0.75 -> 0.89 in 4 KB, fp32 0.87 -> 0.92 and 0.87 -> 1.03; bench/kernel_rows_ab/run.sh).
+ * Shorter rows keep to one at a time: four short streams at once give the hardware prefetcher too little
+ * to follow (2 KB bf16 rows fell from 0.85 to 0.6). The benchmark builds the kernel without the path by
+ * defining LONG_ROW_BYTES. */
+#ifndef LONG_ROW_BYTES
 #define LONG_ROW_BYTES 8192
 #endif
 #define ISA_AVX2 1
