@@ -13,7 +13,7 @@ from .cache_policy import LayerCachePolicy, MissRule
 from .cpu_executor import CpuExecutor
 from .cpu_decode import use_cpu_decode_path
 from .experts_hook import ATTRIBUTE
-from .huge_pages import born_in_huge_pages, bytes_in_huge_pages, move_to_huge_pages
+from .huge_pages import bytes_in_huge_pages, move_to_huge_pages
 from .expert_store import ExpertStore
 from .loader import LoadedModel
 from .moe_layer import MoeLayer
@@ -42,8 +42,8 @@ class Engine:
         # before the expert stores take their views of the weights: a move re-points the parameters.
         # None: move the rest only where torch's allocator gave the large weights 2 MB pages (it is small)
         params = list(loaded.model.parameters())
-        if huge_pages or (huge_pages is None and born_in_huge_pages(params)):
-            move_to_huge_pages(params)
+        if huge_pages is not False:
+            move_to_huge_pages(params, only_if_born=huge_pages is None)
         self.huge_page_bytes = bytes_in_huge_pages(params)
         self.layers: list[MoeLayer] = []
         for i, module in enumerate(experts):

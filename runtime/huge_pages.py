@@ -130,26 +130,35 @@ def bytes_in_huge_pages(params: list[torch.nn.Parameter]) -> int:
     return sum(nbytes for (_, nbytes), huge in zip(spans, _in_huge_pages(spans)) if huge)
 
 
+def _largest_is_huge(spans: list[tuple[int, int]], verdicts: list[bool]) -> bool:
+    return bool(spans) and verdicts[max(range(len(spans)), key=lambda n: spans[n][1])]
+
+
 def born_in_huge_pages(params: list[torch.nn.Parameter]) -> bool:
     """Whether torch's allocator gave the largest of these storages 2 MB pages: then the rest is small, and
     moving it costs little."""
-    storages = _storages(params)
-    if not supported() or not storages:
+    if not supported():
         return False
-    return _in_huge_pages([max((_span(sharing) for sharing in storages), key=lambda span: span[1])])[0]
+    spans = [_span(sharing) for sharing in _storages(params)]
+    return _largest_is_huge(spans, _in_huge_pages(spans))
 
 
-def move_to_huge_pages(params: list[torch.nn.Parameter]) -> int:
+def move_to_huge_pages(params: list[torch.nn.Parameter], only_if_born: bool = False) -> int:
     """Copy each CPU storage of `params` that is not in 2 MB pages yet (each once; parameters sharing a
     storage keep sharing it) into huge pages and re-point the parameters at the copy; returns the bytes
-    moved."""
+    moved. With `only_if_born`, nothing moves unless the largest storage was born in 2 MB pages (then the
+    rest is small and cheap to move; otherwise the copy would cost about 1 s per GB)."""
     if not supported():
         return 0
     import torch
 
     storages = _storages(params)
+    spans = [_span(sharing) for sharing in storages]
+    verdicts = _in_huge_pages(spans)  # one read of smaps for the decision and the move
+    if only_if_born and not _largest_is_huge(spans, verdicts):
+        return 0
     moved = 0
-    for sharing, huge in zip(storages, _in_huge_pages([_span(sharing) for sharing in storages])):
+    for sharing, huge in zip(storages, verdicts):
         if huge:
             continue
         old = sharing[0].untyped_storage()

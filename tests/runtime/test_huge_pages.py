@@ -27,6 +27,11 @@ pytestmark = pytest.mark.skipif(not (supported() and _thp_available()),
                                 reason="transparent huge pages are a Linux feature, off on this host")
 
 
+def _env_without_request() -> dict[str, str]:
+    """This environment without the allocator variable an in-process CLI call of another test may have set."""
+    return {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+
 def _in_small_pages(values: torch.Tensor) -> torch.nn.Parameter:
     """A parameter holding `values` in a mapping advised never to use 2 MB pages (torch's allocator may give
     a new tensor 2 MB pages, when this process asked it to)."""
@@ -58,8 +63,8 @@ def test_tensors_allocated_after_the_request_are_born_in_huge_pages(wanted):
               "import torch\n"
               "p = torch.nn.Parameter(torch.ones(16 << 20, dtype=torch.uint8), requires_grad=False)\n"
               "print(born_in_huge_pages([p]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=_env_without_request(),
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(wanted)
@@ -85,7 +90,7 @@ def test_run_reports_weights_in_huge_pages_and_the_same_tokens(tmp_path):
     plan.write_text("version: 1\nmodel: {name: t, dtype: float32}\nhardware: {accelerator: cpu, cpu_threads: 1}\n"
                     "cache: {slots: 0, policy: lru, preload: none}\n"
                     "miss: {compute: cpu, transfer_min_tokens: 0, promote: false}\nprefetch: {lookahead: 0}\n")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env = _env_without_request()
     reports = {}
     for flag in ("", "--no-huge-pages", "--huge-pages"):
         proc = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan), "--model", str(tmp_path / "model"),
