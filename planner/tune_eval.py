@@ -56,6 +56,8 @@ class Choice:
     def canonical(self) -> "Choice":
         """The same plan with the knobs that cannot matter set to fixed values (one grid point per plan)."""
         c = self
+        if c.budget == 0:  # no slot: nothing to evict, preload, promote into or prefetch into
+            c = Choice(0, "lru", False, c.cpu_threads, c.miss_compute, c.transfer_min_tokens, False, 0)
         if c.policy == "static":  # static keeps its preloaded set: no promotion, no prefetch
             c = Choice(c.budget, c.policy, True, c.cpu_threads, c.miss_compute, c.transfer_min_tokens, False, 0)
         if c.miss_compute == "accelerator":  # every miss is copied: the token threshold and promotion are moot
@@ -125,9 +127,13 @@ def cache_capacity(profile: Any, shape: ModelShape, accelerator: str, context: i
     """Slots that fit beside the dense weights, KV cache and workspace; `InfeasibleBudget` if none can.
 
     On a GPU plan the limit is `vram_budget` or the profile's accelerator memory; the host must also
-    hold every expert. On a CPU plan (`accelerator: cpu`) the slots are host memory: the limit is the
-    host's memory and, when `vram_budget` is given, that budget also caps dense + KV + workspace + slots
-    (the part that would sit on an accelerator), so a CPU plan can be sized like a GPU one.
+    hold every expert. On a CPU plan (`accelerator: cpu`) the host must hold the model and, when
+    `vram_budget` is given, that budget must hold dense + KV + workspace (the part that would sit on an
+    accelerator); no slot is offered there. A slot on the CPU is a second copy of an expert in the same
+    host memory, computed by the same kernel as a miss (so the cost model cannot tell a hit from a miss)
+    and it takes the runtime off its shorter no-cache path: in the AVX2 development machine's run 7 of
+    bench/predict_vs_measure.py, one-thread plans with slots decoded at 13.9-17.3 tokens/s against
+    16.4-16.8 without. Left open, the search picked slots on ties the prefill's averaging broke.
     """
     L, E = shape.num_moe_layers, shape.num_experts
     empty = Plan(model=ModelSpec(name=shape.name, dtype=shape.dtype), hardware=HardwareSpec(accelerator=accelerator),
@@ -144,15 +150,13 @@ def cache_capacity(profile: Any, shape: ModelShape, accelerator: str, context: i
         return Capacity("accelerator", limit, fixed, eb, min(L * E, (limit - fixed) // eb))
     if host_need > limits["host"]:
         raise InfeasibleBudget(_no_fit("host memory", host_need, limits["host"], items["host"]))
-    room = (limits["host"] - host_need) // eb
     limit, fixed = limits["host"], host_need
     if vram_budget is not None:
         side = {k: v for k, v in items["host"].items() if k != "experts_all"}
         fixed, limit = sum(side.values()), vram_budget
         if fixed > limit:
             raise InfeasibleBudget(_no_fit("--vram-budget", fixed, limit, side))
-        room = min(room, (limit - fixed) // eb)
-    return Capacity("host", limit, fixed, eb, min(L * E, room))
+    return Capacity("host", limit, fixed, eb, 0)
 
 
 def _no_fit(what: str, need: int, have: int, items: dict[str, int]) -> str:

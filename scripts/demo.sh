@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded model, in one command: set up .venv (first run only), measure
-# this host (quick profile), tune a plan whose cache holds a quarter of the model's experts, run it,
-# and print the generated text, measured decode tokens/s and hit rate beside the plan's predictions;
+# this host (quick profile), tune a plan with a budget that holds a quarter of the model's experts (on
+# a host without a GPU the tuner gives no cache slots: README), run it, and print the generated text,
+# measured decode tokens/s and hit rate beside the plan's predictions;
 # then tune the same model for an RTX 4070 box (published profile) and explain that plan.
 # Usage: scripts/demo.sh ["prompt"]
 set -euo pipefail
@@ -13,7 +14,7 @@ mkdir -p "$work"
 moeplan=.venv/bin/moeplan
 echo "== 1/4 moeplan profile --quick (this host)" >&2
 $moeplan profile --quick --model models/tiny-moe --out "$work/profile.yaml"
-echo "== 2/4 moeplan tune (a cache that holds a quarter of the experts)" >&2
+echo "== 2/4 moeplan tune (a budget that holds a quarter of the experts)" >&2
 $moeplan tune --model models/tiny-moe --profile "$work/profile.yaml" --expert-budget-fraction 0.25 \
   --trials 60 --out "$work/plan.yaml"
 echo "== 3/4 moeplan run $work/plan.yaml" >&2

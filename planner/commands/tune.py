@@ -114,9 +114,13 @@ def main(args: argparse.Namespace) -> int:
                    "accelerator": accelerator, "max_slots": capacity.max_slots}
     study_name = args.study or f"{shape.name}-{profile.name}"
     study = create_study(open_storage(args.storage), study_name if args.storage else args.study, args.seed, fingerprint)
-    log.info("tuning %s on %s (%s): up to %d slots of %.1f MiB on the %s, %d more trials",
-             shape.name, profile.name, accelerator, capacity.max_slots, shape.expert_bytes / 2**20,
-             capacity.device, args.trials)
+    if capacity.device == "host":
+        log.info("tuning %s on %s (cpu): no cache slots (without an accelerator a slot is a second copy in "
+                 "host memory, computed as a miss is), %d more trials", shape.name, profile.name, args.trials)
+    else:
+        log.info("tuning %s on %s (%s): up to %d slots of %.1f MiB on the %s, %d more trials",
+                 shape.name, profile.name, accelerator, capacity.max_slots, shape.expert_bytes / 2**20,
+                 capacity.device, args.trials)
 
     bar = None
     if not args.no_progress:

@@ -94,10 +94,10 @@ def test_seeded_study_is_reproducible_and_the_plan_loads_and_explains(model_dir,
     assert without_date(pa) == without_date(pb)
     assert pa.hardware.accelerator == "cpu"  # the profile has no accelerator
     shape = load_model_shape(str(model_dir))
-    slots = pa.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
-    assert sum(slots) <= round(0.25 * shape.num_moe_layers * shape.num_experts)  # the budget holds a quarter
-    if pa.cache.preload is not None:
-        assert all(len(ids) == n for ids, n in zip(pa.cache.preload, slots))  # explicit popular ids, full layers
+    # without an accelerator a slot would be a second copy in host memory, computed as a miss is: none,
+    # whatever the budget would hold, and no cache knob set that could not matter
+    assert sum(pa.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)) == 0
+    assert (pa.cache.policy, pa.cache.preload, pa.miss.promote, pa.prefetch.lookahead) == ("lru", None, False, 0)
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "accelerator_bytes", "host_bytes"):
         assert key in pa.predicted
     assert pa.provenance["trials"] == 25 and pa.provenance["seed"] == 3
@@ -180,6 +180,23 @@ def test_ctrl_c_writes_the_best_plan_so_far_and_exits_130(model_dir, trace_file,
     assert rc == 130, bytes(seen).decode(errors="replace")
     plan = Plan.load(out)
     assert plan.provenance["interrupted"] is True and plan.provenance["trials"] >= 3
+
+
+def test_no_slot_is_one_plan_and_a_cpu_plan_gets_none(model_dir) -> None:
+    """With no slot the cache knobs cannot matter: every such choice is one grid point. And without an
+    accelerator no slot is offered, whatever the memory or the budget would hold."""
+    a = Choice(0, "static", True, 2, "cpu", 32, True, 1).canonical()
+    b = Choice(0, "fifo", False, 2, "cpu", 32, False, 0).canonical()
+    assert a == b and (a.policy, a.preload, a.promote, a.lookahead) == ("lru", False, False, 0)
+    assert a.transfer_min_tokens == 32  # still matters: a miss of many tokens may be copied to be computed
+    assert Choice(3, "fifo", False, 2, "cpu", 0, True, 1).canonical().policy == "fifo"
+    shape = load_model_shape(str(model_dir))
+    profile = Profile.load(PUBLISHED)
+    gpu = cache_capacity(profile, shape, "cuda:0", 512, 24, None)
+    assert gpu.device == "accelerator" and gpu.max_slots > 0
+    roomy = gpu.fixed_bytes + 100 * shape.expert_bytes
+    cpu = cache_capacity(profile, shape, "cpu", 512, 24, roomy)
+    assert cpu.device == "host" and cpu.max_slots == 0
 
 
 def test_curves_are_exact_for_any_split(model_dir, trace_file) -> None:
