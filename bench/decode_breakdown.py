@@ -3,9 +3,13 @@
 Loads the benchmark checkpoint with the all-CPU plan in this process, times every call into the CPU
 kernel (`GemvKernel.linear`, `.multi`, `.moe_token`) during decode, and reports per token: the kernel's
 milliseconds and weight bytes (so its GB/s), and the rest (transformers' modeling code, moeplan's
-bookkeeping, sampling). With `--no-weights` the kernel calls return zeros instead of reading weights:
-what remains is the Python and torch overhead with warm caches, to compare with the rest measured
-after real weight streaming. Medians of --repeats generations.
+bookkeeping, sampling). Two stand-ins for the kernel, in the same process, alternating with the real
+thing repeat by repeat:
+- zeros: each call returns zeros at once; what remains is the Python and torch overhead run back to back;
+- sleep: each call sleeps as long as the real kernel takes for its bytes (at the rate measured so far),
+  then returns zeros; nothing is streamed, yet the code between the calls runs after the same pauses.
+Comparing the rest across the three tells whether it grows because of what the kernel streams or
+because of the time spent outside the interpreter. Medians of --repeats generations.
 
     .venv/bin/python bench/decode_breakdown.py --out bench/results/decode_breakdown_avx2.md
 """
@@ -37,17 +41,18 @@ from runtime.session import Session  # noqa: E402
 
 
 class KernelClock:
-    """Wraps the kernel's entry points: seconds, calls and weight bytes, or zeros with `no_weights`."""
+    """Wraps the kernel's entry points: seconds, calls and weight bytes; `stand_in` says what a call does:
+    "kernel" (the real one), "zeros" (returns zeros) or "sleep" (sleeps bytes / `sleep_gbps`, then zeros)."""
 
-    def __init__(self, no_weights: bool) -> None:
+    def __init__(self) -> None:
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
-        self.no_weights = no_weights
+        self.stand_in, self.sleep_gbps = "kernel", 0.0
         multi, token, linear = kernels.GemvKernel.multi, kernels.GemvKernel.moe_token, kernels.GemvKernel.linear
         clock = self
 
         def timed_multi(kernel, weights, inputs, threads, out_dtype=torch.float32):
             start = time.perf_counter()
-            if clock.no_weights:
+            if clock.instead(weights):
                 out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for w, x in zip(weights, inputs)]
             else:
                 out = multi(kernel, weights, inputs, threads, out_dtype)
@@ -56,13 +61,13 @@ class KernelClock:
 
         def timed_token(kernel, w_in, w_out, x, gates, threads):
             start = time.perf_counter()
-            out = torch.zeros_like(x) if clock.no_weights else token(kernel, w_in, w_out, x, gates, threads)
+            out = torch.zeros_like(x) if clock.instead(w_in + w_out) else token(kernel, w_in, w_out, x, gates, threads)
             clock.add(time.perf_counter() - start, w_in + w_out)
             return out
 
         def timed_linear(kernel, weight, x, threads, out_dtype):
             start = time.perf_counter()
-            out = torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype) if clock.no_weights else \
+            out = torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype) if clock.instead([weight]) else \
                 linear(kernel, weight, x, threads, out_dtype)
             clock.add(time.perf_counter() - start, [weight])
             return out
@@ -70,15 +75,29 @@ class KernelClock:
         kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
         kernels.GemvKernel.linear = timed_linear
 
+    def instead(self, weights: list[torch.Tensor]) -> bool:
+        """Whether the call is replaced (after sleeping, for "sleep")."""
+        if self.stand_in == "sleep":
+            time.sleep(_nbytes(weights) / (self.sleep_gbps * 1e9))
+        return self.stand_in != "kernel"
+
     def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
         self.seconds += seconds
         self.calls += 1
-        self.bytes += sum(w.numel() * w.element_size() for w in weights)
+        self.bytes += _nbytes(weights)
 
     def reset(self) -> tuple[float, int, int]:
         out = (self.seconds, self.calls, self.bytes)
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
         return out
+
+
+def _nbytes(weights: list[torch.Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in weights)
+
+
+ROW_NAMES = {"kernel": "weights streamed", "sleep": "a sleep as long as the kernel instead (nothing streamed)",
+             "zeros": "zeros instead of weights (back to back)"}
 
 
 def main() -> int:
@@ -101,26 +120,30 @@ def main() -> int:
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
     session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
-    rows = []
-    for no_weights in (False, True):
-        clock = KernelClock(no_weights)
-        session.generate(args.prompt, max_new_tokens=4)  # warm-up
-        per_token, kernel_ms, gbps = [], [], []
-        for _ in range(args.repeats):
+    clock = KernelClock()
+    session.generate(args.prompt, max_new_tokens=4)  # warm-up
+    samples: dict[str, dict[str, list[float]]] = {m: {"token": [], "kernel": [], "gbps": []} for m in ROW_NAMES}
+    moved = decoded = calls = 0
+    for repeat in range(args.repeats):
+        for stand_in in ROW_NAMES:  # the kernel first: the sleep takes its rate so far
+            clock.stand_in = stand_in
+            clock.sleep_gbps = statistics.median(samples["kernel"]["gbps"]) if samples["kernel"]["gbps"] else 0.0
             clock.reset()
             session.generate(args.prompt, max_new_tokens=1)  # the prefill alone, to subtract
             pre_s, pre_calls, pre_bytes = clock.reset()
             result = session.generate(args.prompt, max_new_tokens=args.tokens + 1)
             s, calls, moved = clock.reset()
-            s, moved = s - pre_s, moved - pre_bytes
+            s, moved, calls = s - pre_s, moved - pre_bytes, calls - pre_calls
             decoded = len(result.generated_ids) - 1
-            per_token.append(result.decode_seconds / decoded * 1e3)
-            kernel_ms.append(s / decoded * 1e3)
-            gbps.append(moved / s / 1e9 if s > 0 else 0.0)
-        total, k = statistics.median(per_token), statistics.median(kernel_ms)
-        rows.append(("zeros instead of weights (warm caches)" if no_weights else "weights streamed", total, k,
-                     statistics.median(gbps), moved / decoded / 1e6, (calls - pre_calls) / decoded))
-        print(rows[-1], file=sys.stderr, flush=True)
+            got = samples[stand_in]
+            got["token"].append(result.decode_seconds / decoded * 1e3)
+            got["kernel"].append(s / decoded * 1e3)
+            got["gbps"].append(moved / s / 1e9 if s > 0 else 0.0)
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{m} {samples[m]['token'][-1]:.1f} ms" for m in ROW_NAMES),
+              file=sys.stderr, flush=True)
+    rows = [(stand_in, statistics.median(got["token"]), statistics.median(got["kernel"]),
+             statistics.median(got["gbps"]), moved / decoded / 1e6, calls / decoded)
+            for stand_in, got in samples.items()]
     in_huge = session.engine.huge_page_bytes
     pages = f"{in_huge / 1e9:.2f} GB of weights in 2 MB pages" if in_huge else "4 KB pages"
     lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads, {pages})", "",
@@ -130,11 +153,12 @@ def main() -> int:
              f"load average at the end {os.getloadavg()[0]:.2f}",
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens, medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/decode_breakdown.py {' '.join(sys.argv[1:])}`", "",
-             "| kernel calls | ms per token | kernel ms | kernel GB/s | everything else ms | weight MB per token | "
-             "kernel calls per token |", "|---|---|---|---|---|---|---|"]
-    for name, total, k, rate, mb, calls in rows:
-        rate_text = f"{rate:.1f}" if name == "weights streamed" else "-"
-        lines.append(f"| {name} | {total:.1f} | {k:.1f} | {rate_text} | {total - k:.1f} | {mb:.0f} | {calls:.0f} |")
+             "| kernel calls | ms per token | kernel (or stand-in) ms | kernel GB/s | everything else ms | "
+             "weight MB per token | kernel calls per token |", "|---|---|---|---|---|---|---|"]
+    for stand_in, total, k, rate, mb, calls in rows:
+        rate_text = f"{rate:.1f}" if stand_in == "kernel" else "-"
+        lines.append(f"| {ROW_NAMES[stand_in]} | {total:.1f} | {k:.1f} | {rate_text} | {total - k:.1f} | {mb:.0f} | "
+                     f"{calls:.0f} |")
     return emit(lines, args.out)
 
 

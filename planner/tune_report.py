@@ -105,7 +105,9 @@ def _summary(evaluator: Evaluator, result: TuneResult, plan: Any, elapsed_s: flo
     lines = [f"# moeplan tune: {evaluator.shape.name} on {evaluator.profile_name}", "",
              f"- trials: {result.trials_total} in the study, {result.trials_run} in this run ({elapsed_s:.1f} s)"
              + (" - interrupted" if result.interrupted else ""),
-             f"- accelerator {evaluator.accelerator}; up to {evaluator.capacity.max_slots} expert slots fit",
+             f"- accelerator {evaluator.accelerator}; " + (
+                 f"up to {evaluator.capacity.max_slots} expert slots fit" if evaluator.capacity.device != "host"
+                 else "no expert slots (without an accelerator a slot is a second copy in host memory)"),
              f"- context {evaluator.context}, prompt {evaluator.prompt_tokens} tokens",
              f"- chosen by: {result.rule}", ""]
     if c is not None:

@@ -232,7 +232,8 @@ def test_report_writes_plots_and_summary(model_dir, trace_file, cpu_profile, tmp
     assert tune(model_dir, trace_file, cpu_profile, tmp_path / "p.yaml", "--trials", "12", "--report", str(report)) == 0
     for name in ("history.png", "importances.png", "hit_rate.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Pareto front" in (report / "summary.md").read_text()
+    summary = (report / "summary.md").read_text()
+    assert "Pareto front" in summary and "accelerator cpu; no expert slots" in summary
 
 
 @pytest.mark.parametrize("text, value", [("12884901888", 12884901888), ("12GB", 12 * 10**9), ("12GiB", 12 * 2**30),
