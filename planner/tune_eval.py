@@ -36,6 +36,10 @@ TRANSFER_MIN_TOKENS = (0, 8, 32, 128)  # 0 = never; powers of two around a promp
 MISS_COMPUTE = ("cpu", "accelerator")
 
 
+# why a CPU plan gets no cache slot (cache_capacity), as the tuner's log and report say it
+NO_SLOTS_ON_CPU = "without an accelerator a slot would be a second copy in host memory, computed as a miss is"
+
+
 class InfeasibleBudget(UserError):
     """Not even the plan without any expert slot fits the memory it is given."""
 
@@ -131,9 +135,9 @@ def cache_capacity(profile: Any, shape: ModelShape, accelerator: str, context: i
     `vram_budget` is given, that budget must hold dense + KV + workspace (the part that would sit on an
     accelerator); no slot is offered there. A slot on the CPU is a second copy of an expert in the same
     host memory, computed by the same kernel as a miss (so the cost model cannot tell a hit from a miss)
-    and it takes the runtime off its shorter no-cache path: in the AVX2 development machine's run 7 of
-    bench/predict_vs_measure.py, one-thread plans with slots decoded at 13.9-17.3 tokens/s against
-    16.4-16.8 without. Left open, the search picked slots on ties the prefill's averaging broke.
+    and it takes the runtime off its shorter no-cache path (bench/results/tiny_plan_slots_ab.md: the
+    embedded model's plan with 2 slots decoded at a median of 174 tokens/s, without at 185). Left open,
+    the search picked slots on ties the prefill's averaging broke.
     """
     L, E = shape.num_moe_layers, shape.num_experts
     empty = Plan(model=ModelSpec(name=shape.name, dtype=shape.dtype), hardware=HardwareSpec(accelerator=accelerator),

@@ -17,7 +17,7 @@ from runtime.atomic import write_atomic
 from runtime.cache_policy import MissRule
 from runtime.errors import UserError
 
-from .tune_eval import Evaluator
+from .tune_eval import NO_SLOTS_ON_CPU, Evaluator
 from .tuner import TuneResult
 
 
@@ -107,7 +107,7 @@ def _summary(evaluator: Evaluator, result: TuneResult, plan: Any, elapsed_s: flo
              + (" - interrupted" if result.interrupted else ""),
              f"- accelerator {evaluator.accelerator}; " + (
                  f"up to {evaluator.capacity.max_slots} expert slots fit" if evaluator.capacity.device != "host"
-                 else "no expert slots (without an accelerator a slot is a second copy in host memory)"),
+                 else f"no expert slots ({NO_SLOTS_ON_CPU})"),
              f"- context {evaluator.context}, prompt {evaluator.prompt_tokens} tokens",
              f"- chosen by: {result.rule}", ""]
     if c is not None:

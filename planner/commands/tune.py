@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from .. import workload
     from ..catalog import load_model_shape
     from ..traces import trace_to_jsonl
-    from ..tune_eval import Evaluator, cache_capacity
+    from ..tune_eval import NO_SLOTS_ON_CPU, Evaluator, cache_capacity
     from ..tuner import create_study, open_storage, run_study
 
     for flag, value, lo in (("--context", args.context, 0), ("--prompt-tokens", args.prompt_tokens, 1),
@@ -115,8 +115,8 @@ def main(args: argparse.Namespace) -> int:
     study_name = args.study or f"{shape.name}-{profile.name}"
     study = create_study(open_storage(args.storage), study_name if args.storage else args.study, args.seed, fingerprint)
     if capacity.device == "host":
-        log.info("tuning %s on %s (cpu): no cache slots (without an accelerator a slot is a second copy in "
-                 "host memory, computed as a miss is), %d more trials", shape.name, profile.name, args.trials)
+        log.info("tuning %s on %s (cpu): no cache slots (%s), %d more trials", shape.name, profile.name,
+                 NO_SLOTS_ON_CPU, args.trials)
     else:
         log.info("tuning %s on %s (%s): up to %d slots of %.1f MiB on the %s, %d more trials",
                  shape.name, profile.name, accelerator, capacity.max_slots, shape.expert_bytes / 2**20,

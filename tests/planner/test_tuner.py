@@ -22,7 +22,7 @@ from planner.commands.tune import parse_bytes
 from planner.profile import Profile
 from planner.simulator import simulate
 from planner.traces import load_trace
-from planner.tune_eval import Choice, Evaluator, cache_capacity
+from planner.tune_eval import NO_SLOTS_ON_CPU, Choice, Evaluator, cache_capacity
 from runtime.cache_policy import MissRule
 from runtime.plan import Plan
 
@@ -233,7 +233,7 @@ def test_report_writes_plots_and_summary(model_dir, trace_file, cpu_profile, tmp
     for name in ("history.png", "importances.png", "hit_rate.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (report / "summary.md").read_text()
-    assert "Pareto front" in summary and "accelerator cpu; no expert slots" in summary
+    assert "Pareto front" in summary and "accelerator cpu; no expert slots" in summary and NO_SLOTS_ON_CPU in summary
 
 
 @pytest.mark.parametrize("text, value", [("12884901888", 12884901888), ("12GB", 12 * 10**9), ("12GiB", 12 * 2**30),
