@@ -13,10 +13,15 @@ Each router whose output equals the kernel's on a probe is replaced by a `Kernel
 weight, as `KernelRMSNorm` replaces the norms: whether the top values are renormalised and in which dtype
 they come back are read off the module's own output, not assumed. A router with another rule (PhiMoE's
 sparsemixer, a bias, a sigmoid gate) fails the probe and keeps its own forward; so does any call the kernel
-does not take (more than one token, tied probabilities). One thing is lost: transformers records router
-logits (`output_router_logits=True`) by the router's class, which moeplan's generation never asks for.
+does not take (more than one token, tied probabilities). transformers records router logits
+(`output_router_logits=True`, which Mixtral's forward also turns into its load-balancing loss) by the
+router's class, so the replacement is an instance of a subclass of both `KernelRouter` and the class it
+replaces, holding the module's own plain attributes too: without that, such a call recorded nothing and
+the loss failed on the empty tuple.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
@@ -29,7 +34,10 @@ MIN_CALLS, TIE_LIMIT = 64, 10  # after MIN_CALLS calls, more than 1 in TIE_LIMIT
 class KernelRouter(torch.nn.Module):
     def __init__(self, router: torch.nn.Module, ops: DecodeOps, top_k: int, normalize: bool,
                  scores_dtype: torch.dtype) -> None:
-        super().__init__()
+        torch.nn.Module.__init__(self)  # not the router class's own __init__ (see kernel_router_class)
+        # the module's plain attributes (top_k, num_experts, ...), for code that reads them off the router
+        vars(self).update({k: v for k, v in vars(router).items()
+                           if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))})
         self.weight = router.weight  # shared, not copied
         self.top_k, self.normalize, self.scores_dtype = top_k, normalize, scores_dtype
         self.ops = ops
@@ -98,6 +106,12 @@ def _kernel_rule(router: torch.nn.Module, ops: DecodeOps) -> tuple[int, bool, to
     return None
 
 
+@lru_cache(maxsize=None)
+def kernel_router_class(router_class: type) -> type:
+    """`KernelRouter` that is also a `router_class`: transformers' output recording matches by class."""
+    return type(f"Kernel{router_class.__name__}", (KernelRouter, router_class), {})
+
+
 def use_kernel_for_routers(model: torch.nn.Module, ops: DecodeOps | None) -> int:
     """Replace each MoE router of `model` that the kernel reproduces; returns how many."""
     if ops is None:
@@ -113,6 +127,6 @@ def use_kernel_for_routers(model: torch.nn.Module, ops: DecodeOps | None) -> int
                 continue
             rule = _kernel_rule(child, ops)
             if rule is not None:
-                parent._modules[name] = KernelRouter(child, ops, *rule)
+                parent._modules[name] = kernel_router_class(type(child))(child, ops, *rule)
                 replaced += 1
     return replaced

@@ -129,6 +129,30 @@ def _routers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if name.endswith((".mlp.gate", ".mlp.router"))}
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_router_logits_are_recorded_as_transformers_records_them(family):
+    """`output_router_logits=True` records each replaced router (transformers matches routers by class),
+    for one token (the kernel's call) and several (the module's own), and the model's aux loss follows."""
+    model = _moe_model(family, torch.float32)
+    reference = copy.deepcopy(model)
+    assert use_kernel_for_routers(model, ops) == model.config.num_hidden_layers
+    for name, router in _routers(model).items():
+        original = _routers(reference)[name]
+        assert isinstance(router, KernelRouter) and isinstance(router, type(original))
+        assert getattr(router, "num_experts", None) == getattr(original, "num_experts", None)
+    generator = torch.Generator().manual_seed(3)
+    for tokens in (1, 5):
+        ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+        with torch.no_grad():
+            ours = model(input_ids=ids, output_router_logits=True)
+            theirs = reference(input_ids=ids, output_router_logits=True)
+        assert len(ours.router_logits) == len(theirs.router_logits) == model.config.num_hidden_layers
+        for a, b in zip(ours.router_logits, theirs.router_logits):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        if theirs.aux_loss is not None:
+            assert torch.allclose(ours.aux_loss, theirs.aux_loss, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_router_equals_transformers(family, dtype):
