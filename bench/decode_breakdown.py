@@ -52,7 +52,7 @@ class KernelClock:
 
         def timed_multi(kernel, weights, inputs, threads, out_dtype=torch.float32):
             start = time.perf_counter()
-            if clock.instead(weights):
+            if clock.stands_in(weights):
                 out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for w, x in zip(weights, inputs)]
             else:
                 out = multi(kernel, weights, inputs, threads, out_dtype)
@@ -61,13 +61,13 @@ class KernelClock:
 
         def timed_token(kernel, w_in, w_out, x, gates, threads):
             start = time.perf_counter()
-            out = torch.zeros_like(x) if clock.instead(w_in + w_out) else token(kernel, w_in, w_out, x, gates, threads)
+            out = torch.zeros_like(x) if clock.stands_in(w_in + w_out) else token(kernel, w_in, w_out, x, gates, threads)
             clock.add(time.perf_counter() - start, w_in + w_out)
             return out
 
         def timed_linear(kernel, weight, x, threads, out_dtype):
             start = time.perf_counter()
-            out = torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype) if clock.instead([weight]) else \
+            out = torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype) if clock.stands_in([weight]) else \
                 linear(kernel, weight, x, threads, out_dtype)
             clock.add(time.perf_counter() - start, [weight])
             return out
@@ -75,8 +75,8 @@ class KernelClock:
         kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
         kernels.GemvKernel.linear = timed_linear
 
-    def instead(self, weights: list[torch.Tensor]) -> bool:
-        """Whether the call is replaced (after sleeping, for "sleep")."""
+    def stands_in(self, weights: list[torch.Tensor]) -> bool:
+        """Whether a stand-in replaces this call (returning zeros); the "sleep" one sleeps here first."""
         if self.stand_in == "sleep":
             time.sleep(_nbytes(weights) / (self.sleep_gbps * 1e9))
         return self.stand_in != "kernel"
