@@ -167,7 +167,7 @@ class GemvKernel:
         ptrs = ctypes.c_void_p * count
         self._token(self.isa[dtype], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in w_in]),
                     ptrs(*[w.data_ptr() for w in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
-                    out.data_ptr(), hidden, inter, threads, self._scratch_ptr(count * (4 * inter + 2)))
+                    out.data_ptr(), hidden, inter, threads, self._scratch_ptr(count * (4 * inter + 2 + hidden)))
         return out
 
 

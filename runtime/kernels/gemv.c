@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <omp.h>
 
 #include "bf16.h"
 #include "hsum.h"
@@ -25,14 +26,10 @@
  * each weight byte is read once per token (measured: K = 1024 rows went from 9 to about 16 GB/s on two
  * AMD Zen 3 cores; 512-4096 bytes and the T0 hint were within that machine's noise) */
 #define PREFETCH_BYTES 1024
-/* AVX2 paths, one token: rows at least this long are read four at a time, each input load shared by the
- * four (Mixtral-8x7B experts, two AMD Zen 3 cores, kernel / plain read of the same bytes: bf16 0.85 -> 0.89
- * in 2 MB pages and 0.75 -> 0.89 in 4 KB, fp32 0.87 -> 0.92 and 0.87 -> 1.03; bench/kernel_rows_ab/run.sh).
- * Shorter rows keep to one at a time: four short streams at once give the hardware prefetcher too little
- * to follow (2 KB bf16 rows fell from 0.85 to 0.6). The benchmark builds the kernel without the path by
- * defining LONG_ROW_BYTES. */
-#ifndef LONG_ROW_BYTES
-#define LONG_ROW_BYTES 8192
+/* AVX2 paths, one token: each thread reads its share of the rows as this many far-apart streams (see
+ * stream_rows_avx2). The benchmark builds the kernel with 1 to compare (bench/kernel_streams_ab). */
+#ifndef STREAMS
+#define STREAMS 4
 #endif
 #define ISA_AVX2 1
 #define ISA_AVX512 2
@@ -87,8 +84,9 @@ static void rows_f32_avx512(const float *W, const float *x, float *y, int64_t n0
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------- */
 
 /* One weight row against G tokens (G <= 4), reading the row once, front to back: one sequential stream
- * per thread, which the hardware prefetcher follows (interleaving several short rows splits it into short
- * streams and, measured at K = 1024, halves the rate; long rows go four at a time: rows4_bf16_avx2).
+ * per thread, which the hardware prefetcher follows (interleaving several adjacent short rows splits it
+ * into short streams and, measured at K = 1024, halves the rate). Used for two or more tokens; one token
+ * goes through stream_rows_avx2.
  * The bf16 input is given split into its even and odd elements as fp32: a 32-bit lane of a bf16 vector
  * holds one even element (low half) and one odd element (high half), so shifting the lane left by 16
  * gives the even one as an fp32 and masking it gives the odd one: two FMAs per 16 weights, no unpacking.
@@ -128,33 +126,11 @@ static inline void row_bf16_avx2(const uint16_t *w, const float *xe, const float
     }
 }
 
-/* Four consecutive long rows of W against one token (K a multiple of 16): y[0..3]. */
-__attribute__((target("avx2,fma")))
-static void rows4_bf16_avx2(const uint16_t *W, const float *xe, const float *xo, float *y, int64_t K) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    __m256 ae[4], ao[4];
-    for (int r = 0; r < 4; r++) ae[r] = ao[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        const __m256 e = _mm256_loadu_ps(xe + k / 2), o = _mm256_loadu_ps(xo + k / 2);
-        for (int r = 0; r < 4; r++) {
-            const uint16_t *w = W + r * K + k;
-            _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_NTA);
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)w);
-            ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), e, ae[r]);
-            ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, high)), o, ao[r]);
-        }
-    }
-    for (int r = 0; r < 4; r++) y[r] = hsum256(_mm256_add_ps(ae[r], ao[r]));
-}
-
 __attribute__((target("avx2,fma")))
 static void rows_bf16_avx2(const uint16_t *W, const float *xe, const float *xo, float *y, int64_t n0, int64_t rows,
                            int64_t N, int64_t K, int64_t T) {
     const int64_t half = (K + 1) / 2;
-    int64_t r = 0;
-    if (T == 1 && K % 16 == 0 && K * 2 >= LONG_ROW_BYTES)
-        for (; r + 4 <= rows; r += 4) rows4_bf16_avx2(W + (n0 + r) * K, xe, xo, y + n0 + r, K);
-    for (; r < rows; r++) {
+    for (int64_t r = 0; r < rows; r++) {
         const uint16_t *w = W + (n0 + r) * K;
         for (int64_t t = 0; t < T; t += 4) {  /* up to four tokens per pass over the row (it stays in L1) */
             const float *e = xe + t * half, *o = xo + t * half;
@@ -169,7 +145,7 @@ static void rows_bf16_avx2(const uint16_t *W, const float *xe, const float *xo, 
     }
 }
 
-/* fp32: the same row-at-a-time stream, eight weights per FMA; long rows four at a time. */
+/* fp32: the same row-at-a-time stream, eight weights per FMA. */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void row_f32_avx2(const float *w, const float *x, float *out, int64_t out_stride, int64_t K,
                                 const int G) {
@@ -191,29 +167,10 @@ static inline void row_f32_avx2(const float *w, const float *x, float *out, int6
     }
 }
 
-/* Four consecutive long rows of W against one token (K a multiple of 8): y[0..3]. */
-__attribute__((target("avx2,fma")))
-static void rows4_f32_avx2(const float *W, const float *x, float *y, int64_t K) {
-    __m256 a[4];
-    for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + k);
-        for (int r = 0; r < 4; r++) {
-            const float *w = W + r * K + k;
-            _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_NTA);
-            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w), xv, a[r]);
-        }
-    }
-    for (int r = 0; r < 4; r++) y[r] = hsum256(a[r]);
-}
-
 __attribute__((target("avx2,fma")))
 static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, int64_t rows, int64_t N, int64_t K,
                           int64_t T) {
-    int64_t r = 0;
-    if (T == 1 && K % 8 == 0 && K * 4 >= LONG_ROW_BYTES)
-        for (; r + 4 <= rows; r += 4) rows4_f32_avx2(W + (n0 + r) * K, x, y + n0 + r, K);
-    for (; r < rows; r++) {
+    for (int64_t r = 0; r < rows; r++) {
         const float *w = W + (n0 + r) * K;
         for (int64_t t = 0; t < T; t += 4) {
             const float *xt = x + t * K;
@@ -224,6 +181,105 @@ static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, 
                 case 3: row_f32_avx2(w, xt, out, N, K, 3); break;
                 default: row_f32_avx2(w, xt, out, N, K, 4); break;
             }
+        }
+    }
+}
+
+/* ---- one token, AVX2: a thread's rows as far-apart streams ------------------------------------
+ * At one token a thread's time is the time its core takes to stream its share of the weights, and one
+ * sequential stream per core leaves DRAM bandwidth unused: on two AMD EPYC vCPUs a plain read of 44 MB
+ * took 15-17 GB/s as one stream per thread and 23-25 GB/s as four far-apart streams per thread. So a
+ * thread's contiguous share of the rows is cut into STREAMS segments, and it reads one row of each segment
+ * at a time, each segment front to back. (Adjacent short rows read together are not that: four 2 KB rows
+ * side by side are one stream broken into short pieces, and fell from 0.85 to 0.6 of a plain read.)
+ * Each row's dot product keeps the order of rows_*_avx2 at two or more tokens' partner: bf16 sums even and
+ * odd elements in two accumulators over 16 weights a step, fp32 one accumulator over 8. */
+
+/* The rows of `count` matrices [N, K] (row j of the set: matrix j / N, its row j % N), each matrix against
+ * its own input: x[i] (fp32 weights: fp32 [K]; bf16 weights: even elements, odd elements in xo[i]). */
+typedef struct {
+    int is_bf16, out_bf16;  /* weights bf16; outputs rounded to bf16 (else fp32) */
+    int64_t count, N, K;
+    const void *const *W;
+    const float *const *x, *const *xo;
+    void *const *y;  /* [N] per matrix */
+} RowSet;
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void dots_bf16_avx2(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int64_t K = set->K, K16 = K & ~(int64_t)15;
+    const uint16_t *w[STREAMS];
+    const float *xe[STREAMS], *xo[STREAMS];
+    __m256 ae[STREAMS], ao[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N;
+        w[r] = (const uint16_t *)set->W[i] + (rows[r] % set->N) * K;
+        xe[r] = set->x[i];
+        xo[r] = set->xo[i];
+        ae[r] = ao[r] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K16; k += 16)
+        for (int r = 0; r < n; r++) {
+            _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w[r] + k));
+            ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), _mm256_loadu_ps(xe[r] + k / 2), ae[r]);
+            ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, high)), _mm256_loadu_ps(xo[r] + k / 2), ao[r]);
+        }
+    for (int r = 0; r < n; r++) {
+        float s = hsum256(_mm256_add_ps(ae[r], ao[r]));
+        for (int64_t j = K16; j < K; j++) s += bf16_to_f32(w[r][j]) * ((j & 1) ? xo[r][j / 2] : xe[r][j / 2]);
+        sums[r] = s;
+    }
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+    const int64_t K = set->K, K8 = K & ~(int64_t)7;
+    const float *w[STREAMS], *x[STREAMS];
+    __m256 a[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N;
+        w[r] = (const float *)set->W[i] + (rows[r] % set->N) * K;
+        x[r] = set->x[i];
+        a[r] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K8; k += 8)
+        for (int r = 0; r < n; r++) {
+            _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k), _mm256_loadu_ps(x[r] + k), a[r]);
+        }
+    for (int r = 0; r < n; r++) {
+        float s = hsum256(a[r]);
+        for (int64_t j = K8; j < K; j++) s += w[r][j] * x[r][j];
+        sums[r] = s;
+    }
+}
+
+/* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams. */
+__attribute__((target("avx2,fma")))
+static void stream_rows_avx2(const RowSet *set) {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), total = set->count * set->N;
+    const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
+    const int64_t segment = (hi - lo + STREAMS - 1) / STREAMS;
+    for (int64_t step = 0; step < segment; step++) {
+        int64_t rows[STREAMS];
+        float sums[STREAMS];
+        int n = 0;
+        for (int s = 0; s < STREAMS && lo + s * segment + step < hi; s++) rows[n++] = lo + s * segment + step;
+        if (n == STREAMS) {  /* a constant count lets the compiler keep the accumulators in registers */
+            if (set->is_bf16) dots_bf16_avx2(set, rows, sums, STREAMS);
+            else dots_f32_avx2(set, rows, sums, STREAMS);
+        } else {
+            for (int r = 0; r < n; r++) {
+                if (set->is_bf16) dots_bf16_avx2(set, rows + r, sums + r, 1);
+                else dots_f32_avx2(set, rows + r, sums + r, 1);
+            }
+        }
+        for (int r = 0; r < n; r++) {
+            const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+            if (set->out_bf16) ((uint16_t *)set->y[i])[row] = f32_to_bf16(sums[r]);
+            else ((float *)set->y[i])[row] = sums[r];
         }
     }
 }
@@ -263,6 +319,17 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
     if (split)
         for (int i = 0; i < count; i++)
             split_bf16((const uint16_t *)x[i], scratch + 2 * i * stride, scratch + (2 * i + 1) * stride, K, T[i]);
+    if (isa == ISA_AVX2 && tmax == 1) {
+        const float *xs[count], *xo[count];
+        for (int i = 0; i < count; i++) {
+            xs[i] = split ? scratch + 2 * i * stride : (const float *)x[i];
+            xo[i] = split ? scratch + (2 * i + 1) * stride : NULL;
+        }
+        const RowSet set = {is_bf16, out_bf16, count, N, K, W, xs, xo, y};
+#pragma omp parallel num_threads(threads)
+        stream_rows_avx2(&set);
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < (int64_t)count * blocks; item++) {
         const int i = (int)(item / blocks);
@@ -292,28 +359,33 @@ void gemv_one(int isa, int is_bf16, const void *W, const void *x, void *y, int64
  * one parallel region of three work-shared loops: a layer's misses cost one thread wake-up and no
  * Python between the steps. The caller checks that the module's gate is this one (runtime/cpu_executor.py).
  * out [H] has x's dtype (the fp32 sum rounded once, as the reference's output is); scratch holds
- * count * (4I + 2) floats. */
+ * count * (4I + 2 + H) floats. On AVX2 both projections go through stream_rows_avx2 (moe_token_avx2). */
 
-void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
-               const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
-    /* scratch: h [count][2I] fp32, then the gate output m [count][I] as the next matmul wants it:
-     * fp32 (fp32, or AVX2 bf16 split into even and odd halves) or bf16 (AVX-512 bf16) */
-    float *h = scratch;
-    float *m = scratch + (int64_t)count * 2 * I;
-    const int64_t halfH = (H + 1) / 2, halfI = (I + 1) / 2;
-    const int split = isa == ISA_AVX2 && is_bf16;
-    float xs[2 * halfH > 0 ? 2 * halfH : 1];  /* x split into even and odd elements (AVX2 bf16) */
-    if (split) split_bf16((const uint16_t *)x, xs, xs + halfH, H, 1);
-    const int64_t in_blocks = (2 * I + ROWS - 1) / ROWS, out_blocks = (H + ROWS - 1) / ROWS;
+/* AVX2: the input projections of all the experts as one set of rows, the gate, then the output projections
+ * as one set into per-expert sums, then their weighted sum; scratch: h [count][2I], the gate output
+ * [count][I (+1)] (bf16: split into even and odd halves), per-expert outputs [count][H]. */
+static void moe_token_avx2(int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
+                           const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
+    const int64_t halfH = (H + 1) / 2, halfI = (I + 1) / 2, m_stride = is_bf16 ? 2 * halfI : I;
+    float *h = scratch, *m = scratch + (int64_t)count * 2 * I, *y = m + (int64_t)count * m_stride;
+    float xs[2 * halfH > 0 ? 2 * halfH : 1];  /* bf16: x split into even and odd elements */
+    if (is_bf16) split_bf16((const uint16_t *)x, xs, xs + halfH, H, 1);
+    const float *x_in[count], *xo_in[count], *m_in[count], *mo_in[count];
+    void *h_out[count], *y_out[count];
+    for (int i = 0; i < count; i++) {
+        x_in[i] = is_bf16 ? xs : (const float *)x;
+        xo_in[i] = is_bf16 ? xs + halfH : NULL;
+        m_in[i] = m + i * m_stride;
+        mo_in[i] = is_bf16 ? m + i * m_stride + halfI : NULL;
+        h_out[i] = h + i * 2 * I;
+        y_out[i] = y + i * H;
+    }
+    const RowSet in = {is_bf16, 0, count, 2 * I, H, W_in, x_in, xo_in, h_out};
+    const RowSet down = {is_bf16, 0, count, H, I, W_out, m_in, mo_in, y_out};
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < (int64_t)count * in_blocks; item++) {
-            const int i = (int)(item / in_blocks);
-            const int64_t n0 = (item % in_blocks) * ROWS;
-            rows_block(isa, is_bf16, W_in[i], x, xs, xs + halfH, h + i * 2 * I + n0, n0,
-                       2 * I - n0 < ROWS ? 2 * I - n0 : ROWS, H, 1);
-        }
+        stream_rows_avx2(&in);
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
@@ -322,12 +394,54 @@ void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **
                 g = round_bf16(g);
                 u = round_bf16(u);
                 v = round_bf16(round_bf16(g / (1.0f + expf(-g))) * u);
+                m[i * m_stride + (j & 1) * halfI + j / 2] = v;
             } else {
-                v = g / (1.0f + expf(-g)) * u;
+                m[i * I + j] = g / (1.0f + expf(-g)) * u;
             }
-            if (split) (j & 1 ? m + i * 2 * halfI + halfI : m + i * 2 * halfI)[j / 2] = v;
-            else if (is_bf16) ((uint16_t *)m)[i * I + j] = f32_to_bf16(v);
-            else m[i * I + j] = v;
+        }
+        stream_rows_avx2(&down);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < H; n++) {  /* the weighted sum is fp32; the layer's output has x's dtype */
+            float sum = 0.0f;
+            for (int i = 0; i < count; i++) sum += weights[i] * (is_bf16 ? round_bf16(y[i * H + n]) : y[i * H + n]);
+            if (is_bf16) ((uint16_t *)out)[n] = f32_to_bf16(sum);
+            else ((float *)out)[n] = sum;
+        }
+    }
+}
+
+void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
+               const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
+    if (isa == ISA_AVX2) {
+        moe_token_avx2(is_bf16, count, W_in, W_out, x, weights, out, H, I, threads, scratch);
+        return;
+    }
+    /* AVX-512: scratch holds h [count][2I] fp32, then the gate output m [count][I] as the next matmul
+     * wants it: fp32, or bf16 for the AVX512-BF16 dot products */
+    float *h = scratch;
+    float *m = scratch + (int64_t)count * 2 * I;
+    const int64_t in_blocks = (2 * I + ROWS - 1) / ROWS, out_blocks = (H + ROWS - 1) / ROWS;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)count * in_blocks; item++) {
+            const int i = (int)(item / in_blocks);
+            const int64_t n0 = (item % in_blocks) * ROWS;
+            rows_block(isa, is_bf16, W_in[i], x, NULL, NULL, h + i * 2 * I + n0, n0,
+                       2 * I - n0 < ROWS ? 2 * I - n0 : ROWS, H, 1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)count * I; item++) {
+            const int64_t i = item / I, j = item % I;
+            float g = h[i * 2 * I + j], u = h[i * 2 * I + I + j];
+            if (is_bf16) {
+                g = round_bf16(g);
+                u = round_bf16(u);
+                ((uint16_t *)m)[i * I + j] = f32_to_bf16(round_bf16(round_bf16(g / (1.0f + expf(-g))) * u));
+            } else {
+                m[i * I + j] = g / (1.0f + expf(-g)) * u;
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < out_blocks; b++) {
@@ -335,9 +449,8 @@ void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **
             float y[ROWS];
             float sum[ROWS] = {0};
             for (int i = 0; i < count; i++) {
-                const void *mi = split ? (const void *)(m + i * 2 * halfI)
-                                       : is_bf16 ? (const void *)((const uint16_t *)m + i * I) : (const void *)(m + i * I);
-                rows_block(isa, is_bf16, W_out[i], mi, m + i * 2 * halfI, m + i * 2 * halfI + halfI, y, n0, rows, I, 1);
+                const void *mi = is_bf16 ? (const void *)((const uint16_t *)m + i * I) : (const void *)(m + i * I);
+                rows_block(isa, is_bf16, W_out[i], mi, NULL, NULL, y, n0, rows, I, 1);
                 for (int64_t r = 0; r < rows; r++) sum[r] += weights[i] * (is_bf16 ? round_bf16(y[r]) : y[r]);
             }
             for (int64_t r = 0; r < rows; r++) {  /* the weighted sum is fp32; the layer's output has x's dtype */
