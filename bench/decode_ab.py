@@ -9,14 +9,19 @@ the same tokens.
     .venv/bin/python bench/decode_ab.py --piece router --out bench/results/decode_ab_router_avx2.md
 
 Pieces: `router` (runtime/dense_router.py: the C router, against the module's own forward),
-`grouped-projections` (runtime/dense_linear.py: q, k and v in one kernel call, against three calls).
+`grouped-projections` (runtime/dense_linear.py: q, k and v in one kernel call, against three calls),
+`kernel` (the GEMV kernel built from this working tree, against the one of `--base`, a git revision: both
+libraries are loaded and the live kernel's entry points are pointed at one or the other).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -31,12 +36,40 @@ from predict_vs_measure import build_model  # noqa: E402
 from report import emit  # noqa: E402
 from runtime.dense_linear import KernelLinear  # noqa: E402
 from runtime.dense_router import KernelRouter  # noqa: E402
+from runtime.huge_pages import request_for_new_tensors  # noqa: E402
+from runtime.kernels import GemvKernel, load  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
 
-def switch(session: Session, piece: str):
+def base_kernel(revision: str) -> GemvKernel:
+    """The GEMV kernel of a git revision, compiled as runtime/kernels compiles its own."""
+    build = Path(tempfile.mkdtemp())
+    names = ["gemv.c", "decode_ops.c", "bf16.h", "hsum.h"]
+    for name in names:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:runtime/kernels/{name}"],
+                               capture_output=True, check=True)
+        (build / name).write_bytes(shown.stdout)
+    compiler = shutil.which(os.environ.get("CC", "cc")) or "gcc"
+    subprocess.run([compiler, "-O3", "-fopenmp", "-shared", "-fPIC", str(build / "gemv.c"), str(build / "decode_ops.c"),
+                    "-o", str(build / "base.so"), "-lm"], check=True)
+    return GemvKernel(ctypes.CDLL(str(build / "base.so")), load().isa)
+
+
+def switch(session: Session, piece: str, base: str):
     """A function that turns the piece on (True) or off (False) in the loaded model."""
+    if piece == "kernel":
+        live = load()  # the one instance every projection and the executor call
+        if live is None:
+            raise SystemExit("the CPU kernel is not available here")
+        entry_points = ("_fn", "_one", "_token")
+        versions = {True: {name: getattr(live, name) for name in entry_points},
+                    False: {name: getattr(base_kernel(base), name) for name in entry_points}}
+
+        def set_kernel(on: bool) -> None:
+            for name, fn in versions[on].items():
+                setattr(live, name, fn)
+        return set_kernel
     modules = list(session.loaded.model.modules())
     if piece == "router":
         routers = [m for m in modules if isinstance(m, KernelRouter)]
@@ -59,22 +92,25 @@ def switch(session: Session, piece: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--piece", choices=["router", "grouped-projections"], required=True)
+    ap.add_argument("--piece", choices=["router", "grouped-projections", "kernel"], required=True)
+    ap.add_argument("--base", default="725d231", help="--piece kernel: the git revision whose kernel is 'off'")
     ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    ap.add_argument("--no-huge-pages", action="store_true", help="load as `moeplan run --no-huge-pages` does")
     ap.add_argument("--out")
     args = ap.parse_args()
+    request_for_new_tensors(not args.no_huge_pages)  # as the command line does, before torch allocates
     model = Path(args.model)
     if not (model / "config.json").exists():
         build_model(model)
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
-    session = Session.load(Plan.load(plan), model_dir=model)
-    turn = switch(session, args.piece)
+    session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
+    turn = switch(session, args.piece, args.base)
     session.generate(args.prompt, max_new_tokens=4)  # warm-up
     ms: dict[bool, list[float]] = {True: [], False: []}
     tokens: dict[bool, list[int]] = {}
@@ -87,7 +123,8 @@ def main() -> int:
         print(f"pair {pair + 1}: on {ms[True][-1]:.2f} ms/token, off {ms[False][-1]:.2f}", file=sys.stderr, flush=True)
     on, off = statistics.median(ms[True]), statistics.median(ms[False])
     wins = sum(a < b for a, b in zip(ms[True], ms[False]))
-    lines = [f"# CPU decode, {args.piece} on and off in one process ({args.dtype}, {args.threads} threads)", "",
+    title = f"the working tree's kernel (on) and {args.base}'s (off)" if args.piece == "kernel" else f"{args.piece} on and off"
+    lines = [f"# CPU decode, {title} in one process ({args.dtype}, {args.threads} threads)", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"load average at the end {os.getloadavg()[0]:.2f}",

@@ -36,7 +36,8 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     AVX2 (bench/results/cpu_kernel_avx2.md): torch has no native bf16 and its fp32 GEMM reaches about 30
     GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
     tokens, fp32 1.4-5x up to 32 on two threads). On one thread fp32 is close to even at one token (0.8x
-    before the four-row path, 1.03-1.08x after: torch kept) and at 32 tokens (0.86-1.35x across runs).
+    with one row at a time, 1.03-1.18x with four rows or four streams per thread, within this VM's noise:
+    torch kept) and at 32 tokens (0.86-1.36x across runs).
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
