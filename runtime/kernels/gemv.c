@@ -27,10 +27,8 @@
  * AMD Zen 3 cores; 512-4096 bytes and the T0 hint were within that machine's noise) */
 #define PREFETCH_BYTES 1024
 /* AVX2 paths, one token: each thread reads its share of the rows as this many far-apart streams (see
- * stream_rows_avx2). The benchmark builds the kernel with 1 to compare (bench/kernel_streams_ab). */
-#ifndef STREAMS
+ * stream_rows_avx2; 8 measured no better than 4, 2 about as good within the noise) */
 #define STREAMS 4
-#endif
 #define ISA_AVX2 1
 #define ISA_AVX512 2
 
@@ -192,8 +190,8 @@ static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, 
  * thread's contiguous share of the rows is cut into STREAMS segments, and it reads one row of each segment
  * at a time, each segment front to back. (Adjacent short rows read together are not that: four 2 KB rows
  * side by side are one stream broken into short pieces, and fell from 0.85 to 0.6 of a plain read.)
- * Each row's dot product keeps the order of rows_*_avx2 at two or more tokens' partner: bf16 sums even and
- * odd elements in two accumulators over 16 weights a step, fp32 one accumulator over 8. */
+ * Each row's dot product is one row's arithmetic, whatever rows it is read with: bf16 sums even and odd
+ * elements in two accumulators, 16 weights a step; fp32 one accumulator, 8 weights a step. */
 
 /* The rows of `count` matrices [N, K] (row j of the set: matrix j / N, its row j % N), each matrix against
  * its own input: x[i] (fp32 weights: fp32 [K]; bf16 weights: even elements, odd elements in xo[i]). */
