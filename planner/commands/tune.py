@@ -95,8 +95,11 @@ def main(args: argparse.Namespace) -> int:
             fixed -= shape.expert_bytes_total
         slots = round(args.expert_budget_fraction * shape.num_moe_layers * shape.num_experts)
         vram_budget = fixed + slots * shape.expert_bytes
-        log.info("budget: %d bytes = %d bytes before slots + %d slots (%.0f%% of %d experts) x %d bytes",
-                 vram_budget, fixed, slots, 100 * args.expert_budget_fraction,
+        # a CPU plan holds no cache slots (logged below): there the fraction only sizes the memory budget
+        parts = ("the dense part, KV cache and workspace", "room for") if accelerator == "cpu" else \
+            ("everything but the slots", "slots of")
+        log.info("budget: %d bytes = %d bytes for %s + %s %d experts (%.0f%% of %d) x %d bytes",
+                 vram_budget, fixed, parts[0], parts[1], slots, 100 * args.expert_budget_fraction,
                  shape.num_moe_layers * shape.num_experts, shape.expert_bytes)
     capacity = cache_capacity(profile, shape, accelerator, args.context, args.prompt_tokens, vram_budget)
     out = Path(args.out) if args.out else PROJECT_ROOT / "plans" / f"{profile.name}.yaml"

@@ -3,6 +3,7 @@ memory-feasible plans that `Plan.load` and `moeplan explain` accept; the hit cur
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -84,10 +85,13 @@ def without_date(plan: Plan) -> dict:
 
 
 def test_seeded_study_is_reproducible_and_the_plan_loads_and_explains(model_dir, trace_file, cpu_profile,
-                                                                     tmp_path, capsys) -> None:
+                                                                     tmp_path, capsys, caplog) -> None:
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    caplog.set_level(logging.INFO, logger="planner.commands.tune")
     assert tune(model_dir, trace_file, cpu_profile, a, "--trials", "25", "--seed", "3",
                 "--expert-budget-fraction", "0.25") == 0
+    budget_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("budget:"))
+    assert "slots" not in budget_line  # a CPU plan holds none: the fraction is room in memory there
     assert tune(model_dir, trace_file, cpu_profile, b, "--trials", "25", "--seed", "3",
                 "--expert-budget-fraction", "0.25") == 0
     pa, pb = Plan.load(a), Plan.load(b)
