@@ -359,6 +359,15 @@ void gemv_one(int isa, int is_bf16, const void *W, const void *x, void *y, int64
  * out [H] has x's dtype (the fp32 sum rounded once, as the reference's output is); scratch holds
  * count * (4I + 2 + H) floats. On AVX2 both projections go through stream_rows_avx2 (moe_token_avx2). */
 
+/* The gate between an expert's projections, SiLU(g) * u, rounded to bf16 where torch's bf16 ops round
+ * (each matmul output, the SiLU, the product). */
+static inline float silu_times(float g, float u, int is_bf16) {
+    if (!is_bf16) return g / (1.0f + expf(-g)) * u;
+    g = round_bf16(g);
+    u = round_bf16(u);
+    return round_bf16(round_bf16(g / (1.0f + expf(-g))) * u);
+}
+
 /* AVX2: the input projections of all the experts as one set of rows, the gate, then the output projections
  * as one set into per-expert sums, then their weighted sum; scratch: h [count][2I], the gate output
  * [count][I (+1)] (bf16: split into even and odd halves), per-expert outputs [count][H]. */
@@ -387,15 +396,9 @@ static void moe_token_avx2(int is_bf16, int count, const void **W_in, const void
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
-            float g = h[i * 2 * I + j], u = h[i * 2 * I + I + j], v;
-            if (is_bf16) {
-                g = round_bf16(g);
-                u = round_bf16(u);
-                v = round_bf16(round_bf16(g / (1.0f + expf(-g))) * u);
-                m[i * m_stride + (j & 1) * halfI + j / 2] = v;
-            } else {
-                m[i * I + j] = g / (1.0f + expf(-g)) * u;
-            }
+            const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
+            if (is_bf16) m[i * m_stride + (j & 1) * halfI + j / 2] = v;  /* split for the down projection */
+            else m[i * I + j] = v;
         }
         stream_rows_avx2(&down);
 #pragma omp barrier
@@ -432,14 +435,9 @@ void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
-            float g = h[i * 2 * I + j], u = h[i * 2 * I + I + j];
-            if (is_bf16) {
-                g = round_bf16(g);
-                u = round_bf16(u);
-                ((uint16_t *)m)[i * I + j] = f32_to_bf16(round_bf16(round_bf16(g / (1.0f + expf(-g))) * u));
-            } else {
-                m[i * I + j] = g / (1.0f + expf(-g)) * u;
-            }
+            const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
+            if (is_bf16) ((uint16_t *)m)[i * I + j] = f32_to_bf16(v);
+            else m[i * I + j] = v;
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < out_blocks; b++) {
