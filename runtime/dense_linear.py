@@ -38,6 +38,10 @@ class SharedInput:
             m.group = self
             self._bounds.append((id(m), start, start + m.out_features))
             start += m.out_features
+        self._widths = [m.out_features for m in members]
+        # one token: the buffer is read through the first member's parameter, which starts it and follows
+        # a move of the members together (runtime/huge_pages.py)
+        self._one_token = members[0].kernel.one_token(_StackedRows(members[0].weight, start))
         # a copy of the latest input: an output is handed out only for an input equal to it, whatever
         # tensor carries it (inference tensors have no version counter to tell an in-place change)
         self._input: torch.Tensor | None = None
@@ -60,12 +64,42 @@ class SharedInput:
         self._input, self._outputs = x2d.clone(), outputs
         return mine
 
+    def output_one(self, member: "KernelLinear", x: torch.Tensor) -> torch.Tensor:
+        """`output` for one token x (contiguous, the weights' dtype, any leading dimensions of size 1),
+        shaped as the member's forward returns it: [..., N]."""
+        ready = self._outputs.pop(id(member), None)
+        if ready is not None and torch.equal(self._input, x):  # False for another shape too
+            return ready
+        both = torch.empty((*x.shape[:-1], len(self.weight)), dtype=x.dtype)
+        self._one_token(x, both, member.threads)
+        # contiguous pieces: every dimension but the last has size 1
+        outputs = {key: part for (key, _, _), part in zip(self._bounds, both.split(self._widths, -1))}
+        mine = outputs.pop(id(member))
+        self._input, self._outputs = x.clone(), outputs
+        return mine
+
+
+class _StackedRows:
+    """The shape and dtype of a group's stacked weights, and the data pointer of its first member's (the
+    start of the stack): what `GemvKernel.one_token` reads off a weight."""
+
+    def __init__(self, first: torch.Tensor, rows: int) -> None:
+        self._first = first
+        self.shape = (rows, first.shape[1])
+        self.dtype = first.dtype
+
+    def data_ptr(self) -> int:
+        return self._first.data_ptr()
+
 
 class KernelLinear(torch.nn.Linear):
     def __init__(self, linear: torch.nn.Linear, kernel: GemvKernel, threads: int) -> None:
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
+        # Plain aliases of the same parameter objects for the one-token path: reading a parameter as a
+        # module attribute goes through Module.__getattr__, about 1 µs each on the AVX2 development machine.
+        vars(self)["_weight"], vars(self)["_bias"] = linear.weight, linear.bias
         self.kernel = kernel
         self.group: SharedInput | None = None
         self.set_threads(threads)
@@ -74,11 +108,22 @@ class KernelLinear(torch.nn.Linear):
         self.threads = threads
         # Decided once, not per call: a decode token makes some thirty of these calls, and on the AVX2
         # development machine each Python check or attribute lookup of a module costs about 1 µs.
-        self._one_token_kernel = self.kernel.handles(self.weight.dtype, 1, threads)
+        w = self._weight
+        self._one_token = self.kernel.one_token(w) if self.kernel.handles(w.dtype, 1, threads) else None
+        self._dtype = w.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._one_token_kernel and x.numel() == self.in_features and x.is_cpu and x.is_contiguous():
-            return self._kernel(x, x.view(1, self.in_features))
+        one_token = self._one_token
+        if one_token is not None and x.numel() == self.in_features and x.dtype is self._dtype and x.is_cpu \
+                and x.is_contiguous() and self._weight.is_contiguous():
+            group = self.group
+            if group is not None:
+                y = group.output_one(self, x)
+            else:
+                # the output rounded to x's dtype inside the kernel, like torch's own bf16 matmul output
+                y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
+                one_token(x, y, self.threads)
+            return y if self._bias is None else y + self._bias
         rows = x.numel() // self.in_features
         w = self.weight
         if x.dtype != w.dtype or not x.is_cpu or not self.kernel.handles(w.dtype, rows, self.threads):

@@ -21,12 +21,14 @@ class KernelRMSNorm(torch.nn.Module):
         self.variance_epsilon = eps
         self.ops = ops
         self._own_forward = norm.forward  # for inputs the kernel does not take (kept out of the module tree)
-        self._dtype = norm.weight.dtype  # a plain attribute: a module's parameter lookup costs more per call
+        # plain attributes: a module's parameter lookup (Module.__getattr__) costs more per call
+        self._dtype = norm.weight.dtype
+        vars(self)["_weight"] = norm.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self._dtype or not x.is_cpu or not x.is_contiguous():
+        if x.dtype is not self._dtype or not x.is_cpu or not x.is_contiguous():
             return self._own_forward(x)
-        return self.ops.rms_norm(x, self.weight, self.variance_epsilon)
+        return self.ops.rms_norm(x, self._weight, self.variance_epsilon)
 
 
 def _epsilon(norm: torch.nn.Module) -> float | None:

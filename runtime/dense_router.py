@@ -39,6 +39,7 @@ class KernelRouter(torch.nn.Module):
         vars(self).update({k: v for k, v in vars(router).items()
                            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))})
         self.weight = router.weight  # shared, not copied
+        vars(self)["_weight"] = router.weight  # a plain alias: Module.__getattr__ costs more per call
         self.top_k, self.normalize, self.scores_dtype = top_k, normalize, scores_dtype
         self.ops = ops
         self._own_forward = router.forward  # for calls the kernel does not take (kept out of the module tree)
@@ -46,8 +47,8 @@ class KernelRouter(torch.nn.Module):
         self.enabled = True
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = self.weight
-        if self.enabled and hidden_states.numel() == w.shape[1] and hidden_states.dtype == w.dtype \
+        w = self._weight
+        if self.enabled and hidden_states.numel() == w.shape[1] and hidden_states.dtype is w.dtype \
                 and hidden_states.is_cpu and hidden_states.is_contiguous() and w.is_contiguous():
             routed = self.ops.route_one(hidden_states, w, self.top_k, self.normalize, self.scores_dtype)
             self.calls += 1

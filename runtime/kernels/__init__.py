@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -153,6 +154,25 @@ class GemvKernel:
         self._one(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), tokens, n, k, threads, scratch,
                   out_bf16)
         return out
+
+    def one_token(self, weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+        """`linear` for one token with all that depends on the weight alone worked out once: the returned
+        `call(x, out, threads)` writes x @ weight^T into out. x holds the K inputs and out room for the N
+        outputs, both contiguous in the weight's dtype (any shape); the weight is read through its
+        `data_ptr()` at each call, so a weight re-pointed after this (runtime/huge_pages.py) is followed.
+        Why: the dense projections call this some thirty times per decode token, and on the AVX2
+        development machine `linear`'s per-call shape, dtype and scratch work cost as much as the call."""
+        n, k = weight.shape
+        isa = self.isa[weight.dtype]
+        is_bf16 = int(weight.dtype == torch.bfloat16)
+        scratch_floats = 2 * ((k + 1) // 2) if isa == ISA_AVX2 and is_bf16 else 0
+        fn, scratch = self._one, self._scratch_ptr
+
+        def call(x: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+            fn(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k, threads,
+               scratch(scratch_floats) if scratch_floats else None, is_bf16)
+
+        return call
 
     def moe_token(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], x: torch.Tensor,
                   gate_weights: list[float], threads: int) -> torch.Tensor:
