@@ -11,7 +11,9 @@ the same tokens.
 Pieces: `router` (runtime/dense_router.py: the C router, against the module's own forward),
 `grouped-projections` (runtime/dense_linear.py: q, k and v in one kernel call, against three calls),
 `kernel` (the GEMV kernel built from this working tree, against the one of `--base`, a git revision: both
-libraries are loaded and the live kernel's entry points are pointed at one or the other).
+libraries are loaded and the live kernel's entry points are pointed at one or the other), `runtime` (the
+whole runtime package of this working tree against `--base`'s, imported under another name: two sessions
+of the same checkpoint in one process, generating in turn; for changes to the Python around the kernels).
 """
 from __future__ import annotations
 
@@ -56,8 +58,51 @@ def base_kernel(revision: str) -> GemvKernel:
     return GemvKernel(ctypes.CDLL(str(build / "base.so")), load().isa)
 
 
-def switch(session: Session, piece: str, base: str):
-    """A function that turns the piece on (True) or off (False) in the loaded model."""
+def base_runtime(revision: str) -> str:
+    """The `runtime/` package of a git revision, importable as `runtime_base`; returns that name."""
+    folder = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "runtime"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    (folder / "runtime").rename(folder / "runtime_base")
+    sys.path.insert(0, str(folder))
+    return "runtime_base"
+
+
+def base_session(revision: str, plan: Path, model: Path, huge_pages: bool) -> tuple[object, object]:
+    """A session loaded by the base revision's runtime, and that runtime's attention function (transformers
+    keeps one function per registered name, so the turn to each session registers its own)."""
+    package = base_runtime(revision)
+    modules = {name: __import__(f"{package}.{name}", fromlist=["_"])
+               for name in ("session", "plan", "huge_pages", "decode_attention")}
+    modules["huge_pages"].request_for_new_tensors(huge_pages)
+    session = modules["session"].Session.load(modules["plan"].Plan.load(plan), model_dir=model,
+                                              huge_pages=None if huge_pages else False)
+    return session, modules["decode_attention"].cpu_decode_attention
+
+
+def switch(session: Session, piece: str, base: str, plan: Path | None = None, model: Path | None = None,
+           huge_pages: bool = True):
+    """A function that turns the piece on (True) or off (False) and returns the session to generate with."""
+    if piece == "runtime":
+        from transformers import AttentionInterface
+
+        from runtime.decode_attention import NAME, cpu_decode_attention
+
+        other, other_attention = base_session(base, plan, model, huge_pages)
+
+        def set_runtime(on: bool):
+            AttentionInterface.register(NAME, cpu_decode_attention if on else other_attention)
+            return session if on else other
+        return set_runtime
+    turn = _switch_piece(session, piece, base)
+
+    def set_piece(on: bool) -> Session:
+        turn(on)
+        return session
+    return set_piece
+
+
+def _switch_piece(session: Session, piece: str, base: str):
     if piece == "kernel":
         live = load()  # the one instance every projection and the executor call
         if live is None:
@@ -92,8 +137,9 @@ def switch(session: Session, piece: str, base: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--piece", choices=["router", "grouped-projections", "kernel"], required=True)
-    ap.add_argument("--base", default="725d231", help="--piece kernel: the git revision whose kernel is 'off'")
+    ap.add_argument("--piece", choices=["router", "grouped-projections", "kernel", "runtime"], required=True)
+    ap.add_argument("--base", default="725d231",
+                    help="--piece kernel or runtime: the git revision whose kernel or runtime is 'off'")
     ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
@@ -110,20 +156,21 @@ def main() -> int:
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
     session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
-    turn = switch(session, args.piece, args.base)
-    session.generate(args.prompt, max_new_tokens=4)  # warm-up
+    turn = switch(session, args.piece, args.base, plan, model, not args.no_huge_pages)
+    for on in (True, False):  # warm-up
+        turn(on).generate(args.prompt, max_new_tokens=4)
     ms: dict[bool, list[float]] = {True: [], False: []}
     tokens: dict[bool, list[int]] = {}
     for pair in range(args.pairs):
         for on in ((True, False) if pair % 2 == 0 else (False, True)):
-            turn(on)
-            result = session.generate(args.prompt, max_new_tokens=args.tokens + 1)
+            result = turn(on).generate(args.prompt, max_new_tokens=args.tokens + 1)
             tokens.setdefault(on, result.generated_ids)
             ms[on].append(result.decode_seconds / (len(result.generated_ids) - 1) * 1e3)
         print(f"pair {pair + 1}: on {ms[True][-1]:.2f} ms/token, off {ms[False][-1]:.2f}", file=sys.stderr, flush=True)
     on, off = statistics.median(ms[True]), statistics.median(ms[False])
     wins = sum(a < b for a, b in zip(ms[True], ms[False]))
-    title = f"the working tree's kernel (on) and {args.base}'s (off)" if args.piece == "kernel" else f"{args.piece} on and off"
+    title = f"the working tree's {args.piece} (on) and {args.base}'s (off)" if args.piece in ("kernel", "runtime") \
+        else f"{args.piece} on and off"
     lines = [f"# CPU decode, {title} in one process ({args.dtype}, {args.threads} threads)", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
