@@ -1,8 +1,8 @@
 """Where a CPU decode token's time goes: the CPU kernel (weights streamed) against everything else.
 
 Loads the benchmark checkpoint with the all-CPU plan in this process, times every call into the CPU
-kernel (`GemvKernel.linear`, `.multi`, `.moe_token`) during decode, and reports per token: the kernel's
-milliseconds and weight bytes (so its GB/s), and the rest (transformers' modeling code, moeplan's
+kernel (`GemvKernel.linear`, `.multi`, `.moe_token`, and the one-token calls `.one_token` binds) during
+decode, and reports per token: the kernel's milliseconds and weight bytes (so its GB/s), and the rest (transformers' modeling code, moeplan's
 bookkeeping, sampling). Two stand-ins for the kernel, in the same process, alternating with the real
 thing repeat by repeat:
 - zeros: each call returns zeros at once; what remains is the Python and torch overhead run back to back;
@@ -16,6 +16,7 @@ because of the time spent outside the interpreter. Medians of --repeats generati
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -72,8 +73,22 @@ class KernelClock:
             clock.add(time.perf_counter() - start, [weight])
             return out
 
+        one_token = kernels.GemvKernel.one_token
+
+        def timed_one_token(kernel, weight):  # the dense projections bind their calls at load
+            call = one_token(kernel, weight)
+
+            def timed_call(x, out, threads):
+                start = time.perf_counter()
+                if clock.stands_in([weight]):
+                    out.zero_()
+                else:
+                    call(x, out, threads)
+                clock.add(time.perf_counter() - start, [weight])
+            return timed_call
+
         kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
-        kernels.GemvKernel.linear = timed_linear
+        kernels.GemvKernel.linear, kernels.GemvKernel.one_token = timed_linear, timed_one_token
 
     def stands_in(self, weights: list[torch.Tensor]) -> bool:
         """Whether a stand-in replaces this call (returning zeros); the "sleep" one sleeps here first."""
@@ -92,8 +107,9 @@ class KernelClock:
         return out
 
 
-def _nbytes(weights: list[torch.Tensor]) -> int:
-    return sum(w.numel() * w.element_size() for w in weights)
+def _nbytes(weights: list) -> int:
+    """Bytes of weight tensors, or of anything with a shape and dtype (a q/k/v group's stacked rows)."""
+    return sum(math.prod(w.shape) * w.dtype.itemsize for w in weights)
 
 
 ROW_NAMES = {"kernel": "weights streamed", "sleep": "a sleep as long as the kernel instead (nothing streamed)",
@@ -119,8 +135,8 @@ def main() -> int:
         raise SystemExit("the CPU kernel is not available here: nothing to break down")
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
+    clock = KernelClock()  # before the load: the dense projections bind their kernel calls then
     session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
-    clock = KernelClock()
     session.generate(args.prompt, max_new_tokens=4)  # warm-up
     samples: dict[str, dict[str, list[float]]] = {m: {"token": [], "kernel": [], "gbps": []} for m in ROW_NAMES}
     moved = decoded = calls = 0

@@ -61,11 +61,12 @@ class CpuExecutor:
         return known
 
     def token(self, x: torch.Tensor, chosen: list[tuple[list[torch.Tensor], float]]) -> torch.Tensor:
-        """One token x [1, H] through the chosen experts ((w_in, w_out), gate weight), summed: [H], x's dtype."""
+        """One token x [1, H] through the chosen experts ((w_in, w_out), gate weight), summed: x's shape and
+        dtype."""
         if not chosen:
-            return torch.zeros(x.shape[-1], dtype=x.dtype)
+            return torch.zeros_like(x)
         return self.kernel.moe_token([w[0] for w, _ in chosen], [w[1] for w, _ in chosen],
-                                     x.reshape(-1).contiguous(), [g for _, g in chosen], self.threads)
+                                     x if x.is_contiguous() else x.contiguous(), [g for _, g in chosen], self.threads)
 
     def expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                gate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

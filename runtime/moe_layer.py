@@ -115,7 +115,7 @@ class MoeLayer:
         """One token's experts (`ranked`: in rank order) from host memory, in one fused kernel call, in
         ascending id order as `route_pass` orders misses; counted as `route_pass` and `_count` would count
         them: k misses, all on the CPU."""
-        gate = top_k_weights.reshape(-1).tolist()
+        gate = top_k_weights.tolist()[0] if top_k_weights.dim() == 2 else top_k_weights.reshape(-1).tolist()
         store = self.store
         chosen = sorted((e, store.host_weights(e), gate[rank]) for rank, e in enumerate(ranked))
         start = time.perf_counter()
@@ -124,7 +124,7 @@ class MoeLayer:
         s.cpu_expert_seconds += time.perf_counter() - start
         s.misses += len(ranked)
         s.cpu_misses += len(ranked)
-        return out.view(x.shape)
+        return out
 
     def _pass(self, x: torch.Tensor, top_k_weights: torch.Tensor, rows: dict, outcome, entered: dict,
               promotions: list) -> torch.Tensor:
@@ -158,7 +158,7 @@ class MoeLayer:
             self.stats.cpu_expert_seconds += time.perf_counter() - start
         if promotions:
             self._copy_in_background([(en.expert, en.slot) for en in promotions], self)
-        return out.view(x.shape)
+        return out
 
     def _bring_in(self, expert: int, entered: dict) -> list[torch.Tensor]:
         """An accelerator miss's weights on the accelerator: copied into its new slot, or to scratch."""

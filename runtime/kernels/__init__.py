@@ -166,25 +166,26 @@ class GemvKernel:
         isa = self.isa[weight.dtype]
         is_bf16 = int(weight.dtype == torch.bfloat16)
         scratch_floats = 2 * ((k + 1) // 2) if isa == ISA_AVX2 and is_bf16 else 0
-        fn, scratch = self._one, self._scratch_ptr
+        kernel = self  # the entry point is looked up at each call: benchmarks swap it (bench/decode_ab.py)
 
         def call(x: torch.Tensor, out: torch.Tensor, threads: int) -> None:
-            fn(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k, threads,
-               scratch(scratch_floats) if scratch_floats else None, is_bf16)
+            kernel._one(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k, threads,
+                        kernel._scratch_ptr(scratch_floats) if scratch_floats else None, is_bf16)
 
         return call
 
     def moe_token(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], x: torch.Tensor,
                   gate_weights: list[float], threads: int) -> torch.Tensor:
-        """One token through several SiLU-gated experts, weighted and summed: [H] in x's dtype.
+        """One token through several SiLU-gated experts, weighted and summed: x's shape and dtype.
 
-        w_in[i] is [2I, H] (gate rows, then up rows), w_out[i] [H, I], all contiguous; x is [H] contiguous in
-        the weights' dtype. bf16 is rounded where torch's bf16 ops round (see moe_token in gemv.c)."""
+        w_in[i] is [2I, H] (gate rows, then up rows), w_out[i] [H, I], all contiguous; x holds the H values
+        ([H], [1, H], ...), contiguous, in the weights' dtype. bf16 is rounded where torch's bf16 ops round
+        (see moe_token in gemv.c)."""
         count = len(w_in)
         inter2, hidden = w_in[0].shape
         inter = inter2 // 2
         dtype = w_in[0].dtype
-        out = torch.empty(hidden, dtype=dtype)
+        out = torch.empty_like(x)
         ptrs = ctypes.c_void_p * count
         self._token(self.isa[dtype], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in w_in]),
                     ptrs(*[w.data_ptr() for w in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
