@@ -31,7 +31,8 @@ class CpuExecutor:
     def __init__(self, threads: int, kernel: GemvKernel | None = None, use_kernel: bool = True) -> None:
         self.threads = threads
         self.kernel = (kernel or load()) if use_kernel else None
-        self._silu_gated: dict[int, bool] = {}  # id(module) -> whether its gate is silu(gate) * up
+        # (id(module), dtype, threads) -> whether `token` runs it: asked in every layer of every decode token
+        self._fits_token: dict[tuple[int, torch.dtype, int], bool] = {}
 
     def run(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, top_k_weights: torch.Tensor,
             jobs: list[Job]) -> torch.Tensor:
@@ -53,11 +54,10 @@ class CpuExecutor:
     def fits_token(self, module: torch.nn.Module, dtype: torch.dtype) -> bool:
         """Whether `token` can run this module's experts: the kernel wins at one token, and the module
         has the standard layout with a SiLU gate over [gate; up] (checked once on a probe)."""
-        if not self._kernel_fits(module, dtype, 1):
-            return False
-        known = self._silu_gated.get(id(module))
+        key = (id(module), dtype, self.threads)
+        known = self._fits_token.get(key)
         if known is None:
-            known = self._silu_gated[id(module)] = _is_silu_gated(module)
+            known = self._fits_token[key] = self._kernel_fits(module, dtype, 1) and _is_silu_gated(module)
         return known
 
     def token(self, x: torch.Tensor, chosen: list[tuple[list[torch.Tensor], float]]) -> torch.Tensor:

@@ -32,11 +32,9 @@ class SharedInput:
         self.members = members
         self.weight = torch.cat([m.weight.detach() for m in members])  # [sum of N, K], contiguous
         start = 0
-        self._bounds: list[tuple[int, int, int]] = []  # (id of the member, first row, end row)
         for m in members:  # each member's weight becomes its rows of the shared buffer: no second copy
             m.weight.data = self.weight[start:start + m.out_features]
             m.group = self
-            self._bounds.append((id(m), start, start + m.out_features))
             start += m.out_features
         self._widths = [m.out_features for m in members]
         # one token: the buffer is read through the first member's parameter, which starts it and follows
@@ -47,33 +45,24 @@ class SharedInput:
         self._input: torch.Tensor | None = None
         self._outputs: dict[int, torch.Tensor] = {}  # id(member) -> its output, not yet asked for
 
-    def output(self, member: "KernelLinear", x2d: torch.Tensor) -> torch.Tensor:
-        ready = self._outputs.pop(id(member), None)
-        if ready is not None and torch.equal(self._input, x2d):  # False for another shape too
-            return ready
-        first = self.members[0].weight
-        if first.data_ptr() != self.weight.data_ptr():  # the members were moved together (runtime/huge_pages.py)
-            self.weight = torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), first.storage_offset(),
-                                                                  self.weight.shape, self.weight.stride())
-        both = member.kernel.linear(self.weight, x2d, member.threads, x2d.dtype)  # [T, sum of N]
-        one_token = x2d.shape[0] == 1  # then each slice is contiguous already; more tokens need a copy
-        outputs = {}
-        for key, start, end in self._bounds:
-            outputs[key] = both[:, start:end] if one_token else both[:, start:end].contiguous()
-        mine = outputs.pop(id(member))
-        self._input, self._outputs = x2d.clone(), outputs
-        return mine
-
-    def output_one(self, member: "KernelLinear", x: torch.Tensor) -> torch.Tensor:
-        """`output` for one token x (contiguous, the weights' dtype, any leading dimensions of size 1),
-        shaped as the member's forward returns it: [..., N]."""
+    def output(self, member: "KernelLinear", x: torch.Tensor, one_token: bool) -> torch.Tensor:
+        """The member's output for x (contiguous, the weights' dtype): [..., N] for one token (x of any
+        leading dimensions of size 1), [T, N] for x2d [T, K]."""
         ready = self._outputs.pop(id(member), None)
         if ready is not None and torch.equal(self._input, x):  # False for another shape too
             return ready
-        both = torch.empty((*x.shape[:-1], len(self.weight)), dtype=x.dtype)
-        self._one_token(x, both, member.threads)
-        # contiguous pieces: every dimension but the last has size 1
-        outputs = {key: part for (key, _, _), part in zip(self._bounds, both.split(self._widths, -1))}
+        if one_token:
+            both = torch.empty((*x.shape[:-1], len(self.weight)), dtype=x.dtype)
+            self._one_token(x, both, member.threads)
+            parts = both.split(self._widths, -1)  # contiguous: every dimension but the last has size 1
+        else:
+            first = self.members[0].weight
+            if first.data_ptr() != self.weight.data_ptr():  # the members were moved together (huge_pages.py)
+                self.weight = torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), first.storage_offset(),
+                                                                      self.weight.shape, self.weight.stride())
+            both = member.kernel.linear(self.weight, x, member.threads, x.dtype)  # [T, sum of N]
+            parts = [part.contiguous() for part in both.split(self._widths, -1)]
+        outputs = {id(m): part for m, part in zip(self.members, parts)}
         mine = outputs.pop(id(member))
         self._input, self._outputs = x.clone(), outputs
         return mine
@@ -118,7 +107,7 @@ class KernelLinear(torch.nn.Linear):
                 and x.is_contiguous() and self._weight.is_contiguous():
             group = self.group
             if group is not None:
-                y = group.output_one(self, x)
+                y = group.output(self, x, one_token=True)
             else:
                 # the output rounded to x's dtype inside the kernel, like torch's own bf16 matmul output
                 y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
@@ -135,7 +124,7 @@ class KernelLinear(torch.nn.Linear):
         if x.dtype != w.dtype or not w.is_contiguous():
             return F.linear(x, w, self.bias)
         if self.group is not None and x2d.is_contiguous():
-            y = self.group.output(self, x2d)
+            y = self.group.output(self, x2d, one_token=False)
         else:
             # the output rounded to x's dtype inside the kernel, like torch's own bf16 matmul output
             y = self.kernel.linear(w, x2d.contiguous(), self.threads, x.dtype)

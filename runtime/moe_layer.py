@@ -59,7 +59,6 @@ class MoeLayer:
     stats: LayerStats = field(default_factory=LayerStats)
     _pending: object = None  # CUDA event of the latest background copy into this layer's slots
     _guesses: frozenset[int] = frozenset()  # experts the previous layer prefetched for this pass
-    _token_fits: dict = field(default_factory=dict)  # dtype -> whether the fused one-token kernel runs it
 
     # ---- the forward pass -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -68,7 +67,7 @@ class MoeLayer:
         # [T, k]: routing decisions are made on the host
         idx = top_k_index if top_k_index.is_cpu else top_k_index.to("cpu")
         engine.record_routing(self.index, idx, top_k_weights)
-        if idx.shape[0] == 1 and self.host_only and x.is_cpu and self._fits_token(x.dtype):
+        if idx.shape[0] == 1 and self.host_only and x.is_cpu and self.cpu.fits_token(self.module, x.dtype):
             out = self._token_from_host(x, idx.tolist()[0], top_k_weights)  # a decode token, no cache here
             if engine.lookahead and self.next is not None:  # the next layer may have a cache to prefetch into
                 self._prefetch_next(x)
@@ -102,14 +101,6 @@ class MoeLayer:
         """Whether every expert of every pass is a CPU miss: a cache of no slots (`accelerator: cpu` plans),
         misses computed on the CPU. Then `route_pass` would only count, and one token takes a shorter path."""
         return self.policy.slots == 0 and self.rule.compute == "cpu" and not self.rule.on_accelerator(1)
-
-    def _fits_token(self, dtype: torch.dtype) -> bool:
-        """`CpuExecutor.fits_token` for this layer's module, asked once per dtype: the executor's threads and
-        the module's layout do not change after load, and a decode token asks in every layer."""
-        fits = self._token_fits.get(dtype)
-        if fits is None:
-            fits = self._token_fits[dtype] = self.cpu.fits_token(self.module, dtype)
-        return fits
 
     def _token_from_host(self, x: torch.Tensor, ranked: list[int], top_k_weights: torch.Tensor) -> torch.Tensor:
         """One token's experts (`ranked`: in rank order) from host memory, in one fused kernel call, in
