@@ -115,7 +115,12 @@ def main() -> int:
                      "tokens/s")
         for name, tps, *_ in rows:
             if name.startswith("llama.cpp"):
-                lines.append(f"{mine[0]} / {name}: **{mine[1] / tps:.2f}x** decode tokens/s")
+                paired = sorted(a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                                for a, b in zip(results[mine[0]], results[name]))
+                lines.append(f"{mine[0]} / {name}: **{mine[1] / tps:.2f}x** decode tokens/s; per repeat (the two "
+                             f"run within a minute of each other): median {statistics.median(paired):.2f}x, "
+                             f"{paired[0]:.2f}-{paired[-1]:.2f}x, moeplan faster in {sum(r > 1 for r in paired)} "
+                             f"of {len(paired)}")
     return emit(lines, args.out)
 
 

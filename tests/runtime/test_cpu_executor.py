@@ -93,6 +93,27 @@ def test_one_token_rows_of_several_matrices(kernel, dtype, threads, rows):
 
 @pytest.mark.parametrize("kernel", _kernels_by_isa())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", [(37, 1027), (6, 4104), (16, 48)])
+def test_one_token_call_equals_linear_and_follows_a_moved_weight(kernel, dtype, threads, rows, cols):
+    """`one_token` binds what depends on the weight once (the dense projections' decode path): its output
+    is `linear`'s, bit for bit, and a weight re-pointed afterwards (as huge_pages.py moves parameters) is
+    the one read."""
+    if not kernel.supports(dtype):
+        pytest.skip(f"no {dtype} kernel for this instruction set")
+    torch.manual_seed(4)
+    w, x = torch.randn(rows, cols).to(dtype), torch.randn(1, 1, cols).to(dtype)
+    call = kernel.one_token(w)
+    for _ in range(2):
+        out = torch.empty(1, 1, rows, dtype=dtype)
+        call(x, out, threads)
+        assert torch.equal(out.view(1, rows), kernel.linear(w, x.view(1, cols), threads, dtype))
+        assert torch.allclose(out.view(1, rows).float(), x.view(1, cols).float() @ w.float().T, rtol=1e-2, atol=1e-2)
+        w.data = w.flip(0).contiguous()  # new storage, other values: the next call must read these
+
+
+@pytest.mark.parametrize("kernel", _kernels_by_isa())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,inter", [(64, 96), (33, 17), (256, 704), (4096, 512), (512, 4096)])
 def test_fused_token_equals_torch(kernel, dtype, hidden, inter):
     """The fused one-token path rounds where torch's bf16 ops round: equal to them on these shapes."""
