@@ -2,24 +2,30 @@
 
 Loads the benchmark checkpoint with the all-CPU plan in this process, times every call into the CPU
 kernel (`GemvKernel.linear`, `.multi`, `.moe_token`, and the one-token calls `.one_token` binds) during
-decode, and reports per token: the kernel's milliseconds and weight bytes (so its GB/s), and the rest (transformers' modeling code, moeplan's
-bookkeeping, sampling). Two stand-ins for the kernel, in the same process, alternating with the real
-thing repeat by repeat:
+decode, and reports per token: the kernel's milliseconds and weight bytes (so its GB/s), and the rest
+(transformers' modeling code, moeplan's bookkeeping, sampling). Stand-ins for the kernel, in the same
+process, alternating with the real thing repeat by repeat (`--stand-ins`):
 - zeros: each call returns zeros at once; what remains is the Python and torch overhead run back to back;
 - sleep: each call sleeps as long as the real kernel takes for its bytes (at the rate measured so far),
-  then returns zeros; nothing is streamed, yet the code between the calls runs after the same pauses.
-Comparing the rest across the three tells whether it grows because of what the kernel streams or
-because of the time spent outside the interpreter. Medians of --repeats generations.
+  then returns zeros; nothing is streamed, yet the code between the calls runs after the same pauses;
+- spin, reread, read (bench/decode_standins.c, built here): the kernel's threads busy for as long as the
+  kernel takes, on registers only, re-reading a 4 MB buffer, or reading the call's weights plainly
+  (one stream per thread, no prefetch hint), then zeros.
+Comparing the rest across them tells how much of it grows with the time spent outside the interpreter
+and how much with what the pause does to the caches. Medians of --repeats generations.
 
     .venv/bin/python bench/decode_breakdown.py --out bench/results/decode_breakdown_avx2.md
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,9 +51,11 @@ class KernelClock:
     """Wraps the kernel's entry points: seconds, calls and weight bytes; `stand_in` says what a call does:
     "kernel" (the real one), "zeros" (returns zeros) or "sleep" (sleeps bytes / `sleep_gbps`, then zeros)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int, standins: ctypes.CDLL | None = None) -> None:
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
         self.stand_in, self.sleep_gbps = "kernel", 0.0
+        self.threads, self.standins = threads, standins
+        self._resident = torch.ones(1 << 20, dtype=torch.int32)  # 4 MB: stays in a server CPU's L3
         multi, token, linear = kernels.GemvKernel.multi, kernels.GemvKernel.moe_token, kernels.GemvKernel.linear
         clock = self
 
@@ -90,11 +98,23 @@ class KernelClock:
         kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
         kernels.GemvKernel.linear, kernels.GemvKernel.one_token = timed_linear, timed_one_token
 
-    def stands_in(self, weights: list[torch.Tensor]) -> bool:
-        """Whether a stand-in replaces this call (returning zeros); the "sleep" one sleeps here first."""
-        if self.stand_in == "sleep":
-            time.sleep(_nbytes(weights) / (self.sleep_gbps * 1e9))
-        return self.stand_in != "kernel"
+    def stands_in(self, weights: list) -> bool:
+        """Whether a stand-in replaces this call (returning zeros); the pausing ones pause here first, as
+        long as the kernel takes for these bytes at the rate measured so far."""
+        stand_in = self.stand_in
+        if stand_in in ("kernel", "zeros"):
+            return stand_in == "zeros"
+        seconds = _nbytes(weights) / (self.sleep_gbps * 1e9)
+        if stand_in == "sleep":
+            time.sleep(seconds)
+        elif stand_in == "spin":
+            self.standins.standin_spin(seconds, self.threads)
+        elif stand_in == "reread":
+            self.standins.standin_reread(self._resident.data_ptr(), self._resident.numel(), seconds, self.threads)
+        else:  # read
+            for w in weights:
+                self.standins.standin_read(w.data_ptr(), _nbytes([w]) // 4, self.threads)
+        return True
 
     def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
         self.seconds += seconds
@@ -113,7 +133,27 @@ def _nbytes(weights: list) -> int:
 
 
 ROW_NAMES = {"kernel": "weights streamed", "sleep": "a sleep as long as the kernel instead (nothing streamed)",
-             "zeros": "zeros instead of weights (back to back)"}
+             "zeros": "zeros instead of weights (back to back)",
+             "spin": "arithmetic on the kernel's threads as long as the kernel (no memory)",
+             "reread": "re-reading a 4 MB buffer as long as the kernel (cache-resident)",
+             "read": "a plain read of the same weights (one stream per thread, no prefetch hint)"}
+NEEDS_STANDINS = ("spin", "reread", "read")
+
+
+def build_standins() -> ctypes.CDLL:
+    """bench/decode_standins.c compiled into a temporary folder, as runtime/kernels builds its own."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("no C compiler: the spin, reread and read stand-ins cannot be built")
+    target = Path(tempfile.mkdtemp()) / "standins.so"
+    subprocess.run([compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", str(ROOT / "bench/decode_standins.c"),
+                    "-o", str(target)], check=True)
+    lib = ctypes.CDLL(str(target))
+    lib.standin_spin.argtypes = [ctypes.c_double, ctypes.c_int]
+    lib.standin_spin.restype = ctypes.c_double
+    lib.standin_reread.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int]
+    lib.standin_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    return lib
 
 
 def main() -> int:
@@ -125,8 +165,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
     ap.add_argument("--no-huge-pages", action="store_true", help="load as `moeplan run --no-huge-pages` does")
+    ap.add_argument("--stand-ins", default="zeros,sleep",
+                    help=f"comma-separated, run after the real kernel each repeat: {', '.join(list(ROW_NAMES)[1:])}")
     ap.add_argument("--out")
     args = ap.parse_args()
+    variants = ["kernel"] + [v for v in args.stand_ins.split(",") if v]
+    unknown = [v for v in variants if v not in ROW_NAMES]
+    if unknown:
+        raise SystemExit(f"--stand-ins: unknown {', '.join(unknown)}; choose from {', '.join(list(ROW_NAMES)[1:])}")
     request_for_new_tensors(not args.no_huge_pages)  # as the command line does, before torch allocates
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -135,13 +181,14 @@ def main() -> int:
         raise SystemExit("the CPU kernel is not available here: nothing to break down")
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
-    clock = KernelClock()  # before the load: the dense projections bind their kernel calls then
+    standins = build_standins() if any(v in NEEDS_STANDINS for v in variants) else None
+    clock = KernelClock(args.threads, standins)  # before the load: the dense projections bind their kernel calls then
     session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
     session.generate(args.prompt, max_new_tokens=4)  # warm-up
-    samples: dict[str, dict[str, list[float]]] = {m: {"token": [], "kernel": [], "gbps": []} for m in ROW_NAMES}
+    samples: dict[str, dict[str, list[float]]] = {m: {"token": [], "kernel": [], "gbps": []} for m in variants}
     moved = decoded = calls = 0
     for repeat in range(args.repeats):
-        for stand_in in ROW_NAMES:  # the kernel first: the sleep takes its rate so far
+        for stand_in in variants:  # the kernel first: the pausing stand-ins take its rate so far
             clock.stand_in = stand_in
             clock.sleep_gbps = statistics.median(samples["kernel"]["gbps"]) if samples["kernel"]["gbps"] else 0.0
             clock.reset()
@@ -155,7 +202,7 @@ def main() -> int:
             got["token"].append(result.decode_seconds / decoded * 1e3)
             got["kernel"].append(s / decoded * 1e3)
             got["gbps"].append(moved / s / 1e9 if s > 0 else 0.0)
-        print(f"repeat {repeat + 1}: " + ", ".join(f"{m} {samples[m]['token'][-1]:.1f} ms" for m in ROW_NAMES),
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{m} {samples[m]['token'][-1]:.1f} ms" for m in variants),
               file=sys.stderr, flush=True)
     rows = [(stand_in, statistics.median(got["token"]), statistics.median(got["kernel"]),
              statistics.median(got["gbps"]), moved / decoded / 1e6, calls / decoded)
