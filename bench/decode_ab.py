@@ -44,14 +44,17 @@ from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
 
+def revision_runtime(revision: str, name: str) -> Path:
+    """The `runtime/` package of a git revision, extracted into a new folder under the given name."""
+    folder = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "runtime"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return (folder / "runtime").rename(folder / name)
+
+
 def base_kernel(revision: str) -> GemvKernel:
     """The GEMV kernel of a git revision, compiled as runtime/kernels compiles its own."""
-    build = Path(tempfile.mkdtemp())
-    names = ["gemv.c", "decode_ops.c", "bf16.h", "hsum.h"]
-    for name in names:
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:runtime/kernels/{name}"],
-                               capture_output=True, check=True)
-        (build / name).write_bytes(shown.stdout)
+    build = revision_runtime(revision, "runtime") / "kernels"
     compiler = shutil.which(os.environ.get("CC", "cc")) or "gcc"
     subprocess.run([compiler, "-O3", "-fopenmp", "-shared", "-fPIC", str(build / "gemv.c"), str(build / "decode_ops.c"),
                     "-o", str(build / "base.so"), "-lm"], check=True)
@@ -60,11 +63,7 @@ def base_kernel(revision: str) -> GemvKernel:
 
 def base_runtime(revision: str) -> str:
     """The `runtime/` package of a git revision, importable as `runtime_base`; returns that name."""
-    folder = Path(tempfile.mkdtemp())
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "runtime"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    (folder / "runtime").rename(folder / "runtime_base")
-    sys.path.insert(0, str(folder))
+    sys.path.insert(0, str(revision_runtime(revision, "runtime_base").parent))
     return "runtime_base"
 
 

@@ -99,12 +99,12 @@ class KernelLinear(torch.nn.Linear):
         # development machine each Python check or attribute lookup of a module costs about 1 µs.
         w = self._weight
         self._one_token = self.kernel.one_token(w) if self.kernel.handles(w.dtype, 1, threads) else None
-        self._dtype = w.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         one_token = self._one_token
-        if one_token is not None and x.numel() == self.in_features and x.dtype is self._dtype and x.is_cpu \
-                and x.is_contiguous() and self._weight.is_contiguous():
+        w = self._weight
+        if one_token is not None and x.numel() == self.in_features and x.dtype is w.dtype and x.is_cpu \
+                and x.is_contiguous() and w.is_contiguous():
             group = self.group
             if group is not None:
                 y = group.output(self, x, one_token=True)

@@ -106,7 +106,7 @@ class MoeLayer:
         """One token's experts (`ranked`: in rank order) from host memory, in one fused kernel call, in
         ascending id order as `route_pass` orders misses; counted as `route_pass` and `_count` would count
         them: k misses, all on the CPU."""
-        gate = top_k_weights.tolist()[0] if top_k_weights.dim() == 2 else top_k_weights.reshape(-1).tolist()
+        gate = top_k_weights.reshape(-1).tolist()
         store = self.store
         chosen = sorted((e, store.host_weights(e), gate[rank]) for rank, e in enumerate(ranked))
         start = time.perf_counter()
