@@ -10,7 +10,9 @@ process, alternating with the real thing repeat by repeat (`--stand-ins`):
   then returns zeros; nothing is streamed, yet the code between the calls runs after the same pauses;
 - spin, reread, read (bench/decode_standins.c, built here): the kernel's threads busy for as long as the
   kernel takes, on registers only, re-reading a 4 MB buffer, or reading the call's weights plainly
-  (one stream per thread, no prefetch hint), then zeros.
+  (one stream per thread, no prefetch hint), then zeros;
+- read4: the call's weights read with the kernel's own access pattern and prefetches, without its arithmetic
+  (four streams per thread): what the kernel's calls would take if they were bound by memory alone.
 Comparing the rest across them tells how much of it grows with the time spent outside the interpreter
 and how much with what the pause does to the caches. Medians of --repeats generations.
 
@@ -111,9 +113,10 @@ class KernelClock:
             self.standins.standin_spin(seconds, self.threads)
         elif stand_in == "reread":
             self.standins.standin_reread(self._resident.data_ptr(), self._resident.numel(), seconds, self.threads)
-        else:  # read
+        else:  # read, read4: the weights themselves
+            read = self.standins.standin_read if stand_in == "read" else self.standins.standin_read4
             for w in weights:
-                self.standins.standin_read(w.data_ptr(), _nbytes([w]) // 4, self.threads)
+                read(w.data_ptr(), _nbytes([w]) // 4, self.threads)
         return True
 
     def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
@@ -136,8 +139,9 @@ ROW_NAMES = {"kernel": "weights streamed", "sleep": "a sleep as long as the kern
              "zeros": "zeros instead of weights (back to back)",
              "spin": "arithmetic on the kernel's threads as long as the kernel (no memory)",
              "reread": "re-reading a 4 MB buffer as long as the kernel (cache-resident)",
-             "read": "a plain read of the same weights (one stream per thread, no prefetch hint)"}
-NEEDS_STANDINS = ("spin", "reread", "read")
+             "read": "a plain read of the same weights (one stream per thread, no prefetch hint)",
+             "read4": "the kernel's reads of the same weights without its arithmetic (four streams per thread)"}
+NEEDS_STANDINS = ("spin", "reread", "read", "read4")
 
 
 def build_standins() -> ctypes.CDLL:
@@ -152,7 +156,7 @@ def build_standins() -> ctypes.CDLL:
     lib.standin_spin.argtypes = [ctypes.c_double, ctypes.c_int]
     lib.standin_spin.restype = ctypes.c_double
     lib.standin_reread.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int]
-    lib.standin_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.standin_read.argtypes = lib.standin_read4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
 
 

@@ -5,7 +5,11 @@
  *           take as a spinning lock and deschedule the vCPU for);
  *   reread: each thread re-reads its half of a small buffer (the caller passes one that fits in L3);
  *   read:   a plain read of the weights themselves, each thread one contiguous half, no prefetch hint
- *           (the kernel reads four far-apart streams per thread with non-temporal prefetches).
+ *           (the kernel reads four far-apart streams per thread with non-temporal prefetches);
+ *   read4:  the kernel's own access pattern without its arithmetic: each thread's half as four far-apart
+ *           streams advanced together, 32 bytes at a time, each with the non-temporal prefetch the kernel
+ *           issues (runtime/kernels/gemv.c, stream_rows_avx2): the rate the kernel would reach if its
+ *           arithmetic cost nothing.
  * Built by bench/decode_breakdown.py with the C compiler the runtime's kernels use.
  */
 #include <immintrin.h>
@@ -66,6 +70,34 @@ int32_t standin_read(const int32_t *weights, int64_t words, int threads) {
         int64_t share = words / n;
         int64_t first = t * share, count = t == n - 1 ? words - first : share;
         total += sum_words(weights + first, count);
+    }
+    return total;
+}
+
+/* read4: STREAMS and PREFETCH_BYTES as in runtime/kernels/gemv.c */
+#define READ4_STREAMS 4
+#define READ4_PREFETCH_BYTES 1024
+
+int32_t standin_read4(const int32_t *weights, int64_t words, int threads) {
+    int32_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t lo = words * t / n, hi = words * (t + 1) / n;
+        int64_t segment = ((hi - lo) / READ4_STREAMS) & ~(int64_t)7;  /* whole 32-byte steps */
+        __m256i a[READ4_STREAMS];
+        for (int s = 0; s < READ4_STREAMS; s++) a[s] = _mm256_setzero_si256();
+        for (int64_t i = 0; i < segment; i += 8)
+            for (int s = 0; s < READ4_STREAMS; s++) {
+                const int32_t *q = weights + lo + s * segment + i;
+                _mm_prefetch((const char *)q + READ4_PREFETCH_BYTES, _MM_HINT_NTA);
+                a[s] = _mm256_add_epi32(a[s], _mm256_loadu_si256((const __m256i *)q));
+            }
+        int32_t lanes[8];
+        for (int s = 1; s < READ4_STREAMS; s++) a[0] = _mm256_add_epi32(a[0], a[s]);
+        _mm256_storeu_si256((__m256i *)lanes, a[0]);
+        for (int j = 0; j < 8; j++) total += lanes[j];
+        total += sum_words(weights + lo + READ4_STREAMS * segment, hi - lo - READ4_STREAMS * segment);
     }
     return total;
 }
