@@ -150,8 +150,8 @@ def build_standins() -> ctypes.CDLL:
     if compiler is None:
         raise SystemExit("no C compiler: the spin, reread and read stand-ins cannot be built")
     target = Path(tempfile.mkdtemp()) / "standins.so"
-    subprocess.run([compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", str(ROOT / "bench/decode_standins.c"),
-                    "-o", str(target)], check=True)
+    subprocess.run([compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", f"-I{ROOT / 'runtime/kernels'}",
+                    str(ROOT / "bench/decode_standins.c"), "-o", str(target)], check=True)
     lib = ctypes.CDLL(str(target))
     lib.standin_spin.argtypes = [ctypes.c_double, ctypes.c_int]
     lib.standin_spin.restype = ctypes.c_double

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "stream_access.h"  /* the kernel's STREAMS and PREFETCH_BYTES (runtime/kernels) */
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -74,30 +76,26 @@ int32_t standin_read(const int32_t *weights, int64_t words, int threads) {
     return total;
 }
 
-/* read4: STREAMS and PREFETCH_BYTES as in runtime/kernels/gemv.c */
-#define READ4_STREAMS 4
-#define READ4_PREFETCH_BYTES 1024
-
 int32_t standin_read4(const int32_t *weights, int64_t words, int threads) {
     int32_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : total)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         int64_t lo = words * t / n, hi = words * (t + 1) / n;
-        int64_t segment = ((hi - lo) / READ4_STREAMS) & ~(int64_t)7;  /* whole 32-byte steps */
-        __m256i a[READ4_STREAMS];
-        for (int s = 0; s < READ4_STREAMS; s++) a[s] = _mm256_setzero_si256();
+        int64_t segment = ((hi - lo) / STREAMS) & ~(int64_t)7;  /* whole 32-byte steps */
+        __m256i a[STREAMS];
+        for (int s = 0; s < STREAMS; s++) a[s] = _mm256_setzero_si256();
         for (int64_t i = 0; i < segment; i += 8)
-            for (int s = 0; s < READ4_STREAMS; s++) {
+            for (int s = 0; s < STREAMS; s++) {
                 const int32_t *q = weights + lo + s * segment + i;
-                _mm_prefetch((const char *)q + READ4_PREFETCH_BYTES, _MM_HINT_NTA);
+                _mm_prefetch((const char *)q + PREFETCH_BYTES, _MM_HINT_NTA);
                 a[s] = _mm256_add_epi32(a[s], _mm256_loadu_si256((const __m256i *)q));
             }
         int32_t lanes[8];
-        for (int s = 1; s < READ4_STREAMS; s++) a[0] = _mm256_add_epi32(a[0], a[s]);
+        for (int s = 1; s < STREAMS; s++) a[0] = _mm256_add_epi32(a[0], a[s]);
         _mm256_storeu_si256((__m256i *)lanes, a[0]);
         for (int j = 0; j < 8; j++) total += lanes[j];
-        total += sum_words(weights + lo + READ4_STREAMS * segment, hi - lo - READ4_STREAMS * segment);
+        total += sum_words(weights + lo + STREAMS * segment, hi - lo - STREAMS * segment);
     }
     return total;
 }

@@ -125,7 +125,7 @@ def main() -> int:
 
 
 def _agreement(ids: list[int], ours: list[int]) -> str:
-    """"yes" for the same greedy tokens, else how many of the first ones agree: with the same weights, a
+    """'yes' for the same greedy tokens, else how many of the first ones agree: with the same weights, a
     different order of fp32 sums can turn a near-tie at one step, and every token after it differs."""
     if ids == ours:
         return "yes"

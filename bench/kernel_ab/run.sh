@@ -12,7 +12,9 @@ build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 src=../../runtime/kernels
 mkdir "$build/base"
-for f in gemv.c bf16.h hsum.h; do git show "$base:runtime/kernels/$f" > "$build/base/$f"; done
+for f in gemv.c bf16.h hsum.h stream_access.h; do  # a header the base did not have yet is left out
+  if git cat-file -e "$base:runtime/kernels/$f" 2>/dev/null; then git show "$base:runtime/kernels/$f" > "$build/base/$f"; fi
+done
 gcc -O3 -fopenmp -mavx2 -mfma -I"$build/base" -o "$build/base.bin" harness.c "$build/base/gemv.c" -lm
 gcc -O3 -fopenmp -mavx2 -mfma -I"$src" -o "$build/new.bin" harness.c "$src/gemv.c" -lm
 echo "# One-token kernel (AVX2): $base against the working tree ($(git rev-parse --short HEAD)$(git diff --quiet -- "$src" || echo ' + changes'))"

@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "decode_ops.c"]
-HEADERS = [HERE / "bf16.h", HERE / "hsum.h"]
+HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 
 

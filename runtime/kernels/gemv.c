@@ -19,16 +19,10 @@
 
 #include "bf16.h"
 #include "hsum.h"
+#include "stream_access.h"  /* PREFETCH_BYTES, STREAMS: the AVX2 paths' reads */
 
 #define MAXT 64
 #define ROWS 4 /* rows per work item: four accumulator chains hide the FMA latency */
-/* AVX2 paths: software prefetch this far ahead of the row being read, with the non-temporal hint since
- * each weight byte is read once per token (measured: K = 1024 rows went from 9 to about 16 GB/s on two
- * AMD Zen 3 cores; 512-4096 bytes and the T0 hint were within that machine's noise) */
-#define PREFETCH_BYTES 1024
-/* AVX2 paths, one token: each thread reads its share of the rows as this many far-apart streams (see
- * stream_rows_avx2; 8 measured no better than 4, 2 about as good within the noise) */
-#define STREAMS 4
 #define ISA_AVX2 1
 #define ISA_AVX512 2
 
