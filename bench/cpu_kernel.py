@@ -3,12 +3,12 @@
 For each dtype, thread count and token count: one whole expert (gate_up then down, with the gate
 between) computed three ways: by the GEMV kernel forced at every token count it can run (all of a
 layer's missed experts in one parallel region), by moeplan's executor as it chooses (the kernel where
-its measured rule says it wins, torch otherwise), and by torch's matmul, cycling over a pool of experts larger than the last-level
-cache so every byte comes from DRAM. The DRAM rate is torch's `sum()` over the same experts' bytes, timed
-alternately with the forced kernel (each repeat: the kernel on some experts, the read on the next ones),
-so that the ratio does not drift with the machine's load. The whole table is measured twice: with the
-weights in 4 KB pages and moved into 2 MB pages (where `moeplan run` keeps them by default, runtime/huge_pages.py).
-Medians of --repeats; ratios side by side.
+its measured rule says it wins, torch otherwise), and by torch's matmul, cycling over a pool of experts
+larger than the last-level cache so every byte comes from DRAM. The DRAM rate is torch's `sum()` over as
+many experts' bytes. The four take turns within every repeat, each on the next experts of the pool, so
+that the machine's drift falls on all of them alike; ratios are the median of each repeat's ratio. The
+whole table is measured twice: with the weights in 4 KB pages and moved into 2 MB pages (where `moeplan
+run` keeps them by default, runtime/huge_pages.py). Medians of --repeats.
 
     .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel_avx2.md
 """
@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -74,33 +75,45 @@ def read_experts(module: Experts, experts: list[int]) -> None:
             t.reshape(-1).view(torch.float32).sum()
 
 
-def time_expert(executor: CpuExecutor, module: Experts, store: ExpertStore, tokens: int, per_call: int,
-                repeats: int, with_read: bool = False) -> tuple[float, float]:
-    """Median seconds for `per_call` experts (the missed experts of one layer) on `tokens` tokens, and with
-    `with_read` the median seconds of reading the next `per_call` experts' bytes, timed alternately."""
-    hidden = module.gate_up_proj.shape[2]
-    x = torch.randn(tokens, hidden, dtype=module.gate_up_proj.dtype)
-    weights = torch.full((tokens, per_call), 1.0 / per_call)
-    rank_of = torch.arange(per_call)
-    times, reads, start = [], [], 0
+def time_paths(paths: dict[str, Callable[[list[int]], object]], num_experts: int, per_call: int,
+               repeats: int) -> dict[str, list[float]]:
+    """Seconds of each path per repeat, the paths taking turns within each repeat, each turn on the next
+    `per_call` experts of the pool (so every turn reads from DRAM): the machine's drift over the run falls on
+    all paths alike, and a ratio can be taken repeat by repeat. The first round is a warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    start = 0
     for r in range(repeats + 1):
-        jobs = []
-        for j in range(per_call):
-            e = (start + j) % module.num_experts
-            jobs.append((torch.arange(tokens), torch.full((tokens,), int(rank_of[j])), e))
-        start += per_call
-        t = time.perf_counter()
-        executor.run(module, store, x, weights, jobs)
-        if r:
-            times.append(time.perf_counter() - t)
-        if with_read:
-            experts = [(start + j) % module.num_experts for j in range(per_call)]
+        for name, path in paths.items():
+            experts = [(start + j) % num_experts for j in range(per_call)]
             start += per_call
             t = time.perf_counter()
-            read_experts(module, experts)
+            path(experts)
             if r:
-                reads.append(time.perf_counter() - t)
-    return statistics.median(times), statistics.median(reads) if reads else float("nan")
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(fast: list[float], slow: list[float]) -> float:
+    """The median over repeats of slow / fast seconds: how many times faster `fast` ran, turn against turn."""
+    return statistics.median(b / a for a, b in zip(fast, slow))
+
+
+def expert_paths(executors: dict[str, CpuExecutor], module: "Experts", store: ExpertStore,
+                 tokens: int) -> dict[str, Callable[[list[int]], object]]:
+    """Each executor computing a layer's missed experts on `tokens` tokens, and the DRAM read of their bytes."""
+    hidden = module.gate_up_proj.shape[2]
+    x = torch.randn(tokens, hidden, dtype=module.gate_up_proj.dtype)
+
+    def run(executor: CpuExecutor) -> Callable[[list[int]], object]:
+        def call(experts: list[int]) -> object:
+            weights = torch.full((tokens, len(experts)), 1.0 / len(experts))
+            jobs = [(torch.arange(tokens), torch.full((tokens,), rank), e) for rank, e in enumerate(experts)]
+            return executor.run(module, store, x, weights, jobs)
+        return call
+
+    paths: dict[str, Callable[[list[int]], object]] = {name: run(ex) for name, ex in executors.items()}
+    paths["read"] = lambda experts: read_experts(module, experts)
+    return paths
 
 
 def main() -> int:
@@ -135,15 +148,18 @@ def main() -> int:
                 forced = CpuExecutor(t, kernel=AlwaysKernel(kernel))  # type: ignore[arg-type]
                 fast, plain = CpuExecutor(t, kernel=kernel), CpuExecutor(t, use_kernel=False)
                 for tokens in token_counts:
-                    s_kernel, s_read = (time_expert(forced, module, store, tokens, args.per_call, args.repeats, True)
-                                        if tokens <= kernel.max_tokens and kernel.supports(dtype)
-                                        else (float("nan"), float("nan")))
-                    s_fast = time_expert(fast, module, store, tokens, args.per_call, args.repeats)[0]
-                    s_plain = time_expert(plain, module, store, tokens, args.per_call, args.repeats)[0]
+                    executors = {"moeplan": fast, "torch": plain}
+                    if tokens <= kernel.max_tokens and kernel.supports(dtype):
+                        executors["kernel"] = forced
+                    got = time_paths(expert_paths(executors, module, store, tokens), module.num_experts,
+                                     args.per_call, args.repeats)
                     moved = expert_bytes * args.per_call
-                    rows.append((str(dtype).split(".")[1], page, t, tokens, moved / s_kernel / 1e9,
-                                 moved / s_fast / 1e9, moved / s_plain / 1e9, moved / s_read / 1e9,
-                                 2 * moved / size * tokens / s_fast / 1e9))
+                    rate = {name: moved / statistics.median(seconds) / 1e9 for name, seconds in got.items()}
+                    forced_ratios = (paired_ratio(got["kernel"], got["read"]), paired_ratio(got["kernel"], got["torch"])) \
+                        if "kernel" in got else None
+                    rows.append((str(dtype).split(".")[1], page, t, tokens, rate.get("kernel"), rate["moeplan"],
+                                 rate["torch"], rate["read"], forced_ratios, paired_ratio(got["moeplan"], got["torch"]),
+                                 2 * moved / size * tokens / statistics.median(got["moeplan"]) / 1e9))
                     print(rows[-1], file=sys.stderr, flush=True)
             del store
         del module
@@ -156,18 +172,20 @@ def main() -> int:
              f"from DRAM; medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/cpu_kernel.py {' '.join(sys.argv[1:])}`", "",
              f"- kernel instruction sets: { {str(d).split('.')[1]: i for d, i in kernel.isa_names().items()} }",
-             "- kernel: the GEMV kernel forced; moeplan: the path the executor chooses; DRAM read: torch's sum() "
-             "over the same experts' bytes, alternating with the kernel; '-': above the kernel's token limit", "",
+             "- kernel: the GEMV kernel forced; moeplan: the path the executor chooses; torch: torch's matmul; "
+             "DRAM read: torch's sum() over as many experts' bytes; the four take turns in every repeat, each on "
+             "other experts; GB/s from median times, ratios the median of the repeats' ratios; '-': above the "
+             "kernel's token limit", "",
              "| dtype | pages | threads | tokens | kernel GB/s | moeplan GB/s | torch GB/s | DRAM read GB/s | "
              "kernel / DRAM | kernel / torch | moeplan / torch | moeplan GFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for dt, page, t, tok, forced_rate, fast, plain, d, flops in rows:
-        if forced_rate == forced_rate:  # not NaN
-            k_cols = (f"{forced_rate:.1f} | {fast:.1f} | {plain:.1f} | {d:.1f} | {forced_rate / d:.2f} | "
-                      f"{forced_rate / plain:.2f}")
+    for dt, page, t, tok, forced_rate, fast, plain, d, forced_ratios, fast_ratio, flops in rows:
+        if forced_ratios is not None:
+            k_cols = (f"{forced_rate:.1f} | {fast:.1f} | {plain:.1f} | {d:.1f} | {forced_ratios[0]:.2f} | "
+                      f"{forced_ratios[1]:.2f}")
         else:
-            k_cols = f"- | {fast:.1f} | {plain:.1f} | - | - | -"
-        lines.append(f"| {dt} | {page} | {t} | {tok} | {k_cols} | {fast / plain:.2f} | {flops:.0f} |")
+            k_cols = f"- | {fast:.1f} | {plain:.1f} | {d:.1f} | - | -"
+        lines.append(f"| {dt} | {page} | {t} | {tok} | {k_cols} | {fast_ratio:.2f} | {flops:.0f} |")
     return emit(lines, args.out)
 
 

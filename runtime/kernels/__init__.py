@@ -34,11 +34,11 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     AVX-512 with AVX512-BF16 and AMX (bench/results/cpu_kernel_avx512.md): bf16 wins at one token
     (1.5-1.7x) and loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across
     tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x).
-    AVX2 (bench/results/cpu_kernel_avx2.md): torch has no native bf16 and its fp32 GEMM reaches about 30
-    GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
-    tokens, fp32 1.4-5x up to 32 on two threads). On one thread fp32 is close to even at one token (0.8x
-    with one row at a time, 1.03-1.18x with four rows or four streams per thread, within this VM's noise:
-    torch kept) and at 32 tokens (0.86-1.36x across runs).
+    AVX2 (bench/results/cpu_kernel_avx2.md, _run2.md): torch has no native bf16 and its fp32 GEMM reaches
+    about 30 GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
+    tokens, fp32 1.2-5x up to 32 on two threads). On one thread fp32 is close to even: at one token the
+    four-stream kernel was 1.01-1.18x torch in four cells of two runs (1.05x and 1.09x with the two taking
+    turns repeat by repeat), so it is used; at 32 tokens 0.86-1.36x across runs.
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
@@ -46,7 +46,7 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
         return threads == 1 and tokens <= 4
     if dtype == torch.bfloat16:
         return tokens <= 64
-    return tokens <= 32 and not (tokens == 1 and threads == 1)
+    return tokens <= 32
 
 
 def cpu_flags() -> set[str]:
