@@ -98,17 +98,17 @@ def paired_ratio(fast: list[float], slow: list[float]) -> float:
     return statistics.median(b / a for a, b in zip(fast, slow))
 
 
-def expert_paths(executors: dict[str, CpuExecutor], module: "Experts", store: ExpertStore,
-                 tokens: int) -> dict[str, Callable[[list[int]], object]]:
+def expert_paths(executors: dict[str, CpuExecutor], module: "Experts", store: ExpertStore, tokens: int,
+                 per_call: int) -> dict[str, Callable[[list[int]], object]]:
     """Each executor computing a layer's missed experts on `tokens` tokens, and the DRAM read of their bytes."""
     hidden = module.gate_up_proj.shape[2]
     x = torch.randn(tokens, hidden, dtype=module.gate_up_proj.dtype)
+    weights = torch.full((tokens, per_call), 1.0 / per_call)
+    rows, ranks = torch.arange(tokens), [torch.full((tokens,), rank) for rank in range(per_call)]
 
     def run(executor: CpuExecutor) -> Callable[[list[int]], object]:
-        def call(experts: list[int]) -> object:
-            weights = torch.full((tokens, len(experts)), 1.0 / len(experts))
-            jobs = [(torch.arange(tokens), torch.full((tokens,), rank), e) for rank, e in enumerate(experts)]
-            return executor.run(module, store, x, weights, jobs)
+        def call(experts: list[int]) -> object:  # only the expert ids change from turn to turn
+            return executor.run(module, store, x, weights, [(rows, ranks[r], e) for r, e in enumerate(experts)])
         return call
 
     paths: dict[str, Callable[[list[int]], object]] = {name: run(ex) for name, ex in executors.items()}
@@ -151,7 +151,7 @@ def main() -> int:
                     executors = {"moeplan": fast, "torch": plain}
                     if tokens <= kernel.max_tokens and kernel.supports(dtype):
                         executors["kernel"] = forced
-                    got = time_paths(expert_paths(executors, module, store, tokens), module.num_experts,
+                    got = time_paths(expert_paths(executors, module, store, tokens, args.per_call), module.num_experts,
                                      args.per_call, args.repeats)
                     moved = expert_bytes * args.per_call
                     rate = {name: moved / statistics.median(seconds) / 1e9 for name, seconds in got.items()}
