@@ -37,8 +37,9 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     AVX2 (bench/results/cpu_kernel_avx2.md, _run2.md): torch has no native bf16 and its fp32 GEMM reaches
     about 30 GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
     tokens, fp32 1.2-5x up to 32 on two threads). On one thread fp32 is close to even: at one token the
-    four-stream kernel was 1.01-1.18x torch in six cells of three runs (1.04x and 1.10x in _run2.md, where
-    the two take turns repeat by repeat), so it is used; at 32 tokens 0.86-1.36x across runs.
+    four-stream kernel was 0.98-1.30x torch in ten cells of five runs, and 1.04-1.10x in the four cells of
+    the two runs where they took turns repeat by repeat (_run2.md), so it is used; at 32 tokens 0.86-1.36x
+    across runs (0.86-0.98x where they took turns: noted, not yet acted on).
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
