@@ -31,8 +31,8 @@ class CpuExecutor:
     def __init__(self, threads: int, kernel: GemvKernel | None = None, use_kernel: bool = True) -> None:
         self.threads = threads
         self.kernel = (kernel or load()) if use_kernel else None
-        # (id(module), dtype, threads) -> whether `token` runs it: asked in every layer of every decode token
-        self._fits_token: dict[tuple[int, torch.dtype, int], bool] = {}
+        # (id(module), dtype) -> whether `token` runs it: asked in every layer of every decode token
+        self._fits_token: dict[tuple[int, torch.dtype], bool] = {}
 
     def run(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, top_k_weights: torch.Tensor,
             jobs: list[Job]) -> torch.Tensor:
@@ -54,7 +54,7 @@ class CpuExecutor:
     def fits_token(self, module: torch.nn.Module, dtype: torch.dtype) -> bool:
         """Whether `token` can run this module's experts: the kernel wins at one token, and the module
         has the standard layout with a SiLU gate over [gate; up] (checked once on a probe)."""
-        key = (id(module), dtype, self.threads)
+        key = (id(module), dtype)  # the executor's thread count is fixed at construction
         known = self._fits_token.get(key)
         if known is None:
             known = self._fits_token[key] = self._kernel_fits(module, dtype, 1) and _is_silu_gated(module)

@@ -114,7 +114,6 @@ class KernelLinear(torch.nn.Linear):
                 one_token(x, y, self.threads)
             return y if self._bias is None else y + self._bias
         rows = x.numel() // self.in_features
-        w = self.weight
         if x.dtype != w.dtype or not x.is_cpu or not self.kernel.handles(w.dtype, rows, self.threads):
             return F.linear(x, w, self.bias)
         return self._kernel(x, x.reshape(rows, self.in_features))

@@ -50,6 +50,12 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     return tokens <= 32
 
 
+def _split_input_floats(isa: int, dtype: torch.dtype, k: int) -> int:
+    """Scratch floats per input row of K values: the AVX2 bf16 path widens each input row to fp32 once,
+    split into its even and odd elements (gemv.c, split_bf16); no scratch otherwise."""
+    return 2 * ((k + 1) // 2) if isa == ISA_AVX2 and dtype == torch.bfloat16 else 0
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -133,9 +139,8 @@ class GemvKernel:
         out_bf16 = out_dtype == torch.bfloat16
         outs = [torch.empty((x.shape[0], n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for x in inputs]
         isa = self.isa[dtype]
-        scratch = None  # the AVX2 bf16 path widens each input to fp32 once, split into even and odd elements
-        if isa == ISA_AVX2 and dtype == torch.bfloat16:
-            scratch = self._scratch_ptr(count * 2 * max(x.shape[0] for x in inputs) * ((k + 1) // 2))
+        per_row = _split_input_floats(isa, dtype, k)
+        scratch = self._scratch_ptr(count * max(x.shape[0] for x in inputs) * per_row) if per_row else None
         ptrs = ctypes.c_void_p * count
         self._fn(isa, int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in weights]),
                  ptrs(*[x.data_ptr() for x in inputs]), ptrs(*[y.data_ptr() for y in outs]),
@@ -151,7 +156,8 @@ class GemvKernel:
         out = torch.empty((tokens, n), dtype=torch.bfloat16 if out_bf16 else torch.float32)
         isa = self.isa[weight.dtype]
         is_bf16 = weight.dtype == torch.bfloat16
-        scratch = self._scratch_ptr(2 * tokens * ((k + 1) // 2)) if isa == ISA_AVX2 and is_bf16 else None
+        per_row = _split_input_floats(isa, weight.dtype, k)
+        scratch = self._scratch_ptr(tokens * per_row) if per_row else None
         self._one(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), tokens, n, k, threads, scratch,
                   out_bf16)
         return out
@@ -166,7 +172,7 @@ class GemvKernel:
         n, k = weight.shape
         isa = self.isa[weight.dtype]
         is_bf16 = int(weight.dtype == torch.bfloat16)
-        scratch_floats = 2 * ((k + 1) // 2) if isa == ISA_AVX2 and is_bf16 else 0
+        scratch_floats = _split_input_floats(isa, weight.dtype, k)
         kernel = self  # the entry point is looked up at each call: benchmarks swap it (bench/decode_ab.py)
 
         def call(x: torch.Tensor, out: torch.Tensor, threads: int) -> None:
