@@ -89,7 +89,7 @@ def main() -> int:
 
     shape = load_model_shape(str(folder))
     trace_path = out / "trace.jsonl"
-    trace, source = synthetic_trace(shape, ROOT, seed=0)
+    trace, source = synthetic_trace(shape, ROOT / "traces", seed=0)
     write_trace(trace_path, trace)
     print(f"trace: {source}", file=sys.stderr)
     cores = os.cpu_count() or 1

@@ -7,7 +7,7 @@ Runs plain transformers with output_router_logits=True: for a causal model the r
 teacher-forced forward pass over a text equals the routing of decoding that text token by token.
 
     .venv/bin/python bench/routing_stats_tiny.py --model models/tiny-moe \
-        --trace /work/shared/traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/routing_tiny_moe.md
+        --trace traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/routing_tiny_moe.md
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def table(title: str, stats: list[LayerStats], base: Baseline) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=Path("models/tiny-moe"))
-    p.add_argument("--trace", type=Path, default=Path("/work/shared/traces/olmoe-1b-7b-decode-299.jsonl"))
+    p.add_argument("--trace", type=Path, default=Path("traces/olmoe-1b-7b-decode-299.jsonl"))
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=32, help="tokens per window for the windowed skew")
     p.add_argument("--threads", type=int, default=1)

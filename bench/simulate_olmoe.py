@@ -5,7 +5,7 @@ static, which keeps the experts the trace itself uses most (in-sample: an optimi
 Belady is the offline optimum among caches where every miss enters.
 
     .venv/bin/python bench/simulate_olmoe.py \
-        --trace /work/shared/traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/simulate_olmoe.md
+        --trace traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/simulate_olmoe.md
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ PHASES = ("decode",)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", default="/work/shared/traces/olmoe-1b-7b-decode-299.jsonl")
+    parser.add_argument("--trace", default="traces/olmoe-1b-7b-decode-299.jsonl")
     parser.add_argument("--out", default="bench/results/simulate_olmoe.md")
     args = parser.parse_args()
 
@@ -76,7 +76,7 @@ def main() -> int:
               "", f"lru also checked against `lru_hit_curves` (equal). Simulation time for the table: "
               f"{seconds:.2f} s.", "",
               "Reproduce: `.venv/bin/python bench/simulate_olmoe.py --trace "
-              "/work/shared/traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/simulate_olmoe.md`", ""]
+              "traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/simulate_olmoe.md`", ""]
     text = "\n".join(lines)
     write_atomic(args.out, text)
     print(text)

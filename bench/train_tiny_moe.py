@@ -65,7 +65,9 @@ def collect_corpus(stdlib: Path, heldout_per_mille: int) -> Corpus:
             tb += size
     if not train or not val:
         raise SystemExit(f"stdlib {stdlib}: found {len(train)} train / {len(val)} validation files")
-    return Corpus(str(stdlib), sys.version.split()[0], train, val, tb, vb)
+    # a label, not the folder: no machine path goes into the committed train_info.json
+    version = sys.version.split()[0]
+    return Corpus(f"sysconfig stdlib of python {version}", version, train, val, tb, vb)
 
 
 def read_text(stdlib: Path, rel: str) -> str:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = collect_corpus(stdlib, args.heldout_per_mille)
-    log(f"python {corpus.python_version} stdlib {stdlib}: {len(corpus.train_files)} train files "
+    log(f"python {corpus.python_version} stdlib: {len(corpus.train_files)} train files "
         f"({corpus.train_bytes / 1e6:.1f} MB), {len(corpus.val_files)} held-out ({corpus.val_bytes / 1e6:.2f} MB)")
     (args.out / HELDOUT_FILE).write_text("\n".join(corpus.val_files) + "\n", encoding="utf-8")
 

@@ -82,7 +82,7 @@ def main() -> int:
     compare = args.compare if args.compare is not None else ["profiles/rtx4090.yaml"]
 
     shape = load_model_shape(args.model)
-    trace, source = workload.resolve_trace(shape, None, ROOT, args.prompt_tokens, seed=args.seed)
+    trace, source = workload.resolve_trace(shape, None, args.prompt_tokens, seed=args.seed)
     lines = [f"# tune vs grid: {shape.name}", "", f"Command: `.venv/bin/python bench/tune_vs_grid.py "
              f"--profile {args.profile} " + " ".join(f"--compare {c}" for c in compare)
              + f" --trials {args.trials}`", "", f"Trace: {source}. Context {args.context}, prompt "

@@ -5,7 +5,7 @@ Two formats are read:
 - the moeplan format (written by `run --trace-out`, `trace` and `write_trace`): a header line
   `{"trace": 1, "model", "num_layers", "num_experts", "top_k", "source", ...}`, then one line per
   forward pass `{"pass", "phase", "tokens", "experts": [L][T][k], "weights": [L][T][k] (optional)}`;
-- the shared format of `shared/traces/*.jsonl`: one decode token a line, `{"tok": N, "layers": [L][k]}`,
+- the compact format of public recorded traces (`traces/olmoe-1b-7b-decode-299.jsonl`): one decode token a line, `{"tok": N, "layers": [L][k]}`,
   with no header: the model name, expert count and top-k come from the caller or are inferred.
 
 Pure Python (no torch), so that the simulator and the tuner can load traces fast. Every malformation
@@ -98,9 +98,9 @@ class Trace:
 # ---- reading ----------------------------------------------------------------------------------------
 def load_trace(path: str | Path, *, num_experts: int | None = None, top_k: int | None = None,
                model: str | None = None) -> Trace:
-    """Read a trace in the moeplan format or the shared `{"tok", "layers"}` format.
+    """Read a trace in the moeplan format or the compact `{"tok", "layers"}` format.
 
-    For the shared format, `num_experts` defaults to the largest id + 1, `top_k` to the row width and
+    For the compact format, `num_experts` defaults to the largest id + 1, `top_k` to the row width and
     `model` to the file name; for the moeplan format these arguments, when given, must agree with the
     header.
     """
@@ -120,7 +120,7 @@ def load_trace(path: str | Path, *, num_experts: int | None = None, top_k: int |
         return trace
     if "layers" in first or "tok" in first:
         return _parse_shared(p, rows, num_experts=num_experts, top_k=top_k, model=model)
-    raise TraceError(f"{p}:{first_line}: neither a moeplan trace header (key 'trace') nor a shared-format "
+    raise TraceError(f"{p}:{first_line}: neither a moeplan trace header (key 'trace') nor a compact-format "
                      f"row (keys 'tok', 'layers')")
 
 
@@ -275,7 +275,7 @@ def _parse_shared(p: Path, rows: list[tuple[int, Any]], *, num_experts: int | No
         num_experts = max(ids) + 1 if ids else 1
     header = TraceHeader(model=model if model is not None else p.stem, num_layers=num_layers,
                          num_experts=num_experts, top_k=top_k, source="recorded",
-                         extra={"format": "shared", "file": p.name})
+                         extra={"format": "compact", "file": p.name})
     passes = []
     for number, tok, layers in tables:
         where = f"{p}:{number}"

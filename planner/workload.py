@@ -16,9 +16,10 @@ from runtime.errors import ModelError, TraceError
 from runtime.plan import Plan
 
 from .catalog import ModelShape, load_model_shape
+from .paths import TRACES, shown
 from .traces import Trace, TracePass, load_trace
 
-# The recorded trace shipped with the project's shared data, and the model it was recorded from.
+# The recorded trace that synthetic traces are fitted to, and the model it was recorded from (traces/README.md).
 RECORDED_MODEL = "olmoe-1b-7b"
 RECORDED_FILE = "olmoe-1b-7b-decode-299.jsonl"
 SYNTHETIC_DECODE_TOKENS = 256  # decode passes of a synthetic trace: enough for hit rates to settle
@@ -36,28 +37,25 @@ def resolve_model(plan: Plan, model: str | None) -> ModelShape:
     raise ModelError("model: the plan names no model (model.name, model.path) and no --model was given")
 
 
-def recorded_trace_path(shape: ModelShape, root: Path) -> Path | None:
-    """The recorded trace of this model: traces/<name>*.jsonl in the project, or the shared one."""
-    local = sorted((root / "traces").glob(f"{shape.name}*.jsonl")) if (root / "traces").is_dir() else []
-    if local:
-        return local[0]
-    shared = root.parent / "shared" / "traces" / RECORDED_FILE
-    if shape.name == RECORDED_MODEL and shared.is_file():
-        return shared
-    return None
+def recorded_trace_path(shape: ModelShape, traces: Path) -> Path | None:
+    """The recorded trace of this model: <traces>/<name>*.jsonl, the first by name, or None."""
+    found = sorted(traces.glob(f"{shape.name}*.jsonl")) if traces.is_dir() else []
+    return found[0] if found else None
 
 
-def resolve_trace(shape: ModelShape, trace: str | None, root: Path, prompt_tokens: int,
-                  seed: int = 0) -> tuple[Trace, str]:
-    """The trace to replay and a sentence saying where it came from; a prefill pass is added if missing."""
+def resolve_trace(shape: ModelShape, trace: str | None, prompt_tokens: int, seed: int = 0,
+                  traces: Path = TRACES) -> tuple[Trace, str]:
+    """The trace to replay and a sentence saying where it came from; a prefill pass is added if missing.
+
+    `traces` is the folder of recorded traces (the project's `traces/`)."""
     if trace is not None:
         t = load_trace(trace, num_experts=shape.num_experts, top_k=shape.top_k, model=shape.name)
         source = f"{trace} ({t.header.source})"
-    elif (path := recorded_trace_path(shape, root)) is not None:
+    elif (path := recorded_trace_path(shape, traces)) is not None:
         t = load_trace(path, num_experts=shape.num_experts, top_k=shape.top_k, model=shape.name)
-        source = f"{path} (recorded)"
+        source = f"{shown(path)} (recorded)"
     else:
-        t, source = synthetic_trace(shape, root, seed)
+        t, source = synthetic_trace(shape, traces, seed)
     if t.header.num_layers != shape.num_moe_layers or t.header.num_experts != shape.num_experts:
         raise TraceError(f"{source}: has {t.header.num_layers} MoE layers of {t.header.num_experts} experts "
                          f"but model {shape.name} has {shape.num_moe_layers} of {shape.num_experts}")
@@ -67,18 +65,18 @@ def resolve_trace(shape: ModelShape, trace: str | None, root: Path, prompt_token
     return t, source
 
 
-def synthetic_trace(shape: ModelShape, root: Path, seed: int) -> tuple[Trace, str]:
+def synthetic_trace(shape: ModelShape, traces: Path, seed: int) -> tuple[Trace, str]:
     """Routing statistics fitted to the recorded OLMoE trace, rescaled to this model's layers and experts."""
     from .synthetic import fit_routing_stats, synthesize
 
-    shared = root.parent / "shared" / "traces" / RECORDED_FILE
-    if not shared.is_file():
-        raise TraceError(f"{shared}: missing, and model {shape.name} has no recorded trace: pass --trace FILE")
-    recorded = load_trace(shared, model=RECORDED_MODEL)
+    fitted_to = traces / RECORDED_FILE
+    if not fitted_to.is_file():
+        raise TraceError(f"{shown(fitted_to)}: missing, and model {shape.name} has no recorded trace: pass --trace FILE")
+    recorded = load_trace(fitted_to, model=RECORDED_MODEL)
     stats = fit_routing_stats(recorded)
     t = synthesize(stats, num_layers=shape.num_moe_layers, num_experts=shape.num_experts, top_k=shape.top_k,
                    tokens=SYNTHETIC_DECODE_TOKENS, seed=seed)
-    return t, (f"synthetic: {SYNTHETIC_DECODE_TOKENS} decode tokens fitted to {shared.name} and rescaled to "
+    return t, (f"synthetic: {SYNTHETIC_DECODE_TOKENS} decode tokens fitted to {fitted_to.name} and rescaled to "
                f"{shape.num_moe_layers} layers x {shape.num_experts} experts, top-{shape.top_k}, seed {seed}")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from ..paths import PROFILES
+
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     profile = _load_profile(args.profile)
     shape = workload.resolve_model(plan, args.model)
-    trace, trace_source = workload.resolve_trace(shape, args.trace, PROJECT_ROOT, args.prompt_tokens)
+    trace, trace_source = workload.resolve_trace(shape, args.trace, args.prompt_tokens)
     sim = workload.replay(trace, plan, shape)
     prediction = predict(profile, shape, plan, sim, context=args.context, prompt_tokens=args.prompt_tokens,
                          vram_budget=args.vram_budget)
@@ -62,7 +63,7 @@ def _load_profile(path: str | None):
 
     if path is not None:
         return Profile.load(path)
-    default = PROJECT_ROOT / "profiles" / f"{socket.gethostname()}.yaml"
+    default = PROFILES / f"{socket.gethostname()}.yaml"
     if not default.is_file():
         raise UserError(f"{default}: no profile for this host; run `moeplan profile` first or pass --profile FILE")
     return Profile.load(default)

@@ -31,12 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = actions.add_parser("stats", help="routing statistics of a trace file",
                            description="Per MoE layer: popularity skew, next-token and cross-layer reuse, "
                                        "working-set size.")
-    s.add_argument("file", metavar="FILE", help="trace (moeplan format or shared {tok, layers} format)")
+    s.add_argument("file", metavar="FILE", help="trace (moeplan format or compact {tok, layers} format)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--num-experts", type=positive_int, metavar="E",
-                   help="experts per layer (shared format; default: largest id + 1)")
-    s.add_argument("--top-k", type=positive_int, metavar="K", help="experts per token (shared format)")
-    s.add_argument("--model-name", metavar="NAME", help="model name (shared format; default: file name)")
+                   help="experts per layer (compact format; default: largest id + 1)")
+    s.add_argument("--top-k", type=positive_int, metavar="K", help="experts per token (compact format)")
+    s.add_argument("--model-name", metavar="NAME", help="model name (compact format; default: file name)")
     s.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
                    help="which passes to count (default all)")
     s.add_argument("--window", type=positive_int, default=16, metavar="N",

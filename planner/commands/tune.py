@@ -15,8 +15,9 @@ from pathlib import Path
 from runtime.atomic import check_writable
 from runtime.errors import UserError
 
+from ..paths import PLANS, PROFILES, shown
+
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
 
     profile, profile_path = _load_profile(args.profile)
     shape = load_model_shape(args.model)
-    trace, trace_source = workload.resolve_trace(shape, args.trace, PROJECT_ROOT, args.prompt_tokens, seed=args.seed)
+    trace, trace_source = workload.resolve_trace(shape, args.trace, args.prompt_tokens, seed=args.seed)
     log.info("trace: %s", trace_source)
     accelerator = "cuda:0" if profile.has_accelerator else "cpu"
     vram_budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else None
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
                  vram_budget, fixed, parts[0], parts[1], slots, 100 * args.expert_budget_fraction,
                  shape.num_moe_layers * shape.num_experts, shape.expert_bytes)
     capacity = cache_capacity(profile, shape, accelerator, args.context, args.prompt_tokens, vram_budget)
-    out = Path(args.out) if args.out else PROJECT_ROOT / "plans" / f"{profile.name}.yaml"
+    out = Path(args.out) if args.out else PLANS / f"{profile.name}.yaml"
     check_writable(out, "--out")  # before the study: a bad path must not cost a tuning run
     if args.report:
         check_writable(args.report, "--report", folder=True)
@@ -177,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
                                   "policy": c.plan.cache.policy, "cpu_threads": c.plan.hardware.cpu_threads}
                                  for i, c in enumerate(measured.ranked)]
     provenance = {
-        "tool": "moeplan tune", "profile": str(profile_path), "profile_sha256": profile_sha,
+        "tool": "moeplan tune", "profile": shown(profile_path), "profile_sha256": profile_sha,
         "trace": trace_source, "trace_source": trace.header.source, "trace_sha256": trace_sha,
         "sampler": f"optuna.samplers.TPESampler(seed={args.seed})", "seed": args.seed,
         "trials": result.trials_total, "trials_this_run": result.trials_run, "interrupted": result.interrupted,
@@ -207,7 +208,7 @@ def _load_profile(path: str | None):
     if path is not None:
         return Profile.load(path), Path(path)
     host = socket.gethostname().split(".")[0] or "host"
-    default = PROJECT_ROOT / "profiles" / f"{host}.yaml"
+    default = PROFILES / f"{host}.yaml"
     if not default.is_file():
         from . import profile as profile_command
 

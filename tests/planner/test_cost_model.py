@@ -41,7 +41,7 @@ def _plan(accelerator: str = "cuda:0", threads: int = 8, slots: int = 16, promot
 @pytest.fixture(scope="module")
 def olmoe_trace():
     shape = load_model_shape("olmoe-1b-7b")
-    trace, source = resolve_trace(shape, None, ROOT, prompt_tokens=64)
+    trace, source = resolve_trace(shape, None, prompt_tokens=64)
     assert "recorded" in source and trace.prefill_passes()[0].tokens == 64
     return shape, trace
 

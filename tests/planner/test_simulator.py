@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trace_factory import OLMOE, decode_sequence, make_trace, needs_olmoe
+from trace_factory import OLMOE, decode_sequence, make_trace
 
 from planner.simulator import belady, lru_hit_curves, popular_preload, simulate
 from planner.traces import load_trace
@@ -106,7 +106,6 @@ def test_popular_preload_and_belady_by_hand():
 
 
 # ---- lru hit curves ----------------------------------------------------------------------------------
-@needs_olmoe
 def test_lru_hit_curves_equal_simulate_at_every_slot_count_on_olmoe():
     trace = load_trace(OLMOE)
     curves = lru_hit_curves(trace)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from trace_factory import OLMOE, needs_olmoe
+from trace_factory import OLMOE
 
 from planner.synthetic import fit_routing_stats, synthesize
 from planner.trace_stats import trace_stats
@@ -14,7 +14,6 @@ def olmoe_fit():
     return trace, fit_routing_stats(trace)
 
 
-@needs_olmoe
 def test_synthetic_trace_reproduces_olmoe_reuse_and_skew(olmoe_fit):
     trace, stats = olmoe_fit
     real = trace_stats(trace)
@@ -26,7 +25,6 @@ def test_synthetic_trace_reproduces_olmoe_reuse_and_skew(olmoe_fit):
         assert b.skew == pytest.approx(a.skew, abs=0.06)
 
 
-@needs_olmoe
 def test_synthetic_trace_is_seeded_marked_and_writable(olmoe_fit, tmp_path):
     _, stats = olmoe_fit
     a, b = synthesize(stats, 4, 8, 2, tokens=50, seed=7), synthesize(stats, 4, 8, 2, tokens=50, seed=7)
@@ -38,7 +36,6 @@ def test_synthetic_trace_is_seeded_marked_and_writable(olmoe_fit, tmp_path):
     assert load_trace(write_trace(tmp_path / "s.jsonl", a)) == a
 
 
-@needs_olmoe
 def test_rescaled_trace_keeps_skew_and_reuse_between_uniform_and_maximum(olmoe_fit):
     _, stats = olmoe_fit
     s = trace_stats(synthesize(stats, 32, 8, 2, tokens=600, seed=1))

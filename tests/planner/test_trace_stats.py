@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from trace_factory import OLMOE, make_trace, needs_olmoe
+from trace_factory import OLMOE, make_trace
 
 from planner.cli import main as cli_main
 from planner.trace_stats import top_share, trace_stats
@@ -33,7 +33,6 @@ def test_top_share_counts_ceil_of_ten_percent():
     assert top_share([0, 0]) == 0.0
 
 
-@needs_olmoe
 def test_olmoe_stats_match_its_readme():
     s = trace_stats(load_trace(OLMOE))
     assert s.tokens == 299
@@ -45,7 +44,6 @@ def test_olmoe_stats_match_its_readme():
     assert all(8 <= x.working_set_window <= 64 for x in s.layers)
 
 
-@needs_olmoe
 def test_trace_stats_command_table_and_json(capsys):
     assert cli_main(["trace", "stats", str(OLMOE)]) == 0
     table = capsys.readouterr().out

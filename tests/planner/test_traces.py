@@ -5,7 +5,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trace_factory import OLMOE, make_trace, needs_olmoe
+from trace_factory import OLMOE, make_trace
 
 from planner.traces import load_trace, write_trace
 from runtime.errors import TraceError
@@ -38,7 +38,7 @@ def test_write_then_load_round_trips(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["copy.jsonl"]  # no temporary file left behind
 
 
-def test_shared_format_infers_header(tmp_path):
+def test_compact_format_infers_header(tmp_path):
     rows = [{"tok": 1, "layers": [[0, 5], [2, 3]]}, {"tok": 2, "layers": [[1, 5], [3, 4]]}]
     trace = load_trace(_write(tmp_path, rows, "run.jsonl"))
     h = trace.header
@@ -50,8 +50,7 @@ def test_shared_format_infers_header(tmp_path):
     assert load_trace(write_trace(tmp_path / "w.jsonl", trace)) == trace
 
 
-@needs_olmoe
-def test_shared_olmoe_trace_loads():
+def test_olmoe_trace_loads():
     trace = load_trace(OLMOE)
     h = trace.header
     assert (h.num_layers, h.num_experts, h.top_k, len(trace.passes)) == (16, 64, 8, 299)
@@ -104,12 +103,12 @@ BAD_SHARED = [
 
 
 @pytest.mark.parametrize("lines, message", BAD_SHARED, ids=[m for _, m in BAD_SHARED])
-def test_malformed_shared_trace_is_a_trace_error(tmp_path, lines, message):
+def test_malformed_compact_trace_is_a_trace_error(tmp_path, lines, message):
     with pytest.raises(TraceError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         load_trace(_write(tmp_path, lines))
 
 
-def test_shared_format_checks_given_expert_count(tmp_path):
+def test_compact_format_checks_given_expert_count(tmp_path):
     with pytest.raises(TraceError, match=r"expert id 9 out of range 0\.\.7"):
         load_trace(_write(tmp_path, [{"tok": 1, "layers": [[0, 9]]}]), num_experts=8)
     with pytest.raises(TraceError, match="header num_experts is 4 but 8 was given"):

@@ -1,16 +1,11 @@
 """Small hand-made traces for the planner tests."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
+from planner.paths import TRACES
 from planner.traces import Trace, TraceHeader, TracePass
 
-# The real OLMoE decode trace of the shared folder (override with MOEPLAN_OLMOE_TRACE).
-OLMOE = Path(os.environ.get("MOEPLAN_OLMOE_TRACE", "/work/shared/traces/olmoe-1b-7b-decode-299.jsonl"))
-needs_olmoe = pytest.mark.skipif(not OLMOE.exists(), reason=f"{OLMOE} not present")
+# The real OLMoE decode trace shipped in traces/ (traces/README.md gives its source and license).
+OLMOE = TRACES / "olmoe-1b-7b-decode-299.jsonl"
 
 
 def make_trace(passes: list[tuple[str, list[list[list[int]]]]], num_experts: int, top_k: int) -> Trace:

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from model_factory import make_tokenizer
+from planner.paths import TRACES
 from planner.simulator import simulate
 from planner.traces import load_trace
 from runtime.cache_policy import MissRule
 from runtime.plan import Plan
 from runtime.session import Session
 
-OLMOE_TRACE = Path(__file__).resolve().parents[2].parent / "shared/traces/olmoe-1b-7b-decode-299.jsonl"
+OLMOE_TRACE = TRACES / "olmoe-1b-7b-decode-299.jsonl"
 
 PLANS = {
     "all-cpu": "cache: {slots: 0, policy: lru}",  # no cache: a decode token's short path (MoeLayer.host_only)
@@ -44,7 +45,6 @@ def olmoe_shaped(tmp_path_factory):
     return folder
 
 
-@pytest.mark.skipif(not OLMOE_TRACE.exists(), reason="the shared OLMoE trace is not beside the project")
 @pytest.mark.parametrize("name", PLANS)
 def test_counts_equal(name, olmoe_shaped, tmp_path):
     plan = Plan.from_yaml(f"version: 1\nmodel: {{dtype: float32}}\nhardware: {{cpu_threads: 1}}\n{PLANS[name]}")
