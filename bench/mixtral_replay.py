@@ -84,8 +84,8 @@ def main() -> int:
 
     from planner.catalog import load_model_shape
     from planner.commands.tune import parse_bytes  # the same parser as `tune --vram-budget`
-    from planner.traces import write_trace
-    from planner.workload import synthetic_trace
+    from runtime.contracts.traces import write_trace
+    from planner.routing.workload import synthetic_trace
 
     shape = load_model_shape(str(folder))
     trace_path = out / "trace.jsonl"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.simulator import belady, lru_hit_curves, popular_preload, simulate  # noqa: E402
-from planner.traces import load_trace  # noqa: E402
+from planner.routing.simulator import belady, lru_hit_curves, popular_preload, simulate  # noqa: E402
+from runtime.contracts.traces import load_trace  # noqa: E402
 from runtime.atomic import write_atomic  # noqa: E402
-from runtime.cache_policy import MissRule  # noqa: E402
+from runtime.contracts.cache_policy import MissRule  # noqa: E402
 
 FRACTIONS = (0.10, 0.25, 0.50)
 PHASES = ("decode",)
@@ -60,7 +60,7 @@ def main() -> int:
         f"{len(trace.decode_passes())} decode passes; {needed} needed experts counted).",
         "Decode passes, `miss: {compute: cpu, promote: true}`, caches empty at the start except static, whose",
         "preload is the experts this same trace needs most (`popular_preload`, in-sample). Belady: offline",
-        "optimum among caches where every miss enters (`planner.simulator.belady`).",
+        "optimum among caches where every miss enters (`planner.routing.simulator.belady`).",
         "",
         "| cached | slots/layer | lru | lfu | fifo | static (popular preload) | Belady bound |",
         "|---|---|---|---|---|---|---|",

@@ -3,7 +3,7 @@
     .venv/bin/python bench/tune_vs_grid.py --profile profiles/rtx4070.yaml --compare profiles/rtx4090.yaml \
         [--model mixtral] [--trials 200] [--out bench/results/tune_vs_grid.md]
 
-(a) every canonical point of the tuner's search space (`tune_eval.Space.choices`: budget x policy x
+(a) every canonical point of the tuner's search space (`planner.tune.space.Space.choices`: budget x policy x
     preload x threads x miss rule x lookahead, each budget split by the same DP) predicted with the same
     cost model on the first profile; the tuned plan's predicted decode tokens/s against the grid's best;
 (b) wall time of `--trials` trials of the study from a cold evaluator (no memoised replays);
@@ -22,11 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner import workload  # noqa: E402
+from planner.routing import workload  # noqa: E402
 from planner.catalog import load_model_shape  # noqa: E402
 from planner.profile import Profile  # noqa: E402
-from planner.tune_eval import Choice, Evaluator, cache_capacity  # noqa: E402
-from planner.tuner import create_study, run_study  # noqa: E402
+from planner.tune.evaluation import Evaluator, cache_capacity  # noqa: E402
+from planner.tune.space import Choice  # noqa: E402
+from planner.tune.study import create_study, run_study  # noqa: E402
 from runtime.atomic import write_atomic  # noqa: E402
 from runtime.plan import CacheSpec, MissSpec  # noqa: E402
 
@@ -48,8 +49,8 @@ def tuned(ev: Evaluator, trials: int, seed: int):
 def hand_plans(ev: Evaluator):
     """(name, plan, prediction) of the seed paper's configuration and of --cpu-moe."""
     from planner.cost_model import predict
-    from planner.simulator import simulate
-    from runtime.cache_policy import MissRule
+    from planner.routing.simulator import simulate
+    from runtime.contracts.cache_policy import MissRule
 
     shape, cores = ev.shape, ev.profile.physical_cores
     L, E, k = shape.num_moe_layers, shape.num_experts, shape.top_k

@@ -26,7 +26,7 @@ from typing import Any
 from runtime.plan import Plan
 
 from .catalog import ModelShape
-from .profile import ProfileError, _interp
+from .profile import ProfileError, interpolate
 
 
 # ---- what the cost model reads from a cache replay -------------------------------------------------
@@ -147,8 +147,8 @@ class _Rates:
             x = r.context if decode else r.tokens
             by_threads.setdefault(r.threads or 0, {})[x] = r.median_s
         x = context if decode else tokens
-        per_threads = {n: _interp(points, x) for n, points in by_threads.items()}
-        value = _interp(per_threads, self.threads)
+        per_threads = {n: interpolate(points, x) for n, points in by_threads.items()}
+        value = interpolate(per_threads, self.threads)
         if not decode:
             longest = max(max(points) for points in by_threads.values())
             value *= max(1.0, x / longest)  # beyond the measured prefill: linear in tokens
@@ -267,7 +267,7 @@ def predict(profile: Any, shape: ModelShape, plan: Plan, sim: Any, context: int,
             vram_budget: int | None = None) -> Prediction:
     """Decode and prefill tokens/s and memory per device of `plan` for `shape` on `profile`'s host.
 
-    `sim` is the simulator's replay of the workload's trace under the plan (`planner.simulator.simulate`);
+    `sim` is the simulator's replay of the workload's trace under the plan (`planner.routing.simulator.simulate`);
     `context` is the number of tokens in the KV cache at a decode step (on average), `prompt_tokens` the
     prompt length of the prefill. `vram_budget` (bytes) replaces the profile's accelerator memory.
     """
@@ -305,7 +305,7 @@ def predict(profile: Any, shape: ModelShape, plan: Plan, sim: Any, context: int,
 
 
 def replay_work(sim: Any, num_moe_layers: int) -> tuple[PassWork, list[PassWork]]:
-    """The decode work (mean per pass) and each prefill pass's work, from a `planner.simulator.SimResult`.
+    """The decode work (mean per pass) and each prefill pass's work, from a `planner.routing.simulator.SimResult`.
 
     The replay counts experts and token-expert pairs per pass, summed over the MoE layers. Each layer
     is given an equal share, and each expert of a group the group's mean token count: exact for

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .cache_policy import LayerCachePolicy, MissRule
+from .contracts.cache_policy import LayerCachePolicy, MissRule
 from .cpu_executor import CpuExecutor
 from .cpu_decode import use_cpu_decode_path
 from .experts_hook import ATTRIBUTE

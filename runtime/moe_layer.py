@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .cache_policy import LayerCachePolicy, MissRule, route_pass
+from .contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
 from .cpu_executor import CpuExecutor
 from .expert_math import add_weighted, module_expert_ffn
 from .expert_store import ExpertStore

@@ -217,7 +217,7 @@ def _profile_from_dict(ws: Workspace, data: Any) -> None:
 
 
 def _load_trace(ws: Workspace, data: bytes) -> None:
-    from planner.traces import load_trace
+    from runtime.contracts.traces import load_trace
 
     load_trace(ws.file("trace.jsonl", data))
 

@@ -40,8 +40,8 @@ def test_profile_tune_run(pipeline, capsys):
 
 
 def test_recorded_routing_is_not_uniform(pipeline):
-    from planner.trace_stats import format_table, trace_stats
-    from planner.traces import load_trace
+    from planner.routing.statistics import format_table, trace_stats
+    from runtime.contracts.traces import load_trace
 
     trace = load_trace(pipeline[2])
     stats = trace_stats(trace)

@@ -9,7 +9,7 @@ import pytest
 
 from planner.cli import main
 from planner.profile import Profile, ProfileError
-from planner.traces import load_trace
+from runtime.contracts.traces import load_trace
 from runtime.errors import ModelError, PlanError
 from runtime.loader import check_model_dir
 from runtime.plan import Plan

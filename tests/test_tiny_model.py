@@ -128,7 +128,7 @@ def test_routing_on_heldout_text_is_skewed(tiny, torch_one_thread):
 
 
 def _routing_stats_module():
-    spec = importlib.util.spec_from_file_location("routing_stats_tiny", ROOT / "bench" / "routing_stats_tiny.py")
+    spec = importlib.util.spec_from_file_location("routing_stats_tiny", ROOT / "bench" / "diagnostics" / "routing_stats_tiny.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
     spec.loader.exec_module(mod)

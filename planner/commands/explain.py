@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-from pathlib import Path
 
 from runtime.errors import UserError
 
@@ -31,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import workload
+    from ..routing import workload
     from ..cost_model import predict
     from runtime.plan import Plan
 

@@ -51,8 +51,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from planner.profile import Profile
-    from planner.profiler_run import Settings, measure_profile
+    from ..profile import Profile
+    from ..profile.run import Settings, measure_profile
 
     host = socket.gethostname().split(".")[0] or "host"
     out = Path(args.out) if args.out else Path("profiles") / f"{host}.yaml"
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _shapes(args: argparse.Namespace) -> list:
-    from planner.profiler_dense import LayerShape
+    from ..profile.measure_dense import LayerShape
 
     if args.shape:
         shapes = []
@@ -114,7 +114,7 @@ def _shapes(args: argparse.Namespace) -> list:
                 raise UserError(f"--shape: sizes must be positive and KV heads must divide heads, got {spec!r}")
             shapes.append(LayerShape(f"shape-{h}x{i}", h, i, heads, kv, hd, experts))
         return shapes
-    from planner.catalog import load_model_shape
+    from ..catalog import load_model_shape
 
     names = (args.model,) if args.model else DEFAULT_CATALOG_MODELS
     shapes = [] if args.model else [LayerShape(*spec) for spec in DEFAULT_SHAPES]

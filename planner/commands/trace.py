@@ -57,8 +57,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from planner.trace_stats import format_table, trace_stats
-    from planner.traces import PHASES, load_trace
+    from ..routing.statistics import format_table, trace_stats
+    from runtime.contracts.traces import PHASES, load_trace
 
     trace = load_trace(args.file, num_experts=args.num_experts, top_k=args.top_k, model=args.model_name)
     phases = PHASES if args.phase == "all" else (args.phase,)
@@ -87,7 +87,7 @@ def _record(model_dir: Path, prompts_file: Path, out: Path, max_new_tokens: int,
     import tempfile
     from dataclasses import replace
 
-    from planner.traces import Trace, TracePass, load_trace, write_trace
+    from runtime.contracts.traces import Trace, TracePass, load_trace, write_trace
     from runtime.plan import HardwareSpec, ModelSpec, Plan
     from runtime.session import Session
 

@@ -68,11 +68,11 @@ def parse_bytes(text: str, flag: str = "--vram-budget") -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import workload
+    from ..routing import workload
     from ..catalog import load_model_shape
-    from ..traces import trace_to_jsonl
-    from ..tune_eval import NO_SLOTS_ON_CPU, Evaluator, cache_capacity
-    from ..tuner import create_study, open_storage, run_study
+    from runtime.contracts.traces import trace_to_jsonl
+    from ..tune.evaluation import NO_SLOTS_ON_CPU, Evaluator, cache_capacity
+    from ..tune.study import create_study, open_storage, run_study
 
     for flag, value, lo in (("--context", args.context, 0), ("--prompt-tokens", args.prompt_tokens, 1),
                             ("--trials", args.trials, 0), ("--measure", args.measure, 0)):
@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
 
     chosen, measured = result.chosen, {}
     if args.measure and not result.interrupted:
-        from ..tuner import best_by_decode
+        from ..tune.study import best_by_decode
         chosen, measured = _measure(best_by_decode([c for _, c in result.candidates], args.measure), model_dir)
 
     import optuna
@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
     plan = replace(chosen.plan, predicted=predicted, provenance=provenance)
     write_atomic(out, plan.to_yaml())
     if args.report:
-        from ..tune_report import write_report
+        from ..tune.report import write_report
         write_report(Path(args.report), study, evaluator, result, plan, elapsed)
     print(f"{'interrupted: ' if result.interrupted else ''}wrote {out}: {chosen.decode_tokens_per_s:.2f} decode "
           f"tokens/s predicted, prefill {chosen.prefill_s:.3f} s, {result.trials_run} trials in {elapsed:.1f} s "

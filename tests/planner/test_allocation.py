@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from planner.allocation import allocate
+from planner.tune.allocation import allocate
 
 
 def brute_force(curves, budget):

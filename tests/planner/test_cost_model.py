@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from planner.catalog import load_model_shape
 from planner.cost_model import predict
 from planner.profile import Profile
-from planner.simulator import PassCounts, SimResult, popular_preload
-from planner.workload import replay, resolve_trace
+from planner.routing.simulator import PassCounts, SimResult, popular_preload
+from planner.routing.workload import replay, resolve_trace
 from runtime.plan import CacheSpec, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def olmoe_trace():
 
 
 def test_importing_the_planner_core_does_not_import_torch() -> None:
-    code = ("import sys, planner.cost_model, planner.catalog, planner.workload, planner.commands.explain; "
+    code = ("import sys, planner.cost_model, planner.catalog, planner.routing.workload, planner.commands.explain; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -53,7 +53,7 @@ def test_the_table_names_every_item_and_the_verdict(files, capsys) -> None:
 
 
 def test_another_model_without_a_recorded_trace_gets_a_synthetic_one(files, capsys, tmp_path) -> None:
-    pytest.importorskip("planner.synthetic")
+    pytest.importorskip("planner.routing.synthetic")
     _, profile = files
     plan = tmp_path / "mixtral.yaml"
     plan.write_text(yaml.safe_dump({"version": 1, "model": {"name": "mixtral"},

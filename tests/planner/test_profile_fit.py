@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from planner.profile import DenseRow, ExpertRow, Profile, expert_bytes, expert_flops
-from planner.profile_fit import dense_layer_bytes, fit_expert_rates, fit_layer_overhead
+from planner.profile.fit import dense_layer_bytes, fit_expert_rates, fit_layer_overhead
 
 OVERHEAD = 3e-5
 GBPS = {1: 11.0, 2: 19.0}

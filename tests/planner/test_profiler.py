@@ -15,8 +15,8 @@ import torch
 
 from planner.cli import main as cli_main
 from planner.profile import Profile
-from planner.profiler import ExpertPool, StreamBuffer, summarize, thread_counts, time_call, time_cpu_expert
-from planner.profiler_dense import DenseLayerBench, LayerShape
+from planner.profile.measure import ExpertPool, StreamBuffer, summarize, thread_counts, time_call, time_cpu_expert
+from planner.profile.measure_dense import DenseLayerBench, LayerShape
 
 
 def test_summarize_median_and_spread():

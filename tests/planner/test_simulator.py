@@ -5,9 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trace_factory import OLMOE, decode_sequence, make_trace
 
-from planner.simulator import belady, lru_hit_curves, popular_preload, simulate
-from planner.traces import load_trace
-from runtime.cache_policy import MissRule
+from planner.routing.simulator import belady, lru_hit_curves, popular_preload, simulate
+from runtime.contracts.traces import load_trace
+from runtime.contracts.cache_policy import MissRule
 
 PROMOTE = MissRule(promote=True)
 

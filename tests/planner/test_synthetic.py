@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 from trace_factory import OLMOE
 
-from planner.synthetic import fit_routing_stats, synthesize
-from planner.trace_stats import trace_stats
-from planner.traces import load_trace, write_trace
+from planner.routing.synthetic import fit_routing_stats, synthesize
+from planner.routing.statistics import trace_stats
+from runtime.contracts.traces import load_trace, write_trace
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trace_factory import OLMOE, make_trace
 
-from planner.traces import load_trace, write_trace
+from runtime.contracts.traces import load_trace, write_trace
 from runtime.errors import TraceError
 
 HEADER = {"trace": 1, "model": "m", "num_layers": 2, "num_experts": 4, "top_k": 2, "source": "recorded"}

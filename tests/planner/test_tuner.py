@@ -21,10 +21,11 @@ from planner import cli
 from planner.catalog import load_model_shape
 from planner.commands.tune import parse_bytes
 from planner.profile import Profile
-from planner.simulator import simulate
-from planner.traces import load_trace
-from planner.tune_eval import NO_SLOTS_ON_CPU, Choice, Evaluator, cache_capacity
-from runtime.cache_policy import MissRule
+from planner.routing.simulator import simulate
+from runtime.contracts.traces import load_trace
+from planner.tune.evaluation import NO_SLOTS_ON_CPU, Evaluator, cache_capacity
+from planner.tune.space import Choice
+from runtime.contracts.cache_policy import MissRule
 from runtime.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[2]

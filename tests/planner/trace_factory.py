@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from planner.paths import TRACES
-from planner.traces import Trace, TraceHeader, TracePass
+from runtime.contracts.traces import Trace, TraceHeader, TracePass
 
 # The real OLMoE decode trace shipped in traces/ (traces/README.md gives its source and license).
 OLMOE = TRACES / "olmoe-1b-7b-decode-299.jsonl"

@@ -70,7 +70,7 @@ def test_trace_recording_killed_leaves_old_or_complete_file(checkpoint, tmp_path
     if killed and text == "old trace\n":
         pass  # killed before the rename: the old file is intact
     else:
-        from planner.traces import load_trace  # finished (or killed after the rename): a whole trace
+        from runtime.contracts.traces import load_trace  # finished (or killed after the rename): a whole trace
 
         assert len(load_trace(out).passes) == 3 * 8
     assert all(re.fullmatch(r"\.trace\.jsonl\..+\.tmp", p.name) for p in _temporaries(out_dir, out.name))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.cache_policy import LayerCachePolicy, MissRule, route_pass
+from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
 
 PROMOTE = MissRule(compute="cpu", promote=True)
 

@@ -12,9 +12,9 @@ import pytest
 
 from model_factory import make_tokenizer
 from planner.paths import TRACES
-from planner.simulator import simulate
-from planner.traces import load_trace
-from runtime.cache_policy import MissRule
+from planner.routing.simulator import simulate
+from runtime.contracts.traces import load_trace
+from runtime.contracts.cache_policy import MissRule
 from runtime.plan import Plan
 from runtime.session import Session
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from .profile import (DTYPE_BYTES, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile, DenseRow, ExpertRow,
-                      HostInfo, Profile, ProfileError, TransferRow)
+from .records import (DTYPE_BYTES, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile, DenseRow, ExpertRow,
+                      HostInfo, ProfileError, TransferRow)
 
 _TOP = ("version", "name", "source", "date", "host", "cpu", "accelerator")
 _HOST = ("cpu_model", "physical_cores", "logical_cores", "isa", "memory_bytes", "available_memory_bytes", "os",
@@ -29,7 +29,8 @@ _TRANSFER_ROW = ("direction", "pinned", "bytes", "median_s", "spread")
 
 
 # ---- reading -----------------------------------------------------------------------------------
-def parse_profile(data: Any) -> Profile:
+def parse_profile(data: Any) -> dict[str, Any]:
+    """The fields of a `Profile` read from `data`, checked (`Profile.from_dict` builds it)."""
     top = _mapping(data, "", _TOP)
     for key in ("version", "name", "source", "host", "cpu", "accelerator"):
         if key not in top:
@@ -47,8 +48,7 @@ def parse_profile(data: Any) -> Profile:
     cpu = _cpu(_mapping(top["cpu"], "cpu", _CPU, required=True))
     accelerator = None if top["accelerator"] is None else _accelerator(
         _mapping(top["accelerator"], "accelerator", _ACC, required=True))
-    return Profile(name=name, source=source, host=host, cpu=cpu, accelerator=accelerator, date=date,
-                   version=version)
+    return dict(name=name, source=source, host=host, cpu=cpu, accelerator=accelerator, date=date, version=version)
 
 
 def _host(h: dict[str, Any]) -> HostInfo:
@@ -285,7 +285,8 @@ def _row_dict(row: Any, order: tuple[str, ...]) -> dict[str, Any]:
     return _drop_none({k: getattr(row, k) for k in order})
 
 
-def profile_to_dict(p: Profile) -> dict[str, Any]:
+def profile_to_dict(p: Any) -> dict[str, Any]:
+    """A `Profile` as the plain mapping its file holds, in canonical order."""
     h = p.host
     host = _drop_none({"cpu_model": h.cpu_model, "physical_cores": h.physical_cores, "logical_cores": h.logical_cores,
                        "isa": list(h.isa), "memory_bytes": h.memory_bytes,

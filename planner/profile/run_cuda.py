@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from .profile import DenseRow, ExpertRow
-from .profile_fit import fit_layer_overhead
-from .profiler_cuda import (accelerator_facts, gpu_expert_pool, l2_bytes, matmul_side, matmul_tflops,
+from .records import DenseRow, ExpertRow
+from .fit import fit_layer_overhead
+from .measure_cuda import (accelerator_facts, gpu_expert_pool, l2_bytes, matmul_side, matmul_tflops,
                             memory_read_gbps, rate_from_largest, time_gpu_expert, time_transfer, transfer_sizes)
-from .profiler_dense import DenseLayerBench, LayerShape
+from .measure_dense import DenseLayerBench, LayerShape
+from .settings import (OVERHEAD_SHAPE, Results, Settings, dense_row, router_width, significant,
+                       unique_attention_shapes, unique_expert_shapes)
 
-if TYPE_CHECKING:
-    from .profiler_run import Settings, _Results
 
 
-def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device: torch.device, r: "_Results"
+def accelerator_jobs(shapes: Sequence[LayerShape], settings: Settings, device: torch.device, r: Results
                      ) -> list[tuple[str, Callable[[], None]]]:
-    from .profiler_run import OVERHEAD_SHAPE, _dense_row, _sig, _unique_attention_shapes, _unique_expert_shapes, \
-        router_width
 
     s = settings
     acc: dict[str, object] = {}
@@ -45,7 +42,7 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
             t = time_transfer(device, direction, pinned, nbytes, warmup=s.warmup, repeats=s.repeats,
                               min_seconds=s.min_seconds)
             transfers.append({"direction": direction, "pinned": pinned, "bytes": nbytes,
-                              "median_s": _sig(t.median_s), "spread": round(t.spread, 3)})
+                              "median_s": significant(t.median_s), "spread": round(t.spread, 3)})
         return run
 
     free = torch.cuda.mem_get_info(device)[0]
@@ -58,7 +55,7 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
     def bandwidth() -> None:
         # Far beyond the L2 (tens of MB), within an eighth of free memory.
         nbytes = min(max(1 << 30, 8 * l2_bytes(device)), max(1 << 26, torch.cuda.mem_get_info(device)[0] // 8))
-        acc["memory_bandwidth_gbps"] = _sig(memory_read_gbps(device, nbytes, warmup=s.warmup, repeats=s.repeats))
+        acc["memory_bandwidth_gbps"] = significant(memory_read_gbps(device, nbytes, warmup=s.warmup, repeats=s.repeats))
 
     jobs.append(("accelerator memory bandwidth", bandwidth))
 
@@ -66,7 +63,7 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
         def run() -> None:
             side = matmul_side(torch.cuda.mem_get_info(device)[0])
             rates = acc.setdefault("matmul_tflops", {})
-            rates[dtype] = _sig(matmul_tflops(device, dtype, side, warmup=s.warmup, repeats=s.repeats))  # type: ignore
+            rates[dtype] = significant(matmul_tflops(device, dtype, side, warmup=s.warmup, repeats=s.repeats))  # type: ignore
         return run
 
     for dtype in s.dtypes:
@@ -75,7 +72,7 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
     def overhead() -> None:
         pool = gpu_expert_pool(*OVERHEAD_SHAPE, "float32", device)
         t = time_gpu_expert(pool, 1, warmup=s.warmup, repeats=max(s.repeats, 20))
-        acc["kernel_overhead_s"] = _sig(t.median_s)
+        acc["kernel_overhead_s"] = significant(t.median_s)
 
     jobs.append(("accelerator expert call overhead", overhead))
 
@@ -87,14 +84,14 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
             t = time_gpu_expert(state[key], tokens, warmup=s.warmup, repeats=s.repeats,  # type: ignore[arg-type]
                                 min_seconds=s.min_seconds)
             experts.append(ExpertRow(hidden=shape.hidden, intermediate=shape.intermediate, dtype=dtype,
-                                     tokens=tokens, median_s=_sig(t.median_s), spread=round(t.spread, 3)))
+                                     tokens=tokens, median_s=significant(t.median_s), spread=round(t.spread, 3)))
             if last:
                 del state[key]
                 gc.collect()
                 torch.cuda.empty_cache()
         return run
 
-    for shape in _unique_expert_shapes(shapes):
+    for shape in unique_expert_shapes(shapes):
         for dtype in s.dtypes:
             for j, tok in enumerate(s.tokens):
                 jobs.append((f"accelerator expert {shape.hidden}x{shape.intermediate} {dtype}, {tok} tokens",
@@ -113,12 +110,12 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
                 state[key] = DenseLayerBench(shape, dtype, device)
             t = state[key].time(tokens, context, warmup=s.warmup, repeats=s.repeats,  # type: ignore[union-attr]
                                 min_seconds=s.min_seconds, flush=flush_l2, sync=sync)
-            dense.append(_dense_row(shape, dtype, None, tokens, context, t))
+            dense.append(dense_row(shape, dtype, None, tokens, context, t))
             if last:
                 del state[key]
         return run
 
-    for shape in _unique_attention_shapes(shapes):
+    for shape in unique_attention_shapes(shapes):
         for dtype in s.dtypes:
             cases = [(1, c) for c in s.contexts] + [(s.prefill, s.prefill)]
             for j, (tok, ctx) in enumerate(cases):
@@ -134,14 +131,14 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: "Settings", device:
             for pinned in (True, False):
                 rate = rate_from_largest(transfers, direction, pinned)
                 if rate is not None:
-                    acc[f"{direction}_{'pinned' if pinned else 'pageable'}_gbps"] = _sig(rate)
+                    acc[f"{direction}_{'pinned' if pinned else 'pageable'}_gbps"] = significant(rate)
         acc["expert_ffn"] = [{k: v for k, v in vars(x).items() if v is not None} for x in experts]
         acc["dense_layer"] = [{k: v for k, v in vars(x).items() if v is not None} for x in dense]
         bw = acc.get("memory_bandwidth_gbps")
         if bw:
             fitted = fit_layer_overhead(dense, lambda row: float(bw), router_width(shapes))  # type: ignore[arg-type]
             if fitted is not None:
-                acc["layer_overhead_s"] = _sig(fitted)
+                acc["layer_overhead_s"] = significant(fitted)
         r.accelerator = acc
 
     jobs.append(("accelerator fits", finish))

@@ -1,4 +1,4 @@
-"""The search behind `moeplan tune`: a seeded multi-objective Optuna study over `tune_eval.Choice`.
+"""The search behind `moeplan tune`: a seeded multi-objective Optuna study over `space.Choice`.
 
 Objectives: predicted decode tokens/s (maximise) and predicted prefill seconds of the prompt
 (minimise). Plans that do not fit memory are infeasible through the trial's constraint (`Trial.set_constraint`, read by TPE)
@@ -22,7 +22,8 @@ from typing import Any
 
 from runtime.errors import UserError
 
-from .tune_eval import Candidate, Choice, Evaluator, Space, suggest
+from .evaluation import Candidate, Evaluator
+from .space import Choice, suggest
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from runtime.atomic import write_atomic
-from runtime.errors import TraceError
-from runtime.textfile import read_bytes
+from ..atomic import write_atomic
+from ..errors import TraceError
+from ..textfile import read_bytes
 
 TRACE_VERSION = 1
 PHASES = ("prefill", "decode")
@@ -304,3 +304,58 @@ def trace_to_jsonl(trace: Trace) -> str:
 def write_trace(path: str | Path, trace: Trace) -> Path:
     """Write `trace` in the moeplan format, atomically."""
     return write_atomic(path, trace_to_jsonl(trace))
+
+
+# ---- recording, line by line ------------------------------------------------------------------------
+def header_record(model: str, num_layers: int, num_experts: int, top_k: int, source: str = "recorded",
+                  **extra: Any) -> dict[str, Any]:
+    """A trace's header line in the moeplan format; `extra` adds the optional keys (prompt, dtype, date...)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    return {"trace": TRACE_VERSION, "model": model, "num_layers": num_layers, "num_experts": num_experts,
+            "top_k": top_k, "source": source, **extra}
+
+
+def pass_record(index: int, phase: str, tokens: int, experts: list, weights: list | None = None) -> dict[str, Any]:
+    """One forward pass's line: experts [L][T][k] ids, weights the same shape or None (left out)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    record: dict[str, Any] = {"pass": index, "phase": phase, "tokens": tokens, "experts": experts}
+    if weights is not None:
+        record["weights"] = weights
+    return record
+
+
+def records_to_jsonl(header: dict[str, Any], passes: Iterable[dict[str, Any]]) -> str:
+    """The header line and the pass lines as JSON Lines text (compact separators: traces run long)."""
+    lines = [json.dumps(header, separators=(",", ":"))]
+    lines += [json.dumps(p, separators=(",", ":")) for p in passes]
+    return "\n".join(lines) + "\n"
+
+
+def write_records(path: str | Path, header: dict[str, Any], passes: Iterable[dict[str, Any]]) -> Path:
+    """Write a header record and pass records (`header_record`, `pass_record`) as a trace file, atomically."""
+    return write_atomic(path, records_to_jsonl(header, passes))
+
+
+class TraceRecorder:
+    """The passes of a run being recorded: each pass begins empty, and each MoE layer fills in its routing
+    as it runs (`run --trace-out`). Layers that a pass does not reach stay null, which the reader rejects:
+    a model runs every MoE layer on every pass."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.passes: list[dict[str, Any]] = []
+
+    def begin_pass(self, index: int, phase: str, tokens: int) -> None:
+        self.passes.append(pass_record(index, phase, tokens, [None] * self.num_layers, [None] * self.num_layers))
+
+    def record(self, layer: int, experts: list[list[int]], weights: list[list[float]]) -> None:
+        """The current pass's routing at `layer`: [T][k] expert ids in rank order and their gate weights."""
+        record = self.passes[-1]
+        record["experts"][layer] = experts
+        # six decimals: the planner reads weights as statistics, and a full float triples a trace's size
+        record["weights"][layer] = [[round(w, 6) for w in row] for row in weights]
+
+    def write(self, path: str | Path, header: dict[str, Any]) -> Path:
+        return write_records(path, header, self.passes)

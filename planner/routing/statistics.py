@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .traces import PHASES, Trace
+from runtime.contracts.traces import PHASES, Trace
 
 WINDOW = 16
 

@@ -3,7 +3,7 @@
 Given one gain curve per layer (`curves[l][s]`: what layer l gains with s slots, e.g. its cache hits
 over a replayed trace), `allocate` finds slot counts with `sum(slots) <= budget` that maximise
 `sum(curves[l][slots[l]])`. Greedy on marginal gains is optimal only when every curve is concave;
-real hit curves are not (lru's are not even nested, see `planner.simulator.lru_hit_curves`), so this is
+real hit curves are not (lru's are not even nested, see `planner.routing.simulator.lru_hit_curves`), so this is
 an exact dynamic programme over (layer, slots used so far): O(L * budget * max slots) additions, a
 few milliseconds for Mixtral's 32 layers x 8 experts. Pure Python.
 """

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .profiler import TORCH_DTYPES, Timing, time_call
+from .measure import TORCH_DTYPES, Timing, time_call
 
 
 @dataclass(frozen=True)

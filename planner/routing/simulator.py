@@ -1,6 +1,6 @@
 """Replay a routing trace against a cache configuration and count hits, misses and copies.
 
-`simulate` drives the runtime's own bookkeeping (`runtime.cache_policy.route_pass`) pass by pass and
+`simulate` drives the runtime's own bookkeeping (`runtime.contracts.cache_policy.route_pass`) pass by pass and
 layer by layer, so its hit and miss counts equal what `moeplan run` reports on the same routing, by
 construction. Two assumptions, both stated in docs/traces.md: a promotion copy finishes before the next
 pass starts, and a prefetch copy before the next layer starts (the runtime counts an expert as resident
@@ -17,9 +17,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from runtime.cache_policy import LayerCachePolicy, MissRule, route_pass
+from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
 
-from .traces import PHASES, Trace
+from runtime.contracts.traces import PHASES, Trace
 
 
 @dataclass(frozen=True)

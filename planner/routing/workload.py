@@ -11,13 +11,13 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.cache_policy import MissRule
+from runtime.contracts.cache_policy import MissRule
 from runtime.errors import ModelError, TraceError
 from runtime.plan import Plan
 
-from .catalog import ModelShape, load_model_shape
-from .paths import TRACES, shown
-from .traces import Trace, TracePass, load_trace
+from ..catalog import ModelShape, load_model_shape
+from ..paths import TRACES, shown
+from runtime.contracts.traces import Trace, TracePass, load_trace
 
 # The recorded trace that synthetic traces are fitted to, and the model it was recorded from (traces/README.md).
 RECORDED_MODEL = "olmoe-1b-7b"

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_atomic
-from runtime.cache_policy import MissRule
+from runtime.contracts.cache_policy import MissRule
 from runtime.errors import UserError
 
-from .tune_eval import NO_SLOTS_ON_CPU, Evaluator
-from .tuner import TuneResult
+from .evaluation import NO_SLOTS_ON_CPU, Evaluator
+from .study import TuneResult
 
 
 def write_report(folder: Path, study: Any, evaluator: Evaluator, result: TuneResult, plan: Any,

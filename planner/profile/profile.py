@@ -11,113 +11,16 @@ operations per second, counting a multiply-add as 2.
 """
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from runtime.atomic import write_atomic
-from runtime.errors import UserError
 from runtime.textfile import parse_yaml, read_text
 
-SCHEMA_VERSION = 1
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-SOURCES = ("measured", "published")
-
-
-class ProfileError(UserError):
-    """A hardware profile that is missing, malformed, out of range, or lacks a figure that was asked for."""
-
-
-# ---- rows of the measured tables ---------------------------------------------------------------
-@dataclass(frozen=True)
-class ExpertRow:
-    """One timing of a gated expert FFN (3 matrices H x I) on `tokens` tokens."""
-    hidden: int
-    intermediate: int
-    dtype: str
-    tokens: int
-    median_s: float
-    spread: float  # (p90 - p10) / median of the repeats: 0.05 = the repeats spread over 5 %
-    threads: int | None = None  # CPU threads (CPU rows); None on accelerator rows
-
-
-@dataclass(frozen=True)
-class DenseRow:
-    """One timing of a decoder layer without its experts (norms, attention with KV cache, router).
-
-    `tokens` new tokens attend to `context` positions in all (context includes the new tokens):
-    tokens 1 is a decode step, tokens == context a prefill.
-    """
-    hidden: int
-    heads: int
-    kv_heads: int
-    dtype: str
-    tokens: int
-    context: int
-    median_s: float
-    spread: float
-    threads: int | None = None  # CPU threads (CPU rows); None on accelerator rows
-    head_dim: int | None = None  # None: hidden // heads
-
-
-@dataclass(frozen=True)
-class TransferRow:
-    """One timing of a copy between host and accelerator memory."""
-    direction: str  # h2d | d2h
-    pinned: bool  # host side in page-locked memory
-    bytes: int
-    median_s: float
-    spread: float
-
-
-# ---- sections ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HostInfo:
-    physical_cores: int
-    memory_bytes: int
-    cpu_model: str | None = None
-    logical_cores: int | None = None
-    isa: tuple[str, ...] = ()  # vector/matrix extensions the CPU reports (avx2, avx512f, amx_bf16, ...)
-    available_memory_bytes: int | None = None  # free for use when the profile was measured
-    os: str | None = None
-    torch: str | None = None
-
-
-@dataclass(frozen=True)
-class CpuProfile:
-    memory_read_gbps: dict[int, float]  # thread count -> DRAM read rate
-    # dtype -> thread count -> rate of the expert kernel: bandwidth-bound (1 token), compute-bound (many)
-    expert_gbps: dict[str, dict[int, float]] | None = None
-    expert_gflops: dict[str, dict[int, float]] | None = None
-    expert_overhead_s: float | None = None  # fixed cost of one expert call
-    layer_overhead_s: float | None = None  # dense part of one decoder layer per pass, beyond its bytes
-    expert_ffn: tuple[ExpertRow, ...] = ()
-    dense_layer: tuple[DenseRow, ...] = ()
-
-
-@dataclass(frozen=True)
-class AcceleratorProfile:
-    name: str
-    memory_bytes: int
-    h2d_pinned_gbps: float  # large-transfer host-to-device rate from page-locked memory
-    free_memory_bytes: int | None = None
-    driver: str | None = None
-    pcie_gen: int | None = None
-    pcie_width: int | None = None
-    h2d_pageable_gbps: float | None = None
-    d2h_pinned_gbps: float | None = None
-    d2h_pageable_gbps: float | None = None
-    transfers: tuple[TransferRow, ...] = ()
-    memory_bandwidth_gbps: float | None = None  # device memory: dense and hit-expert time at decode
-    matmul_tflops: dict[str, float] | None = None  # dtype -> large-matmul rate
-    kernel_overhead_s: float | None = None  # per expert call
-    layer_overhead_s: float | None = None  # dense part of one decoder layer per pass, beyond bytes
-    expert_ffn: tuple[ExpertRow, ...] = ()
-    dense_layer: tuple[DenseRow, ...] = ()
+from .records import (SCHEMA_VERSION, AcceleratorProfile, CpuProfile, ExpertRow, HostInfo, ProfileError, check_call,
+                      check_threads, expert_bytes, expert_flops, interpolate, interpolate_tokens)
+from .schema import dump_yaml, parse_profile, profile_to_dict
 
 
 @dataclass(frozen=True)
@@ -154,8 +57,8 @@ class Profile:
 
     def memory_read_gbps(self, threads: int) -> float:
         """DRAM read rate with `threads` threads, interpolated between measured counts, clamped at the ends."""
-        _check_threads(threads)
-        return _interp(self.cpu.memory_read_gbps, threads)
+        check_threads(threads)
+        return interpolate(self.cpu.memory_read_gbps, threads)
 
     def cpu_expert_seconds(self, hidden: int, intermediate: int, dtype: str, tokens: int, threads: int) -> float:
         """Time of one gated expert FFN (3 matrices `hidden` x `intermediate`) on `tokens` tokens on the CPU.
@@ -163,8 +66,8 @@ class Profile:
         From the measured table when this shape and dtype were measured (interpolated over tokens and
         threads), else `overhead + max(weight_bytes / expert_gbps, flops / expert_gflops)`.
         """
-        _check_call(hidden, intermediate, dtype, tokens)
-        _check_threads(threads)
+        check_call(hidden, intermediate, dtype, tokens)
+        check_threads(threads)
         if tokens == 0:
             return 0.0
         rows = [r for r in self.cpu.expert_ffn
@@ -173,9 +76,9 @@ class Profile:
             by_threads: dict[int, list[ExpertRow]] = {}
             for r in rows:
                 by_threads.setdefault(r.threads, []).append(r)  # type: ignore[arg-type]
-            per_thread = {n: _tokens_interp(rs, tokens) for n, rs in by_threads.items()}
+            per_thread = {n: interpolate_tokens(rs, tokens) for n, rs in by_threads.items()}
             if all(t is not None for t in per_thread.values()):
-                return _interp(per_thread, threads)  # type: ignore[arg-type]
+                return interpolate(per_thread, threads)  # type: ignore[arg-type]
         gbps = self._cpu_rate("expert_gbps", self.cpu.expert_gbps, dtype, threads)
         gflops = self._cpu_rate("expert_gflops", self.cpu.expert_gflops, dtype, threads)
         overhead = self._need(self.cpu.expert_overhead_s, "cpu.expert_overhead_s")
@@ -188,12 +91,12 @@ class Profile:
         From the measured table when this shape and dtype were measured, else
         `kernel_overhead + max(weight_bytes / memory_bandwidth, flops / matmul_tflops)`.
         """
-        _check_call(hidden, intermediate, dtype, tokens)
+        check_call(hidden, intermediate, dtype, tokens)
         acc = self._accelerator("accelerator_expert_seconds")
         if tokens == 0:
             return 0.0
         rows = [r for r in acc.expert_ffn if (r.hidden, r.intermediate, r.dtype) == (hidden, intermediate, dtype)]
-        measured = _tokens_interp(rows, tokens) if rows else None
+        measured = interpolate_tokens(rows, tokens) if rows else None
         if measured is not None:
             return measured
         bandwidth = self._need(acc.memory_bandwidth_gbps, "accelerator.memory_bandwidth_gbps")
@@ -219,9 +122,8 @@ class Profile:
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, source: str = "profile") -> "Profile":
-        from .profile_schema import parse_profile  # the validator imports this module's dataclasses
         try:
-            return parse_profile(data)
+            return cls(**parse_profile(data))
         except ProfileError as exc:
             raise ProfileError(f"{source}: {exc}") from None
 
@@ -234,11 +136,9 @@ class Profile:
         return cls.from_yaml(read_text(path, ProfileError, "profile file"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        from .profile_schema import profile_to_dict
         return profile_to_dict(self)
 
     def to_yaml(self) -> str:
-        from .profile_schema import dump_yaml
         return dump_yaml(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
@@ -263,7 +163,7 @@ class Profile:
             have = ", ".join(sorted(table or {})) or "none"
             raise ProfileError(f"profile {self.name}: cpu.{field_name}.{dtype}: missing (the profile has: {have}), "
                                f"and this expert shape is not in cpu.expert_ffn")
-        return _interp(table[dtype], threads)
+        return interpolate(table[dtype], threads)
 
     def _transfer_seconds(self, acc: AcceleratorProfile, direction: str, nbytes: int, pinned: bool,
                           rate_gbps: float | None, rate_field: str) -> float:
@@ -281,62 +181,4 @@ class Profile:
             # Beyond the largest size, the copy streams at the large-transfer rate.
             tail_rate = rate_gbps * 1e9 if rate_gbps else rows[-1].bytes / rows[-1].median_s
             return rows[-1].median_s + (nbytes - rows[-1].bytes) / tail_rate
-        return _interp({r.bytes: r.median_s for r in rows}, nbytes)
-
-
-# ---- shared arithmetic -------------------------------------------------------------------------
-def expert_bytes(hidden: int, intermediate: int, dtype: str) -> int:
-    """Weight bytes of one gated expert: gate and up ([2I, H]) plus down ([H, I])."""
-    return 3 * hidden * intermediate * DTYPE_BYTES[dtype]
-
-
-def expert_flops(hidden: int, intermediate: int, tokens: int) -> float:
-    """Floating-point operations of one gated expert on `tokens` tokens (a multiply-add counts 2)."""
-    return 2.0 * 3 * hidden * intermediate * tokens
-
-
-def _check_call(hidden: int, intermediate: int, dtype: str, tokens: int) -> None:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
-    for name, value, lo in (("hidden", hidden, 1), ("intermediate", intermediate, 1), ("tokens", tokens, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-
-def _check_threads(threads: int) -> None:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-
-
-def _interp(points: Mapping[int, float], x: float) -> float:
-    """Piecewise-linear through `points` (key -> value), clamped to the end values outside them."""
-    keys = sorted(points)
-    if x <= keys[0]:
-        return float(points[keys[0]])
-    if x >= keys[-1]:
-        return float(points[keys[-1]])
-    i = bisect.bisect_right(keys, x)
-    x0, x1 = keys[i - 1], keys[i]
-    y0, y1 = points[x0], points[x1]
-    return float(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
-
-
-def _tokens_interp(rows: Iterable[ExpertRow], tokens: int) -> float | None:
-    """Time at `tokens` from rows of one shape, dtype and thread count, or None when the rows cannot say.
-
-    Piecewise-linear between measured token counts (clamped below the smallest); beyond the largest
-    one, time keeps growing at the slope of the last segment (a compute-bound kernel is linear in
-    tokens), never below the last time. A single measured count gives no slope: None, and the caller
-    uses the fitted rates.
-    """
-    points: dict[int, float] = {}
-    for r in rows:
-        points[r.tokens] = r.median_s
-    keys = sorted(points)
-    if tokens <= keys[-1]:
-        return _interp(points, tokens)
-    if len(keys) == 1:
-        return None
-    x0, x1 = keys[-2], keys[-1]
-    slope = max(0.0, (points[x1] - points[x0]) / (x1 - x0))
-    return points[x1] + slope * (tokens - x1)
+        return interpolate({r.bytes: r.median_s for r in rows}, nbytes)

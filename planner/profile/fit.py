@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from .profile import DTYPE_BYTES, DenseRow, ExpertRow, expert_bytes, expert_flops
+from .records import DTYPE_BYTES, DenseRow, ExpertRow, expert_bytes, expert_flops
 
 
 def fit_expert_rates(rows: Iterable[ExpertRow], overhead_s: float

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .profiler import TORCH_DTYPES, ExpertPool, Timing, time_call
+from .measure import TORCH_DTYPES, ExpertPool, Timing, time_call
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import pytest
 from trace_factory import OLMOE, make_trace
 
 from planner.cli import main as cli_main
-from planner.trace_stats import top_share, trace_stats
-from planner.traces import load_trace
+from planner.routing.statistics import top_share, trace_stats
+from runtime.contracts.traces import load_trace
 
 
 def test_stats_by_hand():

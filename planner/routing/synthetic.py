@@ -7,7 +7,7 @@ The generator, per MoE layer (`E` experts, top-`k`):
   slots are drawn without replacement, by weight, from experts token t did not choose, so the mean
   next-token reuse is exactly `keep` (when E >= 2k).
 The exponent `s` is fitted to the sorted popularity through its head: it is the value for which the
-generator's top-10% share (trace_stats.top_share) equals the recorded one, found by bisection on a
+generator's top-10% share (statistics.top_share) equals the recorded one, found by bisection on a
 seeded calibration run (sampling k without replacement flattens a Zipf law, so the closed form would
 miss). To rescale to another model, each target layer takes the source layer at the same relative
 depth, and skew and reuse keep their position between uniform routing and their maximum for the new
@@ -20,8 +20,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from .trace_stats import top_share, trace_stats
-from .traces import PHASES, Trace, TraceHeader, TracePass
+from .statistics import top_share, trace_stats
+from runtime.contracts.traces import PHASES, Trace, TraceHeader, TracePass
 
 GENERATOR = "moeplan.synthetic/1"
 _MAX_EXPONENT = 4.0

@@ -1,7 +1,7 @@
-"""One point of the tuner's search space, turned into a plan and predicted: the objective `tune` calls.
+"""One point of the tuner's search space (space.py), turned into a plan and predicted: the objective `tune` calls.
 
 A `Choice` is what the search picks (cache budget in slots, policy, preload, CPU threads, miss rule,
-prefetch). `Evaluator.evaluate` splits the budget across layers exactly (`planner.allocation`) from
+prefetch). `Evaluator.evaluate` splits the budget across layers exactly (`planner.tune.allocation`) from
 per-layer hit curves, writes the plan, replays the trace through the simulator and asks the cost model.
 Pure Python, no torch; curves and replays are memoised, so a study of hundreds of trials replays each
 distinct configuration once.
@@ -17,24 +17,19 @@ decode passes, which is what the cost model adds up):
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.cache_policy import MissRule
+from runtime.contracts.cache_policy import MissRule
 from runtime.errors import UserError
+from runtime.contracts.traces import Trace
 from runtime.plan import CacheSpec, HardwareSpec, MissSpec, ModelSpec, Plan, PrefetchSpec
 
 from .allocation import Allocation, allocate
-from .catalog import ModelShape
-from .cost_model import Prediction, memory_plan, predict
-from .simulator import SimResult, lru_hit_curves, popular_preload, simulate
-from .traces import Trace
-
-POLICIES = ("lru", "lfu", "fifo", "static")
-TRANSFER_MIN_TOKENS = (0, 8, 32, 128)  # 0 = never; powers of two around a prompt's tokens per expert
-MISS_COMPUTE = ("cpu", "accelerator")
-
+from .space import Choice, Space
+from ..catalog import ModelShape
+from ..cost_model import Prediction, memory_plan, predict
+from ..routing.simulator import SimResult, lru_hit_curves, popular_preload, simulate
 
 # why a CPU plan gets no cache slot (cache_capacity), as the tuner's log and report say it
 NO_SLOTS_ON_CPU = "without an accelerator a slot would be a second copy in host memory, computed as a miss is"
@@ -42,76 +37,6 @@ NO_SLOTS_ON_CPU = "without an accelerator a slot would be a second copy in host 
 
 class InfeasibleBudget(UserError):
     """Not even the plan without any expert slot fits the memory it is given."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One point of the search space (before the budget is split across layers)."""
-
-    budget: int  # expert slots in all layers together
-    policy: str  # lru | lfu | fifo | static
-    preload: bool  # True: the most used experts per layer are loaded before the first token
-    cpu_threads: int
-    miss_compute: str  # cpu | accelerator
-    transfer_min_tokens: int  # 0 = never copy a CPU miss for its token count
-    promote: bool
-    lookahead: int  # 0 | 1
-
-    def canonical(self) -> "Choice":
-        """The same plan with the knobs that cannot matter set to fixed values (one grid point per plan)."""
-        c = self
-        if c.budget == 0:  # no slot: nothing to evict, preload, promote into or prefetch into
-            c = Choice(0, "lru", False, c.cpu_threads, c.miss_compute, c.transfer_min_tokens, False, 0)
-        if c.policy == "static":  # static keeps its preloaded set: no promotion, no prefetch
-            c = Choice(c.budget, c.policy, True, c.cpu_threads, c.miss_compute, c.transfer_min_tokens, False, 0)
-        if c.miss_compute == "accelerator":  # every miss is copied: the token threshold and promotion are moot
-            c = Choice(c.budget, c.policy, c.preload, c.cpu_threads, c.miss_compute, 0, False, c.lookahead)
-        return c
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class Space:
-    """The ranges the search draws from."""
-
-    max_budget: int  # slots that fit the memory (at most layers x experts)
-    max_threads: int  # physical cores of the profile
-
-    def choices(self) -> Iterator[Choice]:
-        """Every canonical point, for the exhaustive grid (bench/tune_vs_grid.py)."""
-        seen: set[Choice] = set()
-        for budget in range(self.max_budget + 1):
-            for policy in POLICIES:
-                for preload in (False, True):
-                    for threads in range(1, self.max_threads + 1):
-                        for compute in MISS_COMPUTE:
-                            for tmt in TRANSFER_MIN_TOKENS:
-                                for promote in (False, True):
-                                    for lookahead in (0, 1):
-                                        c = Choice(budget, policy, preload, threads, compute, tmt, promote,
-                                                   lookahead).canonical()
-                                        if c not in seen:
-                                            seen.add(c)
-                                            yield c
-
-
-def suggest(trial: Any, space: Space) -> Choice:
-    """Draw a choice from an Optuna trial; knobs that cannot matter for the drawn policy are not drawn."""
-    budget = trial.suggest_int("budget", 0, space.max_budget)
-    policy = trial.suggest_categorical("policy", list(POLICIES))
-    threads = trial.suggest_int("cpu_threads", 1, space.max_threads)
-    compute = trial.suggest_categorical("miss_compute", list(MISS_COMPUTE))
-    preload, promote, lookahead, tmt = True, False, 0, 0
-    if policy != "static":
-        preload = trial.suggest_categorical("preload", ["none", "popular"]) == "popular"
-        lookahead = trial.suggest_int("lookahead", 0, 1)
-    if compute == "cpu":
-        tmt = trial.suggest_categorical("transfer_min_tokens", list(TRANSFER_MIN_TOKENS))
-        if policy != "static":
-            promote = trial.suggest_categorical("promote", [False, True])
-    return Choice(budget, policy, preload, threads, compute, tmt, promote, lookahead).canonical()
 
 
 # ---- memory: how many slots fit ---------------------------------------------------------------------
