@@ -1,5 +1,5 @@
-/* How the AVX2 one-token paths read a weight matrix from DRAM; shared with bench/decode_standins.c, whose
- * read4 stand-in reads the same way without the arithmetic. */
+/* How the AVX2 one-token paths read a weight matrix from DRAM; shared with
+ * bench/diagnostics/decode_standins.c, whose read4 stand-in reads the same way without the arithmetic. */
 #ifndef MOEPLAN_STREAM_ACCESS_H
 #define MOEPLAN_STREAM_ACCESS_H
 

@@ -6,7 +6,7 @@ can. Loads the benchmark checkpoint with the all-CPU plan, then for --pairs roun
 tokens with the piece on and with it off, and reports the medians, their ratio, and whether both gave
 the same tokens.
 
-    .venv/bin/python bench/decode_ab.py --piece router --out bench/results/decode_ab_router_avx2.md
+    .venv/bin/python bench/diagnostics/decode_ab.py --piece router --out bench/results/decode_ab_router_avx2.md
 
 Pieces: `router` (runtime/dense_router.py: the C router, against the module's own forward),
 `grouped-projections` (runtime/dense_linear.py: q, k and v in one kernel call, against three calls),
@@ -29,7 +29,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -176,7 +176,7 @@ def main() -> int:
              f"load average at the end {os.getloadavg()[0]:.2f}",
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens per generation, {args.pairs} pairs "
              "in alternating order",
-             f"- command: `.venv/bin/python bench/decode_ab.py {' '.join(sys.argv[1:])}`", "",
+             f"- command: `.venv/bin/python bench/diagnostics/decode_ab.py {' '.join(sys.argv[1:])}`", "",
              "| | ms per token (median) | each generation |", "|---|---|---|",
              f"| on | {on:.2f} | {', '.join(f'{x:.1f}' for x in ms[True])} |",
              f"| off | {off:.2f} | {', '.join(f'{x:.1f}' for x in ms[False])} |", "",

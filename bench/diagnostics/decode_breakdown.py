@@ -8,15 +8,15 @@ process, alternating with the real thing repeat by repeat (`--stand-ins`):
 - zeros: each call returns zeros at once; what remains is the Python and torch overhead run back to back;
 - sleep: each call sleeps as long as the real kernel takes for its bytes (at the rate measured so far),
   then returns zeros; nothing is streamed, yet the code between the calls runs after the same pauses;
-- spin, reread, read (bench/decode_standins.c, built here): the kernel's threads busy for as long as the
-  kernel takes, on registers only, re-reading a 4 MB buffer, or reading the call's weights plainly
-  (one stream per thread, no prefetch hint), then zeros;
+- spin, reread, read (bench/diagnostics/decode_standins.c, built here): the kernel's threads busy for as
+  long as the kernel takes, on registers only, re-reading a 4 MB buffer, or reading the call's weights
+  plainly (one stream per thread, no prefetch hint), then zeros;
 - read4: the call's weights read with the kernel's own access pattern and prefetches, without its arithmetic
   (four streams per thread): what the kernel's calls would take if they were bound by memory alone.
 Comparing the rest across them tells how much of it grows with the time spent outside the interpreter
 and how much with what the pause does to the caches. Medians of --repeats generations.
 
-    .venv/bin/python bench/decode_breakdown.py --out bench/results/decode_breakdown_avx2.md
+    .venv/bin/python bench/diagnostics/decode_breakdown.py --out bench/results/decode_breakdown_avx2.md
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -145,13 +145,13 @@ NEEDS_STANDINS = ("spin", "reread", "read", "read4")
 
 
 def build_standins() -> ctypes.CDLL:
-    """bench/decode_standins.c compiled into a temporary folder, as runtime/kernels builds its own."""
+    """bench/diagnostics/decode_standins.c compiled into a temporary folder, as runtime/kernels builds its own."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise SystemExit("no C compiler: the spin, reread and read stand-ins cannot be built")
     target = Path(tempfile.mkdtemp()) / "standins.so"
     subprocess.run([compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", f"-I{ROOT / 'runtime/kernels'}",
-                    str(ROOT / "bench/decode_standins.c"), "-o", str(target)], check=True)
+                    str(ROOT / "bench/diagnostics/decode_standins.c"), "-o", str(target)], check=True)
     lib = ctypes.CDLL(str(target))
     lib.standin_spin.argtypes = [ctypes.c_double, ctypes.c_int]
     lib.standin_spin.restype = ctypes.c_double
@@ -219,7 +219,7 @@ def main() -> int:
              f"{ {str(d).split('.')[1]: n for d, n in kernels.load().isa_names().items()} }, "
              f"load average at the end {os.getloadavg()[0]:.2f}",
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens, medians of {args.repeats}",
-             f"- command: `.venv/bin/python bench/decode_breakdown.py {' '.join(sys.argv[1:])}`", "",
+             f"- command: `.venv/bin/python bench/diagnostics/decode_breakdown.py {' '.join(sys.argv[1:])}`", "",
              "| kernel calls | ms per token | kernel (or stand-in) ms | kernel GB/s | everything else ms | "
              "weight MB per token | kernel calls per token |", "|---|---|---|---|---|---|---|"]
     for stand_in, total, k, rate, mb, calls in rows:

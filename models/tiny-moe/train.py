@@ -1,11 +1,11 @@
 """Train a tiny Mixtral-architecture MoE on Python's standard library sources.
 
-Tooling, not runtime: it produces the small *real* checkpoint (models/tiny-moe/) that tests and demos
-use when no large model is present. Everything it needs is on every machine: the text is the *.py
+Tooling, not runtime: it produces the small *real* checkpoint beside it (models/tiny-moe/) that tests
+and demos use when no large model is present. Everything it needs is on every machine: the text is the *.py
 files of this interpreter's stdlib, the tokenizer is trained here, and training stops after a
 wall-clock budget, then evaluates and saves a Hugging Face folder.
 
-    .venv/bin/python bench/train_tiny_moe.py --out models/tiny-moe --minutes 25
+    .venv/bin/python models/tiny-moe/train.py --out models/tiny-moe --minutes 25
 
 Imports only torch, transformers, tokenizers and safetensors (through save_pretrained).
 """
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The held-out split is a deterministic function of each file's stdlib-relative path, so
-# bench/routing_stats_tiny.py and the tests can find held-out text without sharing state.
+# bench/diagnostics/routing_stats_tiny.py and the tests can find held-out text without sharing state.
 HELDOUT_FILE = "heldout_files.txt"
 TRAIN_INFO_FILE = "train_info.json"
 

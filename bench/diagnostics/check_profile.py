@@ -5,7 +5,7 @@ numpy (single-threaded OpenBLAS, no torch) times:
 - a gated expert FFN in float32 at 1 and 32 tokens, weights rotated through copies larger than twice the
   LLC -> compare with `cpu_expert_seconds(H, I, "float32", tokens, 1)`.
 
-    .venv/bin/python bench/check_profile.py profiles/<host>.yaml [--hidden 1024 --intermediate 3584]
+    .venv/bin/python bench/diagnostics/check_profile.py profiles/<host>.yaml [--hidden 1024 --intermediate 3584]
 
 Prints one line per figure: profile, independent, ratio. Best-of-N for bandwidth (STREAM's convention),
 median for the expert (as the profile records it).
@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from planner.profile import Profile  # noqa: E402
 
 

@@ -6,7 +6,7 @@ windows, and next-token reuse (share of a token's k experts that the previous to
 Runs plain transformers with output_router_logits=True: for a causal model the routing of a
 teacher-forced forward pass over a text equals the routing of decoding that text token by token.
 
-    .venv/bin/python bench/routing_stats_tiny.py --model models/tiny-moe \
+    .venv/bin/python bench/diagnostics/routing_stats_tiny.py --model models/tiny-moe \
         --trace traces/olmoe-1b-7b-decode-299.jsonl --out bench/results/routing_tiny_moe.md
 """
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Routing of the tiny MoE vs the OLMoE decode trace",
         "",
-        f"Command: `.venv/bin/python bench/routing_stats_tiny.py --model {args.model} --trace {args.trace} "
+        f"Command: `.venv/bin/python bench/diagnostics/routing_stats_tiny.py --model {args.model} --trace {args.trace} "
         f"--max-tokens {args.max_tokens} --window {args.window}`",
         "",
         f"- tiny MoE ({args.model}): {e_tiny} experts, top-{k_tiny}, {len(tiny)} MoE layers; "

@@ -3,14 +3,14 @@
 # times moe_token on a layer's two experts and gemv_one on a [2I, H] projection against a plain read of the
 # same bytes, the builds alternating, on Mixtral-8x7B-sized experts and on the benchmark model's, in 2 MB and
 # 4 KB pages. Prints a Markdown table of medians of the rounds.
-#   bash bench/kernel_ab/run.sh [ROUNDS] [BASE_REVISION] > bench/results/kernel_ab_avx2.md
+#   bash bench/diagnostics/kernel_ab/run.sh [ROUNDS] [BASE_REVISION] > bench/results/kernel_ab_avx2.md
 set -euo pipefail
 cd "$(dirname "$0")"
 rounds=${1:-3}
 base=${2:-725d231}
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
-src=../../runtime/kernels
+src=../../../runtime/kernels
 mkdir "$build/base"
 for f in gemv.c bf16.h hsum.h stream_access.h; do  # a header the base did not have yet is left out
   if git cat-file -e "$base:runtime/kernels/$f" 2>/dev/null; then git show "$base:runtime/kernels/$f" > "$build/base/$f"; fi
@@ -20,7 +20,7 @@ gcc -O3 -fopenmp -mavx2 -mfma -I"$src" -o "$build/new.bin" harness.c "$src/gemv.
 echo "# One-token kernel (AVX2): $base against the working tree ($(git rev-parse --short HEAD)$(git diff --quiet -- "$src" || echo ' + changes'))"
 echo
 echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(hostname), $(nproc) logical CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "- command: \`bash bench/kernel_ab/run.sh $rounds $base\`; 2 threads; per run 30 rounds of: moe_token on 2 experts,"
+echo "- command: \`bash bench/diagnostics/kernel_ab/run.sh $rounds $base\`; 2 threads; per run 30 rounds of: moe_token on 2 experts,"
 echo "  a plain read of 2 other experts' bytes, gemv_one on another expert's [2I, H] rows, a read of as many bytes;"
 echo "  the two builds alternate, $rounds runs each; cells: median over runs of each run's median GB/s and kernel / read"
 echo

@@ -1,6 +1,6 @@
-/* Stand-ins for the CPU kernel in bench/decode_breakdown.py: each keeps the kernel's threads busy for as
- * long as the kernel would take, doing something else, so that the decode's Python between the calls runs
- * after pauses of the same length but with different things done to the caches in them:
+/* Stand-ins for the CPU kernel in bench/diagnostics/decode_breakdown.py: each keeps the kernel's threads
+ * busy for as long as the kernel would take, doing something else, so that the decode's Python between the
+ * calls runs after pauses of the same length but with different things done to the caches in them:
  *   spin:   arithmetic on registers only (no memory, and no PAUSE instruction, which a hypervisor may
  *           take as a spinning lock and deschedule the vCPU for);
  *   reread: each thread re-reads its half of a small buffer (the caller passes one that fits in L3);
@@ -10,7 +10,7 @@
  *           streams advanced together, 32 bytes at a time, each with the non-temporal prefetch the kernel
  *           issues (runtime/kernels/gemv.c, stream_rows_avx2): the rate the kernel would reach if its
  *           arithmetic cost nothing.
- * Built by bench/decode_breakdown.py with the C compiler the runtime's kernels use.
+ * Built by bench/diagnostics/decode_breakdown.py with the C compiler the runtime's kernels use.
  */
 #include <immintrin.h>
 #include <omp.h>
