@@ -23,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.contracts.memory import memory_items
+from runtime.contracts.model_shape import ModelShape
 from runtime.plan import Plan
 
-from .catalog import ModelShape
 from .profile import ProfileError, interpolate
 
 
@@ -107,6 +108,7 @@ class _Rates:
     shape: ModelShape
     on_gpu: bool
     threads: int
+    cache: str = "cold"  # warm | cold: which CPU timings apply (`cache_state`: does a decode token fit the LLC)
 
     def bandwidth_bps(self) -> float:
         """Device memory read rate: where the KV cache is read from."""
@@ -140,6 +142,9 @@ class _Rates:
                 and (r.head_dim or r.hidden // r.heads) == s.head_dim]
         decode = tokens <= 1
         rows = [r for r in rows if (r.tokens == 1) == decode]
+        # Rows timed in this plan's cache state; a profile without them (cold only, or rows that do not say,
+        # which were timed cold) answers with what it has.
+        rows = [r for r in rows if (r.cache or "cold") == self.cache] or rows
         if not rows:
             return None
         by_threads: dict[int, dict[int, float]] = {}
@@ -170,10 +175,69 @@ class _Rates:
         return self.profile.cpu_expert_seconds(s.hidden, s.expert_intermediate, s.dtype, tokens, self.threads)
 
     def copy_s(self) -> float:
-        """One expert into a slot: PCIe from pinned memory, or a host memory copy (read + write)."""
+        """One expert into a slot: PCIe from pinned memory, or a host memory copy at the profile's measured
+        `cpu.memory_copy_gbps` (without it: read and write of every byte at the DRAM read rate)."""
         if self.on_gpu:
             return self.profile.h2d_seconds(self.shape.expert_bytes, pinned=True)
+        measured = self.profile.host_copy_seconds(self.shape.expert_bytes, self.threads)
+        if measured is not None:
+            return measured
         return 2 * self.shape.expert_bytes / (self.profile.memory_read_gbps(self.threads) * 1e9)
+
+    # ---- the runtime's CPU paths for a MoE layer's experts (the profile's `cpu.moe_layer` rows) -------
+    @property
+    def has_moe_rows(self) -> bool:
+        """Whether the profile timed this model's experts through the runtime's MoE-layer paths."""
+        s = self.shape
+        return any((r.hidden, r.intermediate, r.dtype) == (s.hidden, s.expert_intermediate, s.dtype)
+                   for r in self.profile.cpu.moe_layer)
+
+    def moe_s(self, path: str, experts: float, tokens: int) -> float | None:
+        """One call of the runtime's CPU `path` (token | run | torch) on `experts` experts of `tokens` tokens
+        each, in this plan's cache state (the cold rows where warm ones were not timed); None without rows."""
+        s = self.shape
+        for cache in dict.fromkeys((self.cache, "cold")):
+            value = self.profile.cpu_moe_seconds(s.hidden, s.expert_intermediate, s.dtype, path, experts, tokens,
+                                                 self.threads, cache)
+            if value is not None:
+                return value
+        return None
+
+    def run_s(self, experts: float, tokens: int) -> float:
+        """`CpuExecutor.run` on a pass's CPU misses; without a row, one expert after another."""
+        value = self.moe_s("run", experts, tokens)
+        return value if value is not None else experts * self.cpu_expert_s(tokens)
+
+    def torch_s(self, tokens: int) -> float:
+        """One expert computed from its slot by torch (a CPU plan's pass through `MoeLayer._pass`)."""
+        value = self.moe_s("torch", 1, tokens)
+        return value if value is not None else self.cpu_expert_s(tokens)
+
+    def step_s(self) -> float | None:
+        """The decode step outside the decoder layers (embedding, final norm, lm_head, token pick) from the
+        profile's `cpu.model_step` rows (a CPU plan), in this plan's cache state or else cold; None without."""
+        if self.on_gpu:
+            return None
+        s = self.shape
+        for cache in dict.fromkeys((self.cache, "cold")):
+            value = self.profile.cpu_step_seconds(s.hidden, s.vocab, s.dtype, self.threads, cache)
+            if value is not None:
+                return value
+        return None
+
+
+def decode_bytes(shape: ModelShape, context: int) -> int:
+    """Bytes one decode token reads: every decoder layer's dense weights, the lm_head, the top-k experts of
+    every MoE layer and the KV cache of `context` positions (the embedding contributes one row)."""
+    return round(sum(shape.dense_params_per_layer) * shape.dtype_bytes + shape.vocab * shape.hidden * shape.dtype_bytes
+                 + shape.num_moe_layers * shape.top_k * shape.expert_bytes + shape.kv_bytes_per_token * context)
+
+
+def cache_state(profile: Any, shape: ModelShape, context: int) -> str:
+    """`warm` when a decode token's bytes (`decode_bytes`) fit the profile's last-level cache, so that the
+    weights stay there from one token to the next; else `cold` (and cold without `host.llc_bytes`)."""
+    llc = profile.llc_bytes
+    return "warm" if llc is not None and decode_bytes(shape, context) <= llc else "cold"
 
 
 def _need(profile: Any, value: float | None, field_path: str) -> float:
@@ -193,7 +257,7 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
     if measured is not None:
         # The table covers attention, KV cache, norms and router; shared experts and dense MLPs are
         # the weights beyond those.
-        attention = shape.attention_params + 2 * shape.hidden
+        attention = shape.attention_params + 2 * shape.norm_params + shape.qk_norm_params
         moe = set(shape.moe_layers)
         mlp = sum(n - attention - (shape.hidden * shape.num_experts if i in moe else 0)
                   for i, n in enumerate(shape.dense_params_per_layer))
@@ -203,12 +267,13 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
         layer_weights = sum(shape.dense_params_per_layer) * shape.dtype_bytes
         dense = (rates.weights_s(layer_weights, work.tokens) + kv_read / rates.bandwidth_bps()
                  + shape.num_layers * rates.layer_overhead_s())
-    dense += rates.weights_s(lm_head, 1)  # generation computes the logits of the last token only
+    step = rates.step_s()
+    # Outside the layers: the measured decode step (embedding, final norm, lm_head, token pick), or the
+    # lm_head's bytes (generation computes the logits of the last token only).
+    dense += step if step is not None else rates.weights_s(lm_head, 1)
     hit = cpu = transfer = background = overlap = 0.0
     for layer in work.layers:
-        h = _group_s(layer.hits, rates.slot_expert_s)
-        c = _group_s(layer.cpu_misses, rates.cpu_expert_s)
-        t = _group_s(layer.transfers, rates.slot_expert_s) + sum(layer.transfers.values()) * rates.copy_s()
+        h, c, t = _layer_experts_s(rates, layer, work.tokens)
         hit, cpu, transfer = hit + h, cpu + c, transfer + t
         background += layer.background_copies * rates.copy_s()
         if rates.on_gpu:  # accelerator side (hits, transfers) beside the CPU side (misses)
@@ -220,6 +285,48 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
                      copy_excess_s=excess, overlap_s=overlap, total_s=busy + excess)
 
 
+def _layer_experts_s(rates: _Rates, layer: LayerWork, tokens: int) -> tuple[float, float, float]:
+    """Seconds of one MoE layer's hits, CPU misses and transfers (their copies included), along the path
+    runtime/moe_layer.py takes for them; per expert from `cpu_expert_seconds` when the profile did not time
+    this model's experts through those paths."""
+    copies = sum(layer.transfers.values()) * rates.copy_s()
+    moe_rows = rates.has_moe_rows
+    if rates.on_gpu or not moe_rows:
+        # Hits and transfers on the accelerator (or, without rows, each expert as its own call); CPU misses
+        # through `CpuExecutor.run`, one call for all of a pass's.
+        cpu = (sum(rates.run_s(n, t) for t, n in layer.cpu_misses.items() if n) if moe_rows
+               else _group_s(layer.cpu_misses, rates.cpu_expert_s))
+        return (_group_s(layer.hits, rates.slot_expert_s), cpu,
+                _group_s(layer.transfers, rates.slot_expert_s) + copies)
+    # A CPU plan. Several tokens: `MoeLayer._pass`, hits and transfers by torch from their slots, the CPU
+    # misses in one `CpuExecutor.run`.
+    if tokens > 1:
+        return (_group_s(layer.hits, rates.torch_s), sum(rates.run_s(n, t) for t, n in layer.cpu_misses.items() if n),
+                _group_s(layer.transfers, rates.torch_s) + copies)
+    # One token: all its experts, from slots or host memory, in one fused `CpuExecutor.token` call, unless
+    # the layer copies a miss into the cache first (a transfer): that pass goes through `_pass`. The replay
+    # gives the mean counts per pass; a pass has a transfer with the probability that not all of its n
+    # experts avoided one, each independently (n = top-k, transfers / n the chance for each).
+    hits, misses, moved = (sum(g.values()) for g in (layer.hits, layer.cpu_misses, layer.transfers))
+    n = hits + misses + moved
+    if n <= 0:
+        return 0.0, 0.0, copies
+    fused = rates.moe_s("token", n, 1)
+    if fused is None:  # the runtime does not take the fused path here (dtype, threads, layout): `_pass`
+        through_pass = 1.0
+    else:
+        through_pass = 1.0 - (1.0 - moved / n) ** max(1, round(n)) if moved else 0.0
+    # Experts that are not transfers, split between hits and CPU misses as the replay splits them.
+    share_hits = hits / (hits + misses) if hits + misses else 0.0
+    rest_in_pass = n - moved / through_pass if through_pass else 0.0  # per pass through `_pass`
+    hit = through_pass * rest_in_pass * share_hits * rates.torch_s(1)
+    cpu = through_pass * rates.run_s(rest_in_pass * (1.0 - share_hits), 1) if rest_in_pass * (1 - share_hits) else 0.0
+    if fused is not None:
+        hit += (1.0 - through_pass) * fused * share_hits
+        cpu += (1.0 - through_pass) * fused * (1.0 - share_hits)
+    return hit, cpu, moved * rates.torch_s(1) + copies
+
+
 def _sum_breakdowns(parts: Sequence[Breakdown]) -> Breakdown:
     keys = Breakdown.__dataclass_fields__
     return Breakdown(**{k: sum(getattr(b, k) for b in parts) for k in keys})
@@ -227,37 +334,21 @@ def _sum_breakdowns(parts: Sequence[Breakdown]) -> Breakdown:
 
 def memory_plan(profile: Any, shape: ModelShape, plan: Plan, context: int, prompt_tokens: int,
                 vram_budget: int | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """Bytes per device, item by item, and the bytes each device has.
-
-    Workspace: the largest activations of a prefill pass held at once, in the activation dtype:
-    hidden states and residual (2 x T x H), q/k/v/o (4 x T x H), the gate/up output of one expert call
-    (2 x T x I), float32 logits of the last token (V x 4), plus one expert of scratch for misses
-    computed on the accelerator outside the cache.
-    """
+    """Bytes per device, item by item (`runtime.contracts.memory`, the runtime's own accounting), and the
+    bytes each device has: the profile's (free accelerator memory where measured, the card's total where
+    published), or `vram_budget` for the accelerator. The KV cache holds the
+    prompt and `context` tokens; the workspace is sized for the prompt's prefill."""
     on_gpu = plan.hardware.accelerator != "cpu"
     slots = sum(plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts))
-    tokens = max(prompt_tokens, 1)
-    widest = max(shape.expert_intermediate, shape.shared_expert_intermediate, shape.dense_intermediate)
-    workspace = int(tokens * (6 * shape.hidden + 2 * widest) * shape.dtype_bytes + shape.vocab * 4
-                    + shape.expert_bytes)
-    kv = shape.kv_bytes_per_token * (context + prompt_tokens)
-    cache = slots * shape.expert_bytes
-    dense_and_kv = {"dense_weights": shape.dense_bytes, "kv_cache": kv, "expert_slots": cache,
-                    "workspace": workspace}
-    host = {"experts_all": shape.expert_bytes_total}
-    items: dict[str, dict[str, int]] = {}
-    if on_gpu:
-        items["accelerator"] = dense_and_kv
-        host["dense_weights_while_loading"] = shape.dense_bytes  # read from disk, then moved to the GPU
-    else:
-        host.update(dense_and_kv)  # with accelerator: cpu the slots are copies in host memory
-    items["host"] = host
+    items = memory_items(shape, slots, on_gpu, kv_tokens=context + prompt_tokens, pass_tokens=prompt_tokens)
     limits = {"host": int(profile.host_memory_bytes)}
     if on_gpu:
         if vram_budget is not None:
             limits["accelerator"] = int(vram_budget)
         elif profile.has_accelerator:
-            limits["accelerator"] = int(profile.accelerator_memory_bytes)
+            # what the runtime will find free: measured after the CUDA context was made, else the card's total
+            acc = profile.accelerator
+            limits["accelerator"] = int(acc.free_memory_bytes or acc.memory_bytes)
         else:
             limits["accelerator"] = 0
     return items, limits
@@ -276,7 +367,10 @@ def predict(profile: Any, shape: ModelShape, plan: Plan, sim: Any, context: int,
     if on_gpu and not profile.has_accelerator:
         notes.append(f"the profile has no accelerator but the plan asks for {plan.hardware.accelerator}")
     rates = _Rates(profile=profile, shape=shape, on_gpu=on_gpu and profile.has_accelerator,
-                   threads=plan.hardware.cpu_threads)
+                   threads=plan.hardware.cpu_threads, cache=cache_state(profile, shape, context))
+    if profile.llc_bytes is not None:
+        notes.append(f"CPU timings {rates.cache}: a decode token reads {decode_bytes(shape, context) / 2**20:.1f} MiB, "
+                     f"the last-level cache holds {profile.llc_bytes / 2**20:.1f} MiB")
     decode_work, prefill_work = replay_work(sim, shape.num_moe_layers)
     decode = _pass_breakdown(rates, decode_work, context)
     # Prefill passes: each reads the weights once; its KV cache grows from 0 to the pass's tokens.

@@ -1,7 +1,8 @@
-"""The engine: builds each MoE layer's cache from the plan, attaches it to the model, and keeps the books.
+"""The engine: builds each MoE layer's cache from the plan, attaches it to the model, and sums the books.
 
-It also carries what spans layers: the pass counter (for traces), the routing trace being recorded,
-the routing being replayed, the CUDA side stream for background copies, and the statistics.
+What spans layers (the pass counter, the routing replayed and recorded, the background copies and
+prefetch, the CPU executor) is one `LayerContext` the layers share; the engine starts passes and traces
+on it and hands the layers nothing else.
 """
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from typing import Any
 
 import torch
 
-from .contracts.cache_policy import LayerCachePolicy, MissRule
+from .contracts.cache_policy import LayerCachePolicy
+from .contracts.traces import TraceRecorder
 from .cpu_executor import CpuExecutor
 from .cpu_decode import use_cpu_decode_path
 from .experts_hook import ATTRIBUTE
 from .huge_pages import bytes_in_huge_pages, move_to_huge_pages
 from .expert_store import ExpertStore
+from .layer_context import LayerContext
 from .loader import LoadedModel
 from .moe_layer import MoeLayer
 from .plan import Plan
+from .prefetch import Prefetcher
 from .replay import RoutingReplay
 
 
@@ -28,13 +32,10 @@ class Engine:
         num_layers, num_experts = len(experts), experts[0].num_experts
         slots = plan.cache.slots_per_layer(num_layers, num_experts)
         preload = plan.cache.preload_per_layer(num_layers, num_experts)
-        rule = MissRule(plan.miss.compute, plan.miss.transfer_min_tokens, plan.miss.promote)
+        rule = plan.miss.rule
         self.device = loaded.device
         self.num_experts = num_experts
         self.top_k = int(getattr(loaded.model.config, "num_experts_per_tok", 0) or 0)
-        self.lookahead = plan.prefetch.lookahead
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.replay = replay
         torch.set_num_threads(plan.hardware.cpu_threads)
         cpu = CpuExecutor(plan.hardware.cpu_threads)
         if self.device.type == "cpu":  # the dense part runs on the CPU too: C kernels at decode
@@ -45,46 +46,31 @@ class Engine:
         if huge_pages is not False:
             move_to_huge_pages(params, only_if_born=huge_pages is None)
         self.huge_page_bytes = bytes_in_huge_pages(params)
+        self.context = LayerContext(cpu, Prefetcher(self.device, num_layers, self.top_k), replay)
         self.layers: list[MoeLayer] = []
         for i, module in enumerate(experts):
             store = ExpertStore(module, slots[i], self.device)
             policy = LayerCachePolicy(slots[i], plan.cache.policy, preload[i])
             for expert, slot in policy.resident().items():  # preload: before the first token
                 store.copy_to_slot(expert, slot)
-            layer = MoeLayer(i, module, loaded.routers[i], store, policy, rule, self, cpu)
+            layer = MoeLayer(i, module, loaded.routers[i], store, policy, rule, self.context)
             setattr(module, ATTRIBUTE, layer)
             self.layers.append(layer)
-        for layer, nxt in zip(self.layers, self.layers[1:]):
-            layer.next = nxt
+        if plan.prefetch.lookahead:  # into each next layer that has a router to guess with and takes guesses
+            for layer, nxt in zip(self.layers, self.layers[1:]):
+                if nxt.router is not None and nxt.policy.admits:
+                    layer.prefetch_into = nxt
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._pass = -1
-        self._trace: list[dict[str, Any]] | None = None
 
     # ---- passes and traces ------------------------------------------------------------------
     def begin_pass(self, phase: str, tokens: int) -> None:
-        self._pass += 1
-        if self._trace is not None:
-            self._trace.append({"pass": self._pass, "phase": phase, "tokens": tokens,
-                                "experts": [None] * len(self.layers), "weights": [None] * len(self.layers)})
+        self.context.begin_pass(phase, tokens)
 
-    def start_trace(self) -> None:
-        self._trace = []
-
-    def trace_passes(self) -> list[dict[str, Any]]:
-        return list(self._trace or [])
-
-    def record_routing(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
-        if self._trace is None:
-            return
-        record = self._trace[-1]
-        record["experts"][layer] = idx.tolist()
-        record["weights"][layer] = [[round(w, 6) for w in row] for row in weights.float().cpu().tolist()]
-
-    def routing_override(self, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
-        if self.replay is None:
-            return top_k_index
-        return self.replay.ids(self._pass, layer, top_k_index)
+    def record_trace(self, on: bool) -> TraceRecorder | None:
+        """From the next pass on, record the routing into a new recorder (returned), or record nothing."""
+        self.context.recorder = TraceRecorder(len(self.layers)) if on else None
+        return self.context.recorder
 
     # ---- statistics -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .contracts.model_shape import ModelShape, shape_from_config
 from .errors import HardwareError, ModelError
 from .experts_hook import IMPLEMENTATION_NAME, register
 from .mapped_pages import ReleaseMappedPages
@@ -78,21 +79,10 @@ def check_model_dir(model_dir: Path) -> dict:
     return config
 
 
-@dataclass(frozen=True)
-class ModelLayout:
-    """What a plan is checked against before any weight is read (from the config, on the meta device)."""
-
-    moe_layers: int
-    num_experts: int
-    top_k: int
-    expert_bytes: int  # one routed expert, in the plan's dtype
-    dense_bytes: int  # every parameter that is not a routed expert
-    kv_bytes_per_token: int  # keys and values of every attention layer for one token
-    hidden: int
-
-
-def inspect_model(model_dir: str | Path, dtype: str) -> ModelLayout:
-    """Build the model on the meta device (no memory, no weights read) and count its MoE layout."""
+def inspect_model(model_dir: str | Path, dtype: str) -> ModelShape:
+    """The model's shape in `dtype`, checked before any weight is read: transformers builds the model on
+    the meta device (no memory, no weights read) to show it has an experts module moeplan can run, and
+    the shape is read from the same config.json (runtime/contracts/model_shape.py, the planner's too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(model_dir).expanduser()
@@ -104,21 +94,15 @@ def inspect_model(model_dir: str | Path, dtype: str) -> ModelLayout:
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     except Exception as exc:  # an unknown model_type, a config transformers rejects
         raise ModelError(f"{folder}: cannot build the model from config.json ({_first_line(exc)})") from None
-    experts, _ = _find_experts(model)
+    experts, _ = find_experts(model)
     if not experts:
         raise ModelError(f"{folder}: model type {config.model_type!r} has no experts module that uses "
                          f"transformers' experts interface, so moeplan cannot run it")
-    size = DTYPES[dtype].itemsize
-    expert_params = sum(p.numel() for m in experts for p in m.parameters(recurse=False))
-    total = sum(p.numel() for p in model.parameters())
-    per_expert = expert_params // (len(experts) * experts[0].num_experts)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * size
-    return ModelLayout(len(experts), experts[0].num_experts, int(getattr(config, "num_experts_per_tok", 0) or 0),
-                       per_expert * size, (total - expert_params) * size, kv_per_token, text.hidden_size)
+    shape = shape_from_config(folder / "config.json").with_dtype(dtype)
+    if (shape.num_moe_layers, shape.num_experts) != (len(experts), experts[0].num_experts):
+        raise ModelError(f"{folder}: config.json reads as {shape.num_moe_layers} MoE layers of {shape.num_experts} "
+                         f"experts but transformers builds {len(experts)} of {experts[0].num_experts}")
+    return shape
 
 
 def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedModel:
@@ -150,7 +134,7 @@ def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedMod
     model.eval()
     model.requires_grad_(False)
 
-    experts, routers = _find_experts(model)
+    experts, routers = find_experts(model)
     if not experts:
         raise ModelError(f"{folder}: model type {config['model_type']!r} has no experts module that uses "
                          f"transformers' experts interface, so moeplan cannot run it")
@@ -165,7 +149,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def _find_experts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module | None]]:
+def find_experts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module | None]]:
     """The experts modules in model order, and the router beside each (the MoE block's `gate`/`router`)."""
     experts, routers = [], []
     modules = dict(model.named_modules())

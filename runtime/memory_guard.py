@@ -1,8 +1,7 @@
 """Refuse a plan that cannot fit, before any weight is read, and say the memory plan per device.
 
-Needed on the accelerator: dense weights + KV cache for the context + cache slots + workspace.
-Needed in host memory: every routed expert (they all live there), plus the dense weights while loading
-(or for good, with `accelerator: cpu`, where the cache slots are host memory too).
+What each device needs is `runtime.contracts.memory.memory_items`, the accounting the planner's cost
+model uses too; this module compares it with what this host has free now.
 """
 from __future__ import annotations
 
@@ -12,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .contracts.memory import ACCELERATOR, HOST, memory_items
+from .contracts.model_shape import ModelShape
 from .errors import HardwareError
-from .loader import ModelLayout
 
 log = logging.getLogger(__name__)
 GB = 1e9
@@ -44,22 +44,19 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def memory_plan(layout: ModelLayout, slots: list[int], device: torch.device, context_tokens: int,
-                workspace_bytes: int,
+def memory_plan(shape: ModelShape, slots: list[int], device: torch.device, context_tokens: int,
                 host_available: Callable[[], int | None] = host_available_bytes) -> list[DeviceNeed]:
-    """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure)."""
-    experts_total = layout.expert_bytes * layout.num_experts * layout.moe_layers
-    slot_bytes = layout.expert_bytes * sum(slots)
-    kv = layout.kv_bytes_per_token * context_tokens
-    if device.type == "cpu":
-        items = {"dense": layout.dense_bytes, "experts": experts_total, "cache slots": slot_bytes, "KV cache": kv,
-                 "workspace": workspace_bytes}
-        return [DeviceNeed("host", sum(items.values()), host_available(), items)]
-    free, _total = torch.cuda.mem_get_info(device)
-    acc_items = {"dense": layout.dense_bytes, "KV cache": kv, "cache slots": slot_bytes, "workspace": workspace_bytes}
-    host_items = {"experts": experts_total, "dense while loading": layout.dense_bytes}
-    return [DeviceNeed(str(device), sum(acc_items.values()), free, acc_items),
-            DeviceNeed("host", sum(host_items.values()), host_available(), host_items)]
+    """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure).
+
+    `context_tokens` (prompt and new tokens) bounds both the KV cache and the tokens of one pass."""
+    items = memory_items(shape, sum(slots), device.type != "cpu", kv_tokens=context_tokens,
+                         pass_tokens=context_tokens)
+    needs = []
+    if ACCELERATOR in items:
+        free, _total = torch.cuda.mem_get_info(device)
+        needs.append(DeviceNeed(str(device), sum(items[ACCELERATOR].values()), free, items[ACCELERATOR]))
+    needs.append(DeviceNeed("host", sum(items[HOST].values()), host_available(), items[HOST]))
+    return needs
 
 
 def check_fits(needs: list[DeviceNeed]) -> None:

@@ -13,13 +13,13 @@ from typing import Any
 
 import yaml
 
+from .contracts.cache_policy import MISS_COMPUTE, POLICIES, MissRule
+from .contracts.fields import FieldChecker
 from .errors import PlanError
 from .textfile import parse_yaml, read_text
 
 SCHEMA_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
-POLICIES = ("lru", "lfu", "fifo", "static")
-MISS_COMPUTE = ("cpu", "accelerator")
 _ACCELERATOR = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -82,6 +82,11 @@ class MissSpec:
     # accelerator (prefill); 0 = never.
     transfer_min_tokens: int = 0
     promote: bool = False  # after a CPU-computed miss, copy the expert into the cache in the background
+
+    @property
+    def rule(self) -> MissRule:
+        """The rule the cache policy applies (runtime and simulator alike)."""
+        return MissRule(self.compute, self.transfer_min_tokens, self.promote)
 
 
 @dataclass(frozen=True)
@@ -157,48 +162,13 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 _PlanDumper.add_representer(list, _represent_list)
 
 
-# ---- validation: small checkers that name the field path ----------------------------------------
+# ---- validation: the shared checkers, raising PlanError with the field path ------------------------
+_check = FieldChecker(PlanError, "plan")
+_kind, _int, _str, _bool = _check.kind, _check.integer, _check.string, _check.boolean
+
+
 def _mapping(value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise PlanError(f"{path or 'plan'}: must be a mapping, got {_kind(value)}")
-    for key in value:
-        if not isinstance(key, str) or key not in allowed:
-            prefix = f"{path}." if path else ""
-            raise PlanError(f"{prefix}{key}: unknown key (allowed: {', '.join(allowed)})")
-    return value
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-def _int(value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PlanError(f"{path}: must be an integer, got {_kind(value)} {value!r}")
-    if lo is not None and value < lo:
-        raise PlanError(f"{path}: must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise PlanError(f"{path}: must be <= {hi}, got {value}")
-    return value
-
-
-def _str(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str):
-        raise PlanError(f"{path}: must be a string, got {_kind(value)} {value!r}")
-    if choices is not None and value not in choices:
-        raise PlanError(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise PlanError(f"{path}: must be true or false, got {_kind(value)} {value!r}")
-    return value
+    return _check.mapping(value, path, allowed)
 
 
 FREE_FORM_LIMIT = 100_000  # values in `predicted:` / `provenance:`; tune writes a few dozen

@@ -6,45 +6,17 @@ Each forward pass of T tokens takes the next T token rows of the trace, wrapping
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .contracts.traces import Trace, load_trace
 from .errors import TraceError
 
 
-def read_token_rows(path: str | Path) -> list[list[list[int]]]:
-    """Every token's expert ids per MoE layer ([tokens][layers][k]) from either trace format."""
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TraceError(f"{p}: no such trace file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{p}: cannot read ({exc})") from None
-    rows: list[list[list[int]]] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{p}:{n}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "trace" in record:
-            continue  # the header line
-        try:
-            if "layers" in record:  # one decode token a line
-                rows.append([[int(e) for e in ids] for ids in record["layers"]])
-            else:  # one forward pass a line: experts [L][T][k]
-                experts = record["experts"]
-                for t in range(int(record["tokens"])):
-                    rows.append([[int(e) for e in layer[t]] for layer in experts])
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise TraceError(f"{p}:{n}: not a routing record ({type(exc).__name__}: {exc})") from None
-    if not rows:
-        raise TraceError(f"{p}: no routing records")
-    return rows
+def token_rows(trace: Trace) -> list[list[list[int]]]:
+    """Every token's expert ids per MoE layer ([tokens][layers][k]), in trace order, prefill and decode."""
+    return [[list(layer[t]) for layer in p.experts] for p in trace.passes for t in range(p.tokens)]
 
 
 class RoutingReplay:
@@ -67,7 +39,13 @@ class RoutingReplay:
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int, num_experts: int, top_k: int) -> "RoutingReplay":
-        return cls(read_token_rows(path), num_layers, num_experts, top_k, source=str(path))
+        """Read with the traces contract's reader (either format; a malformed file is a one-line
+        `TraceError`), then check the routing against this model: a trace of a bigger model replays its
+        first layers and first ranks."""
+        rows = token_rows(load_trace(path))
+        if not rows:
+            raise TraceError(f"{path}: no routing records")
+        return cls(rows, num_layers, num_experts, top_k, source=str(path))
 
     def ids(self, pass_index: int, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
         tokens = top_k_index.shape[0]

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .atomic import write_atomic
+from .contracts.traces import header_record
 from .engine import Engine
 from .errors import PlanError
 from .kv_cache import use_growing_layers
@@ -66,12 +65,10 @@ class Session:
         if not folder:
             raise PlanError("model.path: the plan names no model folder; give one with --model DIR")
         device = resolve_device(plan.hardware.accelerator)
-        layout = inspect_model(folder, plan.model.dtype)  # check the plan before reading any weight
-        slots = plan.cache.slots_per_layer(layout.moe_layers, layout.num_experts)
-        plan.cache.preload_per_layer(layout.moe_layers, layout.num_experts)
-        # workspace: activations of a prefill over the context through one expert (fp32 upper bound)
-        workspace = 4 * context_tokens * (layout.hidden * 4 + layout.expert_bytes // max(layout.hidden, 1))
-        check_fits(memory_plan(layout, slots, device, context_tokens, workspace))
+        shape = inspect_model(folder, plan.model.dtype)  # check the plan before reading any weight
+        slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
+        plan.cache.preload_per_layer(shape.num_moe_layers, shape.num_experts)
+        check_fits(memory_plan(shape, slots, device, context_tokens))
         loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator)
         replay = None
         if replay_trace is not None:
@@ -91,8 +88,7 @@ class Session:
         prompt_ids = list(tokenizer(prompt)["input_ids"])
         if not prompt_ids:
             raise PlanError("--prompt: the prompt encodes to no tokens")
-        if trace_out is not None:
-            self.engine.start_trace()
+        recorder = self.engine.record_trace(trace_out is not None)  # this generation's routing, if asked
         sampler = Sampler(temperature, top_p, seed)
         stop_ids = _stop_ids(model.config)
         cache = DynamicCache(config=model.config)
@@ -121,21 +117,18 @@ class Session:
             next_input = torch.tensor([[token]], device=device)
         decode_seconds = time.perf_counter() - start if len(generated) > 1 else 0.0
         streamer.close(generated)
-        if trace_out is not None:
-            self._write_trace(trace_out, prompt)
+        if recorder is not None:
+            recorder.write(trace_out, self._trace_header(prompt))
         text = tokenizer.decode(generated, skip_special_tokens=True)
         return GenerationResult(generated, text, len(prompt_ids), prefill_seconds, decode_seconds,
                                 self.engine.stats())
 
-    def _write_trace(self, path: str | Path, prompt: str) -> None:
+    def _trace_header(self, prompt: str) -> dict[str, Any]:
         experts = self.loaded.experts
-        header = {"trace": 1, "model": self.plan.model.name or self.loaded.model_dir.name,
-                  "num_layers": len(experts), "num_experts": experts[0].num_experts,
-                  "top_k": self.engine.top_k, "source": "recorded", "dtype": self.plan.model.dtype,
-                  "model_dir": str(self.loaded.model_dir), "prompt": prompt,
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        lines = [json.dumps(header)] + [json.dumps(p, separators=(",", ":")) for p in self.engine.trace_passes()]
-        write_atomic(path, "\n".join(lines) + "\n")
+        return header_record(self.plan.model.name or self.loaded.model_dir.name, len(experts),
+                             experts[0].num_experts, self.engine.top_k, "recorded", dtype=self.plan.model.dtype,
+                             model_dir=str(self.loaded.model_dir), prompt=prompt,
+                             date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _forward_arguments(model: torch.nn.Module, cache: Any) -> dict[str, Any]:

@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 # Shapes measured without --model (hidden, expert intermediate, heads, KV heads, head dim, experts):
 # the project's small benchmark shape, the tiny model bench/train_tiny_moe.py trains by default, and
 # Mixtral-8x7B from the catalog (planner/catalog.py, which cites its config.json).
-DEFAULT_SHAPES = (("bench-1024", 1024, 3584, 16, 8, 64, 8), ("tiny-moe", 256, 512, 8, 4, 32, 8))
+# (name, hidden, expert intermediate, heads, KV heads, head dim, experts, top-k, vocabulary): as the
+# checkpoints bench/predict_vs_measure.py and models/tiny-moe/train.py build write them in config.json.
+DEFAULT_SHAPES = (("bench-1024", 1024, 3584, 16, 8, 64, 8, 2, 1024), ("tiny-moe", 256, 512, 8, 4, 32, 8, 2, 4096))
 DEFAULT_CATALOG_MODELS = ("mixtral-8x7b",)
-_SHAPE_SPEC = re.compile(r"^(\d+):(\d+):(\d+):(\d+):(\d+)(?::(\d+))?$")
+_SHAPE_SPEC = re.compile(r"^(\d+):(\d+):(\d+):(\d+):(\d+)(?::(\d+)(?::(\d+)(?::(\d+))?)?)?$")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator", default="auto", metavar="cuda:N|none",
                    help="accelerator to measure (default: cuda:0 when CUDA is available, else none)")
     # For tests and quick experiments: not part of the documented interface.
-    p.add_argument("--shape", action="append", default=None, metavar="H:I:HEADS:KV:HEAD_DIM[:EXPERTS]",
+    p.add_argument("--shape", action="append", default=None, metavar="H:I:HEADS:KV:HEAD_DIM[:EXPERTS[:TOP_K[:VOCAB]]]",
                    help=argparse.SUPPRESS)
     p.add_argument("--stream-mb", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--pool-mb", type=int, default=None, help=argparse.SUPPRESS)
@@ -66,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("threads", "tokens", "contexts"):
         if getattr(args, flag) is not None:
             overrides[flag] = _int_list(getattr(args, flag), f"--{flag}")
+    if "tokens" in overrides:  # the MoE layer's multi-token paths at the same counts
+        overrides["moe_tokens"] = overrides["tokens"]
     if "contexts" in overrides:
         overrides["prefill"] = min(overrides["contexts"])  # type: ignore[type-var]
     settings = dataclasses.replace(settings, **overrides)
@@ -95,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
     cpu = profile.cpu
     top = max(cpu.memory_read_gbps)
     print(f"wrote {out} in {elapsed:.1f} s: DRAM read {cpu.memory_read_gbps[top]:.1f} GB/s at {top} threads"
+          + (f", last-level cache {profile.llc_bytes / 2**20:.0f} MiB" if profile.llc_bytes else "")
           + (f", {profile.accelerator.name}" if profile.accelerator else ", no accelerator"), file=sys.stderr)
     return 0
 
@@ -107,12 +112,15 @@ def _shapes(args: argparse.Namespace) -> list:
         for spec in args.shape:
             m = _SHAPE_SPEC.match(spec)
             if not m:
-                raise UserError(f"--shape: expected H:I:HEADS:KV:HEAD_DIM[:EXPERTS], got {spec!r}")
+                raise UserError(f"--shape: expected H:I:HEADS:KV:HEAD_DIM[:EXPERTS[:TOP_K[:VOCAB]]], got {spec!r}")
             h, i, heads, kv, hd = (int(x) for x in m.groups()[:5])
             experts = int(m.group(6) or 8)
-            if min(h, i, heads, kv, hd, experts) < 1 or heads % kv:
-                raise UserError(f"--shape: sizes must be positive and KV heads must divide heads, got {spec!r}")
-            shapes.append(LayerShape(f"shape-{h}x{i}", h, i, heads, kv, hd, experts))
+            top_k = int(m.group(7) or min(2, experts))
+            vocab = int(m.group(8) or 0)  # 0: no decode step timing
+            if min(h, i, heads, kv, hd, experts, top_k) < 1 or heads % kv or top_k > experts:
+                raise UserError(f"--shape: sizes must be positive, KV heads must divide heads and top-k must not "
+                                f"exceed the experts, got {spec!r}")
+            shapes.append(LayerShape(f"shape-{h}x{i}", h, i, heads, kv, hd, experts, top_k, vocab))
         return shapes
     from ..catalog import load_model_shape
 
@@ -121,7 +129,7 @@ def _shapes(args: argparse.Namespace) -> list:
     for name in names:
         m = load_model_shape(name)
         shapes.append(LayerShape(m.name, m.hidden, m.expert_intermediate, m.num_heads, m.num_kv_heads, m.head_dim,
-                                 m.num_experts))
+                                 m.num_experts, m.top_k, m.vocab))
     return shapes
 
 

@@ -4,8 +4,10 @@ they are measured (measure*, run*: these import torch and are imported by the `p
 The names below are torch-free: the cost model and the tuner import them.
 """
 from .profile import Profile
-from .records import (DTYPE_BYTES, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile, DenseRow, ExpertRow, HostInfo,
-                      ProfileError, TransferRow, expert_bytes, expert_flops, interpolate)
+from .records import (CACHE_STATES, DTYPE_BYTES, MOE_PATHS, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile,
+                      DenseRow, ExpertRow, HostInfo, MoeRow, ProfileError, StepRow, TransferRow, expert_bytes,
+                      expert_flops, interpolate)
 
-__all__ = ["DTYPE_BYTES", "SCHEMA_VERSION", "SOURCES", "AcceleratorProfile", "CpuProfile", "DenseRow", "ExpertRow",
-           "HostInfo", "Profile", "ProfileError", "TransferRow", "expert_bytes", "expert_flops", "interpolate"]
+__all__ = ["CACHE_STATES", "DTYPE_BYTES", "MOE_PATHS", "SCHEMA_VERSION", "SOURCES", "AcceleratorProfile", "CpuProfile",
+           "DenseRow", "ExpertRow", "HostInfo", "MoeRow", "Profile", "ProfileError", "StepRow", "TransferRow",
+           "expert_bytes", "expert_flops", "interpolate"]

@@ -54,6 +54,13 @@ def _pooled_rate(rows: list[ExpertRow], overhead_s: float, work: Callable[[Exper
     return sum(work(r) for r in used) / sum(r.median_s - overhead_s for r in used) / 1e9
 
 
+def fit_copy_rate(copies: Iterable[tuple[int, float]]) -> float:
+    """Host copy rate in GB/s (bytes copied per second, 1e9) from (bytes, seconds) timings of copies: the
+    sum of bytes over the sum of times, so the larger copies, which a model's slots are made of, dominate."""
+    pairs = list(copies)
+    return sum(b for b, _ in pairs) / sum(t for _, t in pairs) / 1e9
+
+
 def dense_layer_bytes(row: DenseRow, num_experts: int) -> int:
     """Bytes one decode step of a decoder layer reads without its experts: q, k, v, o projections, two
     norms, the router, and the KV cache of `row.context` positions (all in the row's dtype)."""

@@ -2,9 +2,12 @@
 
 Every figure is a median of timed repeats after warm-up, with its spread recorded. Two rules keep the
 numbers honest for an offloading runtime:
-- weights are read cold. A missed expert (and a decoder layer of a model larger than the last-level
-  cache) comes from DRAM, so timings rotate through a pool of copies larger than twice the LLC, or
-  flush the cache before each repeat; a warm-cache number would flatter the CPU by the LLC's speed-up.
+- weights are read cold where the model is larger than the last-level cache. A missed expert (and a
+  decoder layer of such a model) comes from DRAM, so timings rotate through a pool of copies larger
+  than twice the LLC, or evict the cache before each repeat; a warm-cache number would flatter the CPU
+  by the LLC's speed-up. A model whose bytes per decode token fit the LLC keeps them there, so the
+  timings of the runtime's own paths (measure_moe.py, measure_dense.py) are taken warm as well, and
+  the profile records the LLC's size (`llc_bytes`) for the cost model to choose between the two.
 - the expert is timed through the runtime's own CPU executor (`CpuExecutor.expert`: its GEMV kernel at few
   tokens, torch's matmul above), so the profile measures what `run` runs.
 
@@ -42,11 +45,12 @@ class Timing:
 
 def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, min_seconds: float = 0.0,
               max_repeats: int = 50, before: Callable[[], object] | None = None,
-              sync: Callable[[], object] | None = None) -> Timing:
+              sync: Callable[[], object] | None = None, exclude: Callable[[], float] | None = None) -> Timing:
     """Median wall time of `fn` over at least `repeats` calls (more, up to `max_repeats`, until
     `min_seconds` of timed calls have passed), after `warmup` untimed calls. `before` runs untimed
     ahead of every call (cache flush, state reset); `sync` runs inside the timed span after each call
-    (a device synchronisation, so that asynchronous work is counted)."""
+    (a device synchronisation, so that asynchronous work is counted); `exclude`, read after each call,
+    gives seconds inside it that belong to something else and are taken off."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
@@ -65,6 +69,8 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, mi
         if sync is not None:
             sync()
         dt = time.perf_counter() - t0
+        if exclude is not None:
+            dt -= exclude()
         samples.append(dt)
         spent += dt
     return summarize(samples)
@@ -81,7 +87,8 @@ def summarize(samples: Sequence[float]) -> Timing:
 
 # ---- host facts --------------------------------------------------------------------------------
 def host_facts() -> dict[str, object]:
-    """CPU model, cores, ISA extensions, memory, OS and torch version, as the profile's `host` section."""
+    """CPU model, cores, ISA extensions, memory, last-level cache, OS and torch version, as the profile's
+    `host` section (`llc_bytes` None where the OS does not say)."""
     cpuinfo = _read("/proc/cpuinfo")
     model = None
     flags: set[str] = set()
@@ -100,6 +107,7 @@ def host_facts() -> dict[str, object]:
         "isa": [f for f in ISA_FLAGS if f in flags],
         "memory_bytes": int(mem.total),
         "available_memory_bytes": int(mem.available),
+        "llc_bytes": llc_bytes(),
         "os": f"{platform.system()} {platform.release()}",
         "torch": torch.__version__.split("+")[0],
     }
@@ -155,10 +163,19 @@ class StreamBuffer:
         self.tensor = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
         self.nbytes = self.tensor.numel() * 4
         self._flush = self.tensor[: min(self.tensor.numel(), cold_bytes() // 4)]
+        self._evicted = 0  # where `evict` reads next
 
     def flush(self) -> None:
         """Stream twice the LLC's worth of unrelated data, evicting whatever a timed call left behind."""
         self._flush.sum()
+
+    def evict(self, nbytes: int) -> None:
+        """Read the next `nbytes` of the buffer (in turn through all of it, so that what is read was not
+        read just before): unrelated data through the caches, as other layers' weights go through them."""
+        n = min(max(1, nbytes // 4), self.tensor.numel())
+        start = self._evicted if self._evicted + n <= self.tensor.numel() else 0
+        self.tensor[start:start + n].sum()
+        self._evicted = start + n
 
     def read_gbps(self, threads: int, *, warmup: int, repeats: int) -> tuple[float, Timing]:
         """Fastest read rate among the kernels tried (sum, dot, a one-row matrix product), and its timing.
@@ -191,27 +208,29 @@ class ExpertPool:
     call reads its weights from DRAM as a cache miss in the runtime does."""
 
     def __init__(self, hidden: int, intermediate: int, dtype: str, device: str | torch.device = "cpu",
-                 pool_bytes: int | None = None) -> None:
+                 pool_bytes: int | None = None, min_copies: int = 2) -> None:
         tdtype = TORCH_DTYPES[dtype]
         gen = torch.Generator().manual_seed(0)
         # Small weights keep activations finite in every dtype; values do not change the time otherwise.
         w_in = (torch.randn(2 * intermediate, hidden, generator=gen) * 0.02).to(tdtype)
         w_out = (torch.randn(hidden, intermediate, generator=gen) * 0.02).to(tdtype)
         one = (w_in.numel() + w_out.numel()) * w_in.element_size()
-        copies = max(2, math.ceil((cold_bytes() if pool_bytes is None else pool_bytes) / one))
+        copies = max(min_copies, math.ceil((cold_bytes() if pool_bytes is None else pool_bytes) / one))
         self.hidden, self.intermediate, self.dtype = hidden, intermediate, tdtype
         self.device = torch.device(device)
         # One stacked tensor per matrix, filled by a single repeat: fast even for thousands of small copies.
-        self._w_in = w_in.to(self.device).unsqueeze(0).repeat(copies, 1, 1)  # [copies, 2I, H]
-        self._w_out = w_out.to(self.device).unsqueeze(0).repeat(copies, 1, 1)  # [copies, H, I]
+        # The layout of a transformers experts module's fused tensors (measure_moe.py uses them as one).
+        self.w_in = w_in.to(self.device).unsqueeze(0).repeat(copies, 1, 1)  # [copies, 2I, H]
+        self.w_out = w_out.to(self.device).unsqueeze(0).repeat(copies, 1, 1)  # [copies, H, I]
         self.copies = copies
+        self.expert_bytes = one
         self._next = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next copy's (w_in [2I, H], w_out [H, I]), views into the pool."""
         k = self._next
         self._next = (k + 1) % self.copies
-        return self._w_in[k], self._w_out[k]
+        return self.w_in[k], self.w_out[k]
 
 
 def time_cpu_expert(hidden: int, intermediate: int, dtype: str, tokens: int, threads: int, *,

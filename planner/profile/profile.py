@@ -18,8 +18,9 @@ from typing import Any
 from runtime.atomic import write_atomic
 from runtime.textfile import parse_yaml, read_text
 
-from .records import (SCHEMA_VERSION, AcceleratorProfile, CpuProfile, ExpertRow, HostInfo, ProfileError, check_call,
-                      check_threads, expert_bytes, expert_flops, interpolate, interpolate_tokens)
+from .records import (CACHE_STATES, MOE_PATHS, SCHEMA_VERSION, AcceleratorProfile, CpuProfile, ExpertRow, HostInfo,
+                      MoeRow, ProfileError, check_call, check_threads, expert_bytes, expert_flops, interpolate,
+                      interpolate_count, interpolate_tokens)
 from .schema import dump_yaml, parse_profile, profile_to_dict
 
 
@@ -55,6 +56,11 @@ class Profile:
         """Total accelerator memory; 0 when the profile has no accelerator."""
         return self.accelerator.memory_bytes if self.accelerator is not None else 0
 
+    @property
+    def llc_bytes(self) -> int | None:
+        """The last-level cache the profile recorded, or None (a profile without `host.llc_bytes`)."""
+        return self.host.llc_bytes
+
     def memory_read_gbps(self, threads: int) -> float:
         """DRAM read rate with `threads` threads, interpolated between measured counts, clamped at the ends."""
         check_threads(threads)
@@ -84,6 +90,54 @@ class Profile:
         overhead = self._need(self.cpu.expert_overhead_s, "cpu.expert_overhead_s")
         return overhead + max(expert_bytes(hidden, intermediate, dtype) / (gbps * 1e9),
                               expert_flops(hidden, intermediate, tokens) / (gflops * 1e9))
+
+    def cpu_moe_seconds(self, hidden: int, intermediate: int, dtype: str, path: str, experts: float, tokens: int,
+                        threads: int, cache: str) -> float | None:
+        """Time of one call of the runtime's CPU `path` (records.MOE_PATHS) on `experts` experts of
+        `tokens` tokens each, weights `cache` (warm | cold), from the measured `cpu.moe_layer` rows; None
+        when the profile has no rows for this shape, dtype, path and cache state (or cannot say for
+        these tokens). Interpolated over tokens (as `cpu_expert_seconds`), over the expert count
+        (`interpolate_count`: fractional counts are the mean of a replay) and over threads."""
+        check_call(hidden, intermediate, dtype, tokens)
+        check_threads(threads)
+        if path not in MOE_PATHS or cache not in CACHE_STATES:
+            raise ValueError(f"path must be one of {', '.join(MOE_PATHS)} and cache one of "
+                             f"{', '.join(CACHE_STATES)}, got {path!r}, {cache!r}")
+        if tokens == 0 or experts <= 0:
+            return 0.0
+        rows = [r for r in self.cpu.moe_layer
+                if (r.hidden, r.intermediate, r.dtype, r.path, r.cache) == (hidden, intermediate, dtype, path, cache)]
+        if not rows:
+            return None
+        grouped: dict[int, dict[int, list[MoeRow]]] = {}
+        for r in rows:
+            grouped.setdefault(r.threads, {}).setdefault(r.experts, []).append(r)
+        per_thread: dict[int, float] = {}
+        for n, by_count in grouped.items():
+            points = {count: interpolate_tokens(rs, tokens) for count, rs in by_count.items()}
+            if any(t is None for t in points.values()):
+                return None
+            per_thread[n] = interpolate_count(points, experts)  # type: ignore[arg-type]
+        return interpolate(per_thread, threads)
+
+    def cpu_step_seconds(self, hidden: int, vocab: int, dtype: str, threads: int, cache: str) -> float | None:
+        """Time of a decode step outside the decoder layers (embedding, final norm, lm_head, token pick)
+        from the measured `cpu.model_step` rows of this hidden size, vocabulary and dtype (interpolated
+        over threads), or None when the profile has none for this cache state."""
+        check_threads(threads)
+        rows = [r for r in self.cpu.model_step
+                if (r.hidden, r.vocab, r.dtype, r.cache) == (hidden, vocab, dtype, cache)]
+        if not rows:
+            return None
+        return interpolate({r.threads: r.median_s for r in rows}, threads)
+
+    def host_copy_seconds(self, nbytes: int, threads: int) -> float | None:
+        """Time to copy `nbytes` within host memory (a CPU plan's promotion into a slot) at the measured
+        `cpu.memory_copy_gbps`, or None when the profile has no copy rate."""
+        check_threads(threads)
+        if self.cpu.memory_copy_gbps is None:
+            return None
+        return nbytes / (interpolate(self.cpu.memory_copy_gbps, threads) * 1e9)
 
     def accelerator_expert_seconds(self, hidden: int, intermediate: int, dtype: str, tokens: int) -> float:
         """Time of one gated expert FFN on the accelerator, weights already resident there.

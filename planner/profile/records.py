@@ -17,6 +17,16 @@ from runtime.errors import UserError
 SCHEMA_VERSION = 1
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 SOURCES = ("measured", "published")
+# Where a timing's weights were: `cold` (read from DRAM: a model larger than the last-level cache) or
+# `warm` (in the last-level cache: a model whose bytes per decode token fit it).
+CACHE_STATES = ("warm", "cold")
+# The runtime's CPU paths for a MoE layer's experts (runtime/cpu_executor.py, runtime/moe_layer.py):
+#   token: `CpuExecutor.token`, one token through all its experts in one fused kernel call (decode of a
+#          CPU plan, misses and host-memory slots alike);
+#   run:   `CpuExecutor.run`, the CPU misses of one pass, several tokens each (prefill; decode with a GPU);
+#   torch: one expert through `expert_math.module_expert_ffn` (torch's matmul), as a CPU plan computes an
+#          expert from its slot in a pass that also copies a miss into the cache.
+MOE_PATHS = ("token", "run", "torch")
 
 
 class ProfileError(UserError):
@@ -53,6 +63,36 @@ class DenseRow:
     spread: float
     threads: int | None = None  # CPU threads (CPU rows); None on accelerator rows
     head_dim: int | None = None  # None: hidden // heads
+    cache: str | None = None  # warm | cold; None: cold (caches flushed before each repeat)
+
+
+@dataclass(frozen=True)
+class MoeRow:
+    """One call of the runtime's CPU path on one MoE layer's experts: `experts` experts (H x I, gated),
+    `tokens` tokens each, through `path` (MOE_PATHS), with the weights `cache` (CACHE_STATES)."""
+    hidden: int
+    intermediate: int
+    dtype: str
+    threads: int
+    path: str
+    experts: int
+    tokens: int
+    cache: str
+    median_s: float
+    spread: float
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """The part of one decode step outside the decoder layers: token embedding, rotary tables, final norm,
+    the lm_head on the last token (`vocab` x `hidden`) and picking the token, as the runtime runs them."""
+    hidden: int
+    vocab: int
+    dtype: str
+    threads: int
+    cache: str
+    median_s: float
+    spread: float
 
 
 @dataclass(frozen=True)
@@ -74,6 +114,7 @@ class HostInfo:
     logical_cores: int | None = None
     isa: tuple[str, ...] = ()  # vector/matrix extensions the CPU reports (avx2, avx512f, amx_bf16, ...)
     available_memory_bytes: int | None = None  # free for use when the profile was measured
+    llc_bytes: int | None = None  # last-level cache (the largest CPU cache the OS reports)
     os: str | None = None
     torch: str | None = None
 
@@ -88,6 +129,9 @@ class CpuProfile:
     layer_overhead_s: float | None = None  # dense part of one decoder layer per pass, beyond its bytes
     expert_ffn: tuple[ExpertRow, ...] = ()
     dense_layer: tuple[DenseRow, ...] = ()
+    memory_copy_gbps: dict[int, float] | None = None  # thread count -> host copy rate (bytes copied / s)
+    moe_layer: tuple[MoeRow, ...] = ()
+    model_step: tuple[StepRow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,3 +211,24 @@ def interpolate_tokens(rows: Iterable[ExpertRow], tokens: int) -> float | None:
     x0, x1 = keys[-2], keys[-1]
     slope = max(0.0, (points[x1] - points[x0]) / (x1 - x0))
     return points[x1] + slope * (tokens - x1)
+
+
+def interpolate_count(points: Mapping[int, float], n: float) -> float:
+    """Time of a call on `n` experts from times measured at some counts (count -> seconds).
+
+    No experts, no call: below the smallest count measured the time falls in proportion towards 0.
+    Between counts, piecewise-linear; beyond the largest, the last segment's slope continues (a fixed
+    cost per call plus a cost per expert), never below the last time; one count alone scales in proportion.
+    """
+    keys = sorted(points)
+    if n <= 0:
+        return 0.0
+    if n <= keys[0]:
+        return float(points[keys[0]]) * n / keys[0]
+    if n <= keys[-1]:
+        return interpolate(points, n)
+    if len(keys) == 1:
+        return float(points[keys[0]]) * n / keys[0]
+    x0, x1 = keys[-2], keys[-1]
+    slope = max(0.0, (points[x1] - points[x0]) / (x1 - x0))
+    return float(points[x1] + slope * (n - x1))

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .records import ExpertRow
-from .fit import fit_expert_rates, fit_layer_overhead
-from .measure import ExpertPool, StreamBuffer, host_facts, thread_counts, time_cpu_expert
-from .measure_dense import DenseLayerBench, LayerShape
-from .settings import (OVERHEAD_SHAPE, Results, Settings, dense_row, router_width, significant,
-                       unique_attention_shapes, unique_expert_shapes)
+from .records import DTYPE_BYTES, ExpertRow, MoeRow, StepRow
+from .fit import dense_layer_bytes, fit_copy_rate, fit_expert_rates, fit_layer_overhead
+from .measure import ExpertPool, StreamBuffer, Timing, host_facts, thread_counts, time_cpu_expert
+from .measure_dense import DecodeStepBench, DenseLayerBench, LayerShape
+from .measure_moe import MoeLayerBench
+from .settings import OVERHEAD_SHAPE, Results, Settings, dense_row, router_width, significant
 
 log = logging.getLogger(__name__)
 
@@ -82,52 +82,136 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
     for n in threads:
         jobs.append((f"expert call overhead, {n} threads", overhead_job(n)))
 
-    def expert_job(shape: LayerShape, dtype: str, n: int, tokens: int, last: bool) -> Callable[[], None]:
+    llc = r.host.get("llc_bytes")
+    llc = llc if isinstance(llc, int) else None
+
+    def caches(nbytes: int) -> tuple[str, ...]:
+        """Cold always; warm too when `nbytes` (what one call reads) fit the last-level cache, the only case
+        where the cost model asks for warm figures (and a known cache size is needed to say so)."""
+        return ("warm", "cold") if llc is not None and nbytes <= llc else ("cold",)
+
+    def moe(shape: LayerShape, dtype: str) -> MoeLayerBench:
+        """The shape's experts as one MoE layer, on a pool with room for two calls' experts (a cold call
+        never meets the last one's), built on first use and shared by the shape's timings in this dtype."""
+        key = f"moe {shape.hidden}x{shape.intermediate} {dtype}"
+        if key not in state:
+            state[key] = MoeLayerBench(ExpertPool(shape.hidden, shape.intermediate, dtype, pool_bytes=s.pool_bytes,
+                                                  min_copies=2 * shape.experts_per_token))
+        return state[key]  # type: ignore[return-value]
+
+    def neighbour(shape: LayerShape, dtype: str, n: int, cache: str) -> Callable[[], object]:
+        """What a decode step runs between two calls of a layer's dense part (or of the step outside the
+        layers), untimed before each repeat of theirs: the MoE layer's experts for one token, along the
+        runtime's path, warm or cold; cold, at least a last-level cache's worth of reads in all (the
+        other layers' share of a token whose bytes do not fit the cache)."""
+        bench = moe(shape, dtype)
+        k = shape.experts_per_token
+        experts = bench.call("token" if bench.fits_token(n) else "run", k, 1, n, cache)
+        rest = (llc or 0) - k * bench.pool.expert_bytes if cache == "cold" else 0
+        if rest <= 0:
+            return experts
+        buffer = stream()
+        return lambda: (experts(), buffer.evict(rest))
+
+    def expert_job(shape: LayerShape, dtype: str, n: int, tokens: int) -> Callable[[], None]:
         def run() -> None:
-            key = f"pool {shape.hidden}x{shape.intermediate} {dtype}"
-            if key not in state:
-                state[key] = ExpertPool(shape.hidden, shape.intermediate, dtype, pool_bytes=s.pool_bytes)
-            t = time_cpu_expert(shape.hidden, shape.intermediate, dtype, tokens, n, pool=state[key],  # type: ignore
+            t = time_cpu_expert(shape.hidden, shape.intermediate, dtype, tokens, n, pool=moe(shape, dtype).pool,
                                 warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds)
             r.expert_rows.append(ExpertRow(hidden=shape.hidden, intermediate=shape.intermediate, dtype=dtype,
                                            threads=n, tokens=tokens, median_s=significant(t.median_s),
                                            spread=round(t.spread, 3)))
-            if last:  # free the pool (up to gigabytes) before the next shape builds its own
-                del state[key]
-                gc.collect()
         return run
 
-    for shape in unique_expert_shapes(shapes):
-        for dtype in s.dtypes:
-            pairs = [(n, tok) for n in threads for tok in s.tokens]
-            for j, (n, tok) in enumerate(pairs):
-                jobs.append((f"expert {shape.hidden}x{shape.intermediate} {dtype}, {n} threads, {tok} tokens",
-                             expert_job(shape, dtype, n, tok, last=j == len(pairs) - 1)))
+    def moe_job(shape: LayerShape, dtype: str, n: int, path: str) -> Callable[[], None]:
+        def run() -> None:
+            bench = moe(shape, dtype)
+            k = shape.experts_per_token
+            if path == "token":
+                if not bench.fits_token(n):  # the runtime takes `run` and `torch` here: nothing to time
+                    return
+                cases = [(k, 1)]
+            elif path == "run":  # one miss of one token (decode with a GPU), top-k misses at each token count
+                cases = sorted({(1, 1)} | {(k, tok) for tok in s.moe_tokens})
+            elif path == "torch":
+                cases = [(1, tok) for tok in s.moe_tokens]
+            else:  # host copy of one expert (a CPU plan's promotion)
+                t = bench.time_copy(n, warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds)
+                r.copies.setdefault(n, []).append((bench.pool.expert_bytes, t.median_s))
+                return
+            for count, tok in cases:
+                for cache in caches(count * bench.pool.expert_bytes):
+                    t = bench.time(path, count, tok, n, cache, warmup=s.warmup, repeats=s.repeats,
+                                   min_seconds=s.min_seconds)
+                    r.moe_rows.append(MoeRow(hidden=shape.hidden, intermediate=shape.intermediate, dtype=dtype,
+                                             threads=n, path=path, experts=count, tokens=tok, cache=cache,
+                                             median_s=significant(t.median_s), spread=round(t.spread, 3)))
+        return run
 
-    def dense_job(shape: LayerShape, dtype: str, n: int, tokens: int, context: int, last: bool
-                  ) -> Callable[[], None]:
+    def dense_job(shape: LayerShape, dtype: str, n: int, tokens: int, context: int, cache: str) -> Callable[[], None]:
         def run() -> None:
             key = f"dense {shape.name} {dtype}"
             if key not in state:
                 state[key] = DenseLayerBench(shape, dtype, "cpu")
             torch.set_num_threads(n)
             t = state[key].time(tokens, context, warmup=s.warmup, repeats=s.repeats,  # type: ignore[union-attr]
-                                min_seconds=s.min_seconds, flush=stream().flush)
-            r.dense_rows.append(dense_row(shape, dtype, n, tokens, context, t))
-            if last:
-                del state[key]
+                                min_seconds=s.min_seconds, flush=neighbour(shape, dtype, n, cache))
+            r.dense_rows.append(dense_row(shape, dtype, n, tokens, context, t, cache))
         return run
 
-    for shape in unique_attention_shapes(shapes):
+    def step_job(shape: LayerShape, dtype: str, n: int, cache: str) -> Callable[[], None]:
+        def run() -> None:
+            key = f"step {shape.name} {dtype}"
+            if key not in state:
+                state[key] = DecodeStepBench(shape, dtype, "cpu")
+            torch.set_num_threads(n)
+            t = state[key].time(min(s.contexts), warmup=s.warmup, repeats=s.repeats,  # type: ignore[union-attr]
+                                min_seconds=s.min_seconds, flush=neighbour(shape, dtype, n, cache))
+            r.step_rows.append(StepRow(hidden=shape.hidden, vocab=shape.vocab, dtype=dtype, threads=n, cache=cache,
+                                       median_s=significant(t.median_s), spread=round(t.spread, 3)))
+        return run
+
+    def free(*keys: str) -> Callable[[], None]:
+        def run() -> None:  # a pool takes up to gigabytes: gone before the next shape builds its own
+            for key in keys:
+                state.pop(key, None)
+            gc.collect()
+        return run
+
+    experts_done: set[tuple[int, int]] = set()
+    attention_done: set[tuple[int, int, int, int]] = set()
+    for shape in shapes:
+        expert_key = (shape.hidden, shape.intermediate)
+        attention_key = (shape.hidden, shape.heads, shape.kv_heads, shape.head_dim)
+        time_experts, time_dense = expert_key not in experts_done, attention_key not in attention_done
+        experts_done.add(expert_key)
+        attention_done.add(attention_key)
         for dtype in s.dtypes:
-            # A quick run times the dense part with all cores only (as the runtime runs it).
-            dense_threads = threads[-1:] if s.quick else threads
-            cases = ([(n, 1, c) for n in dense_threads for c in s.contexts]
-                     + [(n, s.prefill, s.prefill) for n in dense_threads])
-            for j, (n, tok, ctx) in enumerate(cases):
-                what = f"{tok} tokens" if tok == ctx else f"1 token at context {ctx}"
-                jobs.append((f"dense layer {shape.name} {dtype}, {n} threads, {what}",
-                             dense_job(shape, dtype, n, tok, ctx, last=j == len(cases) - 1)))
+            what = f"{shape.hidden}x{shape.intermediate} {dtype}"
+            if time_experts:
+                for n in threads:
+                    for tok in s.tokens:
+                        jobs.append((f"expert {what}, {n} threads, {tok} tokens", expert_job(shape, dtype, n, tok)))
+                for n in threads:
+                    for path in ("token", "run", "torch", "copy"):
+                        label = (f"host copy of an expert {what}, {n} threads" if path == "copy"
+                                 else f"MoE layer {what}, {path} path, {n} threads")
+                        jobs.append((label, moe_job(shape, dtype, n, path)))
+            if time_dense:
+                def layer_bytes(tok: int, ctx: int, shape: LayerShape = shape, dtype: str = dtype) -> int:
+                    return dense_layer_bytes(dense_row(shape, dtype, None, tok, ctx, _NO_TIME), shape.num_experts)
+                cases = [(n, 1, c) for n in threads for c in s.contexts] + [(n, s.prefill, s.prefill) for n in threads]
+                for n, tok, ctx in cases:
+                    for cache in caches(layer_bytes(tok, ctx)):
+                        what_dense = f"{tok} tokens" if tok == ctx else f"1 token at context {ctx}"
+                        jobs.append((f"dense layer {shape.name} {dtype}, {n} threads, {what_dense}, {cache}",
+                                     dense_job(shape, dtype, n, tok, ctx, cache)))
+                if shape.vocab:
+                    for n in threads:
+                        for cache in caches(shape.vocab * shape.hidden * DTYPE_BYTES[dtype]):
+                            jobs.append((f"decode step outside the layers {shape.name} {dtype}, {n} threads, {cache}",
+                                         step_job(shape, dtype, n, cache)))
+            jobs.append((f"free {shape.name} {dtype}", free(f"moe {what}", f"dense {shape.name} {dtype}",
+                                                            f"step {shape.name} {dtype}")))
 
     if accelerator is not None:
         from .run_cuda import accelerator_jobs
@@ -142,26 +226,35 @@ def _assemble(r: Results, shapes: Sequence[LayerShape], name: str) -> dict[str, 
     # the measured times there.
     overhead = min(r.overhead.values()) if r.overhead else 0.0
     gbps, gflops = fit_expert_rates(r.expert_rows, overhead)
-    layer_overhead = fit_layer_overhead(r.dense_rows, lambda row: r.memory[row.threads],  # type: ignore[index]
+    copy = {n: fit_copy_rate(pairs) for n, pairs in sorted(r.copies.items())}
+    # The fitted formula (bytes at the DRAM rate + overhead) describes a layer read cold: fitted to cold rows.
+    cold_rows = [row for row in r.dense_rows if row.cache in (None, "cold")]
+    layer_overhead = fit_layer_overhead(cold_rows, lambda row: r.memory[row.threads],  # type: ignore[index]
                                         router_width(shapes))
     cpu: dict[str, object] = {
         "memory_read_gbps": {n: significant(v) for n, v in sorted(r.memory.items())},
+        "memory_copy_gbps": {n: significant(v) for n, v in copy.items()} or None,
         "expert_gbps": {dt: {n: significant(v) for n, v in c.items()} for dt, c in gbps.items()} or None,
         "expert_gflops": {dt: {n: significant(v) for n, v in c.items()} for dt, c in gflops.items()} or None,
         "expert_overhead_s": significant(overhead) if r.overhead else None,
         "layer_overhead_s": None if layer_overhead is None else significant(layer_overhead),
         "expert_ffn": [_row(x) for x in r.expert_rows],
         "dense_layer": [_row(x) for x in r.dense_rows],
+        "moe_layer": [_row(x) for x in r.moe_rows],
+        "model_step": [_row(x) for x in r.step_rows],
     }
     return {
         "version": 1,
         "name": name,
         "source": "measured",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "host": r.host,
+        "host": {k: v for k, v in r.host.items() if v is not None},
         "cpu": {k: v for k, v in cpu.items() if v is not None},
         "accelerator": r.accelerator,
     }
+
+
+_NO_TIME = Timing(median_s=1.0, spread=0.0, repeats=1, min_s=1.0)  # a placeholder to size a row's bytes
 
 
 def _row(row: object) -> dict[str, object]:

@@ -11,20 +11,23 @@ from typing import Any
 
 import yaml
 
-from .records import (DTYPE_BYTES, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile, DenseRow, ExpertRow,
-                      HostInfo, ProfileError, TransferRow)
+from runtime.contracts.fields import FieldChecker, join
+from .records import (CACHE_STATES, DTYPE_BYTES, MOE_PATHS, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile,
+                      DenseRow, ExpertRow, HostInfo, MoeRow, ProfileError, StepRow, TransferRow)
 
 _TOP = ("version", "name", "source", "date", "host", "cpu", "accelerator")
-_HOST = ("cpu_model", "physical_cores", "logical_cores", "isa", "memory_bytes", "available_memory_bytes", "os",
-         "torch")
-_CPU = ("memory_read_gbps", "expert_gbps", "expert_gflops", "expert_overhead_s", "layer_overhead_s", "expert_ffn",
-        "dense_layer")
+_HOST = ("cpu_model", "physical_cores", "logical_cores", "isa", "memory_bytes", "available_memory_bytes",
+         "llc_bytes", "os", "torch")
+_CPU = ("memory_read_gbps", "memory_copy_gbps", "expert_gbps", "expert_gflops", "expert_overhead_s",
+        "layer_overhead_s", "expert_ffn", "dense_layer", "moe_layer", "model_step")
 _ACC = ("name", "memory_bytes", "free_memory_bytes", "driver", "pcie_gen", "pcie_width", "h2d_pinned_gbps",
         "h2d_pageable_gbps", "d2h_pinned_gbps", "d2h_pageable_gbps", "transfers", "memory_bandwidth_gbps",
         "matmul_tflops", "kernel_overhead_s", "layer_overhead_s", "expert_ffn", "dense_layer")
 _EXPERT_ROW = ("hidden", "intermediate", "dtype", "threads", "tokens", "median_s", "spread")
-_DENSE_ROW = ("hidden", "heads", "kv_heads", "head_dim", "dtype", "threads", "tokens", "context", "median_s",
-              "spread")
+_DENSE_ROW = ("hidden", "heads", "kv_heads", "head_dim", "dtype", "threads", "tokens", "context", "cache",
+              "median_s", "spread")
+_MOE_ROW = ("hidden", "intermediate", "dtype", "threads", "path", "experts", "tokens", "cache", "median_s", "spread")
+_STEP_ROW = ("hidden", "vocab", "dtype", "threads", "cache", "median_s", "spread")
 _TRANSFER_ROW = ("direction", "pinned", "bytes", "median_s", "spread")
 
 
@@ -65,7 +68,8 @@ def _host(h: dict[str, Any]) -> HostInfo:
     return HostInfo(physical_cores=physical, memory_bytes=_positive_int(h["memory_bytes"], "host.memory_bytes"),
                     cpu_model=_opt(h, "cpu_model", "host", _str), logical_cores=logical, isa=isa_t,
                     available_memory_bytes=_opt(h, "available_memory_bytes", "host", _nonneg_int),
-                    os=_opt(h, "os", "host", _str), torch=_opt(h, "torch", "host", _str))
+                    llc_bytes=_opt(h, "llc_bytes", "host", _positive_int), os=_opt(h, "os", "host", _str),
+                    torch=_opt(h, "torch", "host", _str))
 
 
 def _cpu(c: dict[str, Any]) -> CpuProfile:
@@ -78,6 +82,9 @@ def _cpu(c: dict[str, Any]) -> CpuProfile:
         layer_overhead_s=_opt(c, "layer_overhead_s", "cpu", _nonneg_number),
         expert_ffn=_rows(c.get("expert_ffn"), "cpu.expert_ffn", _EXPERT_ROW, lambda r, p: _expert_row(r, p, cpu=True)),
         dense_layer=_rows(c.get("dense_layer"), "cpu.dense_layer", _DENSE_ROW, lambda r, p: _dense_row(r, p, cpu=True)),
+        memory_copy_gbps=_opt(c, "memory_copy_gbps", "cpu", _thread_curve),
+        moe_layer=_rows(c.get("moe_layer"), "cpu.moe_layer", _MOE_ROW, _moe_row),
+        model_step=_rows(c.get("model_step"), "cpu.model_step", _STEP_ROW, _step_row),
     )
 
 
@@ -132,12 +139,42 @@ def _dense_row(r: dict[str, Any], p: str, cpu: bool) -> DenseRow:
                    context=_positive_int(r["context"], f"{p}.context"),
                    median_s=_positive_number(r["median_s"], f"{p}.median_s"),
                    spread=_nonneg_number(r["spread"], f"{p}.spread"),
-                   threads=_opt(r, "threads", p, _positive_int), head_dim=_opt(r, "head_dim", p, _positive_int))
+                   threads=_opt(r, "threads", p, _positive_int), head_dim=_opt(r, "head_dim", p, _positive_int),
+                   cache=_opt(r, "cache", p, lambda v, q: _str(v, q, CACHE_STATES)))
     if row.tokens > row.context:
         raise ProfileError(f"{p}.tokens: {row.tokens} new tokens cannot exceed the context of {row.context}")
     if row.heads % row.kv_heads:
         raise ProfileError(f"{p}.kv_heads: {row.kv_heads} does not divide heads {row.heads}")
     return row
+
+
+def _moe_row(r: dict[str, Any], p: str) -> MoeRow:
+    _require(r, p, _MOE_ROW)
+    row = MoeRow(hidden=_positive_int(r["hidden"], f"{p}.hidden"),
+                 intermediate=_positive_int(r["intermediate"], f"{p}.intermediate"),
+                 dtype=_str(r["dtype"], f"{p}.dtype", tuple(DTYPE_BYTES)),
+                 threads=_positive_int(r["threads"], f"{p}.threads"),
+                 path=_str(r["path"], f"{p}.path", MOE_PATHS),
+                 experts=_positive_int(r["experts"], f"{p}.experts"),
+                 tokens=_positive_int(r["tokens"], f"{p}.tokens"),
+                 cache=_str(r["cache"], f"{p}.cache", CACHE_STATES),
+                 median_s=_positive_number(r["median_s"], f"{p}.median_s"),
+                 spread=_nonneg_number(r["spread"], f"{p}.spread"))
+    if row.path == "token" and row.tokens != 1:
+        raise ProfileError(f"{p}.tokens: the token path runs one token, got {row.tokens}")
+    if row.path == "torch" and row.experts != 1:
+        raise ProfileError(f"{p}.experts: the torch path runs one expert per call, got {row.experts}")
+    return row
+
+
+def _step_row(r: dict[str, Any], p: str) -> StepRow:
+    _require(r, p, _STEP_ROW)
+    return StepRow(hidden=_positive_int(r["hidden"], f"{p}.hidden"), vocab=_positive_int(r["vocab"], f"{p}.vocab"),
+                   dtype=_str(r["dtype"], f"{p}.dtype", tuple(DTYPE_BYTES)),
+                   threads=_positive_int(r["threads"], f"{p}.threads"),
+                   cache=_str(r["cache"], f"{p}.cache", CACHE_STATES),
+                   median_s=_positive_number(r["median_s"], f"{p}.median_s"),
+                   spread=_nonneg_number(r["spread"], f"{p}.spread"))
 
 
 def _transfer_row(r: dict[str, Any], p: str) -> TransferRow:
@@ -148,93 +185,20 @@ def _transfer_row(r: dict[str, Any], p: str) -> TransferRow:
                        spread=_nonneg_number(r["spread"], f"{p}.spread"))
 
 
-# ---- small checkers that name the field path ---------------------------------------------------
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _mapping(value: Any, path: str, allowed: tuple[str, ...] | dict[str, Any], required: bool = False
-             ) -> dict[str, Any]:
-    if value is None and not required:
-        return {}
-    if not isinstance(value, dict):
-        raise ProfileError(f"{path or 'profile'}: must be a mapping, got {_kind(value)}")
-    for key in value:
-        if not isinstance(key, str) or key not in allowed:
-            what = "unknown section" if not path else "unknown key"
-            raise ProfileError(f"{_join(path, key)}: {what} (allowed: {', '.join(allowed)})")
-    return value
-
-
-def _require(m: dict[str, Any], path: str, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if key not in m or m[key] is None:
-            raise ProfileError(f"{_join(path, key)}: missing (required)")
+# ---- the shared checkers, raising ProfileError with the field path ------------------------------
+_check = FieldChecker(ProfileError, "profile", top_unknown="unknown section")
+_kind, _mapping, _require, _int = _check.kind, _check.mapping, _check.require, _check.integer
+_positive_int, _number, _str, _bool = _check.positive_integer, _check.number, _check.string, _check.boolean
+_positive_number, _nonneg_number = _check.positive_number, _check.non_negative_number
 
 
 def _opt(m: dict[str, Any], key: str, path: str, check: Any) -> Any:
     value = m.get(key)
-    return None if value is None else check(value, _join(path, key))
-
-
-def _int(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProfileError(f"{path}: must be an integer, got {_kind(value)} {value!r}")
-    return value
-
-
-def _positive_int(value: Any, path: str) -> int:
-    if _int(value, path) < 1:
-        raise ProfileError(f"{path}: must be a positive integer, got {value}")
-    return value
+    return None if value is None else check(value, join(path, key))
 
 
 def _nonneg_int(value: Any, path: str) -> int:
-    if _int(value, path) < 0:
-        raise ProfileError(f"{path}: must be >= 0, got {value}")
-    return value
-
-
-def _number(value: Any, path: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-            float("inf"), float("-inf")):
-        raise ProfileError(f"{path}: must be {what}, got {_kind(value)} {value!r}")
-    return float(value)
-
-
-def _positive_number(value: Any, path: str) -> float:
-    x = _number(value, path, "a positive number")
-    if x <= 0:
-        raise ProfileError(f"{path}: must be a positive number, got {value}")
-    return x
-
-
-def _nonneg_number(value: Any, path: str) -> float:
-    x = _number(value, path, "a number >= 0")
-    if x < 0:
-        raise ProfileError(f"{path}: must be a number >= 0, got {value}")
-    return x
-
-
-def _str(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str):
-        raise ProfileError(f"{path}: must be a string, got {_kind(value)} {value!r}")
-    if choices is not None and value not in choices:
-        raise ProfileError(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ProfileError(f"{path}: must be true or false, got {_kind(value)} {value!r}")
-    return value
+    return _check.integer(value, path, lo=0)
 
 
 def _date(value: Any, path: str) -> str | None:
@@ -257,14 +221,14 @@ def _thread_curve(value: Any, path: str) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, v in value.items():
         if isinstance(key, bool) or not isinstance(key, int) or key < 1:
-            raise ProfileError(f"{_join(path, key)}: the key must be a thread count >= 1, got {key!r}")
-        out[key] = _positive_number(v, _join(path, key))
+            raise ProfileError(f"{join(path, key)}: the key must be a thread count >= 1, got {key!r}")
+        out[key] = _positive_number(v, join(path, key))
     return dict(sorted(out.items()))
 
 
 def _dtype_curves(value: Any, path: str) -> dict[str, dict[int, float]]:
     m = _mapping(value, path, tuple(DTYPE_BYTES), required=True)
-    return {dt: _thread_curve(curve, _join(path, dt)) for dt, curve in m.items()}
+    return {dt: _thread_curve(curve, join(path, dt)) for dt, curve in m.items()}
 
 
 def _rows(value: Any, path: str, allowed: tuple[str, ...], parse_row: Any) -> tuple:
@@ -290,15 +254,19 @@ def profile_to_dict(p: Any) -> dict[str, Any]:
     h = p.host
     host = _drop_none({"cpu_model": h.cpu_model, "physical_cores": h.physical_cores, "logical_cores": h.logical_cores,
                        "isa": list(h.isa), "memory_bytes": h.memory_bytes,
-                       "available_memory_bytes": h.available_memory_bytes, "os": h.os, "torch": h.torch})
+                       "available_memory_bytes": h.available_memory_bytes, "llc_bytes": h.llc_bytes, "os": h.os,
+                       "torch": h.torch})
     c = p.cpu
     cpu = _drop_none({
         "memory_read_gbps": dict(c.memory_read_gbps),
+        "memory_copy_gbps": None if c.memory_copy_gbps is None else dict(c.memory_copy_gbps),
         "expert_gbps": None if c.expert_gbps is None else {k: dict(v) for k, v in c.expert_gbps.items()},
         "expert_gflops": None if c.expert_gflops is None else {k: dict(v) for k, v in c.expert_gflops.items()},
         "expert_overhead_s": c.expert_overhead_s, "layer_overhead_s": c.layer_overhead_s,
         "expert_ffn": [_row_dict(r, _EXPERT_ROW) for r in c.expert_ffn],
         "dense_layer": [_row_dict(r, _DENSE_ROW) for r in c.dense_layer],
+        "moe_layer": [_row_dict(r, _MOE_ROW) for r in c.moe_layer],
+        "model_step": [_row_dict(r, _STEP_ROW) for r in c.model_step],
     })
     out: dict[str, Any] = _drop_none({"version": p.version, "name": p.name, "source": p.source, "date": p.date,
                                       "host": host, "cpu": cpu})

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .measure import Timing
 from .measure_dense import LayerShape
-from .records import DenseRow, ExpertRow
+from .records import DenseRow, ExpertRow, MoeRow, StepRow
 
 # The expert that times the fixed cost of an expert call: small enough that its arithmetic and bytes vanish.
 OVERHEAD_SHAPE = (64, 64)
@@ -18,6 +18,7 @@ class Settings:
     quick: bool
     dtypes: tuple[str, ...]  # expert kernel and dense layer dtypes
     tokens: tuple[int, ...]  # token counts of the expert kernel
+    moe_tokens: tuple[int, ...]  # tokens per expert of the MoE layer's multi-token paths (run, torch)
     contexts: tuple[int, ...]  # decode contexts of the dense layer
     prefill: int  # tokens of the dense layer's prefill row
     stream_bytes: int  # DRAM read buffer
@@ -30,10 +31,11 @@ class Settings:
     @classmethod
     def for_run(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(quick=True, dtypes=("bfloat16", "float32"), tokens=(1, 8, 64), contexts=(512,), prefill=128,
-                       stream_bytes=1 << 30, warmup=1, repeats=3, min_seconds=0.05)
+            return cls(quick=True, dtypes=("bfloat16", "float32"), tokens=(1, 8, 64), moe_tokens=(1, 8, 64),
+                       contexts=(32, 512), prefill=128, stream_bytes=1 << 30, warmup=1, repeats=3, min_seconds=0.05)
         return cls(quick=False, dtypes=("bfloat16", "float32", "float16"),
-                   tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), contexts=(128, 512, 2048), prefill=512,
+                   tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), moe_tokens=(1, 8, 64), contexts=(32, 128, 512, 2048),
+                   prefill=512,
                    stream_bytes=1 << 30, warmup=2, repeats=5, min_seconds=0.3)
 
 
@@ -44,14 +46,18 @@ class Results:
     overhead: dict[int, float] = field(default_factory=dict)
     expert_rows: list[ExpertRow] = field(default_factory=list)
     dense_rows: list[DenseRow] = field(default_factory=list)
+    moe_rows: list[MoeRow] = field(default_factory=list)
+    step_rows: list[StepRow] = field(default_factory=list)
+    copies: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # threads -> (bytes, seconds) each
     accelerator: dict[str, object] | None = None
 
 
-def dense_row(shape: LayerShape, dtype: str, threads: int | None, tokens: int, context: int, t: Timing) -> DenseRow:
+def dense_row(shape: LayerShape, dtype: str, threads: int | None, tokens: int, context: int, t: Timing,
+              cache: str | None = None) -> DenseRow:
     return DenseRow(hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads,
                     head_dim=None if shape.head_dim == shape.hidden // shape.heads else shape.head_dim,
                     dtype=dtype, threads=threads, tokens=tokens, context=context, median_s=significant(t.median_s),
-                    spread=round(t.spread, 3))
+                    spread=round(t.spread, 3), cache=cache)
 
 
 def unique_expert_shapes(shapes: Sequence[LayerShape]) -> list[LayerShape]:

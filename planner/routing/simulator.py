@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
+from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, admit_guesses, route_pass
 
 from runtime.contracts.traces import PHASES, Trace
 
@@ -104,7 +104,7 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
     """Replay the passes of `phases` through one `LayerCachePolicy` per layer.
 
     With `lookahead` 1, after layer l's lookup the guesses for layer l+1 are admitted into layer l+1's
-    cache (`admit(e, used=False, protected=guesses)`) before its lookup: each expert layer l+1 really
+    cache (`admit_guesses`, as the runtime admits them) before its lookup: each expert layer l+1 really
     needs is guessed with probability `prefetch_accuracy`, otherwise a random expert it does not need
     is guessed instead (random.Random(seed)).
     """
@@ -154,14 +154,7 @@ def _prefetch(cache: LayerCachePolicy, needed: dict[int, int], num_experts: int,
     right = [e for e in sorted(needed) if rng.random() < accuracy]
     others = [e for e in range(num_experts) if e not in needed]
     wrong = rng.sample(others, min(len(needed) - len(right), len(others)))
-    guesses = frozenset(right) | frozenset(wrong)
-    copied = 0
-    for e in sorted(guesses):
-        if e in cache:
-            continue
-        if cache.admit(e, used=False, protected=guesses) is not None:
-            copied += 1
-    return copied
+    return len(admit_guesses(cache, frozenset(right) | frozenset(wrong)))
 
 
 # ---- lru hits for every slot count at once -----------------------------------------------------------

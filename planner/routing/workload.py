@@ -11,13 +11,13 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.contracts.cache_policy import MissRule
+from runtime.contracts.model_shape import ModelShape
+from runtime.contracts.traces import Trace, TracePass, load_trace
 from runtime.errors import ModelError, TraceError
 from runtime.plan import Plan
 
-from ..catalog import ModelShape, load_model_shape
+from ..catalog import load_model_shape
 from ..paths import TRACES, shown
-from runtime.contracts.traces import Trace, TracePass, load_trace
 
 # The recorded trace that synthetic traces are fitted to, and the model it was recorded from (traces/README.md).
 RECORDED_MODEL = "olmoe-1b-7b"
@@ -119,6 +119,6 @@ def replay(trace: Trace, plan: Plan, shape: ModelShape, prefetch_accuracy: float
     from .simulator import simulate
 
     L, E = shape.num_moe_layers, shape.num_experts
-    rule = MissRule(plan.miss.compute, plan.miss.transfer_min_tokens, plan.miss.promote)
+    rule = plan.miss.rule
     return simulate(trace, plan.cache.slots_per_layer(L, E), plan.cache.policy, plan.cache.preload_per_layer(L, E),
                     rule, lookahead=plan.prefetch.lookahead, prefetch_accuracy=prefetch_accuracy)

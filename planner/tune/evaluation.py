@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.contracts.cache_policy import MissRule
-from runtime.errors import UserError
+from runtime.contracts.model_shape import ModelShape
 from runtime.contracts.traces import Trace
+from runtime.errors import UserError
 from runtime.plan import CacheSpec, HardwareSpec, MissSpec, ModelSpec, Plan, PrefetchSpec
 
-from .allocation import Allocation, allocate
-from .space import Choice, Space
-from ..catalog import ModelShape
 from ..cost_model import Prediction, memory_plan, predict
 from ..routing.simulator import SimResult, lru_hit_curves, popular_preload, simulate
+from .allocation import Allocation, allocate
+from .space import Choice, Space
 
 # why a CPU plan gets no cache slot (cache_capacity), as the tuner's log and report say it
 NO_SLOTS_ON_CPU = "without an accelerator a slot would be a second copy in host memory, computed as a miss is"
@@ -81,7 +81,7 @@ def cache_capacity(profile: Any, shape: ModelShape, accelerator: str, context: i
         raise InfeasibleBudget(_no_fit("host memory", host_need, limits["host"], items["host"]))
     limit, fixed = limits["host"], host_need
     if vram_budget is not None:
-        side = {k: v for k, v in items["host"].items() if k != "experts_all"}
+        side = {k: v for k, v in items["host"].items() if k != "experts"}
         fixed, limit = sum(side.values()), vram_budget
         if fixed > limit:
             raise InfeasibleBudget(_no_fit("--vram-budget", fixed, limit, side))

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.contracts.cache_policy import POLICIES
+from runtime.contracts.cache_policy import MISS_COMPUTE, POLICIES
 
 TRANSFER_MIN_TOKENS = (0, 8, 32, 128)  # 0 = never; powers of two around a prompt's tokens per expert
-MISS_COMPUTE = ("cpu", "accelerator")
 
 
 @dataclass(frozen=True)

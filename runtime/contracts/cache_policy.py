@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 POLICIES = ("lru", "lfu", "fifo", "static")
+MISS_COMPUTE = ("cpu", "accelerator")  # where a missed expert is computed (MissRule.compute)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 from ..atomic import write_atomic
 from ..errors import TraceError
 from ..textfile import read_bytes
+from .fields import FieldChecker
 
 TRACE_VERSION = 1
 PHASES = ("prefill", "decode")
@@ -140,19 +141,12 @@ def _read_json_lines(p: Path) -> Iterable[tuple[int, Any]]:
             raise TraceError(f"{p}:{number}: not valid JSON ({msg})") from None
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)
+_check = FieldChecker(TraceError, "trace", mapping_word="an object")
+_kind = _check.kind
 
 
 def _int(value: Any, where: str, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TraceError(f"{where}: must be an integer, got {_kind(value)} {value!r}"[:200])
-    if value < lo:
-        raise TraceError(f"{where}: must be >= {lo}, got {value}")
-    return value
+    return _check.integer(value, where, lo=lo)
 
 
 def _parse_header(where: str, data: dict[str, Any]) -> TraceHeader:
@@ -289,16 +283,11 @@ def _parse_shared(p: Path, rows: list[tuple[int, Any]], *, num_experts: int | No
 # ---- writing ----------------------------------------------------------------------------------------
 def trace_to_jsonl(trace: Trace) -> str:
     h = trace.header
-    head = {"trace": TRACE_VERSION, "model": h.model, "num_layers": h.num_layers, "num_experts": h.num_experts,
-            "top_k": h.top_k, "source": h.source, **h.extra}
-    lines = [json.dumps(head, separators=(",", ":"))]
-    for p in trace.passes:
-        row: dict[str, Any] = {"pass": p.index, "phase": p.phase, "tokens": p.tokens,
-                               "experts": [[list(r) for r in layer] for layer in p.experts]}
-        if p.weights is not None:
-            row["weights"] = [[list(r) for r in layer] for layer in p.weights]
-        lines.append(json.dumps(row, separators=(",", ":")))
-    return "\n".join(lines) + "\n"
+    head = header_record(h.model, h.num_layers, h.num_experts, h.top_k, h.source, **h.extra)
+    passes = (pass_record(p.index, p.phase, p.tokens, [[list(r) for r in layer] for layer in p.experts],
+                          None if p.weights is None else [[list(r) for r in layer] for layer in p.weights])
+              for p in trace.passes)
+    return records_to_jsonl(head, passes)
 
 
 def write_trace(path: str | Path, trace: Trace) -> Path:

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from planner.catalog import CATALOG, ModelShape, load_model_shape
+from planner.catalog import CATALOG, load_model_shape
+from runtime.contracts.model_shape import ModelShape
 from runtime.errors import ModelError, UserError
 
 # Published parameter counts (model cards / papers), in billions.
@@ -22,7 +23,7 @@ def test_mixtral_8x7b_bytes_in_bf16() -> None:
     s = load_model_shape("mixtral")  # the alias
     assert s.name == "mixtral-8x7b"
     assert s.total_bytes / 1e9 == pytest.approx(93.4, rel=0.005)
-    assert s.expert_bytes == 3 * 4096 * 14336 * 2  # 352 MB: the figure DESIGN.md reasons with
+    assert s.expert_bytes == 3 * 4096 * 14336 * 2  # 352 MB: a bf16 Mixtral-8x7B expert
     assert s.kv_bytes_per_token == 2 * 8 * 128 * 32 * 2
     assert s.dense_bytes + s.num_moe_layers * s.num_experts * s.expert_bytes == s.total_bytes
 

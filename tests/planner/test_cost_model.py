@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.catalog import load_model_shape
-from planner.cost_model import predict
+from planner.cost_model import cache_state, decode_bytes, predict
 from planner.profile import Profile
 from planner.routing.simulator import PassCounts, SimResult, popular_preload
 from planner.routing.workload import replay, resolve_trace
@@ -134,7 +134,7 @@ def test_a_plan_that_does_not_fit_is_reported_with_numbers(profile) -> None:
     assert p.memory_limit_bytes["accelerator"] == 12878610432
     assert any(note.startswith("accelerator: needs") and str(need) in note and "12878610432" in note
                for note in p.notes)
-    assert p.memory_items["host"]["experts_all"] == shape.expert_bytes_total
+    assert p.memory_items["host"]["experts"] == shape.expert_bytes_total
     # The tuner's budget replaces the profile's memory; a plan without slots still needs the dense part.
     roomy = predict(profile, shape, plan, sim, 1024, 128, vram_budget=need)
     assert roomy.memory_bytes == p.memory_bytes and roomy.fits is (p.memory_bytes["host"] <= 64 * 2**30)
@@ -175,3 +175,110 @@ def test_measured_dense_layers_replace_the_fitted_formula(olmoe_trace) -> None:
     fitted = predict(Profile.from_dict(PUBLISHED), shape, plan, sim, context=640, prompt_tokens=64)
     assert fitted.decode.dense_s != pytest.approx(p.decode.dense_s)
     assert p.decode.cpu_miss_s == fitted.decode.cpu_miss_s
+
+
+# ---- the runtime's own CPU paths: warm or cold, fused one-token call, decode step, host copies ---------
+TINY = ROOT / "models" / "tiny-moe"  # hidden 256, expert intermediate 512, 4 MoE layers of 8, top-2
+
+
+def _paths_profile(llc: int | None, copy_gbps: float | None = 8.0) -> Profile:
+    """The published profile with this host's timings of the tiny model's paths, warm and cold: every
+    warm figure a tenth of its cold one, so that the test sees which the cost model took."""
+    def rows(cold: dict) -> list[dict]:
+        return [{**r, "cache": cache, "median_s": r["median_s"] / (10 if cache == "warm" else 1)}
+                for r in cold for cache in ("cold", "warm")]
+    moe = {"hidden": 256, "intermediate": 512, "dtype": "bfloat16", "threads": 2, "spread": 0.1}
+    cpu = {**PUBLISHED["cpu"],
+           "dense_layer": rows([{"hidden": 256, "heads": 8, "kv_heads": 4, "head_dim": 32, "dtype": "bfloat16",
+                                 "threads": 2, "tokens": 1, "context": 512, "median_s": 1e-3, "spread": 0.1}]),
+           "moe_layer": rows([{**moe, "path": "token", "experts": 2, "tokens": 1, "median_s": 2e-4},
+                              {**moe, "path": "torch", "experts": 1, "tokens": 1, "median_s": 3e-4},
+                              {**moe, "path": "run", "experts": 1, "tokens": 1, "median_s": 2.5e-4},
+                              {**moe, "path": "run", "experts": 2, "tokens": 1, "median_s": 4e-4}]),
+           "model_step": rows([{"hidden": 256, "vocab": 4096, "dtype": "bfloat16", "threads": 2,
+                                "median_s": 5e-4, "spread": 0.1}])}
+    if copy_gbps is not None:
+        cpu["memory_copy_gbps"] = {2: copy_gbps}
+    host = {**PUBLISHED["host"], **({"llc_bytes": llc} if llc is not None else {})}
+    return Profile.from_dict({**PUBLISHED, "host": host, "cpu": cpu})
+
+
+def _decode_sim(layers: int, hits: float, misses: float, transfers: float = 0.0, copies: float = 0.0) -> SimResult:
+    """One decode pass of `layers` MoE layers with these counts per layer (the replay sums over layers)."""
+    n = layers
+    decode = PassCounts(1, 1.0, hits * n, hits * n, misses * n, misses * n, transfers * n, transfers * n,
+                        copies * n, 0.0)
+    return SimResult(0, 0, (), decode, ())
+
+
+def test_warm_or_cold_by_whether_a_decode_token_fits_the_last_level_cache() -> None:
+    shape = load_model_shape(str(TINY))
+    per_token = decode_bytes(shape, 512)
+    # 4 layers of attention, norms and router, the lm_head, 2 experts in each of 4 layers, the KV cache.
+    assert per_token == (sum(shape.dense_params_per_layer) * 2 + 4096 * 256 * 2 + 4 * 2 * 3 * 256 * 512 * 2
+                         + shape.kv_bytes_per_token * 512)
+    assert cache_state(_paths_profile(per_token), shape, 512) == "warm"
+    assert cache_state(_paths_profile(per_token - 1), shape, 512) == "cold"
+    assert cache_state(_paths_profile(None), shape, 512) == "cold"  # no cache size recorded: cold, as before
+    assert cache_state(_paths_profile(per_token), shape, 4096) == "cold"  # a longer KV cache no longer fits
+    bench = load_model_shape("mixtral")
+    assert cache_state(_paths_profile(1 << 40), bench, 512) == "warm"
+    assert cache_state(_paths_profile(32 << 20), bench, 512) == "cold"
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_cpu_plan_decodes_with_the_measured_fused_call_layer_and_step(fits) -> None:
+    """No slots: each MoE layer's two misses cost one fused `token` call; dense = layers x the dense row +
+    the decode step; all warm when the model fits the cache, all cold when it does not."""
+    shape = load_model_shape(str(TINY))
+    llc = decode_bytes(shape, 512) + (0 if fits else -1)
+    p = predict(_paths_profile(llc), shape, _plan(accelerator="cpu", threads=2, slots=0, name="tiny-moe"),
+                _decode_sim(4, hits=0.0, misses=2.0), context=512, prompt_tokens=16)
+    scale = 0.1 if fits else 1.0
+    assert p.decode.cpu_miss_s == pytest.approx(4 * 2e-4 * scale)
+    assert p.decode.dense_s == pytest.approx((4 * 1e-3 + 5e-4) * scale)
+    assert p.decode.hit_s == 0 and p.decode.total_s == pytest.approx(p.decode.dense_s + p.decode.cpu_miss_s)
+    assert any(n.startswith(f"CPU timings {'warm' if fits else 'cold'}: a decode token reads") for n in p.notes)
+
+
+def test_a_cpu_plan_with_slots_hits_in_the_same_fused_call_and_copies_at_the_measured_rate() -> None:
+    shape = load_model_shape(str(TINY))
+    profile = _paths_profile(None)  # cold
+    plan = _plan(accelerator="cpu", threads=2, slots=4, name="tiny-moe")
+    p = predict(profile, shape, plan, _decode_sim(4, hits=1.5, misses=0.5, copies=0.25), 512, 16)
+    assert p.decode.hit_s == pytest.approx(4 * 2e-4 * 0.75) and p.decode.cpu_miss_s == pytest.approx(4 * 2e-4 * 0.25)
+    copy = shape.expert_bytes / 8e9
+    assert p.decode.background_copy_s == pytest.approx(4 * 0.25 * copy) == p.decode.copy_excess_s
+    # Without a measured copy rate, a copy reads and writes every byte at the DRAM read rate.
+    old = predict(_paths_profile(None, copy_gbps=None), shape, plan, _decode_sim(4, 1.5, 0.5, copies=0.25), 512, 16)
+    assert old.decode.background_copy_s == pytest.approx(4 * 0.25 * 2 * shape.expert_bytes / (
+        profile.memory_read_gbps(2) * 1e9))
+
+
+def test_a_cpu_plan_pass_that_copies_a_miss_in_runs_through_torch() -> None:
+    """transfer_min_tokens 1: a layer's pass with a miss copies it into a slot, then computes every expert
+    from its slot with torch (`MoeLayer._pass`); a pass without one stays fused. 0.5 transfers of 2 experts
+    per layer: a pass has one with probability 1 - 0.75^2, and then 0.5 / that many transfers."""
+    shape = load_model_shape(str(TINY))
+    profile = _paths_profile(None)
+    plan = _plan(accelerator="cpu", threads=2, slots=4, name="tiny-moe", transfer=1, promote=False)
+    p = predict(profile, shape, plan, _decode_sim(4, hits=1.5, misses=0.0, transfers=0.5), 512, 16)
+    f = 1 - 0.75 ** 2
+    copy = shape.expert_bytes / 8e9
+    assert p.decode.hit_s == pytest.approx(4 * ((1 - f) * 2e-4 + f * (2 - 0.5 / f) * 3e-4))
+    assert p.decode.transfer_s == pytest.approx(4 * 0.5 * (3e-4 + copy))
+    assert p.decode.cpu_miss_s == 0
+    # All hits: every pass is fused.
+    allhit = predict(profile, shape, plan, _decode_sim(4, hits=2.0, misses=0.0), 512, 16)
+    assert allhit.decode.hit_s == pytest.approx(4 * 2e-4)
+
+
+def test_a_gpu_plan_computes_its_cpu_misses_through_run() -> None:
+    shape = load_model_shape(str(TINY))
+    plan = _plan(accelerator="cuda:0", threads=2, slots=4, name="tiny-moe")
+    p = predict(_paths_profile(None), shape, plan, _decode_sim(4, hits=1.0, misses=1.0), 512, 16)
+    assert p.decode.cpu_miss_s == pytest.approx(4 * 2.5e-4)
+    # A profile without the paths' rows: each miss its own expert call, as before.
+    q = predict(Profile.from_dict(PUBLISHED), shape, plan, _decode_sim(4, hits=1.0, misses=1.0), 512, 16)
+    assert q.decode.cpu_miss_s == pytest.approx(
+        4 * Profile.from_dict(PUBLISHED).cpu_expert_seconds(256, 512, "bfloat16", 1, 2))

@@ -52,6 +52,35 @@ def sample() -> dict:
     }
 
 
+def with_runtime_paths() -> dict:
+    """`sample()` with the optional figures of the runtime's own paths: the last-level cache, the host copy
+    rate, warm and cold dense rows, MoE-layer rows of each path and decode-step rows."""
+    d = sample()
+    d["host"]["llc_bytes"] = 32 << 20
+    cpu = d["cpu"]
+    cpu["memory_copy_gbps"] = {1: 8.0, 4: 16.0}
+    cpu["dense_layer"] = [{**cpu["dense_layer"][0], "cache": "cold"},
+                          {**cpu["dense_layer"][0], "cache": "warm", "median_s": 1e-4}]
+    row = {"hidden": 64, "intermediate": 128, "dtype": "bfloat16", "spread": 0.1}
+    cpu["moe_layer"] = [
+        {**row, "threads": 1, "path": "token", "experts": 2, "tokens": 1, "cache": "cold", "median_s": 4e-4},
+        {**row, "threads": 4, "path": "token", "experts": 2, "tokens": 1, "cache": "cold", "median_s": 2e-4},
+        {**row, "threads": 1, "path": "token", "experts": 2, "tokens": 1, "cache": "warm", "median_s": 1e-4},
+        {**row, "threads": 1, "path": "torch", "experts": 1, "tokens": 1, "cache": "cold", "median_s": 5e-4},
+        {**row, "threads": 1, "path": "run", "experts": 1, "tokens": 1, "cache": "cold", "median_s": 3e-4},
+        {**row, "threads": 1, "path": "run", "experts": 2, "tokens": 1, "cache": "cold", "median_s": 5e-4},
+        {**row, "threads": 1, "path": "run", "experts": 1, "tokens": 8, "cache": "cold", "median_s": 1e-3},
+        {**row, "threads": 1, "path": "run", "experts": 2, "tokens": 8, "cache": "cold", "median_s": 1.6e-3},
+    ]
+    cpu["model_step"] = [
+        {"hidden": 64, "vocab": 1000, "dtype": "bfloat16", "threads": 1, "cache": "cold", "median_s": 6e-4,
+         "spread": 0.1},
+        {"hidden": 64, "vocab": 1000, "dtype": "bfloat16", "threads": 4, "cache": "cold", "median_s": 3e-4,
+         "spread": 0.1},
+    ]
+    return d
+
+
 def test_round_trip_yaml_dict_and_file(tmp_path):
     p = Profile.from_dict(sample())
     assert Profile.from_yaml(p.to_yaml()) == p
@@ -61,6 +90,24 @@ def test_round_trip_yaml_dict_and_file(tmp_path):
     assert hash(Profile.load(path)) == hash(p)
     # No temporary file is left beside the profile (the write is atomic: temp name, then rename).
     assert [f.name for f in path.parent.iterdir()] == ["x.yaml"]
+
+
+def test_the_runtime_path_figures_round_trip(tmp_path):
+    p = Profile.from_dict(with_runtime_paths())
+    assert Profile.from_yaml(p.to_yaml()) == p
+    assert Profile.load(p.save(tmp_path / "x.yaml")) == p
+    assert p.llc_bytes == 32 << 20 and p.cpu.memory_copy_gbps == {1: 8.0, 4: 16.0}
+    assert [r.cache for r in p.cpu.dense_layer] == ["cold", "warm"]
+    assert {r.path for r in p.cpu.moe_layer} == {"token", "run", "torch"} and len(p.cpu.model_step) == 2
+    text = p.to_yaml()
+    assert "llc_bytes: 33554432" in text and "path: token" in text and "vocab: 1000" in text
+    # A profile without them (the published ones, older measured ones) reads as before and says None.
+    old = Profile.from_dict(sample())
+    assert old.llc_bytes is None and old.cpu.moe_layer == () and old.cpu.model_step == ()
+    assert old.cpu.dense_layer[0].cache is None and "cache" not in old.to_yaml()
+    assert old.cpu_moe_seconds(64, 128, "bfloat16", "token", 2, 1, 1, "cold") is None
+    assert old.cpu_step_seconds(64, 1000, "bfloat16", 1, "cold") is None
+    assert old.host_copy_seconds(1 << 20, 1) is None
 
 
 def test_unquoted_timestamp_is_kept_as_text():
@@ -127,6 +174,23 @@ BAD = [
     (("accelerator", "transfers", 0, "direction"), "sideways", "accelerator.transfers[0].direction: must be one of"),
     (("accelerator", "transfers", 1, "pinned"), "yes", "accelerator.transfers[1].pinned: must be true or false"),
     (("accelerator",), [], "accelerator: must be a mapping, got a list"),
+    # the figures of the runtime's own paths (optional; a profile without them reads as before)
+    (("host", "llc_bytes"), 0, "host.llc_bytes: must be a positive integer, got 0"),
+    (("host", "llc_bytes"), "32M", "host.llc_bytes: must be an integer, got a string"),
+    (("cpu", "memory_copy_gbps", 2), -1, "cpu.memory_copy_gbps.2: must be a positive number, got -1"),
+    (("cpu", "memory_copy_gbps"), [8.0], "cpu.memory_copy_gbps: must be a mapping of thread count to number"),
+    (("cpu", "dense_layer", 0, "cache"), "hot", "cpu.dense_layer[0].cache: must be one of warm, cold, got 'hot'"),
+    (("cpu", "moe_layer", 0, "path"), "fused", "cpu.moe_layer[0].path: must be one of token, run, torch, got 'fused'"),
+    (("cpu", "moe_layer", 0, "cache"), _DELETE, "cpu.moe_layer[0].cache: missing (required)"),
+    (("cpu", "moe_layer", 1, "experts"), 0, "cpu.moe_layer[1].experts: must be a positive integer, got 0"),
+    (("cpu", "moe_layer", 0, "tokens"), 8, "cpu.moe_layer[0].tokens: the token path runs one token, got 8"),
+    (("cpu", "moe_layer", 3, "experts"), 2, "cpu.moe_layer[3].experts: the torch path runs one expert per call, got 2"),
+    (("cpu", "moe_layer", 2, "median_s"), -1.0, "cpu.moe_layer[2].median_s: must be a positive number, got -1.0"),
+    (("cpu", "moe_layer", 0, "speed"), 1, "cpu.moe_layer[0].speed: unknown key"),
+    (("cpu", "moe_layer"), {"a": 1}, "cpu.moe_layer: must be a list of rows"),
+    (("cpu", "model_step", 0, "vocab"), _DELETE, "cpu.model_step[0].vocab: missing (required)"),
+    (("cpu", "model_step", 1, "threads"), 1.5, "cpu.model_step[1].threads: must be an integer, got a number 1.5"),
+    (("cpu", "model_step", 0, "cache"), None, "cpu.model_step[0].cache: missing (required)"),
 ]
 
 
@@ -134,7 +198,7 @@ BAD = [
                          ids=[f"{i}-{m.split(':')[0]}" for i, (_, _, m) in enumerate(BAD)])
 def test_bad_profiles_name_the_field(tmp_path, path, value, message):
     f = tmp_path / "x.yaml"
-    f.write_text(yaml.safe_dump(_set(sample(), path, value)))
+    f.write_text(yaml.safe_dump(_set(with_runtime_paths(), path, value)))
     with pytest.raises(ProfileError) as err:
         Profile.load(f)
     assert str(err.value).startswith(f"{f}: {message}"), str(err.value)
@@ -171,6 +235,41 @@ def test_cpu_expert_seconds_from_the_table():
     # Beyond the largest token count the last segment's slope (1 ms per 7 tokens) continues: 7 more tokens.
     assert p.cpu_expert_seconds(64, 128, "bfloat16", 15, 1) == pytest.approx(0.002 + 0.001)
     assert p.cpu_expert_seconds(64, 128, "bfloat16", 0, 1) == 0.0
+
+
+def test_cpu_moe_seconds_interpolates_over_experts_tokens_and_threads():
+    p = Profile.from_dict(with_runtime_paths())
+
+    def moe(path, experts, tokens=1, threads=1, cache="cold"):
+        return p.cpu_moe_seconds(64, 128, "bfloat16", path, experts, tokens, threads, cache)
+
+    assert moe("token", 2) == pytest.approx(4e-4) and moe("token", 2, cache="warm") == pytest.approx(1e-4)
+    assert moe("token", 2, threads=4) == pytest.approx(2e-4) and moe("token", 2, threads=2) == pytest.approx(
+        4e-4 - 2e-4 / 3)
+    # Fewer experts than measured: in proportion towards no call at all; 0 experts or tokens: nothing.
+    assert moe("token", 1) == pytest.approx(2e-4) and moe("token", 0.5) == pytest.approx(1e-4)
+    assert moe("token", 0) == 0.0 and moe("run", 2, tokens=0) == 0.0
+    # Between counts linear; beyond the largest the last segment's slope (2e-4 per expert) continues.
+    assert moe("run", 1.5) == pytest.approx(4e-4) and moe("run", 8) == pytest.approx(5e-4 + 6 * 2e-4)
+    # Tokens as in cpu_expert_seconds: between measured counts, and the last slope beyond.
+    assert moe("run", 2, tokens=4) == pytest.approx(5e-4 + 1.1e-3 * 3 / 7)
+    assert moe("run", 1, tokens=15) == pytest.approx(1e-3 + 7e-4)
+    # One token count alone says nothing beyond it; a path, cache state or shape not timed: None.
+    assert moe("torch", 1, tokens=8) is None and moe("torch", 1) == pytest.approx(5e-4)
+    assert moe("run", 2, cache="warm") is None
+    assert p.cpu_moe_seconds(64, 256, "bfloat16", "token", 2, 1, 1, "cold") is None
+    with pytest.raises(ValueError, match="path must be one of"):
+        moe("fused", 2)
+
+
+def test_decode_step_and_host_copy_readers():
+    p = Profile.from_dict(with_runtime_paths())
+    assert p.cpu_step_seconds(64, 1000, "bfloat16", 1, "cold") == pytest.approx(6e-4)
+    assert p.cpu_step_seconds(64, 1000, "bfloat16", 2, "cold") == pytest.approx(5e-4)
+    assert p.cpu_step_seconds(64, 1000, "bfloat16", 1, "warm") is None
+    assert p.cpu_step_seconds(64, 999, "bfloat16", 1, "cold") is None
+    assert p.host_copy_seconds(16_000_000, 1) == pytest.approx(16e6 / 8e9)
+    assert p.host_copy_seconds(16_000_000, 4) == pytest.approx(16e6 / 16e9)
 
 
 def test_cpu_expert_seconds_from_fitted_rates_for_unmeasured_shapes():

@@ -16,7 +16,8 @@ import torch
 from planner.cli import main as cli_main
 from planner.profile import Profile
 from planner.profile.measure import ExpertPool, StreamBuffer, summarize, thread_counts, time_call, time_cpu_expert
-from planner.profile.measure_dense import DenseLayerBench, LayerShape
+from planner.profile.measure_dense import DecodeStepBench, DenseLayerBench, LayerShape
+from planner.profile.measure_moe import MoeLayerBench
 
 
 def test_summarize_median_and_spread():
@@ -73,7 +74,38 @@ def test_dense_layer_timing_decode_and_prefill():
         bench.time(9, 8, warmup=0, repeats=1)
 
 
-TINY = ["--quick", "--shape", "128:256:4:2:32:4", "--stream-mb", "32", "--pool-mb", "4", "--tokens", "1,8",
+def test_moe_layer_paths_warm_and_cold():
+    """The runtime's CPU paths on a pool's copies: each times positive; warm calls take the same experts,
+    cold ones the next in the pool; the host copy of an expert too."""
+    pool = ExpertPool(64, 96, "bfloat16", pool_bytes=1 << 20, min_copies=4)
+    bench = MoeLayerBench(pool)
+    assert bench.store.host[0].data_ptr() == pool.w_in.data_ptr()  # the store reads the pool itself
+    assert bench.experts(2, "warm") == bench.experts(2, "warm") == [0, 1]
+    first, second = bench.experts(2, "cold"), bench.experts(2, "cold")
+    assert not set(first) & set(second)
+    cases = [("run", 2, 1), ("run", 1, 8), ("torch", 1, 8)] + ([("token", 2, 1)] if bench.fits_token(1) else [])
+    for path, experts, tokens in cases:
+        for cache in ("warm", "cold"):
+            t = bench.time(path, experts, tokens, 1, cache, warmup=1, repeats=3)
+            assert 0 < t.median_s < 1 and math.isfinite(t.spread)
+    assert 0 < bench.time_copy(1, warmup=1, repeats=3).median_s < 1
+    with pytest.raises(ValueError, match="token path runs one token"):
+        bench.time("token", 2, 8, 1, "cold", warmup=0, repeats=1)
+    with pytest.raises(ValueError, match="pool of at least"):
+        bench.time("run", pool.copies, 1, 1, "cold", warmup=0, repeats=1)
+
+
+def test_decode_step_timing():
+    torch.set_num_threads(1)
+    bench = DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4, 2, 300), "float32", "cpu")
+    buf = StreamBuffer(8 << 20)
+    for flush in (None, buf.flush, lambda: buf.evict(1 << 20)):
+        assert 0 < bench.time(16, warmup=1, repeats=3, flush=flush).median_s < 1
+    with pytest.raises(ValueError, match="no vocabulary size"):
+        DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4), "float32", "cpu")
+
+
+TINY = ["--quick", "--shape", "128:256:4:2:32:4:2:500", "--stream-mb", "32", "--pool-mb", "4", "--tokens", "1,8",
         "--contexts", "16", "--no-progress"]
 
 
@@ -88,7 +120,18 @@ def test_profile_command_writes_a_valid_measured_profile(tmp_path, capsys):
     assert sorted(p.cpu.memory_read_gbps) == threads
     assert len(p.cpu.expert_ffn) == 2 * len(threads) * 2  # dtypes x threads x token counts
     assert {r.dtype for r in p.cpu.expert_ffn} == {"bfloat16", "float32"}
-    assert len(p.cpu.dense_layer) == 2 * 2  # dtypes x (decode at one context, prefill), all cores only
+    # dtypes x threads x (decode at one context, prefill), cold; warm too where the cache size is known
+    caches = 2 if p.llc_bytes else 1
+    assert len(p.cpu.dense_layer) == 2 * len(threads) * 2 * caches
+    assert {r.cache for r in p.cpu.dense_layer} == ({"warm", "cold"} if p.llc_bytes else {"cold"})
+    # The MoE layer's paths: run (1 and top-k experts) and torch at each token count, token where it applies.
+    run = [r for r in p.cpu.moe_layer if r.path == "run"]
+    assert len(run) == 2 * len(threads) * (1 + 2) * caches and {(r.experts, r.tokens) for r in run} == {
+        (1, 1), (2, 1), (2, 8)}
+    assert len([r for r in p.cpu.moe_layer if r.path == "torch"]) == 2 * len(threads) * 2 * caches
+    assert all(r.experts == 2 and r.tokens == 1 for r in p.cpu.moe_layer if r.path == "token")
+    assert len(p.cpu.model_step) == 2 * len(threads) * caches and {r.vocab for r in p.cpu.model_step} == {500}
+    assert sorted(p.cpu.memory_copy_gbps or {}) == threads
     for n in threads:
         assert 0 < p.memory_read_gbps(n) < 1e4
         assert 0 < p.cpu_expert_seconds(128, 256, "bfloat16", 4, n) < 1
@@ -99,6 +142,7 @@ def test_profile_command_writes_a_valid_measured_profile(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--shape", "1:2:3"], "--shape: expected H:I:HEADS:KV:HEAD_DIM"),
     (["--shape", "64:128:4:3:16"], "KV heads must divide heads"),
+    (["--shape", "64:128:4:2:16:4:5"], "top-k must not exceed the experts"),
     (["--model", "no-such-model"], "not a known model nor a checkpoint folder"),
     (["--tokens", "1,x"], "--tokens: expected comma-separated integers"),
     (["--accelerator", "tpu"], "--accelerator: expected cuda:N, none or auto"),
@@ -124,7 +168,7 @@ def test_profile_command_reads_the_shape_from_a_checkpoint_config(tmp_path):
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_local_experts": 4,
         "num_experts_per_tok": 2, "vocab_size": 100, "torch_dtype": "bfloat16"}))
     out = tmp_path / "p.yaml"
-    tiny = [a for a in TINY if a not in ("--shape", "128:256:4:2:32:4")]
+    tiny = [a for a in TINY if a not in ("--shape", "128:256:4:2:32:4:2:500")]
     assert cli_main(["profile", "--model", str(ckpt), "--out", str(out), "--threads", "1", *tiny]) == 0
     p = Profile.load(out)
     assert {(r.hidden, r.intermediate) for r in p.cpu.expert_ffn} == {(96, 160)}

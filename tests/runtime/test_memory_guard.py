@@ -20,9 +20,9 @@ cache: {{slots: 2, policy: lru, preload: none}}
 
 def test_experts_beyond_host_memory_are_refused_with_bytes_per_device(checkpoint):
     folder, _ = checkpoint("mixtral")
-    layout = inspect_model(folder, "float32")
-    experts = layout.expert_bytes * layout.num_experts * layout.moe_layers
-    needs = memory_plan(layout, [2] * layout.moe_layers, torch.device("cpu"), 64, 0,
+    shape = inspect_model(folder, "float32")
+    experts = shape.expert_bytes_total
+    needs = memory_plan(shape, [2] * shape.num_moe_layers, torch.device("cpu"), 64,
                         host_available=lambda: experts // 2)  # half the routed experts' bytes free
     assert needs[0].needed >= experts and needs[0].available == experts // 2
     with pytest.raises(HardwareError) as exc:
@@ -35,10 +35,10 @@ def test_experts_beyond_host_memory_are_refused_with_bytes_per_device(checkpoint
 
 def test_a_plan_that_fits_passes_and_unknown_memory_is_not_checked(checkpoint):
     folder, _ = checkpoint("mixtral")
-    layout = inspect_model(folder, "float32")
-    check_fits(memory_plan(layout, [0] * layout.moe_layers, torch.device("cpu"), 64, 0,
+    shape = inspect_model(folder, "float32")
+    check_fits(memory_plan(shape, [0] * shape.num_moe_layers, torch.device("cpu"), 64,
                            host_available=lambda: 10**12))
-    check_fits(memory_plan(layout, [8] * layout.moe_layers, torch.device("cpu"), 10**9, 0,
+    check_fits(memory_plan(shape, [8] * shape.num_moe_layers, torch.device("cpu"), 10**9,
                            host_available=lambda: None))  # /proc/meminfo unreadable: no refusal
 
 
@@ -58,6 +58,6 @@ def test_run_refuses_before_reading_any_weight(checkpoint, tmp_path, capsys):
     code = main(["run", str(plan), "--max-new-tokens", "1000000000"])
     out, err = capsys.readouterr()
     assert code == 1
-    assert "the plan does not fit: host: needs" in err and "GB available" in err and "KV cache" in err
+    assert "the plan does not fit: host: needs" in err and "GB available" in err and "kv_cache" in err
     assert "Loading weights" not in err and "loaded " not in err and "corrupt" not in err
     assert out == ""

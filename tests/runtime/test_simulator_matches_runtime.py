@@ -6,22 +6,19 @@ replayed through the simulator with the same plan.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from model_factory import make_tokenizer
 from planner.paths import TRACES
 from planner.routing.simulator import simulate
 from runtime.contracts.traces import load_trace
-from runtime.contracts.cache_policy import MissRule
 from runtime.plan import Plan
 from runtime.session import Session
 
 OLMOE_TRACE = TRACES / "olmoe-1b-7b-decode-299.jsonl"
 
 PLANS = {
-    "all-cpu": "cache: {slots: 0, policy: lru}",  # no cache: a decode token's short path (MoeLayer.host_only)
+    "all-cpu": "cache: {slots: 0, policy: lru}",  # no cache: a decode token takes all_cpu_outcome (MoeLayer._decide)
     "lru-promote": "cache: {slots: 16, policy: lru}\nmiss: {promote: true}",
     "lfu-transfer": "cache: {slots: 8, policy: lfu}\nmiss: {promote: true, transfer_min_tokens: 2}",
     "fifo-accelerator": "cache: {slots: 6, policy: fifo}\nmiss: {compute: accelerator}",
@@ -54,7 +51,7 @@ def test_counts_equal(name, olmoe_shaped, tmp_path):
     trace = load_trace(out)
     assert trace.header.num_layers == 16 and len(trace.passes) == len(result.generated_ids)
     slots = plan.cache.slots_per_layer(16, 64)
-    rule = MissRule(plan.miss.compute, plan.miss.transfer_min_tokens, plan.miss.promote)
+    rule = plan.miss.rule
     sim = simulate(trace, slots, plan.cache.policy, plan.cache.preload_per_layer(16, 64), rule)
     ran = result.stats["cache"]
     assert (sim.hits, sim.misses) == (ran["hits"], ran["misses"])

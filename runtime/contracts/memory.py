@@ -1,0 +1,56 @@
+"""What a plan needs in memory, device by device and item by item: one accounting for both sides.
+
+The runtime's memory guard checks it against the memory this host has free before any weight is read;
+the planner's cost model and tuner check it against the profile's memory. Both call `memory_items`, so
+`tune` never promises a plan that `run` refuses for want of memory. Pure Python (no torch).
+
+Items (bytes):
+- `dense_weights`: everything but the routed experts (embeddings, attention, norms, routers, shared
+  experts, dense MLPs, lm_head);
+- `kv_cache`: keys and values of `kv_tokens` tokens in every attention layer;
+- `expert_slots`: the plan's cache slots, each one routed expert;
+- `workspace`: the largest activations of one forward pass of `pass_tokens` tokens held at once, in
+  the activation dtype: hidden states and residual (2 x T x H), q/k/v/o (4 x T x H), the gate/up
+  output of one expert call (2 x T x I of the widest MLP), float32 logits of the last token (V x 4);
+- `transfer_scratch`: one expert, where a miss computed on the accelerator outside the cache is copied
+  (runtime/expert_store.py allocates it on first use: counted before, as everything else is);
+- `reserve` (accelerator only): room for the CUDA context's own allocations, the math libraries'
+  workspaces, the caching allocator's rounding and the activations this accounting does not itemise.
+- `experts`: every routed expert, which lives in host memory whatever the plan;
+- `dense_weights_while_loading`: on an accelerator plan, the dense weights pass through host memory
+  while they are loaded.
+With `accelerator: cpu` every item is host memory (a slot is then a second copy of an expert).
+"""
+from __future__ import annotations
+
+from .model_shape import ModelShape
+
+HOST = "host"
+ACCELERATOR = "accelerator"
+# The accelerator memory kept free beyond everything counted: at least 0.8 GiB (DESIGN, "Accelerator
+# memory"). A CUDA context alone takes 0.3-0.5 GiB on current drivers, cuBLAS a workspace per stream.
+ACCELERATOR_RESERVE = int(0.8 * 2**30)
+
+
+def workspace_bytes(shape: ModelShape, pass_tokens: int) -> int:
+    """The activations of one forward pass of `pass_tokens` tokens held at once."""
+    tokens = max(pass_tokens, 1)
+    widest = max(shape.expert_intermediate, shape.shared_expert_intermediate, shape.dense_intermediate)
+    return int(tokens * (6 * shape.hidden + 2 * widest) * shape.dtype_bytes + shape.vocab * 4)
+
+
+def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens: int, pass_tokens: int,
+                 reserve_bytes: int = ACCELERATOR_RESERVE) -> dict[str, dict[str, int]]:
+    """Bytes per device ("accelerator", "host"), item by item, for a plan with `slots` cache slots in all.
+
+    `kv_tokens`: the most tokens the KV cache holds; `pass_tokens`: the most tokens of one forward pass
+    (the prompt's prefill); `reserve_bytes`: what the accelerator keeps free beyond the items.
+    """
+    side = {"dense_weights": shape.dense_bytes, "kv_cache": shape.kv_bytes_per_token * kv_tokens,
+            "expert_slots": slots * shape.expert_bytes, "workspace": workspace_bytes(shape, pass_tokens),
+            "transfer_scratch": shape.expert_bytes}
+    host = {"experts": shape.expert_bytes_total}
+    if not on_accelerator:
+        return {HOST: {**host, **side}}
+    host["dense_weights_while_loading"] = shape.dense_bytes  # read from disk, then moved to the accelerator
+    return {ACCELERATOR: {**side, "reserve": max(reserve_bytes, ACCELERATOR_RESERVE)}, HOST: host}
