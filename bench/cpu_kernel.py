@@ -10,7 +10,7 @@ that the machine's drift falls on all of them alike; ratios are the median of ea
 whole table is measured twice: with the weights in 4 KB pages and moved into 2 MB pages (where `moeplan
 run` keeps them by default, runtime/huge_pages.py). Medians of --repeats.
 
-    .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel_avx2.md
+    .venv/bin/python bench/cpu_kernel.py --out bench/results/cpu_kernel_avx2_run2.md
 """
 from __future__ import annotations
 

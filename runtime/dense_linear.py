@@ -1,7 +1,7 @@
 """Dense projections on the CPU at decode: the same GEMV kernel as the missed experts.
 
 With `accelerator: cpu` the dense part (attention projections, lm_head) runs on the CPU too, and at one
-token torch's bf16 matmul streams its weights at about half the DRAM rate (bench/results/cpu_kernel_avx512.md, cpu_kernel_avx2.md).
+token torch's bf16 matmul streams its weights at about half the DRAM rate (bench/results/cpu_kernel_avx512.md, cpu_kernel_avx2_run2.md).
 Each `nn.Linear` outside the experts is replaced by a `KernelLinear` that holds the same parameters and
 uses the kernel where it is measured faster (few rows), torch's matmul otherwise. Module replacement,
 as quantisation libraries do it: no modeling code is copied or patched.

@@ -4,7 +4,7 @@ A decode token streams every weight it uses once, and with 4 KB pages that is a 
 walk in a VM) and a restart of the hardware prefetcher, which stops at page boundaries, every 4 KB. On
 the AVX2 development machine, in four end-to-end runs side by side with 4 KB pages, decode ran -2 to
 +8 % faster (noise there: about 5 %), and an fp32 model started 5 s sooner with a peak RSS of 3.5 GB
-against 5.4 (bench/results/e2e_cpu_*_run3.md, _run4.md).
+against 5.4 (docs/benchmarks.md, end-to-end runs 3 and 4).
 
 Two ways in, the first one free:
 - At birth: torch's CPU allocator advises MADV_HUGEPAGE for every allocation of 2 MB or more when the

@@ -1,4 +1,4 @@
-"""The execution plan (schema version 1 of DESIGN.md): frozen dataclasses, strict loading, round-trip.
+"""The execution plan (schema version 1, docs/run.md): frozen dataclasses, strict loading, round-trip.
 
 A plan says where experts live and what happens on a miss. It is data only: the runtime reads it, the
 planner writes it. Every error names the field path (`cache.slots[3]: must be >= 0, got -1`).

@@ -4,7 +4,7 @@ One object owns what spans layers, so that no layer reaches into another:
 - the CUDA copy stream: promotions and prefetch copies run on it, each after the reads already queued on
   the compute stream, so a slot is never overwritten while a kernel still reads it;
 - each layer's latest pending copy (a CUDA event): a layer waits only for copies into its own slots, at
-  its next start (DESIGN.md, "Accelerator memory and the CUDA execution order", step 5);
+  its next start (the CUDA execution order, step 5);
 - the guesses made for each layer's current pass, which that layer counts when it starts.
 With `accelerator: cpu` a copy is an ordinary memory copy and nothing is pending.
 """

@@ -6,11 +6,10 @@ can. Loads the benchmark checkpoint with the all-CPU plan, then for --pairs roun
 tokens with the piece on and with it off, and reports the medians, their ratio, and whether both gave
 the same tokens.
 
-    .venv/bin/python bench/diagnostics/decode_ab.py --piece router --out bench/results/decode_ab_router_avx2.md
+    .venv/bin/python bench/diagnostics/decode_ab.py --piece runtime --base HEAD~1 --out bench/results/decode_ab_runtime_avx2.md
 
-Pieces: `router` (runtime/dense_router.py: the C router, against the module's own forward),
-`grouped-projections` (runtime/dense_linear.py: q, k and v in one kernel call, against three calls),
-`kernel` (the GEMV kernel built from this working tree, against the one of `--base`, a git revision: both
+Pieces (the C router and the grouped q/k/v projections it once compared are gone: within noise, in git
+history before 2026-12-07): `kernel` (the GEMV kernel built from this working tree, against the one of `--base`, a git revision: both
 libraries are loaded and the live kernel's entry points are pointed at one or the other), `runtime` (the
 whole runtime package of this working tree against `--base`'s, imported under another name: two sessions
 of the same checkpoint in one process, generating in turn; for changes to the Python around the kernels).
@@ -36,8 +35,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
 from report import emit  # noqa: E402
-from runtime.dense_linear import KernelLinear  # noqa: E402
-from runtime.dense_router import KernelRouter  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
 from runtime.kernels import GemvKernel, load  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
@@ -114,29 +111,12 @@ def _switch_piece(session: Session, piece: str, base: str):
             for name, fn in versions[on].items():
                 setattr(live, name, fn)
         return set_kernel
-    modules = list(session.loaded.model.modules())
-    if piece == "router":
-        routers = [m for m in modules if isinstance(m, KernelRouter)]
-        if not routers:
-            raise SystemExit("no C router in place here (no kernel, or the routers failed the probe)")
-
-        def set_router(on: bool) -> None:
-            for m in routers:
-                m.enabled = on
-        return set_router
-    groups = {m: m.group for m in modules if isinstance(m, KernelLinear) and m.group is not None}
-    if not groups:
-        raise SystemExit("no grouped projections in place here")
-
-    def set_groups(on: bool) -> None:
-        for m, group in groups.items():
-            m.group = group if on else None
-    return set_groups
+    raise SystemExit(f"unknown piece {piece!r}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--piece", choices=["router", "grouped-projections", "kernel", "runtime"], required=True)
+    ap.add_argument("--piece", choices=["kernel", "runtime"], required=True)
     ap.add_argument("--base", default="725d231",
                     help="--piece kernel or runtime: the git revision whose kernel or runtime is 'off'")
     ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))

@@ -16,7 +16,7 @@ process, alternating with the real thing repeat by repeat (`--stand-ins`):
 Comparing the rest across them tells how much of it grows with the time spent outside the interpreter
 and how much with what the pause does to the caches. Medians of --repeats generations.
 
-    .venv/bin/python bench/diagnostics/decode_breakdown.py --out bench/results/decode_breakdown_avx2.md
+    .venv/bin/python bench/diagnostics/decode_breakdown.py --out bench/results/decode_breakdown_avx2_run2.md
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from runtime.errors import UserError
 log = logging.getLogger(__name__)
 
 # Shapes measured without --model (hidden, expert intermediate, heads, KV heads, head dim, experts):
-# the project's small benchmark shape, the tiny model bench/train_tiny_moe.py trains by default, and
+# the project's small benchmark shape, the tiny model models/tiny-moe/train.py trains by default, and
 # Mixtral-8x7B from the catalog (planner/catalog.py, which cites its config.json).
 # (name, hidden, expert intermediate, heads, KV heads, head dim, experts, top-k, vocabulary): as the
 # checkpoints bench/predict_vs_measure.py and models/tiny-moe/train.py build write them in config.json.

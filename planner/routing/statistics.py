@@ -1,7 +1,7 @@
 """Routing statistics of a trace, per MoE layer: what decides how well an expert cache can work.
 
 - skew: share of all token selections taken by the most popular 10% of experts (ceil(E/10) of them, as
-  bench/routing_stats_tiny.py counts); uniform routing gives about ceil(E/10)/E.
+  bench/diagnostics/routing_stats_tiny.py counts); uniform routing gives about ceil(E/10)/E.
 - next-token reuse: for each token after the first of a sequence, the share of its k experts that the
   previous token also chose (uniform routing: about k/E). A prefill pass starts a new sequence.
 - cross-layer reuse (layer l): share of a token's k expert ids at layer l+1 equal to an id it chose at

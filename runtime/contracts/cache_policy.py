@@ -3,7 +3,7 @@
 Pure Python with no torch import, so that the runtime (which moves the weights) and the planner's
 simulator (which only counts) run the very same code and report the same hits and misses.
 
-The accounting rules (DESIGN.md, "Cache accounting"):
+The accounting rules (docs/run.md, "Cache accounting"):
 - each forward pass, the layer needs a set of experts; each needed expert counts once, as a hit when it
   is resident at layer start, else as a miss (`lookup`);
 - hits are touched first (ascending id), then misses enter (ascending id) through `admit`;

@@ -1,4 +1,4 @@
-"""Routing traces: which experts each token chose, per MoE layer and forward pass (DESIGN.md, "Contract:
+"""Routing traces: which experts each token chose, per MoE layer and forward pass (docs/traces.md; the "Contract:
 routing traces").
 
 Two formats are read:

@@ -34,7 +34,7 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     AVX-512 with AVX512-BF16 and AMX (bench/results/cpu_kernel_avx512.md): bf16 wins at one token
     (1.5-1.7x) and loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across
     tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x).
-    AVX2 (bench/results/cpu_kernel_avx2.md, _run2.md): torch has no native bf16 and its fp32 GEMM reaches
+    AVX2 (bench/results/cpu_kernel_avx2_run2.md; earlier runs in docs/benchmarks.md): torch has no native bf16 and its fp32 GEMM reaches
     about 30 GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
     tokens, fp32 1.2-5x up to 32 on two threads). On one thread fp32 is close to even: at one token the
     four-stream kernel was 0.98-1.30x torch in ten cells of five runs, and 1.04-1.10x in the four cells of
@@ -173,7 +173,7 @@ class GemvKernel:
         isa = self.isa[weight.dtype]
         is_bf16 = int(weight.dtype == torch.bfloat16)
         scratch_floats = _split_input_floats(isa, weight.dtype, k)
-        kernel = self  # the entry point is looked up at each call: benchmarks swap it (bench/decode_ab.py)
+        kernel = self  # the entry point is looked up at each call: benchmarks swap it (bench/diagnostics/decode_ab.py)
 
         def call(x: torch.Tensor, out: torch.Tensor, threads: int) -> None:
             kernel._one(isa, is_bf16, weight.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k, threads,

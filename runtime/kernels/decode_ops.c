@@ -1,6 +1,6 @@
 /* The dense part's small operations at one decode token: RMSNorm, and the attention of one query over the
  * KV cache. At one token each of them costs more in torch's per-op dispatch (RMSNorm is eight ops, the
- * attention a dispatch into its flash kernel) than in arithmetic: bench/results/decode_breakdown_avx2.md.
+ * attention a dispatch into its flash kernel) than in arithmetic: bench/results/decode_breakdown_avx2_run2.md.
  * Each follows the rounding of the transformers code it stands in for, so that its output is the
  * reference's up to the order of fp32 sums. Compiled with gemv.c into one library (runtime/kernels);
  * the loader builds it only where the CPU has AVX2 and FMA. */
