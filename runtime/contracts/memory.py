@@ -39,12 +39,12 @@ def workspace_bytes(shape: ModelShape, pass_tokens: int) -> int:
     return int(tokens * (6 * shape.hidden + 2 * widest) * shape.dtype_bytes + shape.vocab * 4)
 
 
-def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens: int, pass_tokens: int,
-                 reserve_bytes: int = ACCELERATOR_RESERVE) -> dict[str, dict[str, int]]:
+def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens: int,
+                 pass_tokens: int) -> dict[str, dict[str, int]]:
     """Bytes per device ("accelerator", "host"), item by item, for a plan with `slots` cache slots in all.
 
     `kv_tokens`: the most tokens the KV cache holds; `pass_tokens`: the most tokens of one forward pass
-    (the prompt's prefill); `reserve_bytes`: what the accelerator keeps free beyond the items.
+    (the prompt's prefill).
     """
     side = {"dense_weights": shape.dense_bytes, "kv_cache": shape.kv_bytes_per_token * kv_tokens,
             "expert_slots": slots * shape.expert_bytes, "workspace": workspace_bytes(shape, pass_tokens),
@@ -53,4 +53,4 @@ def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens:
     if not on_accelerator:
         return {HOST: {**host, **side}}
     host["dense_weights_while_loading"] = shape.dense_bytes  # read from disk, then moved to the accelerator
-    return {ACCELERATOR: {**side, "reserve": max(reserve_bytes, ACCELERATOR_RESERVE)}, HOST: host}
+    return {ACCELERATOR: {**side, "reserve": ACCELERATOR_RESERVE}, HOST: host}
