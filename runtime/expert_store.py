@@ -20,7 +20,10 @@ class ExpertStore:
             names += [f"{names[0]}_bias", "down_proj_bias"]
         self.names = names
         self.host = [getattr(module, n) for n in names]  # [E, ...] each, in host memory
-        self.slots = [torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.host]
+        # Zeroed, not just allocated: in host memory (plans with `accelerator: cpu`) an untouched buffer
+        # page-faults on its first copy, which measured 55-87 ms against 2.3-2.5 ms for a 22 MB expert
+        # (bench/predict_vs_measure.py, AVX2 VM): the first promotions would cost what no profile row says.
+        self.slots = [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.host]
         self.expert_bytes = sum(t[0].numel() * t.element_size() for t in self.host)
         self._scratch: list[torch.Tensor] | None = None  # for accelerator misses that do not enter the cache
         # each expert's and each slot's views, made once: a decode token asks for them in every layer
