@@ -14,8 +14,8 @@ from planner.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "models" / "tiny-moe"
-PLAN = """version: 1
-model: {{name: t, path: {path}, dtype: float32}}
+PLAN = """version: 2
+model: {{name: t, path: {path}, dtype: float32, experts: {experts}}}
 hardware: {{accelerator: cpu, cpu_threads: 1}}
 cache: {{slots: {slots}, policy: lru, preload: none}}
 miss: {{compute: cpu, transfer_min_tokens: 0, promote: true}}
@@ -23,9 +23,9 @@ prefetch: {{lookahead: 0}}
 """
 
 
-def write_plan(tmp_path: Path, path: str = "unused", slots: int = 2) -> Path:
+def write_plan(tmp_path: Path, path: str = "unused", slots: int = 2, experts: str = "float32") -> Path:
     plan = tmp_path / "plan.yaml"
-    plan.write_text(PLAN.format(path=path, slots=slots))
+    plan.write_text(PLAN.format(path=path, slots=slots, experts=experts))
     return plan
 
 
@@ -36,14 +36,26 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def reference(folder: Path, text: str, context: int, max_tokens: int | None = None) -> tuple[float, int]:
+def reference(folder: Path, text: str, context: int, max_tokens: int | None = None,
+              experts: str = "float32") -> tuple[float, int]:
     """Plain transformers: llama-perplexity's chunks of the text tokenized with its special tokens, each
     chunk's first token the BOS where the tokenizer starts texts with one, the second half of each chunk
-    scored with torch's cross-entropy."""
+    scored with torch's cross-entropy. int8/int4 experts: the checkpoint's experts quantized and dequantized
+    (the quantized-expert conformance reference, runtime/quant_format.py's rule) before plain transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if experts in ("int8", "int4"):
+        from runtime.contracts.expert_format import DEFAULT_GROUP_SIZE
+        from runtime.loader import find_experts
+        from runtime.quant_experts import projection_names
+        from runtime.quant_format import dequantize, quantize
+
+        for module in find_experts(model)[0]:
+            for name in projection_names(module):
+                param = getattr(module, name)
+                param.data = dequantize(*quantize(param.data, experts, DEFAULT_GROUP_SIZE), experts, torch.float32)
     ids = tokenizer(text)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -63,8 +75,11 @@ def reference(folder: Path, text: str, context: int, max_tokens: int | None = No
     return math.exp(total / count), count
 
 
-@pytest.mark.parametrize("model,context,slots", [("factory", 32, 2), ("factory", 20, 0), ("tiny-moe", 64, 3)])
-def test_matches_plain_transformers_over_the_same_windows(model, context, slots, checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("model,context,slots,experts", [
+    ("factory", 32, 2, "float32"), ("factory", 20, 0, "float32"), ("tiny-moe", 64, 3, "float32"),
+    ("factory", 32, 2, "int4"), ("factory", 24, 0, "int8")])
+def test_matches_plain_transformers_over_the_same_windows(model, context, slots, experts, checkpoint, tmp_path,
+                                                          capsys):
     if model == "factory":
         folder, _ = checkpoint("mixtral")
         text = CORPUS
@@ -73,14 +88,16 @@ def test_matches_plain_transformers_over_the_same_windows(model, context, slots,
         text = (ROOT / "runtime" / "perplexity.py").read_text()[:3000]
     text_file = tmp_path / "text.txt"
     text_file.write_text(text)
-    code, out, err = run_cli(["perplexity", str(write_plan(tmp_path, slots=slots)), "--model", str(folder),
-                              "--text", str(text_file), "--context", str(context), "--json"], capsys)
+    code, out, err = run_cli(["perplexity", str(write_plan(tmp_path, slots=slots, experts=experts)), "--model",
+                              str(folder), "--text", str(text_file), "--context", str(context), "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
-    expected, count = reference(folder, text, context)
+    expected, count = reference(folder, text, context, experts=experts)
     assert result["tokens"] == count and result["chunks"] * (context - context // 2 - 1) == count
-    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
-    assert result["nll"] == pytest.approx(math.log(expected), rel=1e-4)
+    # float32 plans agree with the reference to about 5e-9; int8 moves this perplexity by about 3e-6 from the
+    # unquantized one and int4 by about 5e-4, so the tolerance tells the formats apart
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-7)
+    assert result["nll"] == pytest.approx(math.log(expected), rel=1e-7)
     assert "perplexity" in err  # the progress bar, on stderr
 
 
@@ -94,7 +111,7 @@ def test_max_tokens_scores_whole_windows_of_the_first_tokens(checkpoint, tmp_pat
     result = json.loads(out)
     expected, count = reference(folder, CORPUS, 16, max_tokens=50)
     assert result["chunks"] == 3 and result["tokens"] == count == 3 * 7
-    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-7)
 
 
 def test_plain_output_is_one_line(checkpoint, tmp_path, capsys):
