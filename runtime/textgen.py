@@ -41,6 +41,7 @@ class Completion:
                  max_new_tokens: int, stop: StopMatcher, end_ids: set[int]) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
+        self.stop_strings = stop.stops
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None  # time.perf_counter() when the first token came out
