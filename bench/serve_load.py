@@ -9,8 +9,11 @@ request under way at the deadline is finished). Prompts and lengths rotate over 
 seeded per request. Reported: requests served, generated tokens per second over the window, time to first
 token (request sent to first text chunk, queue wait included: requests run one at a time) at p50/p95,
 errors (exceptions, or a stream without a finish reason), and the server's resident memory (psutil)
-after warm-up and at the end, sampled every second in between. Ctrl-C stops the server at the end; its
-exit code is reported. Writes a Markdown report.
+after warm-up and at the end, sampled every second in between. Then `--paired` pairs, alternating, of
+`moeplan run --json` and one streamed request alone on the server, same prompt, plan and length, compare
+their decode tokens/s (the server's from /metrics), so that the server's cost over the runtime shows
+apart from the machine's load. Ctrl-C stops the server at the end; its exit code is reported. Writes a
+Markdown report.
 """
 from __future__ import annotations
 
@@ -118,6 +121,21 @@ def scrape(url: str) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
+def paired_decode(url: str, name: str, env: dict[str, str], pairs: int) -> list[tuple[float, float]]:
+    """(moeplan run, moeplan serve) decode tokens/s for the same greedy 64-token completion, alternating."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    prompt, tokens = PROMPTS[1], 64
+    out = []
+    for _ in range(pairs):
+        run = subprocess.run([sys.executable, "-m", "planner.cli", "run", PLAN, "--model", MODEL, "--prompt", prompt,
+                              "--max-new-tokens", str(tokens), "--json"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, check=True)
+        run_speed = json.loads(run.stdout)["decode_tokens_per_s"]
+        list(client.completions.create(model=name, prompt=prompt, max_tokens=tokens, temperature=0, stream=True))
+        out.append((run_speed, scrape(url)["moeplan_decode_tokens_per_second"]))
+    return out
+
+
 def cpu_description() -> str:
     model = platform.processor() or platform.machine()
     flags = ""
@@ -138,6 +156,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--paired", type=int, default=3, help="run/serve decode pairs after the load (0: none)")
     parser.add_argument("--out", default="bench/results/serve_load.md")
     args = parser.parse_args()
 
@@ -178,6 +197,7 @@ def main() -> int:
         rss_end = server.memory_info().rss
         after = scrape(url)
         load_after = os.getloadavg()
+        pairs = paired_decode(url, name, env, args.paired)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -194,7 +214,8 @@ def main() -> int:
     decode_seconds = after["moeplan_decode_seconds_total"] - before["moeplan_decode_seconds_total"]
     growth = (rss_end - rss_start) / rss_start
     mib = 2 ** 20
-    command = (f".venv/bin/python bench/serve_load.py --clients {args.clients} --seconds {args.seconds:g}"
+    command = (f".venv/bin/python bench/serve_load.py --clients {args.clients} --seconds {args.seconds:g} "
+               f"--paired {args.paired}"
                + (f" --out {args.out}" if args.out != "bench/results/serve_load.md" else ""))
     lines = [
         f"# `moeplan serve` under load: {args.clients} streaming clients for {args.seconds:g} s",
@@ -230,6 +251,14 @@ def main() -> int:
         f"| server exit code after Ctrl-C (drained) | {exit_code} | 0 |",
         "",
     ]
+    if pairs:
+        ratios = [serve / run for run, serve in pairs]
+        lines += [f"Decode tokens/s of one request alone, `moeplan run --json` and the server alternating "
+                  f"({len(pairs)} pairs, greedy, 64 tokens, prompt {PROMPTS[1]!r}; medians):", "",
+                  "| pair | run | serve | serve / run |", "|---|---|---|---|",
+                  *[f"| {i + 1} | {r:.1f} | {v:.1f} | {v / r:.2f} |" for i, (r, v) in enumerate(pairs)],
+                  f"| median | {statistics.median(r for r, _ in pairs):.1f} | "
+                  f"{statistics.median(v for _, v in pairs):.1f} | {statistics.median(ratios):.2f} |", ""]
     if errors:
         lines += ["Errors (first 5):", "", *[f"- {e}" for e in errors[:5]], ""]
     out = ROOT / args.out

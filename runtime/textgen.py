@@ -127,7 +127,11 @@ class TextGenerator:
         folder = model_dir if model_dir is not None else plan.model.path
         if not folder:
             raise PlanError("model.path: the plan names no model folder; give one with --model DIR")
-        context = context_tokens or _configured_context(Path(folder).expanduser()) or UNKNOWN_CONTEXT_TOKENS
+        configured = _configured_context(Path(folder).expanduser())
+        if context_tokens is not None and configured is not None and context_tokens > configured:
+            raise PlanError(f"--context: {context_tokens} tokens is more than the model's max_position_embeddings "
+                            f"({configured})")
+        context = context_tokens or configured or UNKNOWN_CONTEXT_TOKENS
         session = Session.load(plan, folder, context_tokens=context, huge_pages=huge_pages)
         return cls(session, context, model_name(plan, model_dir))
 

@@ -102,3 +102,9 @@ def test_chat_with_a_template_encodes_what_the_template_writes(model):
             model.encode_chat([{"role": "user", "content": "x"}]))
     finally:
         tokenizer.chat_template = None
+
+
+def test_a_context_beyond_the_model_is_refused_before_loading(model):
+    with pytest.raises(PlanError, match=r"--context: 100000 tokens is more than the model's max_position_embeddings "
+                                        r"\(256\)"):
+        TextGenerator.load(model.session.plan, model.session.loaded.model_dir, context_tokens=100_000)
