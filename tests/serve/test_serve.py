@@ -166,10 +166,10 @@ def test_completion_counts_usage(server, tokenizer):
 
 
 def test_streamed_text_equals_moeplan_run_json(server, capsys, monkeypatch):
-    prompt, args = "class Cache:", dict(max_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+    prompt, args = "class Cache:", dict(max_tokens=16, temperature=0.8, top_p=0.9, seed=5)
     monkeypatch.chdir(ROOT)
     capsys.readouterr()
-    assert main(["run", PLAN, "--model", MODEL, "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0.8",
+    assert main(["run", PLAN, "--model", MODEL, "--prompt", prompt, "--max-new-tokens", "16", "--temperature", "0.8",
                  "--top-p", "0.9", "--seed", "5", "--json"]) == 0
     expected = json.loads(capsys.readouterr().out)
     chunks = list(server.client().completions.create(model=NAME, prompt=prompt, stream=True, **args))
@@ -191,15 +191,15 @@ def test_same_seed_same_text_other_seed_other_text(server):
 
 def test_stop_string_ends_the_text_before_it(server):
     client = server.client()
-    free = client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=24, temperature=0)
+    free = client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=16, temperature=0)
     text = free.choices[0].text
     stop = text[6:11]  # several characters, likely spanning tokens: the server must hold back a partial match
     expected = text[:text.find(stop)]
-    stopped = client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+    stopped = client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=16, temperature=0,
                                         stop=[stop, "never appears"])
     assert stopped.choices[0].text == expected and stopped.choices[0].finish_reason == "stop"
-    assert stopped.usage.completion_tokens < 24
-    chunks = list(client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+    assert stopped.usage.completion_tokens < 16
+    chunks = list(client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=16, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -305,6 +305,24 @@ def test_queue_past_its_bound_is_429_and_disconnect_stops_generation(server):
     assert after[cancelled] - before.get(cancelled, 0) == 1
     generated = after["moeplan_generated_tokens_total"] - before["moeplan_generated_tokens_total"]
     assert generated < 240 / 2, f"{generated} tokens generated: the cancelled stream ran on"
+
+
+def test_disconnect_stops_a_non_streamed_generation_too(server):
+    server.wait_idle()
+    before = server.metrics()
+    body = json.dumps({"model": NAME, "prompt": LONG_PROMPT, "max_tokens": 240, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60
+        while server.metrics()["moeplan_requests_running"] == 0:  # generating now
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    server.wait_idle()
+    after = server.metrics()
+    cancelled = 'moeplan_requests_total{finish_reason="cancelled"}'
+    assert after[cancelled] - before.get(cancelled, 0) == 1
+    assert after["moeplan_generated_tokens_total"] - before["moeplan_generated_tokens_total"] < 240 / 2
 
 
 def test_metrics_in_prometheus_format(server):
