@@ -225,6 +225,7 @@ def test_chat_streamed_and_not_with_the_fallback_format(server, tokenizer):
 @pytest.mark.parametrize("body,param", [
     (b"{not json", None),
     (b"[1, 2]", None),
+    (b"[" * 100_000, None),
     (json.dumps({"prompt": "x"}), "model"),
     (json.dumps({"model": NAME}), "prompt"),
     (json.dumps({"model": NAME, "prompt": "x", "temperature": -1}), "temperature"),
