@@ -95,7 +95,8 @@ class Session:
                  trace_out: str | Path | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
         """`on_token(step, token_id)` is called after each new token (long-run benchmarks sample memory there)."""
-        tokens = self.stream(prompt, max_new_tokens, temperature, top_p, seed, trace_out)
+        # without on_text no text is decoded while generating (what `run --json` times stays the model's work)
+        tokens = self.stream(prompt, max_new_tokens, temperature, top_p, seed, trace_out, text=on_text is not None)
         step = 0
         while True:
             try:
@@ -111,11 +112,12 @@ class Session:
     @torch.inference_mode()
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0,
-               trace_out: str | Path | None = None) -> Generator[Token, None, GenerationResult]:
+               trace_out: str | Path | None = None, text: bool = True) -> Generator[Token, None, GenerationResult]:
         """Yield each new token with the text it completes; the generator's return value is the result.
 
         `prompt` is text (encoded as `tokenizer(prompt)` encodes it) or token ids taken as they are. Closing
-        the generator early stops before the next forward pass (and writes no trace).
+        the generator early stops before the next forward pass (and writes no trace). `text=False` leaves
+        each token's text empty and decodes only the whole result.
         """
         from transformers import DynamicCache
 
@@ -131,7 +133,7 @@ class Session:
             use_growing_layers(cache)  # appends in place: no copy of the whole cache per token
         forward_kwargs = _forward_arguments(model, cache)
         pieces: list[str] = []
-        streamer = _TextStream(tokenizer, pieces.append)
+        streamer = _TextStream(tokenizer, pieces.append if text else None)
         generated: list[int] = []
 
         next_input = torch.tensor([prompt_ids], device=device)
@@ -213,6 +215,3 @@ class _TextStream:
             self.start, self.sent = len(ids), 0
         else:
             self.sent = max(self.sent, len(text))
-
-    def close(self, ids: list[int]) -> None:
-        self.push(ids, final=True)
