@@ -1,6 +1,7 @@
 """Load test of `moeplan serve`: concurrent streaming clients against the embedded model for a fixed time.
 
-    .venv/bin/python bench/serve_load.py [--clients 8] [--seconds 60] [--out bench/results/serve_load.md]
+    .venv/bin/python bench/serve_load.py [--clients 8] [--seconds 60] [--paired 3] [--threads N]
+                                         [--out bench/results/serve_load.md]
 
 Starts the real server in a subprocess (plans/tiny-moe.yaml, models/tiny-moe, a free loopback port, a
 queue bound above the client count), sends one warm-up request, then runs `--clients` threads that each
@@ -27,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -121,13 +123,13 @@ def scrape(url: str) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
-def paired_decode(url: str, name: str, env: dict[str, str], pairs: int) -> list[tuple[float, float]]:
+def paired_decode(url: str, name: str, env: dict[str, str], pairs: int, plan: str) -> list[tuple[float, float]]:
     """(moeplan run, moeplan serve) decode tokens/s for the same greedy 64-token completion, alternating."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     prompt, tokens = PROMPTS[1], 64
     out = []
     for _ in range(pairs):
-        run = subprocess.run([sys.executable, "-m", "planner.cli", "run", PLAN, "--model", MODEL, "--prompt", prompt,
+        run = subprocess.run([sys.executable, "-m", "planner.cli", "run", plan, "--model", MODEL, "--prompt", prompt,
                               "--max-new-tokens", str(tokens), "--json"], cwd=ROOT, env=env, capture_output=True,
                              text=True, check=True)
         run_speed = json.loads(run.stdout)["decode_tokens_per_s"]
@@ -152,20 +154,37 @@ def cpu_description() -> str:
     return f"{model}, {isa}, {os.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB"
 
 
+def plan_with_threads(threads: int | None, folder: Path) -> str:
+    """PLAN, or a copy of it with `hardware.cpu_threads` set (a shared machine: fewer threads than cores)."""
+    if threads is None:
+        return PLAN
+    import yaml
+
+    plan = yaml.safe_load((ROOT / PLAN).read_text())
+    plan["hardware"]["cpu_threads"] = threads
+    plan["model"]["path"] = str(ROOT / MODEL)
+    out = folder / f"tiny-moe-t{threads}.yaml"
+    out.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return str(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, help="override the plan's hardware.cpu_threads")
     parser.add_argument("--paired", type=int, default=3, help="run/serve decode pairs after the load (0: none)")
     parser.add_argument("--out", default="bench/results/serve_load.md")
     args = parser.parse_args()
 
+    scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    plan = plan_with_threads(args.threads, scratch)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server_log = open(os.devnull, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "planner.cli", "serve", PLAN, "--model", MODEL, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "planner.cli", "serve", plan, "--model", MODEL, "--port", str(port),
                              "--max-queue", str(args.clients * 2)], cwd=ROOT, env=env, stdout=server_log,
                             stderr=server_log)
     try:
@@ -197,7 +216,7 @@ def main() -> int:
         rss_end = server.memory_info().rss
         after = scrape(url)
         load_after = os.getloadavg()
-        pairs = paired_decode(url, name, env, args.paired)
+        pairs = paired_decode(url, name, env, args.paired, plan)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -215,7 +234,7 @@ def main() -> int:
     growth = (rss_end - rss_start) / rss_start
     mib = 2 ** 20
     command = (f".venv/bin/python bench/serve_load.py --clients {args.clients} --seconds {args.seconds:g} "
-               f"--paired {args.paired}"
+               f"--paired {args.paired}" + (f" --threads {args.threads}" if args.threads else "")
                + (f" --out {args.out}" if args.out != "bench/results/serve_load.md" else ""))
     lines = [
         f"# `moeplan serve` under load: {args.clients} streaming clients for {args.seconds:g} s",
@@ -227,7 +246,8 @@ def main() -> int:
         f"jobs (load average {load_before[0]:.1f} before the run, {load_after[0]:.1f} at its end, on "
         f"{os.cpu_count()} CPUs), so the speeds are lower bounds of what this model does alone.",
         "",
-        f"Server: `moeplan serve {PLAN} --model {MODEL} --max-queue {args.clients * 2}` on loopback, ready "
+        f"Server: `moeplan serve {PLAN} --model {MODEL} --max-queue {args.clients * 2}`"
+        + (f" with the plan's cpu_threads set to {args.threads}" if args.threads else "") + " on loopback, ready "
         f"{ready_seconds:.1f} s after start. Clients: the `openai` package, `stream=True`, prompts and "
         f"max_tokens rotating over {len(PROMPTS)} prompts and {MAX_TOKENS}, temperature 0.8, top_p 0.95, "
         "a seed per request. Requests run one at a time on the server (no batching), so the time to first "
