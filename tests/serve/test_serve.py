@@ -81,11 +81,11 @@ class Server:
         raise AssertionError("the server did not become idle")
 
 
-def start_server(tmp_path: Path, *extra: str) -> Server:
+def start_server(tmp_path: Path, plan: Path, *extra: str) -> Server:
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "planner.cli", "serve", PLAN, "--model", MODEL, "--port", str(port),
-                             *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    proc = subprocess.Popen([sys.executable, "-m", "planner.cli", "serve", str(plan), "--model", MODEL, "--port",
+                             str(port), *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     server = Server(proc, port, log)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -116,8 +116,21 @@ def stop(server: Server) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("serve"), "--api-key", KEY, "--max-queue", "1")
+def plan(tmp_path_factory) -> Path:
+    """The shipped plan with one CPU thread: two threads on a busy two-core machine decode 10-20x slower
+    (bench/results/serve_load*.md), and the tests share their machine."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / PLAN).read_text())
+    data["hardware"]["cpu_threads"] = 1
+    out = tmp_path_factory.mktemp("plan") / "tiny-moe-1-thread.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, plan) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("serve"), plan, "--api-key", KEY, "--max-queue", "1")
     yield srv
     stop(srv)
 
@@ -165,11 +178,11 @@ def test_completion_counts_usage(server, tokenizer):
     assert choice.text
 
 
-def test_streamed_text_equals_moeplan_run_json(server, capsys, monkeypatch):
+def test_streamed_text_equals_moeplan_run_json(server, plan, capsys, monkeypatch):
     prompt, args = "class Cache:", dict(max_tokens=16, temperature=0.8, top_p=0.9, seed=5)
     monkeypatch.chdir(ROOT)
     capsys.readouterr()
-    assert main(["run", PLAN, "--model", MODEL, "--prompt", prompt, "--max-new-tokens", "16", "--temperature", "0.8",
+    assert main(["run", str(plan), "--model", MODEL, "--prompt", prompt, "--max-new-tokens", "16", "--temperature", "0.8",
                  "--top-p", "0.9", "--seed", "5", "--json"]) == 0
     expected = json.loads(capsys.readouterr().out)
     chunks = list(server.client().completions.create(model=NAME, prompt=prompt, stream=True, **args))
@@ -343,8 +356,8 @@ def test_chat_page_is_served(server):
 
 
 # ---- stopping -------------------------------------------------------------------------------------------
-def test_ctrl_c_drains_the_running_stream_and_exits_0(tmp_path):
-    server = start_server(tmp_path)
+def test_ctrl_c_drains_the_running_stream_and_exits_0(tmp_path, plan):
+    server = start_server(tmp_path, plan)
     client = server.client()
     stream = iter(client.completions.create(model=NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=0,
                                             stream=True))
