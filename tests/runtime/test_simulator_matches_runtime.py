@@ -23,6 +23,9 @@ PLANS = {
     "lfu-transfer": "cache: {slots: 8, policy: lfu}\nmiss: {promote: true, transfer_min_tokens: 2}",
     "fifo-accelerator": "cache: {slots: 6, policy: fifo}\nmiss: {compute: accelerator}",
     "static": "cache: {slots: 4, policy: static, preload: " + str([[0, 1, 2, 3]] * 16) + "}",
+    # 6 slots < top-8: every pass also takes the adaptive rule for a pass needing more than the slots
+    "adaptive-promote": "cache: {slots: 6, policy: adaptive}\nmiss: {promote: true}",
+    "adaptive-transfer": "cache: {slots: 16, policy: adaptive}\nmiss: {promote: true, transfer_min_tokens: 2}",
     "per-layer": "cache: {slots: " + str([0, 8, 16, 32] * 4) + ", policy: lru}\nmiss: {promote: true}",
 }
 
