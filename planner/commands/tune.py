@@ -127,6 +127,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("tuning %s on %s (%s): up to %d slots of %.1f MiB on the %s, %d more trials",
                  shape.name, profile.name, accelerator, capacity.max_slots, shape.expert_bytes / 2**20,
                  capacity.device, args.trials)
+        log.info("prefetch guess accuracy %s", evaluator.prefetch_accuracy_source)
 
     bar = None
     if not args.no_progress:
@@ -182,6 +183,7 @@ def main(args: argparse.Namespace) -> int:
     provenance = {
         "tool": "moeplan tune", "profile": shown(profile_path), "profile_sha256": profile_sha,
         "trace": trace_source, "trace_source": trace.header.source, "trace_sha256": trace_sha,
+        "prefetch_accuracy": evaluator.prefetch_accuracy_source,
         "sampler": f"optuna.samplers.TPESampler(seed={seed})", "seed": args.seed,
         "trials": result.trials_total, "trials_this_run": result.trials_run, "interrupted": result.interrupted,
         "study": study.study_name if args.storage else None, "selection": result.rule if not measured else

@@ -100,7 +100,8 @@ def _check(trace: Trace, slots: Sequence[int], preload: Sequence[Sequence[int]] 
 
 def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[Sequence[int]] | None,
              rule: MissRule, lookahead: int = 0, prefetch_accuracy: float = 0.0,
-             phases: Sequence[str] = PHASES, seed: int = 0, count_from: int = 0) -> SimResult:
+             phases: Sequence[str] = PHASES, seed: int = 0, count_from: int = 0,
+             replay_guesses: bool = False) -> SimResult:
     """Replay the passes of `phases` through one `LayerCachePolicy` per layer.
 
     Only the replayed passes from the `count_from`-th on are counted: the earlier ones warm the caches
@@ -109,13 +110,17 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
     With `lookahead` 1, after layer l's lookup the guesses for layer l+1 are admitted into layer l+1's
     cache (`admit_guesses`, as the runtime admits them) before its lookup: each expert layer l+1 really
     needs is guessed with probability `prefetch_accuracy`, otherwise a random expert it does not need
-    is guessed instead (random.Random(seed)).
+    is guessed instead (random.Random(seed)). With `replay_guesses`, the guesses are instead the ones the
+    trace recorded (`run --trace-out` records them, prefetch on or off): the runtime's own, so the counts
+    equal what `run` reports with `lookahead: 1` on the same routing.
     """
     _check(trace, slots, preload)
     if lookahead not in (0, 1):
         raise ValueError(f"lookahead: must be 0 or 1, got {lookahead}")
     if not 0.0 <= prefetch_accuracy <= 1.0:
         raise ValueError(f"prefetch_accuracy: must be in [0, 1], got {prefetch_accuracy}")
+    if replay_guesses and lookahead and any(p.guesses is None for p in trace.passes if p.phase in phases):
+        raise ValueError("replay_guesses: the trace has passes without recorded guesses")
     L, E = trace.header.num_layers, trace.header.num_experts
     preload = preload or [[] for _ in range(L)]
     caches = [LayerCachePolicy(slots[l], policy, preload[l]) for l in range(L)]
@@ -145,8 +150,12 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
             c[5] += sum(needed[e] for e in out.accelerator_misses)
             c[6] += sum(1 for entry in out.entries if not entry.transfer)
             if lookahead and l + 1 < L:
-                c[7] += _prefetch(caches[l + 1], trace.tokens_per_expert(position, l + 1), E,
-                                  prefetch_accuracy, rng)
+                if replay_guesses:
+                    nxt = caches[l + 1]
+                    c[7] += len(admit_guesses(nxt, frozenset(p.guesses[l + 1]))) if nxt.admits else 0
+                else:
+                    c[7] += _prefetch(caches[l + 1], trace.tokens_per_expert(position, l + 1), E,
+                                      prefetch_accuracy, rng)
         if counted:
             counts = PassCounts(1, float(p.tokens), *map(float, c))
             (decode if p.phase == "decode" else prefill).append(counts)
