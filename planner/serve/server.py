@@ -10,6 +10,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -27,7 +28,15 @@ log = logging.getLogger("moeplan.serve")
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, except that the signal that stopped it is not raised again once it has drained: a
-    Ctrl-C that let every running and queued request finish is a clean exit (0). A second Ctrl-C forces it."""
+    Ctrl-C that let every running and queued request finish is a clean exit (0). A second Ctrl-C forces it.
+    `on_listening` runs once the port accepts connections (the model starts loading then)."""
+
+    on_listening: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_listening is not None:
+            self.on_listening()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -65,8 +74,11 @@ def serve(plan: Plan, model_dir: str | None, sock: socket.socket, api_key: str |
         log.info("loaded %s in %.1f s (context %d tokens); serving http://%s/v1", name,
                  time.perf_counter() - start, generator.context_tokens, address(sock))
 
-    queue.run_first(load)
-    log.info("listening on http://%s (503 until %s has loaded; Ctrl-C drains and stops)", address(sock), name)
+    def listening() -> None:
+        log.info("listening on http://%s (503 until %s has loaded; Ctrl-C drains and stops)", address(sock), name)
+        queue.run_first(load)
+
+    server.on_listening = listening
     try:
         server.run(sockets=[sock])
     finally:
