@@ -43,6 +43,7 @@ PLANS = {
     "lfu-accelerator": dict(slots=3, policy="lfu", preload=True, compute="accelerator"),
     "fifo-transfer-promote": dict(slots=1, policy="fifo", transfer_min_tokens=2, promote=True),
     "static-cpu": dict(slots=2, policy="static", preload=True),
+    "adaptive-promote": dict(slots=2, policy="adaptive", promote=True),
 }
 
 

@@ -65,6 +65,14 @@ def test_quantized_checkpoint_runs_with_its_format(quantized, tmp_path, capsys):
     assert "quantizing" not in err  # read as it is, not quantized again
 
 
+def test_plain_checkpoint_is_quantized_at_load_and_says_so(checkpoint, tmp_path, capsys):
+    folder, _ = checkpoint("mixtral")
+    code, err = cli(["run", str(plan_file(tmp_path, folder, "int8")), "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    assert f"moeplan: quantizing the routed experts of {folder} to int8 (group size 32) while loading" in err
+    assert "moeplan: quantized 3 MoE layers' experts to int8 in " in err
+
+
 @pytest.mark.parametrize("experts,version,needle", [
     ("int8", 2, "model.experts: the plan says int8 but"),
     ("bfloat16", 2, "model.experts: the plan says bfloat16 but"),
