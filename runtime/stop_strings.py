@@ -1,8 +1,11 @@
 """Stop sequences on streamed text: emit what cannot be the start of a stop string, hold back what might be.
 
 OpenAI's `stop`: generation ends where any stop string first appears, and the returned text excludes it.
-A stop string can span several tokens, so the tail of the text that is a prefix of a stop string waits
-until the next piece settles it.
+"First" is the first to be complete as the text grows (the smallest end; on a tie the one that starts
+first), so that where the tokens happen to split the text never changes the answer: with stops "a" and
+"\naa", the text "\naa" stops after "\n" whether it comes as one piece or as "\na" + "a". A stop string can
+span several tokens, so the tail of the text that is a prefix of a stop string waits until the next piece
+settles it.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ class StopMatcher:
         if self.stopped:
             return ""
         buffer = self.held + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i + len(s), i) for s, i in ((s, buffer.find(s)) for s in self.stops) if i >= 0]
+        if found:
+            _, cut = min(found)  # the first to be complete, then the earliest start
             self.held, self.stopped = "", True
             return buffer[:cut]
         keep = self._partial_suffix(buffer)
