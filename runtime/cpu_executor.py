@@ -13,16 +13,25 @@ Three paths:
   weight byte is read once;
 - otherwise, or a layout the kernel does not cover (biases, transposed weights, a dtype or CPU it does
   not support): torch's matmul (oneDNN, AMX where the CPU has it), expert by expert.
+
+Quantized experts (int8/int4, runtime/quant_experts.py) take `_run_quantized`: the input projections of
+all the layer's missed experts, the gate, then all their output projections, each projection set through
+ONE seam, `quantized_multi`, where the int kernels plug in (its docstring says what it receives and
+returns). Until they do, it dequantizes each matrix into the shared scratch in the model dtype and
+multiplies with torch, the arithmetic a hit on the accelerator does. The fused one-token path takes
+quantized experts where `fits_token_quantized` says so (today: never).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .expert_math import add_weighted, ffn, module_expert_ffn, module_gate, silu_gate
 from .expert_store import ExpertStore
 from .kernels import GemvKernel, load
+from .quant_experts import DequantScratch, QuantizedExperts
 
 Job = tuple[torch.Tensor, torch.Tensor, int]  # (token indices, rank positions, expert id)
 
@@ -40,6 +49,9 @@ class CpuExecutor:
         x_cpu = x.to("cpu")
         w_cpu = top_k_weights.to("cpu")
         out = torch.zeros(x_cpu.shape, dtype=torch.float32)
+        if store.quantized is not None:
+            self._run_quantized(module, store, x_cpu, w_cpu, jobs, out)
+            return out
         small = [j for j in jobs if self._kernel_fits(module, x_cpu.dtype, len(j[0]))]
         if small:
             self._run_kernel(module, store, x_cpu, w_cpu, small, out)
@@ -50,6 +62,63 @@ class CpuExecutor:
             y = module_expert_ffn(module, x_cpu[tokens], *store.weights_args(store.host_weights(expert)))
             add_weighted(out, tokens, ranks, y, w_cpu)
         return out
+
+    # ---- quantized experts ---------------------------------------------------------------------
+    def quantized_multi(self, qweights: list[torch.Tensor], scales: list[torch.Tensor], inputs: list[torch.Tensor],
+                        fmt: str, group_size: int, out_dtype: torch.dtype,
+                        scratch: DequantScratch) -> list[torch.Tensor]:
+        """THE SEAM for the int8/int4 CPU kernels: [x_i @ W_i^T for each i], W_i the dequantized matrix i.
+
+        Receives, for each matrix i of one projection of the missed experts of one layer (the input
+        projections of all of them in one call, then their output projections in another):
+        - `qweights[i]`: the expert's slice of the layer's `qweight`, a contiguous view into host memory:
+          int8 [N, K] (fmt "int8") or uint8 [N, K/2] (fmt "int4": byte j of a row holds input 2j in its low
+          nibble and input 2j+1 in its high nibble, each as q + 8);
+        - `scales[i]`: float16 [N, K/G], contiguous; w[n, k] = float(scales[n, k // G]) * q[n, k];
+        - `inputs[i]`: x_i [T_i, K] contiguous, in `out_dtype` (the model dtype: bfloat16, float16 or float32);
+        - `group_size` G (K % G == 0, G a multiple of 8), `fmt` "int8" or "int4";
+        - `scratch`: the shared dequantization buffer (the torch path below uses it; a kernel need not).
+        Returns [y_i [T_i, N] in `out_dtype`]: the products accumulated in fp32 and rounded once to
+        `out_dtype`, as torch's matmul of x_i by the dequantized matrix (`out_dtype`(float(scale) * q))
+        rounds its output: the conformance tests compare tokens with that reference.
+        Today: dequantize W_i into the scratch (model dtype) and multiply with torch, matrix by matrix.
+        """
+        out = []
+        for qw, sc, x in zip(qweights, scales, inputs):
+            w = scratch.dequantize(0, qw, sc, fmt, out_dtype)
+            out.append(F.linear(x, w))
+        return out
+
+    def fits_token_quantized(self, module: torch.nn.Module, quantized: QuantizedExperts,
+                             dtype: torch.dtype) -> bool:
+        """Whether `token` runs this module's quantized experts for a one-token x of `dtype` (then `token`
+        receives, per chosen expert, [in qweight, in scales, out qweight, out scales] views of one expert).
+        No int kernel yet: never."""
+        return False
+
+    def _run_quantized(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, w: torch.Tensor,
+                       jobs: list[Job], out: torch.Tensor) -> None:
+        """The missed quantized experts of one layer: input projections, gate, output projections, each set
+        through `quantized_multi`; the same arithmetic as `module_expert_ffn` on the dequantized weights."""
+        q = store.quantized
+        gate = module_gate(module)
+        experts = [e for _, _, e in jobs]
+        bias = len(store.host) == 6  # qweight, scales of each projection, then the two biases
+        h = self.quantized_multi([store.host[0][e] for e in experts], [store.host[1][e] for e in experts],
+                                 [x[tokens].contiguous() for tokens, _, _ in jobs], q.fmt, q.group_size, x.dtype,
+                                 store.scratch)
+        if bias:
+            h = [hi + store.host[4][e] for hi, e in zip(h, experts)]
+        hidden = [gate(hi).contiguous() for hi in h]
+        ys = self.quantized_multi([store.host[2][e] for e in experts], [store.host[3][e] for e in experts], hidden,
+                                  q.fmt, q.group_size, x.dtype, store.scratch)
+        post_norm = getattr(module, "has_post_expert_norm", False)
+        for (tokens, ranks, e), y in zip(jobs, ys):
+            if bias:
+                y = y + store.host[5][e]
+            if post_norm:
+                y = module.post_expert_norm(y)
+            add_weighted(out, tokens, ranks, y, w)
 
     def fits_token(self, module: torch.nn.Module, dtype: torch.dtype) -> bool:
         """Whether `token` can run this module's experts: the kernel wins at one token, and the module

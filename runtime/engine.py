@@ -18,8 +18,9 @@ from .experts_hook import ATTRIBUTE
 from .huge_pages import bytes_in_huge_pages, move_to_huge_pages
 from .expert_store import ExpertStore
 from .layer_context import LayerContext
-from .loader import LoadedModel
+from .loader import DTYPES, LoadedModel
 from .moe_layer import MoeLayer
+from .quant_experts import DequantScratch
 from .plan import Plan
 from .prefetch import Prefetcher
 from .replay import RoutingReplay
@@ -48,8 +49,9 @@ class Engine:
         self.huge_page_bytes = bytes_in_huge_pages(params)
         self.context = LayerContext(cpu, Prefetcher(self.device, num_layers, self.top_k), replay)
         self.layers: list[MoeLayer] = []
+        scratch = DequantScratch()  # one for every layer: quantized experts dequantize into it
         for i, module in enumerate(experts):
-            store = ExpertStore(module, slots[i], self.device)
+            store = ExpertStore(module, slots[i], self.device, scratch, DTYPES[plan.model.dtype])
             policy = LayerCachePolicy(slots[i], plan.cache.policy, preload[i])
             for expert, slot in policy.resident().items():  # preload: before the first token
                 store.copy_to_slot(expert, slot)

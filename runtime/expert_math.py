@@ -49,9 +49,13 @@ def module_gate(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tenso
 
 
 def module_expert_ffn(module: torch.nn.Module, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                      b_in: torch.Tensor | None, b_out: torch.Tensor | None) -> torch.Tensor:
-    """One expert of `module` on x, with the weights given (from a cache slot or from host memory)."""
-    out = ffn(x, w_in, w_out, module_gate(module), getattr(module, "is_transposed", False), b_in, b_out)
+                      b_in: torch.Tensor | None, b_out: torch.Tensor | None,
+                      transposed: bool | None = None) -> torch.Tensor:
+    """One expert of `module` on x, with the weights given (from a cache slot or from host memory);
+    `transposed` overrides the module's layout flag (dequantized experts are in the standard layout)."""
+    if transposed is None:
+        transposed = getattr(module, "is_transposed", False)
+    out = ffn(x, w_in, w_out, module_gate(module), transposed, b_in, b_out)
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
     return out

@@ -3,23 +3,41 @@
 Host storage is the experts module's own fused tensors (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`,
 biases if any): expert e is the contiguous slice [e], so bringing it to a slot is one copy per tensor.
 Slot storage is a tensor of the same layout with `slots` rows on the accelerator, allocated once.
+
+Quantized experts (runtime/quant_experts.py): the host tensors are each projection's `qweight` and
+`scales` ([E, ...] each, expert e the slice [e]), so a slot holds the quantized expert and a promotion or
+prefetch copies the quantized bytes, one copy per tensor. `weights_args` dequantizes an expert's matrices
+into the shared `DequantScratch` in the model dtype before the expert math reads them.
 """
 from __future__ import annotations
 
 import torch
 
 from .expert_math import in_proj_name
+from .quant_experts import DequantScratch, quantized_of
 
 
 class ExpertStore:
-    def __init__(self, module: torch.nn.Module, slots: int, device: torch.device) -> None:
+    def __init__(self, module: torch.nn.Module, slots: int, device: torch.device,
+                 scratch: DequantScratch | None = None, dtype: torch.dtype | None = None) -> None:
+        """`scratch` and `dtype` (the model's): where quantized experts dequantize to, and in what."""
         self.module = module
         self.device = device
-        names = [in_proj_name(module), "down_proj"]
-        if getattr(module, "has_bias", False):
-            names += [f"{names[0]}_bias", "down_proj_bias"]
+        self.quantized = quantized_of(module)
+        bias = [f"{in_proj_name(module)}_bias", "down_proj_bias"] if getattr(module, "has_bias", False) else []
+        if self.quantized is None:
+            names = [in_proj_name(module), "down_proj"] + bias
+            self.host = [getattr(module, n) for n in names]  # [E, ...] each, in host memory
+        else:
+            q = self.quantized
+            names = [f"{p}.{part}" for p in q.projections for part in ("qweight", "scales")] + bias
+            self.host = q.tensors() + [getattr(module, n) for n in bias]
         self.names = names
-        self.host = [getattr(module, n) for n in names]  # [E, ...] each, in host memory
+        self.scratch = scratch if scratch is not None else DequantScratch()
+        # the dtype quantized experts dequantize into (the model's; float experts are used as they are)
+        self.dtype = dtype if dtype is not None else self.host[0].dtype if self.quantized is None else torch.float32
+        # float experts honour the module's layout flag; quantized ones are kept in the standard layout
+        self.transposed = getattr(module, "is_transposed", False) and self.quantized is None
         # Zeroed, not just allocated: in host memory (plans with `accelerator: cpu`) an untouched buffer
         # page-faults on its first copy, which measured 55-87 ms against 2.3-2.5 ms for a 22 MB expert
         # (bench/predict_vs_measure.py, AVX2 VM): the first promotions would cost what no profile row says.
@@ -51,7 +69,14 @@ class ExpertStore:
         return self._scratch
 
     def weights_args(self, weights: list[torch.Tensor]) -> tuple:
-        """(w_in, w_out, b_in, b_out) for `module_expert_ffn`."""
+        """(w_in, w_out, b_in, b_out) for `module_expert_ffn`; a quantized expert's matrices are dequantized
+        into the scratch (valid until the next call on the same device)."""
+        q = self.quantized
+        if q is not None:
+            w_in = self.scratch.dequantize(0, weights[0], weights[1], q.fmt, self.dtype)
+            w_out = self.scratch.dequantize(1, weights[2], weights[3], q.fmt, self.dtype)
+            biases = weights[4:6] if len(weights) == 6 else (None, None)
+            return w_in, w_out, biases[0], biases[1]
         if len(weights) == 4:
             return weights[0], weights[1], weights[2], weights[3]
         return weights[0], weights[1], None, None

@@ -5,20 +5,29 @@ fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` layout as it goes). Load
 then every parameter that is not a routed expert moves to the accelerator, and the experts stay where
 they are (pinned when the accelerator is CUDA, so that a copy into a cache slot is one DMA). Experts are
 never all put on the accelerator, and the host never holds two full copies of them.
+
+int8/int4 experts (a plan's `model.experts`): a checkpoint written by `moeplan quantize` loads as it is
+(runtime/quant_checkpoint.py: the model is built on the meta device and filled, no float experts are
+ever built); with a plain checkpoint the experts are quantized while loading, layer by layer
+(runtime/quant_experts.py), and the float ones freed.
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .contracts.expert_format import DEFAULT_GROUP_SIZE, check_group_size, is_quantized
 from .contracts.model_shape import ModelShape, shape_from_config
-from .errors import HardwareError, ModelError
+from .errors import HardwareError, ModelError, PlanError
 from .experts_hook import IMPLEMENTATION_NAME, register
 from .mapped_pages import ReleaseMappedPages
+from .quant_checkpoint import checkpoint_format, load_quantized
+from .quant_experts import ATTRIBUTE as QUANTIZED_ATTRIBUTE, quantize_at_load, quantized_of
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ class LoadedModel:
     routers: list[torch.nn.Module | None]  # each MoE layer's router (for prefetch guesses), if found
     device: torch.device
     model_dir: Path
+    experts_format: str = ""  # how the routed experts are held: the dtype, int8 or int4
+    group_size: int = 0  # inputs per scale of int8/int4 experts (0 for float experts)
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -51,8 +62,37 @@ def resolve_device(accelerator: str) -> torch.device:
 
 
 def is_experts_module(module: torch.nn.Module) -> bool:
-    """A routed-experts module prepared by transformers' `use_experts_implementation` decorator."""
-    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "down_proj")
+    """A routed-experts module prepared by transformers' `use_experts_implementation` decorator (its float
+    weights, or the quantized ones in their place)."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and (
+        hasattr(module, "down_proj") or hasattr(module, QUANTIZED_ATTRIBUTE))
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """How `run` gets the routed experts in the plan's format from this checkpoint."""
+    fmt: str  # the plan's expert format (model.experts, or model.dtype)
+    group_size: int  # int formats: the checkpoint's, or the default when quantized at load; else 0
+    in_checkpoint: bool  # True: the checkpoint holds them so (float, or written by `moeplan quantize`)
+
+
+def expert_source(folder: Path, config: dict, dtype: str, experts: str | None) -> ExpertSource:
+    """Check the plan's expert format against the checkpoint's, before any weight is read."""
+    fmt = experts or dtype
+    stored = checkpoint_format(config, str(folder / "config.json"))
+    if stored is not None:
+        if fmt != stored[0]:
+            said = f"model.experts: the plan says {fmt}" if experts else \
+                f"model.experts: the plan names none (so {dtype}, its model.dtype)"
+            raise PlanError(f"{said} but {folder} holds {stored[0]} experts (group size {stored[1]}, written by "
+                            f"moeplan quantize); set model.experts: {stored[0]} or use the plain checkpoint")
+        return ExpertSource(fmt, stored[1], True)
+    if is_quantized(fmt):
+        return ExpertSource(fmt, DEFAULT_GROUP_SIZE, False)
+    if fmt != dtype:
+        raise PlanError(f"model.experts: {fmt} experts with model.dtype {dtype} are not supported by run: "
+                        f"use model.dtype, int8 or int4")
+    return ExpertSource(fmt, 0, True)
 
 
 def check_model_dir(model_dir: Path) -> dict:
@@ -79,17 +119,20 @@ def check_model_dir(model_dir: Path) -> dict:
     return config
 
 
-def inspect_model(model_dir: str | Path, dtype: str) -> ModelShape:
-    """The model's shape in `dtype`, checked before any weight is read: transformers builds the model on
-    the meta device (no memory, no weights read) to show it has an experts module moeplan can run, and
-    the shape is read from the same config.json (runtime/contracts/model_shape.py, the planner's too)."""
+def inspect_model(model_dir: str | Path, dtype: str, experts: str | None = None) -> ModelShape:
+    """The model's shape in `dtype`, its experts in the plan's format `experts` (None: dtype), checked
+    before any weight is read: transformers builds the model on the meta device (no memory, no weights
+    read) to show it has an experts module moeplan can run, and the shape is read from the same
+    config.json (runtime/contracts/model_shape.py, the planner's too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(model_dir).expanduser()
-    check_model_dir(folder)
+    source = expert_source(folder, check_model_dir(folder), dtype, experts)
     register()
     try:
         config = AutoConfig.from_pretrained(folder)
+        if hasattr(config, "quantization_config") and source.in_checkpoint and is_quantized(source.fmt):
+            del config.quantization_config  # moeplan's own layout, read by moeplan
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     except Exception as exc:  # an unknown model_type, a config transformers rejects
@@ -99,18 +142,29 @@ def inspect_model(model_dir: str | Path, dtype: str) -> ModelShape:
         raise ModelError(f"{folder}: model type {config.model_type!r} has no experts module that uses "
                          f"transformers' experts interface, so moeplan cannot run it")
     shape = shape_from_config(folder / "config.json").with_dtype(dtype)
+    if is_quantized(source.fmt):
+        shape = shape.with_experts(source.fmt, source.group_size)
+        for inputs in (shape.hidden, shape.expert_intermediate):
+            problem = check_group_size(source.group_size, inputs)
+            if problem and not source.in_checkpoint:
+                raise ModelError(f"{folder}: cannot quantize the experts at load with group size {problem}; "
+                                 f"write a quantized checkpoint with `moeplan quantize --group-size N`")
+            if problem:
+                raise ModelError(f"{folder}: quantization_config: group size {problem}")
     if (shape.num_moe_layers, shape.num_experts) != (len(experts), experts[0].num_experts):
         raise ModelError(f"{folder}: config.json reads as {shape.num_moe_layers} MoE layers of {shape.num_experts} "
                          f"experts but transformers builds {len(experts)} of {experts[0].num_experts}")
     return shape
 
 
-def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedModel:
+def load_model(model_dir: str | Path, dtype: str, accelerator: str, experts: str | None = None) -> LoadedModel:
+    """Load the checkpoint with its routed experts in the plan's format `experts` (None: dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(model_dir).expanduser()
     device = resolve_device(accelerator)
     config = check_model_dir(folder)
+    source = expert_source(folder, config, dtype, experts)
     register()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -118,8 +172,15 @@ def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedMod
         raise ModelError(f"{folder}: cannot load the tokenizer ({_first_line(exc)})") from None
     try:
         with ReleaseMappedPages(folder):  # keeps the loading peak near one checkpoint, not two
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=DTYPES[dtype], experts_implementation=IMPLEMENTATION_NAME, use_safetensors=True)
+            if source.in_checkpoint and is_quantized(source.fmt):
+                def build(cfg):
+                    return AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype],
+                                                            experts_implementation=IMPLEMENTATION_NAME)
+                model, _ = load_quantized(folder, config, DTYPES[dtype], source.fmt, source.group_size,
+                                          build, find_experts)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=DTYPES[dtype], experts_implementation=IMPLEMENTATION_NAME, use_safetensors=True)
     except (ValueError, KeyError) as exc:
         if "experts_implementation" in str(exc) or IMPLEMENTATION_NAME in str(exc):
             raise ModelError(f"{folder}: model type {config['model_type']!r} does not use transformers' "
@@ -134,14 +195,17 @@ def load_model(model_dir: str | Path, dtype: str, accelerator: str) -> LoadedMod
     model.eval()
     model.requires_grad_(False)
 
-    experts, routers = find_experts(model)
-    if not experts:
+    found, routers = find_experts(model)
+    if not found:
         raise ModelError(f"{folder}: model type {config['model_type']!r} has no experts module that uses "
                          f"transformers' experts interface, so moeplan cannot run it")
-    _place(model, experts, device)
-    log.info("loaded %s: %d MoE layers, %d experts each, dense weights on %s", folder.name, len(experts),
-             experts[0].num_experts, device)
-    return LoadedModel(model, tokenizer, experts, routers, device, folder)
+    if is_quantized(source.fmt) and not source.in_checkpoint:
+        quantize_at_load(found, source.fmt, source.group_size, str(folder),
+                         report=lambda line: print(line, file=sys.stderr, flush=True))
+    _place(model, found, device)
+    log.info("loaded %s: %d MoE layers, %d experts each (%s), dense weights on %s", folder.name, len(found),
+             found[0].num_experts, source.fmt, device)
+    return LoadedModel(model, tokenizer, found, routers, device, folder, source.fmt, source.group_size)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -192,3 +256,8 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
         for m in experts:
             for param in m.parameters(recurse=False):
                 param.data = param.data.pin_memory()  # one layer at a time: never two full copies
+            q = quantized_of(m)
+            if q is not None:
+                for p in q.projections:
+                    q.qweight[p] = q.qweight[p].pin_memory()
+                    q.scales[p] = q.scales[p].pin_memory()

@@ -76,8 +76,12 @@ class MoeLayer:
 
     def __post_init__(self) -> None:
         dtype = self.store.host[0].dtype
-        if self.store.device.type == "cpu" and self.context.cpu.fits_token(self.module, dtype):
-            self._token_dtype = dtype
+        # quantized experts take the fused one-token kernel only once the CPU executor says it runs them
+        # (CpuExecutor.fits_token_quantized: False until the int kernels are in)
+        fits = (self.context.cpu.fits_token(self.module, dtype) if self.store.quantized is None
+                else self.context.cpu.fits_token_quantized(self.module, self.store.quantized, self.store.dtype))
+        if self.store.device.type == "cpu" and fits:
+            self._token_dtype = dtype if self.store.quantized is None else self.store.dtype
         self._token_caches_nothing = caches_nothing(self.policy, self.rule, 1)
 
     # ---- the forward pass -------------------------------------------------------------------
@@ -177,7 +181,8 @@ class MoeLayer:
     def _accumulate(self, out: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor,
                     rows: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor]) -> None:
         tokens, ranks = (r.to(x.device, non_blocking=True) for r in rows)
-        y = module_expert_ffn(self.module, x[tokens], *self.store.weights_args(weights))  # [n, H]
+        y = module_expert_ffn(self.module, x[tokens], *self.store.weights_args(weights),
+                              transposed=self.store.transposed)  # [n, H]
         add_weighted(out, tokens, ranks, y, top_k_weights)
 
 

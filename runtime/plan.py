@@ -1,4 +1,8 @@
-"""The execution plan (schema version 1, docs/run.md): frozen dataclasses, strict loading, round-trip.
+"""The execution plan (schema version 2, docs/run.md): frozen dataclasses, strict loading, round-trip.
+
+Version 2 adds `model.experts` (how the routed experts are stored: a float dtype, int8 or int4); a
+version 1 plan reads as version 2 without it (its experts are stored in `model.dtype`), and plans are
+written as version 2.
 
 A plan says where experts live and what happens on a miss. It is data only: the runtime reads it, the
 planner writes it. Every error names the field path (`cache.slots[3]: must be >= 0, got -1`).
@@ -14,11 +18,13 @@ from typing import Any
 import yaml
 
 from .contracts.cache_policy import MISS_COMPUTE, POLICIES, MissRule
+from .contracts.expert_format import FORMATS
 from .contracts.fields import FieldChecker
 from .errors import PlanError
 from .textfile import parse_yaml, read_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: no model.experts (migrated on reading)
 DTYPES = ("float32", "bfloat16", "float16")
 _ACCELERATOR = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -27,7 +33,15 @@ _ACCELERATOR = re.compile(r"^(cpu|cuda(:\d+)?)$")
 class ModelSpec:
     name: str = ""  # informational: the catalog name the plan was tuned for
     path: str | None = None  # local Hugging Face folder; `run --model DIR` overrides it
-    dtype: str = "bfloat16"  # weights and activations: float32 | bfloat16 | float16
+    dtype: str = "bfloat16"  # dense weights and activations: float32 | bfloat16 | float16
+    # storage of the routed experts: bfloat16 | float16 | float32 | int8 | int4; None = dtype (then not
+    # written, so that a plan without the key round-trips as it was)
+    experts: str | None = None
+
+    @property
+    def expert_format(self) -> str:
+        """The routed experts' storage format: `experts`, or the dtype where the plan names none."""
+        return self.experts or self.dtype
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,8 @@ class Plan:
         }
         out: dict[str, Any] = {
             "version": self.version,
-            "model": {"name": self.model.name, "path": self.model.path, "dtype": self.model.dtype},
+            "model": {"name": self.model.name, "path": self.model.path, "dtype": self.model.dtype,
+                      **({"experts": self.model.experts} if self.model.experts is not None else {})},
             "hardware": {"accelerator": self.hardware.accelerator, "cpu_threads": self.hardware.cpu_threads,
                          "profile": self.hardware.profile},
             "cache": cache,
@@ -196,21 +211,25 @@ def _optional_mapping(value: Any, path: str) -> dict[str, Any] | None:
 
 def _parse_plan(data: Any) -> Plan:
     if data is None:
-        raise PlanError("the file is empty (a plan is a mapping that starts with version: 1)")
+        raise PlanError(f"the file is empty (a plan is a mapping that starts with version: {SCHEMA_VERSION})")
     top = _mapping(data, "", ("version", "model", "hardware", "cache", "miss", "prefetch", "predicted",
                               "provenance"))
+    readable = " and ".join(str(v) for v in READS_VERSIONS)
     if "version" not in top:
-        raise PlanError("version: missing (this moeplan reads schema version 1)")
+        raise PlanError(f"version: missing (this moeplan reads schema versions {readable})")
     version = _int(top["version"], "version")
-    if version != SCHEMA_VERSION:
-        raise PlanError(f"version: this moeplan reads schema version {SCHEMA_VERSION}, got {version}")
+    if version not in READS_VERSIONS:
+        raise PlanError(f"version: this moeplan reads schema versions {readable}, got {version}")
 
-    m = _mapping(top.get("model"), "model", ("name", "path", "dtype"))
+    m = _mapping(top.get("model"), "model", ("name", "path", "dtype", "experts"))
+    if version == 1 and "experts" in m:  # a version 1 plan that names it is a mistake, not a migration
+        raise PlanError("model.experts: needs schema version 2 (the plan says version: 1)")
     d = ModelSpec()
     model = ModelSpec(
         name=_str(m.get("name", d.name) or "", "model.name"),
         path=None if m.get("path") is None else _str(m["path"], "model.path"),
         dtype=_str(m.get("dtype", d.dtype), "model.dtype", DTYPES),
+        experts=None if m.get("experts") is None else _str(m["experts"], "model.experts", FORMATS),
     )
 
     h = _mapping(top.get("hardware"), "hardware", ("accelerator", "cpu_threads", "profile"))
@@ -238,7 +257,7 @@ def _parse_plan(data: Any) -> Plan:
     p = _mapping(top.get("prefetch"), "prefetch", ("lookahead",))
     prefetch = PrefetchSpec(lookahead=_int(p.get("lookahead", 0), "prefetch.lookahead", lo=0, hi=1))
 
-    return Plan(version=version, model=model, hardware=hardware, cache=cache, miss=miss, prefetch=prefetch,
+    return Plan(version=SCHEMA_VERSION, model=model, hardware=hardware, cache=cache, miss=miss, prefetch=prefetch,
                 predicted=_optional_mapping(top.get("predicted"), "predicted"),
                 provenance=_optional_mapping(top.get("provenance"), "provenance"))
 

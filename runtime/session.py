@@ -65,11 +65,11 @@ class Session:
         if not folder:
             raise PlanError("model.path: the plan names no model folder; give one with --model DIR")
         device = resolve_device(plan.hardware.accelerator)
-        shape = inspect_model(folder, plan.model.dtype)  # check the plan before reading any weight
+        shape = inspect_model(folder, plan.model.dtype, plan.model.experts)  # check the plan before reading any weight
         slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
         plan.cache.preload_per_layer(shape.num_moe_layers, shape.num_experts)
         check_fits(memory_plan(shape, slots, device, context_tokens))
-        loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator)
+        loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator, plan.model.experts)
         replay = None
         if replay_trace is not None:
             top_k = int(getattr(loaded.model.config, "num_experts_per_tok"))

@@ -27,7 +27,16 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-def make_config(family: str, layers: int = 3):
+def make_config(family: str, layers: int = 3, **overrides):
+    """`overrides` replace the family's config fields (quantized-expert tests need input sizes that the
+    default group size divides)."""
+    config = _family_config(family, layers)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _family_config(family: str, layers: int):
     import transformers as tf
 
     common = dict(vocab_size=320, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
@@ -53,13 +62,13 @@ def num_experts(config) -> int:
     return getattr(config, "num_local_experts", None) or config.num_experts
 
 
-def build_checkpoint(family: str, folder: Path, seed: int = 0, layers: int = 3):
+def build_checkpoint(family: str, folder: Path, seed: int = 0, layers: int = 3, **overrides):
     """Write a random checkpoint of `family` (safetensors, config, tokenizer) to folder; return its config."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = make_config(family, layers)
+    config = make_config(family, layers, **overrides)
     model = AutoModelForCausalLM.from_config(config)
     experts = num_experts(config)
     with torch.no_grad():

@@ -14,6 +14,9 @@ Items (bytes):
   output of one expert call (2 x T x I of the widest MLP), float32 logits of the last token (V x 4);
 - `transfer_scratch`: one expert, where a miss computed on the accelerator outside the cache is copied
   (runtime/expert_store.py allocates it on first use: counted before, as everything else is);
+- `dequant_scratch` (int8/int4 experts only): one expert in the activation dtype, which a quantized
+  expert is dequantized into before its matmuls (on the accelerator for hits and accelerator misses; on
+  the host as well on an accelerator plan, for CPU misses computed through torch);
 - `reserve` (accelerator only): room for the CUDA context's own allocations, the math libraries'
   workspaces, the caching allocator's rounding and the activations this accounting does not itemise.
 - `experts`: every routed expert, which lives in host memory whatever the plan;
@@ -23,6 +26,7 @@ With `accelerator: cpu` every item is host memory (a slot is then a second copy 
 """
 from __future__ import annotations
 
+from .expert_format import is_quantized
 from .model_shape import ModelShape
 
 HOST = "host"
@@ -49,8 +53,14 @@ def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens:
     side = {"dense_weights": shape.dense_bytes, "kv_cache": shape.kv_bytes_per_token * kv_tokens,
             "expert_slots": slots * shape.expert_bytes, "workspace": workspace_bytes(shape, pass_tokens),
             "transfer_scratch": shape.expert_bytes}
+    # expert bytes are those of the stored format (runtime/contracts/expert_format.py)
     host = {"experts": shape.expert_bytes_total}
+    quantized = is_quantized(shape.expert_format)
+    if quantized:
+        side["dequant_scratch"] = shape.expert_bytes_in_dtype
     if not on_accelerator:
         return {HOST: {**host, **side}}
     host["dense_weights_while_loading"] = shape.dense_bytes  # read from disk, then moved to the accelerator
+    if quantized:
+        host["dequant_scratch"] = shape.expert_bytes_in_dtype
     return {ACCELERATOR: {**side, "reserve": ACCELERATOR_RESERVE}, HOST: host}

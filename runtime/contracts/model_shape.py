@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from . import expert_format as formats
 
 # Bytes per stored weight. mxfp4 (gpt-oss experts): 4-bit values plus one 8-bit scale per block of 32,
 # i.e. 4.25 bits per weight.
@@ -38,7 +39,10 @@ class ModelShape:
     tied_embeddings: bool
     dtype: str  # dtype of the dense weights and the activations (and of the experts unless expert_dtype)
     gated: bool = True  # expert FFN has 3 matrices (gate, up, down) rather than 2
-    expert_dtype: str | None = None  # experts stored in another format (gpt-oss: mxfp4); None = dtype
+    # experts stored in another format: a float dtype, int8 or int4 (runtime/contracts/expert_format.py),
+    # or gpt-oss's mxfp4; None = dtype
+    expert_dtype: str | None = None
+    expert_group_size: int = formats.DEFAULT_GROUP_SIZE  # inputs per scale of int8/int4 experts
     expert_bias: bool = False  # experts carry biases (gpt-oss)
     attention_bias: bool = False  # q/k/v (and o) projections carry biases
     # Attention that is not plain multi-head/GQA (DeepSeek's MLA): its weights per layer and the values
@@ -54,9 +58,16 @@ class ModelShape:
             value = getattr(self, field_name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelError(f"model {self.name}: {field_name} must be a positive integer, got {value!r}")
-        for dt in (self.dtype, self.expert_dtype or self.dtype):
-            if dt not in DTYPE_BYTES:
-                raise ModelError(f"model {self.name}: dtype must be one of {', '.join(DTYPE_BYTES)}, got {dt!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ModelError(f"model {self.name}: dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        experts = self.expert_dtype or self.dtype
+        if experts not in DTYPE_BYTES and not formats.is_quantized(experts):
+            raise ModelError(f"model {self.name}: expert format must be one of "
+                             f"{', '.join((*DTYPE_BYTES, *formats.INT_FORMATS))}, got {experts!r}")
+        if formats.is_quantized(experts):
+            problem = formats.check_group_size(self.expert_group_size)
+            if problem:
+                raise ModelError(f"model {self.name}: expert group size {problem}")
         if not self.moe_layers or any(not 0 <= i < self.num_layers for i in self.moe_layers):
             raise ModelError(f"model {self.name}: moe_layers must be indices below {self.num_layers}, "
                              f"got {list(self.moe_layers)}")
@@ -81,13 +92,29 @@ class ModelShape:
         return weights + biases
 
     @property
+    def expert_format(self) -> str:
+        """How the routed experts are stored: a float dtype, int8, int4 (or gpt-oss's mxfp4)."""
+        return self.expert_dtype or self.dtype
+
+    @property
     def expert_bytes(self) -> int:
         """Bytes of one routed expert as stored (what a cache slot holds and a miss reads)."""
         matrices = 3 if self.gated else 2
         weights = matrices * self.hidden * self.expert_intermediate
         biases = self.expert_params - weights
         # Biases of quantised experts stay in the dense dtype (gpt-oss ships them in bf16).
-        return round(weights * DTYPE_BYTES[self.expert_dtype or self.dtype] + biases * self.dtype_bytes)
+        fmt = self.expert_format
+        if formats.is_quantized(fmt):
+            stored = formats.expert_bytes(fmt, self.hidden, self.expert_intermediate, self.gated,
+                                                self.expert_group_size)
+        else:
+            stored = weights * DTYPE_BYTES[fmt]
+        return round(stored + biases * self.dtype_bytes)
+
+    @property
+    def expert_bytes_in_dtype(self) -> int:
+        """Bytes of one routed expert in the activation dtype: what a quantized expert dequantizes into."""
+        return round(self.expert_params * self.dtype_bytes)
 
     @property
     def attention_params(self) -> int:
@@ -160,6 +187,14 @@ class ModelShape:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ModelError(f"model {self.name}: dtype must be float32, bfloat16 or float16, got {dtype!r}")
         return replace(self, dtype=dtype, expert_dtype=None)
+
+    def with_experts(self, fmt: str, group_size: int = formats.DEFAULT_GROUP_SIZE) -> "ModelShape":
+        """The same model with its routed experts stored in `fmt` (a plan's `model.experts`); a float
+        format equal to the dtype is the plain model."""
+        problem = formats.check_format(fmt)
+        if problem:
+            raise ModelError(f"model {self.name}: expert format {problem}")
+        return replace(self, expert_dtype=None if fmt == self.dtype else fmt, expert_group_size=group_size)
 
 
 def all_layers(n: int) -> tuple[int, ...]:

@@ -32,8 +32,30 @@ def test_defaults_round_trip():
     assert plan.cache.slots == 0 and plan.cache.preload is None
 
 
+def test_version_1_reads_as_version_2():
+    v1 = Plan.from_yaml(GOOD)
+    assert v1.version == 2 and v1.model.experts is None and v1.model.expert_format == "bfloat16"
+    written = yaml.safe_load(v1.to_yaml())
+    assert written["version"] == 2 and "experts" not in written["model"]
+    assert Plan.from_yaml(GOOD.replace("version: 1", "version: 2")) == v1
+
+
+@pytest.mark.parametrize("experts", ["int4", "int8", "bfloat16", "float16", "float32"])
+def test_experts_round_trip(experts):
+    plan = Plan.from_yaml(GOOD.replace("version: 1", "version: 2").replace("dtype: bfloat16",
+                                                                            f"dtype: bfloat16, experts: {experts}"))
+    assert plan.model.experts == experts and plan.model.expert_format == experts
+    assert yaml.safe_load(plan.to_yaml())["model"]["experts"] == experts
+    assert Plan.from_yaml(plan.to_yaml()) == plan
+
+
+def test_version_1_cannot_name_experts():
+    with pytest.raises(PlanError, match="model.experts: needs schema version 2"):
+        Plan.from_yaml("version: 1\nmodel: {experts: int4}")
+
+
 def mutate(path: str, value):
-    data = yaml.safe_load(GOOD)
+    data = yaml.safe_load(GOOD.replace("version: 1", "version: 2"))
     node = data
     keys = path.split(".")
     for k in keys[:-1]:
@@ -46,10 +68,12 @@ def mutate(path: str, value):
 
 
 @pytest.mark.parametrize("path,value,expected", [
-    ("version", 2, "version: this moeplan reads schema version 1, got 2"),
+    ("version", 3, "version: this moeplan reads schema versions 1 and 2, got 3"),
     ("version", KeyError, "version: missing"),
     ("version", "1", "version: must be an integer"),
     ("model.dtype", "int8", "model.dtype: must be one of"),
+    ("model.experts", "int3", "model.experts: must be one of bfloat16, float16, float32, int8, int4, got 'int3'"),
+    ("model.experts", 4, "model.experts: must be a string"),
     ("model.path", 3, "model.path: must be a string"),
     ("model.colour", "red", "model.colour: unknown key"),
     ("hardware.accelerator", "tpu", "hardware.accelerator: must be cpu or cuda:N"),

@@ -1,0 +1,90 @@
+"""int8 and int4 expert matrices in torch: quantize, pack and unpack int4, dequantize into the model dtype.
+
+The layout is runtime/contracts/expert_format.py's (qweight int8 [N, K] or uint8 [N, K/2] with two codes
+per byte, low nibble first, each q + 8; float16 scales [N, K/G]; w = float(scale) * q). Every function
+here also takes a stack of matrices ([E, N, K] and so on): a layer's experts are quantized in one call.
+
+The rule (how q and the scale are chosen), measured by bench/quant_rule.py (results in
+bench/results/quant_rule.md) on Gaussian and on the embedded tiny-moe model's trained expert weights:
+- int8: the symmetric rule, scale = absmax / 127, q = round(w / scale) in [-127, 127] (llama.cpp's Q8_0).
+- int4: llama.cpp Q4_0's rule, scale = m / -8 where m is the group's weight of largest magnitude, with
+  its sign, so that m itself maps to -8 exactly and the full [-8, 7] range is used (q = round(w / scale),
+  clamped to 7 at the other end). The plain symmetric rule (absmax / 7, codes in [-7, 7]) leaves the
+  code -8 unused and spends 15 levels on the group's range where Q4_0 spends 16 on the same range: its
+  step is 8/7 of Q4_0's, and its mean squared reconstruction error measured 1.28x Q4_0's
+  (the table in bench/results/quant_rule.md).
+In both, the scale is rounded to float16 first and the codes are chosen against the stored scale, so the
+codes are the best for the scale the kernels will read. A group of zeros gets scale 0 and codes 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .contracts.expert_format import INT_FORMATS
+
+# float16's largest finite value: a scale beyond it would be stored as inf
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _check(fmt: str, inputs: int, group_size: int) -> None:
+    if fmt not in INT_FORMATS:
+        raise ValueError(f"not an integer expert format: {fmt!r}")
+    if inputs % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input size {inputs}")
+
+
+def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] (any float dtype) -> (qweight, scales float16 [..., N, K/G]) in `fmt`'s layout."""
+    *lead, n, k = w.shape
+    _check(fmt, k, group_size)
+    groups = w.float().reshape(*lead, n, k // group_size, group_size)
+    if fmt == "int8":
+        scale = groups.abs().amax(dim=-1) / 127.0
+        lo, hi = -127, 127
+    else:
+        # Q4_0: the signed weight of largest magnitude maps to -8
+        idx = groups.abs().argmax(dim=-1, keepdim=True)
+        scale = torch.gather(groups, -1, idx).squeeze(-1) / -8.0
+        lo, hi = -8, 7
+    scales = scale.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    stored = scales.float().unsqueeze(-1)
+    inverse = torch.where(stored != 0, 1.0 / stored, torch.zeros_like(stored))
+    q = torch.round(groups * inverse).clamp_(lo, hi).to(torch.int8).reshape(*lead, n, k)
+    del groups, inverse
+    return (q if fmt == "int8" else pack_int4(q)), scales
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7], [..., K] -> uint8 [..., K/2]: input 2j in the low nibble, 2j+1 in the high,
+    each as q + 8."""
+    codes = (q.to(torch.int16) + 8).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] -> int8 codes in [-8, 7], [..., K] (the inverse of `pack_int4`)."""
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """(qweight, scales) of [..., N, K] -> the matrix in `dtype`: dtype(float(scale) * q), computed in
+    float32 and rounded once, as the conformance reference does. `out` (if given) receives it."""
+    q = qweight if fmt == "int8" else unpack_int4(qweight)
+    *lead, n, k = q.shape
+    groups = scales.shape[-1]
+    _check(fmt, k, k // groups if groups else 1)
+    w = q.reshape(*lead, n, groups, k // groups).float() * scales.float().unsqueeze(-1)
+    w = w.reshape(*lead, n, k)
+    if out is None:
+        return w.to(dtype)
+    out.copy_(w)
+    return out
+
+
+def group_size_of(qweight: torch.Tensor, scales: torch.Tensor, fmt: str) -> int:
+    """The group size a (qweight, scales) pair was made with, from their shapes."""
+    inputs = qweight.shape[-1] * (1 if fmt == "int8" else 2)
+    return inputs // scales.shape[-1]
