@@ -63,10 +63,10 @@ def _split_input_floats(isa: int, dtype: torch.dtype, k: int) -> int:
 def _int_kernel_wins(fmt: str, dtype: torch.dtype, tokens: int, threads: int) -> bool:
     """Where the int8/int4 kernel beats torch's dequantize-then-matmul: everywhere it runs (1 to 64 tokens).
 
-    Measured with bench/cpu_kernel.py --int-formats on the benchmark model's expert (hidden 1024,
-    intermediate 3584, two experts per call, AVX2, bench/results/cpu_kernel_int_avx2.md): the kernel took
-    1/30 to 1/40 of torch's time at one token and 1/3.6 to 1/5 at 64, on one thread and on two, int8 and
-    int4 alike: torch dequantizes every weight of the expert into a bf16 matrix before its matmul, which
+    Measured with bench/cpu_kernel.py --int-formats (two experts per call, AVX2, a shared machine,
+    bench/results/cpu_kernel_int_avx2.md): the kernel took 1/10 to 1/40 of torch's time at one token on the
+    benchmark model's expert (hidden 1024, intermediate 3584) and 1/47 to 1/76 on Mixtral's, 1/3.6 to 1/4.7
+    at 64 tokens, on one thread and on two, int8 and int4 alike: torch dequantizes every weight of the expert into a bf16 matrix before its matmul, which
     costs more than the kernel's whole product, and on AVX2 its bf16 matmul is slower than the bf16 kernel
     up to 64 tokens anyway (_kernel_wins). One rule for both formats, thread counts and model dtypes."""
     return True

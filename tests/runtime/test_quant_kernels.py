@@ -193,3 +193,74 @@ def test_token_limit_and_bad_layouts(kernel):
     with pytest.raises(ValueError, match="do not run"):
         kernel.qmulti([(qw, s)], [torch.randn(1, 64).half()], 1)
     assert kernel.supports_int("int4", torch.bfloat16) and not kernel.supports_int("int4", torch.float16)
+
+
+class CountingKernel:
+    """The real kernel, counting the int calls that reach it (so a test sees that the executor routed its
+    int experts through the kernel and not through torch's fallback, which gives nearly the same numbers)."""
+
+    def __init__(self, kernel) -> None:
+        self._kernel = kernel
+        self.calls = {"qmulti": 0, "qmoe_token": 0}
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+    def qmulti(self, *args, **kwargs):
+        self.calls["qmulti"] += 1
+        return self._kernel.qmulti(*args, **kwargs)
+
+    def qmoe_token(self, *args, **kwargs):
+        self.calls["qmoe_token"] += 1
+        return self._kernel.qmoe_token(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_executor_runs_int_experts_on_the_kernel(kernel, fmt, dtype):
+    """CpuExecutor's seam (quantized_multi) and fused token path (token) take the int kernels and give what
+    its torch path gives (dequantize into the model dtype, then matmul)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from model_factory import make_config
+    from runtime.cpu_executor import CpuExecutor
+    from runtime.expert_store import ExpertStore
+    from runtime.quant_experts import quantize_module, quantized_of
+
+    torch.manual_seed(0)
+    config = make_config("mixtral")
+    module = MixtralExperts(config).to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.05)
+    quantize_module(module, fmt, 32, "test")
+    store = ExpertStore(module, slots=0, device=torch.device("cpu"), dtype=dtype)
+    counting = CountingKernel(kernel)
+    fast = CpuExecutor(2, kernel=counting)  # type: ignore[arg-type]
+    plain = CpuExecutor(2, use_kernel=False)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for tokens in (1, 4, 70):  # 70: expert 0 gets them all, above the kernel's 64: torch's path for it
+        x = torch.randn(tokens, config.hidden_size).to(dtype)
+        idx = torch.stack([torch.randperm(module.num_experts - 1)[:2] + 1 for _ in range(tokens)])
+        if tokens > kernel.int_max_tokens:
+            idx[:, 0] = 0
+        weights = torch.rand(tokens, 2)
+        jobs = []
+        for e in idx.unique().tolist():
+            tok, rank = (idx == e).nonzero(as_tuple=True)
+            jobs.append((tok, rank, e))
+        before = counting.calls["qmulti"]
+        with torch.no_grad():
+            got = fast.run(module, store, x, weights, jobs)
+            ref = plain.run(module, store, x, weights, jobs)
+        assert torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+        assert counting.calls["qmulti"] == before + 2  # the input projections, then the output projections
+    assert fast.fits_token_quantized(module, quantized_of(module), dtype)
+    assert not plain.fits_token_quantized(module, quantized_of(module), dtype)
+    x = torch.randn(1, config.hidden_size).to(dtype)
+    chosen = [(store.host_weights(3), 0.7), (store.host_weights(5), 0.3)]
+    got = fast.token(x, chosen)
+    assert counting.calls["qmoe_token"] == 1 and got.dtype == dtype
+    jobs = [(torch.tensor([0]), torch.tensor([0]), 3), (torch.tensor([0]), torch.tensor([1]), 5)]
+    ref = plain.run(module, store, x, torch.tensor([[0.7, 0.3]]), jobs).to(dtype)
+    assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
