@@ -18,6 +18,8 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 
 echo "== 1. conformance on cuda:0"
 MOEPLAN_TEST_ACCELERATOR=cuda:0 timeout 240 $py -m pytest tests/runtime/test_conformance.py -q 2>&1 | tail -5 | tee "$out/conformance.txt"
+echo "== 1b. int8/int4 experts conformance on cuda:0 (slots, promotions, prefetch of quantized bytes)"
+MOEPLAN_TEST_ACCELERATOR=cuda:0 timeout 240 $py -m pytest tests/runtime/test_quant_conformance.py -q 2>&1 | tail -5 | tee "$out/quant_conformance.txt"
 
 echo "== 2. profile"
 timeout 120 .venv/bin/moeplan profile --quick --model mixtral --out "$out/profile.yaml" 2>&1 | tail -3

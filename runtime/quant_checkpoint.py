@@ -1,7 +1,9 @@
 """Checkpoints with int8/int4 experts (written by `moeplan quantize`): their names, marker and loading.
 
 Layout (compressed-tensors' naming, so that the bytes and names are those llm-compressor writes and vLLM
-reads; moeplan reads it without that library):
+reads; moeplan reads it without that library, and tests/runtime/test_quant_checkpoint_compat.py checks
+that compressed-tensors' own config model and compressors read it: every expert matrix decompresses to
+exactly moeplan's dequantization. Loading by vLLM is not tested here):
 - every tensor but the routed experts' weights: as in the source checkpoint (names, dtypes, values);
 - each routed expert matrix under its source name (`model.layers.0.block_sparse_moe.experts.3.w1`, as
   transformers' `save_pretrained` writes it, found by reverting transformers' own weight conversion):

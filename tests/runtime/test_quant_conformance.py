@@ -9,6 +9,7 @@ tensors int32 words, and writes a plain dequantized checkpoint that transformers
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from runtime.quant_format import dequantize, quantize
 from runtime.quantize import quantize_checkpoint
 from runtime.session import Session
 
+# bench/device_check.sh runs this file with MOEPLAN_TEST_ACCELERATOR=cuda:0 on a GPU machine
+ACCELERATOR = os.environ.get("MOEPLAN_TEST_ACCELERATOR", "cpu")
+# on the CPU the tokens are the reference's exactly; a GPU's float32 matmuls round otherwise, so there a
+# token may be off the reference's argmax by this much of a logit (as in test_conformance.py)
+TOL = 0.0 if ACCELERATOR == "cpu" else 1e-3
 PROMPT = "def main(argv):\n    for name in"
 NEW_TOKENS = 5
 LAYERS = 3
@@ -46,7 +52,7 @@ def make_plan(spec: dict, fmt: str, experts: int) -> Plan:
     return Plan.from_dict({
         "version": 2,
         "model": {"name": "test", "dtype": "float32", "experts": fmt},
-        "hardware": {"accelerator": "cpu", "cpu_threads": 1},  # (2 threads: no other path, 10x slower here)
+        "hardware": {"accelerator": ACCELERATOR, "cpu_threads": 1},  # (2 threads: no other path, 10x slower here)
         "cache": {"slots": slots, "policy": spec["policy"], "preload": preload},
         "miss": {"compute": spec.get("compute", "cpu"), "transfer_min_tokens": spec.get("transfer_min_tokens", 0),
                  "promote": spec.get("promote", False)},
@@ -128,12 +134,13 @@ def reference_model(folder: Path, fmt: str | None):
     return model
 
 
-def reference_tokens(model, prompt_ids: list[int], generated: list[int]) -> list[int]:
-    """The reference's greedy choice after the prompt and each generated prefix."""
+def reference_gaps(model, prompt_ids: list[int], generated: list[int]) -> list[float]:
+    """How far each generated token's logit is below the reference's best after the same prefix (0 where
+    the token is the reference's greedy choice)."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + generated])).logits[0]
     n = len(prompt_ids)
-    return [int(logits[n - 1 + i].argmax()) for i in range(len(generated))]
+    return [float(logits[n - 1 + i].max() - logits[n - 1 + i, t]) for i, t in enumerate(generated)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -157,8 +164,8 @@ def test_quantized_plans_match_the_dequantized_reference(family, fmt, plain, tmp
                 session = Session(loaded, plan)
             result = session.generate(PROMPT, max_new_tokens=NEW_TOKENS)
             prompt_ids = list(session.loaded.tokenizer(PROMPT)["input_ids"])
-            expected = reference_tokens(reference, prompt_ids, result.generated_ids)
-            assert result.generated_ids == expected, f"{family}/{fmt}/{source}/{name}"
+            gaps = reference_gaps(reference, prompt_ids, result.generated_ids)
+            assert max(gaps) <= TOL, f"{family}/{fmt}/{source}/{name}: a token off the reference by {max(gaps):.3g}"
             stats = result.stats
             if spec["slots"] == 0:
                 assert stats["cache"]["hits"] == 0
@@ -178,7 +185,7 @@ def test_quantized_checkpoint_holds_no_float_experts_and_slots_hold_quantized_by
     session = Session.load(make_plan(PLANS["lru-promote-prefetch"], "int4", num_experts(config)), written)
     for module in session.loaded.experts:
         assert not hasattr(module, "gate_up_proj") and not hasattr(module, "down_proj")
-    assert all(p.device.type == "cpu" for p in session.loaded.model.parameters())
+    assert all(p.device == session.loaded.device for p in session.loaded.model.parameters())
     store = session.engine.layers[0].store
     h, i = config.hidden_size, config.intermediate_size
     assert store.expert_bytes == (2 * i * h // 2 + 2 * 2 * i * h // GROUP) + (h * i // 2 + 2 * h * i // GROUP)
