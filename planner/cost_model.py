@@ -10,9 +10,10 @@ The critical path of one forward pass, per decoder layer:
   cache once: bytes / memory bandwidth + the profile's fixed per-layer overhead;
 - then the MoE part: experts that hit are computed from their slots on the accelerator while the CPU
   threads compute the CPU misses one after another; experts copied to be computed on the accelerator
-  (transfers) wait for their copy. With a GPU the two sides overlap: the layer costs
-  max(accelerator side, CPU side). With `accelerator: cpu` everything runs on the CPU, one after another,
-  and a "copy" is a host memory copy.
+  (transfers) wait for their copy. Where the runtime's schedule overlaps the two sides
+  (`runtime.contracts.schedule.CPU_OVERLAPS_ACCELERATOR`), the layer costs max(accelerator side, CPU
+  side); today it does not, and they add up. With `accelerator: cpu` everything runs on the CPU, one
+  after another, and a "copy" is a host memory copy.
 - background copies (promotion after a CPU miss, prefetch) use the PCIe link while the rest runs; only
   the part that exceeds the pass's time lands on the critical path. On the CPU they are memory copies
   done by the same threads, so they count in full.
@@ -25,6 +26,7 @@ from typing import Any
 
 from runtime.contracts.memory import memory_items
 from runtime.contracts.model_shape import ModelShape
+from runtime.contracts.schedule import CPU_OVERLAPS_ACCELERATOR
 from runtime.plan import Plan
 
 from .profile import ProfileError, interpolate
@@ -276,7 +278,7 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
         h, c, t = _layer_experts_s(rates, layer, work.tokens)
         hit, cpu, transfer = hit + h, cpu + c, transfer + t
         background += layer.background_copies * rates.copy_s()
-        if rates.on_gpu:  # accelerator side (hits, transfers) beside the CPU side (misses)
+        if rates.on_gpu and CPU_OVERLAPS_ACCELERATOR:  # accelerator side (hits, transfers) beside the CPU side
             overlap -= (h + t + c) - max(h + t, c)
     busy = dense + hit + cpu + transfer + overlap
     # On a GPU background copies share the pass's time with the compute; on the CPU they are serial work.

@@ -58,10 +58,11 @@ class Engine:
             layer = MoeLayer(i, module, loaded.routers[i], store, policy, rule, self.context)
             setattr(module, ATTRIBUTE, layer)
             self.layers.append(layer)
-        if plan.prefetch.lookahead:  # into each next layer that has a router to guess with and takes guesses
-            for layer, nxt in zip(self.layers, self.layers[1:]):
-                if nxt.router is not None and nxt.policy.admits:
-                    layer.prefetch_into = nxt
+        for layer, nxt in zip(self.layers, self.layers[1:]):
+            layer.next_layer = nxt
+            # prefetch into each next layer that has a router to guess with and takes guesses
+            if plan.prefetch.lookahead and nxt.router is not None and nxt.policy.admits:
+                layer.prefetch_into = nxt
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -23,3 +23,12 @@ class TraceError(UserError):
 
 class HardwareError(UserError):
     """A plan that asks for hardware this host does not have, or more memory than it has."""
+
+
+class ContextLengthError(UserError):
+    """A prompt that, with the tokens asked for, does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_tokens: int) -> None:
+        self.prompt_tokens, self.max_new_tokens, self.context_tokens = prompt_tokens, max_new_tokens, context_tokens
+        super().__init__(f"the context holds {context_tokens} tokens, but {prompt_tokens + max_new_tokens} were asked "
+                         f"for ({prompt_tokens} in the prompt, {max_new_tokens} to generate)")

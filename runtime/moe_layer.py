@@ -67,6 +67,7 @@ class MoeLayer:
     rule: MissRule
     context: LayerContext
     stats: LayerStats = field(default_factory=LayerStats)
+    next_layer: "MoeLayer | None" = None  # the next MoE layer (this layer's hidden states guess its experts)
     prefetch_into: "MoeLayer | None" = None  # the next MoE layer, where lookahead is on and its cache admits
     # Decided once at build, not per call (the plan and the module do not change after load):
     # the dtype of a token the fused one-token kernel takes here, None where it takes none
@@ -96,14 +97,27 @@ class MoeLayer:
             out = self._token(x, ranked, top_k_weights, outcome)
         else:
             out = self._pass(x, top_k_weights, rows if rows is not None else _rows_by_expert(idx), outcome)
-        if self.prefetch_into is not None:  # 5. the next layer's guesses, from these hidden states
-            self.prefetch_into.prefetch(x)
+        if self.prefetch_into is not None or self.context.recorder is not None:
+            self._guess_next(x)  # 5. the next layer's guesses, from these hidden states
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def prefetch(self, x: torch.Tensor) -> None:
-        """Guess this layer's experts for the current pass from the previous layer's hidden states x and
-        start copying the guesses that are not resident (the previous layer's step 5)."""
-        copies, copied = self.context.copies.prefetch(x, self.index, self.router, self.policy, self.store)
+    def _guess_next(self, x: torch.Tensor) -> None:
+        """Guess the next MoE layer's experts for this pass from this layer's hidden states x: prefetch them
+        (lookahead 1), and record them in the trace being recorded, prefetch or not, so that the planner
+        can replay prefetch from any recorded trace."""
+        nxt = self.next_layer
+        if nxt is None or nxt.router is None:
+            return
+        guesses = self.context.copies.guess(x, nxt.router)
+        if self.context.recorder is not None:
+            self.context.recorder.record_guesses(nxt.index, guesses)
+        if self.prefetch_into is not None:
+            self.prefetch_into.prefetch(guesses)
+
+    def prefetch(self, guesses: frozenset[int]) -> None:
+        """Admit this layer's guesses for the current pass and start copying the ones that are not resident
+        (the previous layer's step 5)."""
+        copies, copied = self.context.copies.prefetch(guesses, self.index, self.policy, self.store)
         self.stats.prefetch_copies += copies
         self.stats.bytes_to_accelerator += copied
 

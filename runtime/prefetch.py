@@ -52,13 +52,16 @@ class Prefetcher:
         self._guesses[layer] = frozenset()
         return guesses
 
-    def prefetch(self, x: torch.Tensor, layer: int, router: torch.nn.Module, policy: LayerCachePolicy,
-                 store: ExpertStore) -> tuple[int, int]:
-        """Guess `layer`'s experts for this pass by running its router on the previous layer's hidden states
-        x [T, H], admit the guesses into its cache and start copying the ones not resident; returns (copies
-        started, bytes)."""
+    def guess(self, x: torch.Tensor, router: torch.nn.Module) -> frozenset[int]:
+        """A layer's experts for this pass, guessed by running its router on the previous layer's hidden
+        states x [T, H]: each token's top-k."""
         logits = F.linear(x, router.weight.to(x.dtype))  # [T, E]
-        guesses = frozenset(torch.topk(logits, self.top_k, dim=-1).indices.flatten().tolist())
+        return frozenset(torch.topk(logits, self.top_k, dim=-1).indices.flatten().tolist())
+
+    def prefetch(self, guesses: frozenset[int], layer: int, policy: LayerCachePolicy,
+                 store: ExpertStore) -> tuple[int, int]:
+        """Admit `layer`'s guesses for this pass into its cache and start copying the ones not resident;
+        returns (copies started, bytes)."""
         self._guesses[layer] = guesses
         copies = admit_guesses(policy, guesses)
         return len(copies), (self.copy(layer, store, copies) if copies else 0)

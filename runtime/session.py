@@ -2,11 +2,13 @@
 
     session = Session.load(Plan.load("plans/x.yaml"), model_dir="models/tiny-moe")
     result = session.generate("def fibonacci(n):", max_new_tokens=32, on_text=print)
+    for token in session.stream("def fibonacci(n):", max_new_tokens=32):  # or token by token
+        print(token.text, end="")
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +25,13 @@ from .loader import LoadedModel, inspect_model, load_model, resolve_device
 from .plan import Plan
 from .replay import RoutingReplay
 from .sampling import Sampler
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token and the text it completes: empty while a multi-byte character is still partial."""
+    id: int
+    text: str
 
 
 @dataclass
@@ -52,6 +61,11 @@ class Session:
         self.plan = plan
         self.engine = Engine(loaded, plan, replay, huge_pages)
 
+    @property
+    def end_token_ids(self) -> set[int]:
+        """The ids that end a generation (the config's `eos_token_id`, one or several)."""
+        return _stop_ids(self.loaded.model.config)
+
     @classmethod
     def load(cls, plan: Plan, model_dir: str | Path | None = None, replay_trace: str | Path | None = None,
              context_tokens: int = 2048, huge_pages: bool | None = None) -> "Session":
@@ -76,16 +90,39 @@ class Session:
             replay = RoutingReplay.load(replay_trace, len(loaded.experts), loaded.experts[0].num_experts, top_k)
         return cls(loaded, plan, replay, huge_pages)
 
-    @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, on_text: Callable[[str], None] | None = None,
                  trace_out: str | Path | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
         """`on_token(step, token_id)` is called after each new token (long-run benchmarks sample memory there)."""
+        # without on_text no text is decoded while generating (what `run --json` times stays the model's work)
+        tokens = self.stream(prompt, max_new_tokens, temperature, top_p, seed, trace_out, text=on_text is not None)
+        step = 0
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as done:
+                return done.value
+            if on_text is not None and token.text:
+                on_text(token.text)
+            if on_token is not None:
+                on_token(step, token.id)
+            step += 1
+
+    @torch.inference_mode()
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0,
+               trace_out: str | Path | None = None, text: bool = True) -> Generator[Token, None, GenerationResult]:
+        """Yield each new token with the text it completes; the generator's return value is the result.
+
+        `prompt` is text (encoded as `tokenizer(prompt)` encodes it) or token ids taken as they are. Closing
+        the generator early stops before the next forward pass (and writes no trace). `text=False` leaves
+        each token's text empty and decodes only the whole result.
+        """
         from transformers import DynamicCache
 
         model, tokenizer, device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        prompt_ids = list(tokenizer(prompt)["input_ids"])
+        prompt_ids = list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not prompt_ids:
             raise PlanError("--prompt: the prompt encodes to no tokens")
         recorder = self.engine.record_trace(trace_out is not None)  # this generation's routing, if asked
@@ -95,7 +132,8 @@ class Session:
         if device.type == "cpu":
             use_growing_layers(cache)  # appends in place: no copy of the whole cache per token
         forward_kwargs = _forward_arguments(model, cache)
-        streamer = _TextStream(tokenizer, on_text)
+        pieces: list[str] = []
+        streamer = _TextStream(tokenizer, pieces.append if text else None)
         generated: list[int] = []
 
         next_input = torch.tensor([prompt_ids], device=device)
@@ -109,21 +147,21 @@ class Session:
                 prefill_seconds = time.perf_counter() - start
                 start = time.perf_counter()
             generated.append(token)
-            streamer.push(generated)
-            if on_token is not None:
-                on_token(step, token)
-            if token in stop_ids:
+            last = token in stop_ids or step == max_new_tokens - 1
+            streamer.push(generated, final=last)  # the last token also flushes a held-back partial character
+            yield Token(token, "".join(pieces))
+            pieces.clear()
+            if last:
                 break
             next_input = torch.tensor([[token]], device=device)
         decode_seconds = time.perf_counter() - start if len(generated) > 1 else 0.0
-        streamer.close(generated)
         if recorder is not None:
             recorder.write(trace_out, self._trace_header(prompt))
         text = tokenizer.decode(generated, skip_special_tokens=True)
         return GenerationResult(generated, text, len(prompt_ids), prefill_seconds, decode_seconds,
                                 self.engine.stats())
 
-    def _trace_header(self, prompt: str) -> dict[str, Any]:
+    def _trace_header(self, prompt: str | Sequence[int]) -> dict[str, Any]:
         experts = self.loaded.experts
         return header_record(self.plan.model.name or self.loaded.model_dir.name, len(experts),
                              experts[0].num_experts, self.engine.top_k, "recorded", dtype=self.plan.model.dtype,
@@ -177,6 +215,3 @@ class _TextStream:
             self.start, self.sent = len(ids), 0
         else:
             self.sent = max(self.sent, len(text))
-
-    def close(self, ids: list[int]) -> None:
-        self.push(ids, final=True)

@@ -50,10 +50,12 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
-               "prompt_tokens": args.prompt_tokens, "trace_source": trace_source, **prediction.as_dict()}
+               "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
+               "prefetch_accuracy": workload.prefetch_accuracy(trace)[0], **prediction.as_dict()}
         print(json.dumps(out))
     else:
-        print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens))
+        print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens,
+                     workload.prefetch_accuracy(trace)[1]))
     return 0
 
 
@@ -72,7 +74,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:8.2f} GiB"
 
 
-def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int) -> str:
+def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, prefetch_source: str) -> str:
     d, f = p.decode, p.prefill
     lines = [
         f"model      {shape.name}: {shape.num_layers} layers ({shape.num_moe_layers} MoE), {shape.num_experts} "
@@ -82,6 +84,7 @@ def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int) 
         f"transfer_min_tokens {plan.miss.transfer_min_tokens}, promote {plan.miss.promote}, "
         f"lookahead {plan.prefetch.lookahead}",
         f"workload   context {context}, prompt {prompt_tokens} tokens; trace: {trace_source}",
+        f"prefetch   guess accuracy {prefetch_source}",
         "",
         f"{'time':28s}{'decode ms/token':>18s}{'prefill ms/prompt':>20s}",
     ]

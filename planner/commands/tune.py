@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     from ..catalog import load_model_shape
     from runtime.contracts.traces import trace_to_jsonl
     from ..tune.evaluation import NO_SLOTS_ON_CPU, Evaluator, cache_capacity
-    from ..tune.study import create_study, open_storage, run_study
+    from ..tune.study import create_study, open_storage, run_study, sampler_seed
 
     for flag, value, lo in (("--context", args.context, 0), ("--prompt-tokens", args.prompt_tokens, 1),
                             ("--trials", args.trials, 0), ("--measure", args.measure, 0)):
@@ -117,7 +117,9 @@ def main(args: argparse.Namespace) -> int:
                    "context": args.context, "prompt_tokens": args.prompt_tokens, "vram_budget": vram_budget,
                    "accelerator": accelerator, "max_slots": capacity.max_slots}
     study_name = args.study or f"{shape.name}-{profile.name}"
-    study = create_study(open_storage(args.storage), study_name if args.storage else args.study, args.seed, fingerprint)
+    storage = open_storage(args.storage)
+    seed = sampler_seed(storage, args.seed)
+    study = create_study(storage, study_name if args.storage else args.study, seed, fingerprint)
     if capacity.device == "host":
         log.info("tuning %s on %s (cpu): no cache slots (%s), %d more trials", shape.name, profile.name,
                  NO_SLOTS_ON_CPU, args.trials)
@@ -125,6 +127,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("tuning %s on %s (%s): up to %d slots of %.1f MiB on the %s, %d more trials",
                  shape.name, profile.name, accelerator, capacity.max_slots, shape.expert_bytes / 2**20,
                  capacity.device, args.trials)
+        log.info("prefetch guess accuracy %s", evaluator.prefetch_accuracy_source)
 
     bar = None
     if not args.no_progress:
@@ -180,7 +183,8 @@ def main(args: argparse.Namespace) -> int:
     provenance = {
         "tool": "moeplan tune", "profile": shown(profile_path), "profile_sha256": profile_sha,
         "trace": trace_source, "trace_source": trace.header.source, "trace_sha256": trace_sha,
-        "sampler": f"optuna.samplers.TPESampler(seed={args.seed})", "seed": args.seed,
+        "prefetch_accuracy": evaluator.prefetch_accuracy_source,
+        "sampler": f"optuna.samplers.TPESampler(seed={seed})", "seed": args.seed,
         "trials": result.trials_total, "trials_this_run": result.trials_run, "interrupted": result.interrupted,
         "study": study.study_name if args.storage else None, "selection": result.rule if not measured else
         f"highest measured decode tokens/s among the {len(measured.ranked)} best predicted plans",

@@ -100,19 +100,27 @@ def _check(trace: Trace, slots: Sequence[int], preload: Sequence[Sequence[int]] 
 
 def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[Sequence[int]] | None,
              rule: MissRule, lookahead: int = 0, prefetch_accuracy: float = 0.0,
-             phases: Sequence[str] = PHASES, seed: int = 0) -> SimResult:
+             phases: Sequence[str] = PHASES, seed: int = 0, count_from: int = 0,
+             replay_guesses: bool = False) -> SimResult:
     """Replay the passes of `phases` through one `LayerCachePolicy` per layer.
+
+    Only the replayed passes from the `count_from`-th on are counted: the earlier ones warm the caches
+    (an honest test of anything fitted on them).
 
     With `lookahead` 1, after layer l's lookup the guesses for layer l+1 are admitted into layer l+1's
     cache (`admit_guesses`, as the runtime admits them) before its lookup: each expert layer l+1 really
     needs is guessed with probability `prefetch_accuracy`, otherwise a random expert it does not need
-    is guessed instead (random.Random(seed)).
+    is guessed instead (random.Random(seed)). With `replay_guesses`, the guesses are instead the ones the
+    trace recorded (`run --trace-out` records them, prefetch on or off): the runtime's own, so the counts
+    equal what `run` reports with `lookahead: 1` on the same routing.
     """
     _check(trace, slots, preload)
     if lookahead not in (0, 1):
         raise ValueError(f"lookahead: must be 0 or 1, got {lookahead}")
     if not 0.0 <= prefetch_accuracy <= 1.0:
         raise ValueError(f"prefetch_accuracy: must be in [0, 1], got {prefetch_accuracy}")
+    if replay_guesses and lookahead and any(p.guesses is None for p in trace.passes if p.phase in phases):
+        raise ValueError("replay_guesses: the trace has passes without recorded guesses")
     L, E = trace.header.num_layers, trace.header.num_experts
     preload = preload or [[] for _ in range(L)]
     caches = [LayerCachePolicy(slots[l], policy, preload[l]) for l in range(L)]
@@ -121,15 +129,19 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
     layer_hits, layer_misses = [0] * L, [0] * L
     decode: list[PassCounts] = []
     prefill: list[PassCounts] = []
+    replayed = -1
     for position, p in enumerate(trace.passes):
         if p.phase not in wanted:
             continue
+        replayed += 1
+        counted = replayed >= count_from
         c = [0] * 8  # hits, hit_tokens, cpu, cpu_tokens, acc, acc_tokens, promotions, prefetches
         for l in range(L):
             needed = trace.tokens_per_expert(position, l)
             out = route_pass(caches[l], needed, rule)
-            layer_hits[l] += len(out.hits)
-            layer_misses[l] += len(out.cpu_misses) + len(out.accelerator_misses)
+            if counted:
+                layer_hits[l] += len(out.hits)
+                layer_misses[l] += len(out.cpu_misses) + len(out.accelerator_misses)
             c[0] += len(out.hits)
             c[1] += sum(needed[e] for e in out.hits)
             c[2] += len(out.cpu_misses)
@@ -138,10 +150,15 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
             c[5] += sum(needed[e] for e in out.accelerator_misses)
             c[6] += sum(1 for entry in out.entries if not entry.transfer)
             if lookahead and l + 1 < L:
-                c[7] += _prefetch(caches[l + 1], trace.tokens_per_expert(position, l + 1), E,
-                                  prefetch_accuracy, rng)
-        counts = PassCounts(1, float(p.tokens), *map(float, c))
-        (decode if p.phase == "decode" else prefill).append(counts)
+                if replay_guesses:
+                    nxt = caches[l + 1]
+                    c[7] += len(admit_guesses(nxt, frozenset(p.guesses[l + 1]))) if nxt.admits else 0
+                else:
+                    c[7] += _prefetch(caches[l + 1], trace.tokens_per_expert(position, l + 1), E,
+                                      prefetch_accuracy, rng)
+        if counted:
+            counts = PassCounts(1, float(p.tokens), *map(float, c))
+            (decode if p.phase == "decode" else prefill).append(counts)
     per_layer = tuple(LayerCounts(h, m) for h, m in zip(layer_hits, layer_misses))
     return SimResult(sum(layer_hits), sum(layer_misses), per_layer, _mean(decode), tuple(prefill))
 
@@ -232,34 +249,39 @@ def lru_hit_curves(trace: Trace, phases: Sequence[str] = PHASES) -> list[list[in
 
 
 # ---- static preload and the offline optimum ------------------------------------------------------------
-def popular_preload(trace: Trace, slots: Sequence[int], phases: Sequence[str] = PHASES) -> list[list[int]]:
-    """Per layer, the `slots[l]` experts needed by the most passes (ties: lower id), most used first.
+def popular_preload(trace: Trace, slots: Sequence[int], phases: Sequence[str] = PHASES,
+                    upto: int | None = None) -> list[list[int]]:
+    """Per layer, the `slots[l]` experts needed by the most passes (ties: lower id), most used first;
+    with `upto`, counted over the first `upto` passes of `phases` only (fitted on them).
 
     Counting passes rather than tokens is what a static cache's hits count: each needed expert once
     per pass.
     """
     L, E = trace.header.num_layers, trace.header.num_experts
     _check(trace, slots, None)
-    wanted = set(phases)
+    positions = [i for i, p in enumerate(trace.passes) if p.phase in set(phases)][:upto]
     out = []
     for l in range(L):
         uses = [0] * E
-        for position, p in enumerate(trace.passes):
-            if p.phase in wanted:
-                for e in trace.tokens_per_expert(position, l):
-                    uses[e] += 1
+        for position in positions:
+            for e in trace.tokens_per_expert(position, l):
+                uses[e] += 1
         ranked = sorted(range(E), key=lambda e: (-uses[e], e))
         out.append(ranked[:slots[l]])
     return out
 
 
-def belady(trace: Trace, slots: Sequence[int], phases: Sequence[str] = PHASES) -> list[int]:
-    """Per layer, the hits of the offline optimal cache among those where every miss enters (promote on).
+def belady(trace: Trace, slots: Sequence[int], phases: Sequence[str] = PHASES, bypass: bool = False,
+           count_from: int = 0) -> list[int]:
+    """Per layer, the hits of the offline optimal cache among those where every miss enters (promote on),
+    or, with `bypass`, among all caches (a miss may also not enter): the true offline optimum, which an
+    online policy that declines some misses could approach from above the first bound.
 
     Starting empty, each pass's needed experts are looked up (a hit if resident), then all of them are
     made resident, evicting the resident experts whose next use is furthest away (never used again
-    first); an expert needed by the current pass is evicted only when the pass needs more experts than
-    there are slots, and then the ones needed again soonest stay.
+    first); without `bypass` an expert needed by the current pass is evicted only when the pass needs
+    more experts than there are slots, and then the ones needed again soonest stay. Hits are counted
+    from the `count_from`-th replayed pass on.
     """
     _check(trace, slots, None)
     wanted = set(phases)
@@ -283,13 +305,15 @@ def belady(trace: Trace, slots: Sequence[int], phases: Sequence[str] = PHASES) -
             out.append(0)
             continue
         for t, needed in enumerate(needs):
-            hits += sum(1 for e in needed if e in cache)
+            if t >= count_from:
+                hits += sum(1 for e in needed if e in cache)
             nxt = next_use[t]
             for e in needed:
                 cache[e] = nxt[e]
             if len(cache) > capacity:
-                # Evict by furthest next use; the current pass's experts go last (only if they must).
-                order = sorted(cache, key=lambda e: (e in needed, -cache[e], -e))
+                # Evict by furthest next use; without bypass the current pass's experts go last (only if
+                # they must).
+                order = sorted(cache, key=lambda e: (not bypass and e in needed, -cache[e], -e))
                 for e in order[:len(cache) - capacity]:
                     del cache[e]
         out.append(hits)

@@ -162,3 +162,22 @@ def format_table(stats: TraceStats) -> str:
     lines.append(f"{'mean':>5} {stats.mean_skew:>11.3f} {stats.mean_next_token_reuse:>10.3f} "
                  f"{stats.mean_cross_layer_reuse:>11.3f} {stats.mean_working_set_window:>9.1f}")
     return "\n".join(lines)
+
+
+def guess_accuracy(trace: Trace, phases: Sequence[str] = PHASES) -> float | None:
+    """The share of needed experts that prefetch guessed: over the passes of `phases` that recorded guesses
+    and the MoE layers after the first (layer 0 has no previous layer to guess from), needed experts that
+    were among the layer's guesses / needed experts. None where the trace recorded no guesses.
+
+    This is the `prefetch_accuracy` the simulator's statistical prefetch takes: each needed expert guessed
+    with this probability."""
+    wanted = set(phases)
+    needed = right = 0
+    for position, p in enumerate(trace.passes):
+        if p.phase not in wanted or p.guesses is None:
+            continue
+        for l in range(1, trace.header.num_layers):
+            used = trace.tokens_per_expert(position, l)
+            needed += len(used)
+            right += sum(1 for e in used if e in p.guesses[l])
+    return right / needed if needed else None

@@ -114,11 +114,28 @@ def _draw_distinct(rng: random.Random, weights: list[float], k: int) -> list[int
     return chosen
 
 
-def replay(trace: Trace, plan: Plan, shape: ModelShape, prefetch_accuracy: float = 0.0):
-    """The simulator's replay of `trace` under the plan's cache and miss rules."""
+# Where a trace recorded no prefetch guesses (a public or synthetic trace), prefetch is predicted to guess
+# nothing right: what prefetch gains is then never counted, so `tune` picks it only on a trace that shows it.
+ASSUMED_PREFETCH_ACCURACY = 0.0
+
+
+def prefetch_accuracy(trace: Trace) -> tuple[float, str]:
+    """The guess accuracy the cost model predicts prefetch with, and where it came from."""
+    from .statistics import guess_accuracy
+
+    measured = guess_accuracy(trace)
+    if measured is None:
+        return ASSUMED_PREFETCH_ACCURACY, (f"{ASSUMED_PREFETCH_ACCURACY:.2f}, assumed: the trace recorded no "
+                                           f"guesses (record one with `moeplan run --trace-out`)")
+    return measured, f"{measured:.3f}, measured on the trace's recorded guesses"
+
+
+def replay(trace: Trace, plan: Plan, shape: ModelShape):
+    """The simulator's replay of `trace` under the plan's cache and miss rules; prefetch is statistical,
+    with the trace's guess accuracy (`prefetch_accuracy`)."""
     from .simulator import simulate
 
     L, E = shape.num_moe_layers, shape.num_experts
     rule = plan.miss.rule
     return simulate(trace, plan.cache.slots_per_layer(L, E), plan.cache.policy, plan.cache.preload_per_layer(L, E),
-                    rule, lookahead=plan.prefetch.lookahead, prefetch_accuracy=prefetch_accuracy)
+                    rule, lookahead=plan.prefetch.lookahead, prefetch_accuracy=prefetch_accuracy(trace)[0])

@@ -28,6 +28,7 @@ from runtime.plan import CacheSpec, HardwareSpec, MissSpec, ModelSpec, Plan, Pre
 
 from ..cost_model import Prediction, memory_plan, predict
 from ..routing.simulator import SimResult, lru_hit_curves, popular_preload, simulate
+from ..routing.workload import prefetch_accuracy
 from .allocation import Allocation, allocate
 from .space import Choice, Space
 
@@ -127,6 +128,7 @@ class Evaluator:
         self._curves: dict[tuple, list[list[int]]] = {}
         self._sims: dict[tuple, SimResult] = {}
         self._preloads: dict[tuple[int, ...], list[list[int]]] = {}
+        self.prefetch_accuracy, self.prefetch_accuracy_source = prefetch_accuracy(trace)
 
     @property
     def space(self) -> Space:
@@ -199,7 +201,7 @@ class Evaluator:
         if key not in self._sims:
             pre = self.preload_for(slots) if choice.preload else None
             self._sims[key] = simulate(self.trace, list(slots), choice.policy, pre, rule,
-                                       lookahead=choice.lookahead, prefetch_accuracy=0.0)
+                                       lookahead=choice.lookahead, prefetch_accuracy=self.prefetch_accuracy)
         return self._sims[key]
 
     def evaluate(self, choice: Choice) -> Candidate:

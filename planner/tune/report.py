@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_atomic
-from runtime.contracts.cache_policy import MissRule
+from runtime.contracts.cache_policy import POLICIES, MissRule
 from runtime.errors import UserError
 
 from .evaluation import NO_SLOTS_ON_CPU, Evaluator
@@ -90,7 +90,7 @@ def _hit_rates(folder: Path, evaluator: Evaluator, plt: Any) -> Path:
     L, E = trace.header.num_layers, trace.header.num_experts
     needed = sum(len(trace.tokens_per_expert(i, l)) for i in range(len(trace.passes)) for l in range(L))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for policy in ("lru", "lfu", "fifo", "static"):
+    for policy in POLICIES:
         curves = evaluator.curves(policy, policy == "static", MissRule("cpu", 0, True))
         ax.plot(range(E + 1), [sum(c[s] for c in curves) / needed for s in range(E + 1)], marker="o", label=policy)
     ax.set_xlabel("slots per MoE layer (every layer)")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from .space import Choice, suggest
 log = logging.getLogger(__name__)
 
 SAMPLER = "TPESampler"
+_SCHEMA_RACE = ("IntegrityError", "ProgrammingError")  # sqlalchemy's errors for a table made meanwhile
+_SCHEMA_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,28 @@ def open_storage(url: str | None) -> Any:
     if "://" not in url:
         raise UserError(f"--storage: {url!r} is neither a database URL (sqlite:///FILE, postgresql://...) "
                         f"nor a journal file ending in .log or .journal")
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # optuna/sqlalchemy raise many kinds for a bad URL or an unreachable server
-        raise UserError(f"--storage: cannot open {url!r}: {exc.__class__.__name__}: {exc}".splitlines()[0]) from None
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except ImportError:  # optuna's message for a URL whose database driver is not installed
+            raise UserError(f"--storage: no database driver for {url.split(':', 1)[0]!r}; for PostgreSQL: "
+                            f"pip install 'moeplan[postgres]'") from None
+        except Exception as exc:  # optuna/sqlalchemy raise many kinds for a bad URL or an unreachable server
+            # Workers that open a fresh database at once race to create optuna's tables (PostgreSQL:
+            # a duplicate key in pg_type); the loser finds them made when it tries again.
+            if type(exc).__name__ in _SCHEMA_RACE and attempt + 1 < _SCHEMA_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise UserError(f"--storage: cannot open {url!r}: {exc.__class__.__name__}: {exc}".splitlines()[0]) from None
+    raise AssertionError("unreachable")
+
+
+def sampler_seed(storage: Any, seed: int) -> int:
+    """The TPE sampler's seed: `seed` for a study in memory (a run is reproducible); for a study in a
+    storage, which several workers may share, `seed` mixed with this process's id, so that workers
+    started alike do not propose the same trials (what Optuna advises for parallel workers). The plan
+    written is the best of the study's trials either way; only their order depends on the workers."""
+    return seed if storage is None else (seed * 1_000_003 + os.getpid()) % 2**32
 
 
 def create_study(storage: Any, study_name: str | None, seed: int, fingerprint: dict[str, Any]) -> Any:

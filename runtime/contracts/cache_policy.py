@@ -8,9 +8,11 @@ The accounting rules (docs/run.md, "Cache accounting"):
   is resident at layer start, else as a miss (`lookup`);
 - hits are touched first (ascending id), then misses enter (ascending id) through `admit`;
 - an entering expert takes a free slot, else evicts by policy: lru the least recently used, fifo the
-  oldest entry, lfu the fewest uses since it entered (ties: least recently used). The victim is never
+  oldest entry, lfu the fewest uses since it entered (ties: least recently used), adaptive the lowest
+  decayed use count with the decay chosen online (runtime/contracts/adaptive_scores.py; ties: least
+  recently used). The victim is never
   an expert this pass needs unless every resident one is needed, and then the least recently
-  touched goes, so that the last ones to enter stay;
+  touched goes, so that the last ones to enter stay (adaptive: the lowest score goes);
 - `static` never changes the preloaded set.
 """
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-POLICIES = ("lru", "lfu", "fifo", "static")
+from .adaptive_scores import AdaptiveScores
+
+POLICIES = ("lru", "lfu", "fifo", "adaptive", "static")
 MISS_COMPUTE = ("cpu", "accelerator")  # where a missed expert is computed (MissRule.compute)
 
 
@@ -46,6 +50,7 @@ class LayerCachePolicy:
         self._entries: dict[int, _Entry] = {}
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._needed: frozenset[int] = frozenset()
+        self._adaptive = AdaptiveScores(slots, preload) if policy == "adaptive" else None
         for expert in preload:  # preloaded experts are resident but not yet used
             self._insert(expert, used=False)
 
@@ -73,6 +78,8 @@ class LayerCachePolicy:
         """Split this pass's needed experts into hits and misses (both ascending); touch the hits."""
         ordered = sorted(set(needed))
         self._needed = frozenset(ordered)
+        if self._adaptive is not None:
+            self._adaptive.observe(ordered)
         hits = [e for e in ordered if e in self._entries]
         misses = [e for e in ordered if e not in self._entries]
         for e in hits:
@@ -121,6 +128,11 @@ class LayerCachePolicy:
         if not candidates:
             if strict:
                 return None
+            if self._adaptive is not None:
+                # Every resident expert is needed by this pass: under adaptive the lowest score goes,
+                # so that the pass's most used experts stay (what lifts its hits where top-k > slots).
+                score = self._adaptive.score
+                return min(self._entries, key=lambda e: (score(e), self._entries[e].last_use))
             # Every resident expert is needed by this pass: the least recently touched goes, so that
             # the last ones to enter stay.
             return min(self._entries, key=lambda e: self._entries[e].last_use)
@@ -128,6 +140,9 @@ class LayerCachePolicy:
             return min(candidates, key=lambda e: self._entries[e].entered)
         if self.policy == "lfu":
             return min(candidates, key=lambda e: (self._entries[e].uses, self._entries[e].last_use))
+        if self._adaptive is not None:
+            score = self._adaptive.score
+            return min(candidates, key=lambda e: (score(e), self._entries[e].last_use))
         return min(candidates, key=lambda e: self._entries[e].last_use)  # lru
 
 

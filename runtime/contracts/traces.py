@@ -4,7 +4,10 @@ routing traces").
 Two formats are read:
 - the moeplan format (written by `run --trace-out`, `trace` and `write_trace`): a header line
   `{"trace": 1, "model", "num_layers", "num_experts", "top_k", "source", ...}`, then one line per
-  forward pass `{"pass", "phase", "tokens", "experts": [L][T][k], "weights": [L][T][k] (optional)}`;
+  forward pass `{"pass", "phase", "tokens", "experts": [L][T][k], "weights": [L][T][k] (optional),
+  "guesses": [L][ids] (optional)}`; `guesses[l]` are the experts that layer l-1's hidden states guessed
+  for layer l in this pass (layer l's router on them, top-k per token, ascending ids; layer 0: []), what
+  prefetch (`lookahead: 1`) copies: recorded by `run --trace-out` whether or not prefetch is on;
 - the compact format of public recorded traces (`traces/olmoe-1b-7b-decode-299.jsonl`): one decode token a line, `{"tok": N, "layers": [L][k]}`,
   with no header: the model name, expert count and top-k come from the caller or are inferred.
 
@@ -49,6 +52,8 @@ class TracePass:
     tokens: int  # tokens in this forward pass
     experts: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][token][rank] expert ids
     weights: tuple[tuple[tuple[float, ...], ...], ...] | None = None  # same shape: gate weights, or None
+    # [layer] the experts guessed for this pass from the previous MoE layer's hidden states, or None
+    guesses: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,10 @@ def _parse_moeplan(p: Path, rows: list[tuple[int, Any]]) -> Trace:
         weights = None
         if data.get("weights") is not None:
             weights = _weights_block(data["weights"], where, header.num_layers, tokens, header.top_k)
-        passes.append(TracePass(index, phase, tokens, experts, weights))
+        guesses = None
+        if data.get("guesses") is not None:
+            guesses = _guesses_block(data["guesses"], where, header)
+        passes.append(TracePass(index, phase, tokens, experts, weights, guesses))
     return Trace(header, tuple(passes))
 
 
@@ -219,6 +227,24 @@ def _id_row(row: Any, where: str, num_experts: int, top_k: int) -> tuple[int, ..
     if len(set(row)) != len(row):
         raise TraceError(f"{where}: lists an expert twice: {row}")
     return tuple(row)
+
+
+def _guesses_block(block: Any, where: str, header: TraceHeader) -> tuple:
+    L, E = header.num_layers, header.num_experts
+    if not isinstance(block, list) or len(block) != L:
+        got = f"{len(block)} entries" if isinstance(block, list) else _kind(block)
+        raise TraceError(f"{where}: guesses: must be a list of {L} layers, got {got}")
+    out = []
+    for l, ids in enumerate(block):
+        if not isinstance(ids, list):
+            raise TraceError(f"{where}: guesses[{l}]: must be a list of expert ids, got {_kind(ids)}")
+        for e in ids:
+            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < E:
+                raise TraceError(f"{where}: guesses[{l}]: expert ids must be integers in 0..{E - 1}, got {e!r}"[:200])
+        if len(set(ids)) != len(ids):
+            raise TraceError(f"{where}: guesses[{l}]: lists an expert twice: {ids}"[:200])
+        out.append(tuple(sorted(ids)))
+    return tuple(out)
 
 
 def _weights_block(block: Any, where: str, L: int, tokens: int, k: int) -> tuple:
@@ -285,7 +311,8 @@ def trace_to_jsonl(trace: Trace) -> str:
     h = trace.header
     head = header_record(h.model, h.num_layers, h.num_experts, h.top_k, h.source, **h.extra)
     passes = (pass_record(p.index, p.phase, p.tokens, [[list(r) for r in layer] for layer in p.experts],
-                          None if p.weights is None else [[list(r) for r in layer] for layer in p.weights])
+                          None if p.weights is None else [[list(r) for r in layer] for layer in p.weights],
+                          None if p.guesses is None else [list(g) for g in p.guesses])
               for p in trace.passes)
     return records_to_jsonl(head, passes)
 
@@ -305,13 +332,17 @@ def header_record(model: str, num_layers: int, num_experts: int, top_k: int, sou
             "top_k": top_k, "source": source, **extra}
 
 
-def pass_record(index: int, phase: str, tokens: int, experts: list, weights: list | None = None) -> dict[str, Any]:
-    """One forward pass's line: experts [L][T][k] ids, weights the same shape or None (left out)."""
+def pass_record(index: int, phase: str, tokens: int, experts: list, weights: list | None = None,
+                guesses: list | None = None) -> dict[str, Any]:
+    """One forward pass's line: experts [L][T][k] ids, weights the same shape or None (left out), guesses
+    [L][ids] or None (left out)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     record: dict[str, Any] = {"pass": index, "phase": phase, "tokens": tokens, "experts": experts}
     if weights is not None:
         record["weights"] = weights
+    if guesses is not None:
+        record["guesses"] = guesses
     return record
 
 
@@ -337,7 +368,9 @@ class TraceRecorder:
         self.passes: list[dict[str, Any]] = []
 
     def begin_pass(self, index: int, phase: str, tokens: int) -> None:
-        self.passes.append(pass_record(index, phase, tokens, [None] * self.num_layers, [None] * self.num_layers))
+        # guesses: layer 0 has no previous layer to guess from; the others fill in as layers run
+        self.passes.append(pass_record(index, phase, tokens, [None] * self.num_layers, [None] * self.num_layers,
+                                       [[]] + [None] * (self.num_layers - 1)))
 
     def record(self, layer: int, experts: list[list[int]], weights: list[list[float]]) -> None:
         """The current pass's routing at `layer`: [T][k] expert ids in rank order and their gate weights."""
@@ -346,5 +379,12 @@ class TraceRecorder:
         # six decimals: the planner reads weights as statistics, and a full float triples a trace's size
         record["weights"][layer] = [[round(w, 6) for w in row] for row in weights]
 
+    def record_guesses(self, layer: int, guesses: Iterable[int]) -> None:
+        """The experts guessed for `layer` in the current pass, from the previous layer's hidden states."""
+        self.passes[-1]["guesses"][layer] = sorted(guesses)
+
     def write(self, path: str | Path, header: dict[str, Any]) -> Path:
+        for record in self.passes:  # a layer without a router to guess with leaves a pass without guesses
+            if None in record["guesses"]:
+                del record["guesses"]
         return write_records(path, header, self.passes)

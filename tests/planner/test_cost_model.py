@@ -52,6 +52,23 @@ def test_importing_the_planner_core_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
+def test_accelerator_and_cpu_sides_add_up_until_the_runtime_overlaps_them(profile, olmoe_trace, monkeypatch) -> None:
+    """The runtime's CPU side waits for the hits today (runtime/contracts/schedule.py): a GPU plan's layer
+    costs hits + CPU misses. Where the schedule overlaps them, it costs the larger of the two."""
+    import planner.cost_model as cost_model
+
+    shape, trace = olmoe_trace
+    plan = _plan()
+    sim = replay(trace, plan, shape)
+    serial = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert serial.decode.hit_s > 0 and serial.decode.cpu_miss_s > 0 and serial.decode.overlap_s == 0
+    monkeypatch.setattr(cost_model, "CPU_OVERLAPS_ACCELERATOR", True)
+    overlapped = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert overlapped.decode.overlap_s < 0
+    assert overlapped.decode.total_s == pytest.approx(serial.decode.total_s + overlapped.decode.overlap_s
+                                                      + overlapped.decode.copy_excess_s - serial.decode.copy_excess_s)
+
+
 def test_breakdown_adds_up(profile, olmoe_trace) -> None:
     shape, trace = olmoe_trace
     plan = _plan()

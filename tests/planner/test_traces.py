@@ -38,6 +38,19 @@ def test_write_then_load_round_trips(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["copy.jsonl"]  # no temporary file left behind
 
 
+def test_guesses_round_trip_and_give_the_guess_accuracy(tmp_path):
+    from planner.routing.statistics import guess_accuracy
+
+    # layer 1 needs {0, 2, 3} in pass 0 (guessed {0, 3}: two right) and {1, 3} in pass 1 (guessed {1, 3}: both)
+    guessed = dict(PASS, guesses=[[], [3, 0]])
+    decode = {"pass": 1, "phase": "decode", "tokens": 1, "experts": [[[2, 0]], [[1, 3]]], "guesses": [[], [1, 3]]}
+    trace = load_trace(_write(tmp_path, [HEADER, guessed, decode]))
+    assert trace.passes[0].guesses == ((), (0, 3))  # ascending, as the runtime records them
+    assert load_trace(write_trace(tmp_path / "copy.jsonl", trace)) == trace
+    assert guess_accuracy(trace) == 4 / 5 and guess_accuracy(trace, ("decode",)) == 1.0
+    assert guess_accuracy(load_trace(_write(tmp_path, [HEADER, PASS], "plain.jsonl"))) is None
+
+
 def test_compact_format_infers_header(tmp_path):
     rows = [{"tok": 1, "layers": [[0, 5], [2, 3]]}, {"tok": 2, "layers": [[1, 5], [3, 4]]}]
     trace = load_trace(_write(tmp_path, rows, "run.jsonl"))
@@ -79,6 +92,10 @@ BAD_MOEPLAN = [
     ([HEADER, dict(PASS, weights=[[[0.6, "x"], [0.5, 0.5]], [[0.7, 0.3], [0.9, 0.1]]])],
      "weights[0][0]: must hold finite numbers"),
     ([HEADER, PASS, "", "oops"], "t.jsonl:4: not valid JSON"),
+    ([HEADER, dict(PASS, guesses=[[]])], "guesses: must be a list of 2 layers, got 1 entries"),
+    ([HEADER, dict(PASS, guesses=[[], 3])], "guesses[1]: must be a list of expert ids"),
+    ([HEADER, dict(PASS, guesses=[[], [4]])], "guesses[1]: expert ids must be integers in 0..3, got 4"),
+    ([HEADER, dict(PASS, guesses=[[], [1, 1]])], "guesses[1]: lists an expert twice"),
 ]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.contracts.adaptive_scores import DECAYS
 from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
 
 PROMOTE = MissRule(compute="cpu", promote=True)
@@ -36,6 +37,36 @@ def test_lfu_evicts_least_used_ties_by_recency():
     cache = LayerCachePolicy(2, "lfu")
     replay(cache, [[1], [2], [3]])  # tie: 1 and 2 used once, 1 less recently
     assert set(cache.resident()) == {2, 3}
+
+
+def test_adaptive_follows_recency_on_a_recency_workload():
+    # Expert 1 is used four times early, then never: a frequency policy keeps it; recency drops it.
+    # The shadow with the shortest memory hits most on the alternating tail, so adaptive follows it.
+    passes = [[1], [1], [1], [1]] + [[2], [3], [2], [3], [4], [3], [4], [3]]
+    adaptive, lru, lfu = (LayerCachePolicy(2, p) for p in ("adaptive", "lru", "lfu"))
+    hits = {name: replay(c, passes)[0] for name, c in (("adaptive", adaptive), ("lru", lru), ("lfu", lfu))}
+    assert hits["adaptive"] == hits["lru"] > hits["lfu"]
+    assert adaptive._adaptive.chosen_decay == min(DECAYS)
+
+
+def test_adaptive_follows_frequency_on_a_frequency_workload():
+    # Expert 1 comes back every third pass, with two one-off experts between: in 2 slots lru always
+    # evicts 1 before it returns; a frequency order keeps it.
+    passes = []
+    for i in range(30):
+        passes += [[1], [100 + 2 * i], [101 + 2 * i]]
+    adaptive, lru = LayerCachePolicy(2, "adaptive"), LayerCachePolicy(2, "lru")
+    assert replay(adaptive, passes)[0] > replay(lru, passes)[0]
+    assert adaptive._adaptive.chosen_decay > min(DECAYS)  # a shadow that remembers beyond recency
+
+
+def test_adaptive_keeps_the_most_used_when_a_pass_needs_more_than_slots():
+    cache = LayerCachePolicy(2, "adaptive")
+    replay(cache, [[5], [5], [5], [1, 2, 5]])  # 5 is the most used: it stays, unlike under lru
+    assert 5 in cache.resident()
+    lru = LayerCachePolicy(2, "lru")
+    replay(lru, [[5], [5], [5], [1, 2, 5]])
+    assert set(lru.resident()) == {1, 2}  # the last ones to enter stay
 
 
 def test_static_never_evicts():

@@ -23,6 +23,12 @@ PLANS = {
     "lfu-transfer": "cache: {slots: 8, policy: lfu}\nmiss: {promote: true, transfer_min_tokens: 2}",
     "fifo-accelerator": "cache: {slots: 6, policy: fifo}\nmiss: {compute: accelerator}",
     "static": "cache: {slots: 4, policy: static, preload: " + str([[0, 1, 2, 3]] * 16) + "}",
+    # 6 slots < top-8: every pass also takes the adaptive rule for a pass needing more than the slots
+    "adaptive-promote": "cache: {slots: 6, policy: adaptive}\nmiss: {promote: true}",
+    "adaptive-transfer": "cache: {slots: 16, policy: adaptive}\nmiss: {promote: true, transfer_min_tokens: 2}",
+    # prefetch replayed from the guesses the run recorded: exact, not statistical
+    "lru-prefetch": "cache: {slots: 16, policy: lru}\nmiss: {promote: true}\nprefetch: {lookahead: 1}",
+    "adaptive-prefetch": "cache: {slots: 8, policy: adaptive}\nmiss: {promote: true}\nprefetch: {lookahead: 1}",
     "per-layer": "cache: {slots: " + str([0, 8, 16, 32] * 4) + ", policy: lru}\nmiss: {promote: true}",
 }
 
@@ -52,8 +58,13 @@ def test_counts_equal(name, olmoe_shaped, tmp_path):
     assert trace.header.num_layers == 16 and len(trace.passes) == len(result.generated_ids)
     slots = plan.cache.slots_per_layer(16, 64)
     rule = plan.miss.rule
-    sim = simulate(trace, slots, plan.cache.policy, plan.cache.preload_per_layer(16, 64), rule)
+    sim = simulate(trace, slots, plan.cache.policy, plan.cache.preload_per_layer(16, 64), rule,
+                   lookahead=plan.prefetch.lookahead, replay_guesses=True)
+    assert all(p.guesses is not None and p.guesses[0] == () for p in trace.passes)  # recorded, prefetch or not
     ran = result.stats["cache"]
     assert (sim.hits, sim.misses) == (ran["hits"], ran["misses"])
     assert [(c.hits, c.misses) for c in sim.per_layer] == [(c["hits"], c["misses"]) for c in ran["per_layer"]]
     assert sim.hits > 0 or name in ("static", "all-cpu")  # these two never hit
+    copies = sum(c.prefetches for c in (*sim.prefill, *([sim.decode] * sim.decode.passes)))
+    assert round(copies) == result.stats["prefetch"]["copies"]
+    assert (copies > 0) == name.endswith("-prefetch")
