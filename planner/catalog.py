@@ -73,9 +73,11 @@ def known_names() -> list[str]:
     return sorted(CATALOG) + [f"{a} (= {n})" for a, n in sorted(ALIASES.items())]
 
 
-def load_model_shape(name_or_dir: str, dtype: str | None = None) -> ModelShape:
+def load_model_shape(name_or_dir: str, dtype: str | None = None, experts: str | None = None) -> ModelShape:
     """A catalog name (or alias) or a checkpoint folder with a config.json; `dtype` overrides the
-    stored dtype for every weight (what the runtime holds when the plan says `model.dtype`)."""
+    stored dtype for every weight (what the runtime holds when the plan says `model.dtype`), and `experts`
+    then the routed experts' storage (a plan's `model.experts`: a float dtype, int8 or int4, whose bytes
+    per expert come from runtime/contracts/expert_format.py)."""
     key = name_or_dir.strip().lower()
     if key in CATALOG or key in ALIASES:
         shape = CATALOG[ALIASES.get(key, key)]
@@ -88,4 +90,6 @@ def load_model_shape(name_or_dir: str, dtype: str | None = None) -> ModelShape:
         else:
             raise ModelError(f"{name_or_dir}: not a known model nor a checkpoint folder "
                              f"(known: {', '.join(known_names())})")
-    return shape if dtype is None else shape.with_dtype(dtype)
+    if dtype is not None:
+        shape = shape.with_dtype(dtype)
+    return shape if experts is None else shape.with_experts(experts)

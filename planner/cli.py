@@ -14,7 +14,7 @@ from runtime.errors import UserError
 from runtime.huge_pages import request_for_new_tensors
 
 # The sub-commands, in the order `moeplan --help` lists them.
-COMMANDS = ("profile", "trace", "tune", "explain", "run", "serve", "quantize")
+COMMANDS = ("profile", "trace", "tune", "explain", "run", "serve", "quantize", "perplexity")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:

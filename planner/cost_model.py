@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.contracts.expert_format import is_quantized
 from runtime.contracts.memory import memory_items
 from runtime.contracts.model_shape import ModelShape
 from runtime.contracts.schedule import CPU_OVERLAPS_ACCELERATOR
@@ -103,6 +104,50 @@ class Prediction:
 
 # ---- the model -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ExpertTiming:
+    """Which profile rows time the plan's experts, and how they are read.
+
+    Float experts: the rows of the model's dtype. Integer experts (int8, int4): the profile's rows of that
+    format where it timed this expert shape in it; where it did not, the rows of the model's dtype, scaled
+    by bytes for one token (the one-token expert is bound by memory: time follows the bytes read) and
+    unscaled for several tokens (there the same multiply-adds bound it). `note` says which, for `explain`.
+    """
+
+    cpu_key: str  # the `dtype` of the CPU rows used (cpu.expert_ffn, cpu.moe_layer, cpu.expert_gbps)
+    one_token_scale: float  # multiplies a one-token CPU time read from those rows
+    accelerator_key: str  # the `dtype` of the accelerator's expert_ffn rows used
+    note: str | None
+
+    def cpu_scale(self, tokens: int) -> float:
+        return self.one_token_scale if tokens <= 1 else 1.0
+
+
+def expert_timing(profile: Any, shape: ModelShape) -> ExpertTiming:
+    """How the cost model times `shape`'s experts from `profile` (see `ExpertTiming`)."""
+    fmt, dtype = shape.expert_format, shape.dtype
+    if not is_quantized(fmt):
+        return ExpertTiming(dtype, 1.0, dtype, None)  # the rows of the model's dtype, as for every float expert
+    key = (shape.hidden, shape.expert_intermediate, fmt)
+    cpu_rows = any((r.hidden, r.intermediate, r.dtype) == key for r in profile.cpu.expert_ffn)
+    acc = profile.accelerator if profile.has_accelerator else None
+    acc_rows = acc is not None and any((r.hidden, r.intermediate, r.dtype) == key for r in acc.expert_ffn)
+    acc_key = fmt if acc_rows else dtype
+    acc_note = "" if acc is None else (
+        f"; accelerator expert times from its {fmt} rows" if acc_rows else
+        f"; accelerator expert times from its {dtype} rows (each {fmt} expert is dequantized into a {dtype} "
+        f"scratch, then multiplied)")
+    if cpu_rows:
+        return ExpertTiming(fmt, 1.0, acc_key, f"{fmt} experts: CPU expert times from the profile's {fmt} rows"
+                            + acc_note)
+    ratio = shape.expert_bytes / shape.expert_bytes_in_dtype
+    return ExpertTiming(dtype, ratio, acc_key,
+                        f"{fmt} experts: the profile has no {fmt} CPU rows for this expert shape, so one-token CPU "
+                        f"expert times are its {dtype} rows scaled by bytes (x{ratio:.3f}: {shape.expert_bytes} "
+                        f"against {shape.expert_bytes_in_dtype} bytes per expert; memory-bound assumption), and "
+                        f"several tokens keep the {dtype} time (compute-bound)" + acc_note)
+
+
+@dataclass(frozen=True)
 class _Rates:
     """The profile's rates for one plan: where the dense part and the hits run, and how fast copies go."""
 
@@ -111,6 +156,11 @@ class _Rates:
     on_gpu: bool
     threads: int
     cache: str = "cold"  # warm | cold: which CPU timings apply (`cache_state`: does a decode token fit the LLC)
+    experts: ExpertTiming | None = None  # which rows time the experts (default: the model's dtype, unscaled)
+
+    @property
+    def timing(self) -> ExpertTiming:
+        return self.experts or ExpertTiming(self.shape.dtype, 1.0, self.shape.dtype, None)
 
     def bandwidth_bps(self) -> float:
         """Device memory read rate: where the KV cache is read from."""
@@ -169,12 +219,14 @@ class _Rates:
     def slot_expert_s(self, tokens: int) -> float:
         s = self.shape
         if self.on_gpu:
-            return self.profile.accelerator_expert_seconds(s.hidden, s.expert_intermediate, s.dtype, tokens)
+            return self.profile.accelerator_expert_seconds(s.hidden, s.expert_intermediate, self.timing.accelerator_key,
+                                                           tokens)
         return self.cpu_expert_s(tokens)
 
     def cpu_expert_s(self, tokens: int) -> float:
-        s = self.shape
-        return self.profile.cpu_expert_seconds(s.hidden, s.expert_intermediate, s.dtype, tokens, self.threads)
+        s, t = self.shape, self.timing
+        return self.profile.cpu_expert_seconds(s.hidden, s.expert_intermediate, t.cpu_key, tokens,
+                                               self.threads) * t.cpu_scale(tokens)
 
     def copy_s(self) -> float:
         """One expert into a slot: PCIe from pinned memory, or a host memory copy at the profile's measured
@@ -191,18 +243,18 @@ class _Rates:
     def has_moe_rows(self) -> bool:
         """Whether the profile timed this model's experts through the runtime's MoE-layer paths."""
         s = self.shape
-        return any((r.hidden, r.intermediate, r.dtype) == (s.hidden, s.expert_intermediate, s.dtype)
+        return any((r.hidden, r.intermediate, r.dtype) == (s.hidden, s.expert_intermediate, self.timing.cpu_key)
                    for r in self.profile.cpu.moe_layer)
 
     def moe_s(self, path: str, experts: float, tokens: int) -> float | None:
         """One call of the runtime's CPU `path` (token | run | torch) on `experts` experts of `tokens` tokens
         each, in this plan's cache state (the cold rows where warm ones were not timed); None without rows."""
-        s = self.shape
+        s, t = self.shape, self.timing
         for cache in dict.fromkeys((self.cache, "cold")):
-            value = self.profile.cpu_moe_seconds(s.hidden, s.expert_intermediate, s.dtype, path, experts, tokens,
+            value = self.profile.cpu_moe_seconds(s.hidden, s.expert_intermediate, t.cpu_key, path, experts, tokens,
                                                  self.threads, cache)
             if value is not None:
-                return value
+                return value * t.cpu_scale(tokens)
         return None
 
     def run_s(self, experts: float, tokens: int) -> float:
@@ -368,8 +420,11 @@ def predict(profile: Any, shape: ModelShape, plan: Plan, sim: Any, context: int,
     notes: list[str] = []
     if on_gpu and not profile.has_accelerator:
         notes.append(f"the profile has no accelerator but the plan asks for {plan.hardware.accelerator}")
+    timing = expert_timing(profile, shape)
     rates = _Rates(profile=profile, shape=shape, on_gpu=on_gpu and profile.has_accelerator,
-                   threads=plan.hardware.cpu_threads, cache=cache_state(profile, shape, context))
+                   threads=plan.hardware.cpu_threads, cache=cache_state(profile, shape, context), experts=timing)
+    if timing.note:
+        notes.append(timing.note)
     if profile.llc_bytes is not None:
         notes.append(f"CPU timings {rates.cache}: a decode token reads {decode_bytes(shape, context) / 2**20:.1f} MiB, "
                      f"the last-level cache holds {profile.llc_bytes / 2**20:.1f} MiB")

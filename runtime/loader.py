@@ -202,7 +202,8 @@ def load_model(model_dir: str | Path, dtype: str, accelerator: str, experts: str
     if is_quantized(source.fmt) and not source.in_checkpoint:
         quantize_at_load(found, source.fmt, source.group_size, str(folder),
                          report=lambda line: print(line, file=sys.stderr, flush=True))
-    _place(model, found, device)
+    # a quantized checkpoint's dense tensors are private copies already (read, not mapped)
+    _place(model, found, device, mapped=not (source.in_checkpoint and is_quantized(source.fmt)))
     log.info("loaded %s: %d MoE layers, %d experts each (%s), dense weights on %s", folder.name, len(found),
              found[0].num_experts, source.fmt, device)
     return LoadedModel(model, tokenizer, found, routers, device, folder, source.fmt, source.group_size)
@@ -232,10 +233,14 @@ def find_experts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[to
     return experts, routers
 
 
-def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device) -> None:
-    """Dense parameters and buffers to the accelerator; expert weights stay in (pinned) host memory."""
+def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device,
+           mapped: bool = True) -> None:
+    """Dense parameters and buffers to the accelerator; expert weights stay in (pinned) host memory.
+    `mapped`: the dense tensors may be views of the memory-mapped checkpoint (transformers' loading)."""
     expert_params = {id(p) for m in experts for p in m.parameters(recurse=False)}
-    if device.type == "cpu":
+    if device.type == "cpu" and not mapped:
+        pass
+    elif device.type == "cpu":
         # Dense tensors that transformers did not convert are views of the memory-mapped safetensors
         # files, and they keep every page of those files mapped, the expert pages read during the
         # conversion to fused tensors included: a private copy of the (small) dense part lets the

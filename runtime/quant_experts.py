@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contracts.expert_format import check_group_size
+from .contracts.expert_format import check_group_size, qweight_columns
 from .errors import ModelError
 from .expert_math import in_proj_name
 from .quant_format import dequantize, quantize
@@ -77,7 +77,14 @@ def quantize_module(module: torch.nn.Module, fmt: str, group_size: int, where: s
         if problem:
             raise ModelError(f"{where}: {name}: group size {problem}; quantize the checkpoint with "
                              f"`moeplan quantize --group-size N` for a group size that divides it")
-        qweight[name], scales[name] = quantize(w, fmt, group_size)
+        # expert by expert, into the layer's tensors: the float32 working copies stay one expert's
+        experts, rows, inputs = w.shape
+        qweight[name] = torch.empty((experts, rows, qweight_columns(fmt, inputs)),
+                                    dtype=torch.int8 if fmt == "int8" else torch.uint8)
+        scales[name] = torch.empty((experts, rows, inputs // group_size), dtype=torch.float16)
+        for e in range(experts):
+            qweight[name][e], scales[name][e] = quantize(w[e], fmt, group_size)
+        del w
         module._parameters.pop(name, None)  # frees the float weights, unless something else holds them
     setattr(module, ATTRIBUTE, QuantizedExperts(fmt, group_size, names, qweight, scales))
 

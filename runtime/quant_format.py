@@ -71,17 +71,36 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """(qweight, scales) of [..., N, K] -> the matrix in `dtype`: dtype(float(scale) * q), computed in
-    float32 and rounded once, as the conformance reference does. `out` (if given) receives it."""
+    float32 and rounded once, as the conformance reference does. `out` (if given, [N, K] of one matrix)
+    receives it, a block of rows at a time, so that the float32 working copies stay small however big the
+    matrix (a decode token dequantizes every expert it computes through torch)."""
+    if out is not None and qweight.dim() == 2:
+        rows = max(1, _BLOCK_VALUES[qweight.device.type == "cpu"] // out.shape[-1])
+        if qweight.shape[0] > rows:
+            for start in range(0, qweight.shape[0], rows):
+                stop = start + rows
+                out[start:stop].copy_(_dequantize(qweight[start:stop], scales[start:stop], fmt))
+            return out
+    w = _dequantize(qweight, scales, fmt)
+    if out is None:
+        return w.to(dtype)
+    out.copy_(w)
+    return out
+
+
+# values dequantized at once into `out` (float32 working copies of 4 MB on the CPU, where they would
+# count in resident memory and fragment the heap; 64 MB on an accelerator, where each block costs launches)
+_BLOCK_VALUES = {True: 1 << 20, False: 1 << 24}
+
+
+def _dequantize(qweight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float32 float(scale) * q of [..., N, K]."""
     q = qweight if fmt == "int8" else unpack_int4(qweight)
     *lead, n, k = q.shape
     groups = scales.shape[-1]
     _check(fmt, k, k // groups if groups else 1)
     w = q.reshape(*lead, n, groups, k // groups).float() * scales.float().unsqueeze(-1)
-    w = w.reshape(*lead, n, k)
-    if out is None:
-        return w.to(dtype)
-    out.copy_(w)
-    return out
+    return w.reshape(*lead, n, k)
 
 
 def group_size_of(qweight: torch.Tensor, scales: torch.Tensor, fmt: str) -> int:

@@ -78,7 +78,8 @@ def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, 
     d, f = p.decode, p.prefill
     lines = [
         f"model      {shape.name}: {shape.num_layers} layers ({shape.num_moe_layers} MoE), {shape.num_experts} "
-        f"experts, top-{shape.top_k}, {shape.dtype}; expert {shape.expert_bytes / 2**20:.1f} MiB",
+        f"experts, top-{shape.top_k}, {shape.dtype}; experts stored as {shape.expert_format}, "
+        f"{shape.expert_bytes / 2**20:.1f} MiB each",
         f"plan       accelerator {plan.hardware.accelerator}, {plan.hardware.cpu_threads} CPU threads, "
         f"slots {plan.cache.slots}, policy {plan.cache.policy}, miss on {plan.miss.compute}, "
         f"transfer_min_tokens {plan.miss.transfer_min_tokens}, promote {plan.miss.promote}, "

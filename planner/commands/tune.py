@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runtime.atomic import check_writable
+from runtime.contracts.expert_format import FORMATS
 from runtime.errors import UserError
 
 from ..paths import PLANS, PROFILES, shown
@@ -32,6 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", metavar="FILE",
                    help="hardware profile (default: profiles/<hostname>.yaml, measured with --quick if missing)")
     p.add_argument("--trace", metavar="FILE", help="routing trace (default: the model's recorded one, else synthetic)")
+    p.add_argument("--experts", choices=FORMATS, metavar="FORMAT",
+                   help="plan for the routed experts stored as int4 or int8 (or a float dtype): their bytes set "
+                        "the memory, copies and CPU reads; the plan records it as model.experts (default: the "
+                        "model's dtype)")
     p.add_argument("--context", type=int, default=512, help="tokens in the KV cache at a decode step (512)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the prefill (128)")
     budget = p.add_mutually_exclusive_group()
@@ -85,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--measure: needs --model to be a checkpoint folder, got {args.model!r}")
 
     profile, profile_path = _load_profile(args.profile)
-    shape = load_model_shape(args.model)
+    shape = load_model_shape(args.model, experts=args.experts)
     trace, trace_source = workload.resolve_trace(shape, args.trace, args.prompt_tokens, seed=args.seed)
     log.info("trace: %s", trace_source)
     accelerator = "cuda:0" if profile.has_accelerator else "cpu"
@@ -113,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
                           model_path=model_path, profile_name=profile.name)
     profile_sha = hashlib.sha256(profile_path.read_bytes()).hexdigest()
     trace_sha = hashlib.sha256(trace_to_jsonl(trace).encode()).hexdigest()
-    fingerprint = {"model": shape.name, "profile_sha256": profile_sha, "trace_sha256": trace_sha,
+    fingerprint = {"model": shape.name, "experts": shape.expert_format, "profile_sha256": profile_sha, "trace_sha256": trace_sha,
                    "context": args.context, "prompt_tokens": args.prompt_tokens, "vram_budget": vram_budget,
                    "accelerator": accelerator, "max_slots": capacity.max_slots}
     study_name = args.study or f"{shape.name}-{profile.name}"

@@ -12,10 +12,14 @@ import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from runtime.contracts import expert_format
 from runtime.errors import UserError
 
 SCHEMA_VERSION = 1
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# What an expert timing's weights were stored as (the `dtype` of expert_ffn and moe_layer rows, the keys
+# of cpu.expert_gbps / expert_gflops): a float dtype or an integer expert format (int8, int4).
+EXPERT_FORMATS: tuple[str, ...] = expert_format.FORMATS
 SOURCES = ("measured", "published")
 # Where a timing's weights were: `cold` (read from DRAM: a model larger than the last-level cache) or
 # `warm` (in the last-level cache: a model whose bytes per decode token fit it).
@@ -157,8 +161,9 @@ class AcceleratorProfile:
 
 # ---- shared arithmetic -------------------------------------------------------------------------
 def expert_bytes(hidden: int, intermediate: int, dtype: str) -> int:
-    """Weight bytes of one gated expert: gate and up ([2I, H]) plus down ([H, I])."""
-    return 3 * hidden * intermediate * DTYPE_BYTES[dtype]
+    """Weight bytes of one gated expert: gate and up ([2I, H]) plus down ([H, I]), stored as `dtype` (a float
+    dtype, or int8/int4 with float16 scales per group of the default size: runtime/contracts/expert_format.py)."""
+    return expert_format.expert_bytes(dtype, hidden, intermediate)
 
 
 def expert_flops(hidden: int, intermediate: int, tokens: int) -> float:
@@ -167,8 +172,8 @@ def expert_flops(hidden: int, intermediate: int, tokens: int) -> float:
 
 
 def check_call(hidden: int, intermediate: int, dtype: str, tokens: int) -> None:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if dtype not in EXPERT_FORMATS:
+        raise ValueError(f"dtype must be one of {', '.join(EXPERT_FORMATS)}, got {dtype!r}")
     for name, value, lo in (("hidden", hidden, 1), ("intermediate", intermediate, 1), ("tokens", tokens, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from runtime.contracts.fields import FieldChecker, join
-from .records import (CACHE_STATES, DTYPE_BYTES, MOE_PATHS, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile,
+from .records import (CACHE_STATES, DTYPE_BYTES, EXPERT_FORMATS, MOE_PATHS, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile,
                       DenseRow, ExpertRow, HostInfo, MoeRow, ProfileError, StepRow, TransferRow)
 
 _TOP = ("version", "name", "source", "date", "host", "cpu", "accelerator")
@@ -122,7 +122,7 @@ def _expert_row(r: dict[str, Any], p: str, cpu: bool) -> ExpertRow:
     _require(r, p, ("hidden", "intermediate", "dtype", "tokens", "median_s", "spread") + (("threads",) if cpu else ()))
     return ExpertRow(hidden=_positive_int(r["hidden"], f"{p}.hidden"),
                      intermediate=_positive_int(r["intermediate"], f"{p}.intermediate"),
-                     dtype=_str(r["dtype"], f"{p}.dtype", tuple(DTYPE_BYTES)),
+                     dtype=_str(r["dtype"], f"{p}.dtype", EXPERT_FORMATS),
                      tokens=_positive_int(r["tokens"], f"{p}.tokens"),
                      median_s=_positive_number(r["median_s"], f"{p}.median_s"),
                      spread=_nonneg_number(r["spread"], f"{p}.spread"),
@@ -152,7 +152,7 @@ def _moe_row(r: dict[str, Any], p: str) -> MoeRow:
     _require(r, p, _MOE_ROW)
     row = MoeRow(hidden=_positive_int(r["hidden"], f"{p}.hidden"),
                  intermediate=_positive_int(r["intermediate"], f"{p}.intermediate"),
-                 dtype=_str(r["dtype"], f"{p}.dtype", tuple(DTYPE_BYTES)),
+                 dtype=_str(r["dtype"], f"{p}.dtype", EXPERT_FORMATS),
                  threads=_positive_int(r["threads"], f"{p}.threads"),
                  path=_str(r["path"], f"{p}.path", MOE_PATHS),
                  experts=_positive_int(r["experts"], f"{p}.experts"),
@@ -227,7 +227,7 @@ def _thread_curve(value: Any, path: str) -> dict[int, float]:
 
 
 def _dtype_curves(value: Any, path: str) -> dict[str, dict[int, float]]:
-    m = _mapping(value, path, tuple(DTYPE_BYTES), required=True)
+    m = _mapping(value, path, EXPERT_FORMATS, required=True)
     return {dt: _thread_curve(curve, join(path, dt)) for dt, curve in m.items()}
 
 
@@ -298,7 +298,7 @@ def _represent_dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
     # block style for the sections.
     scalars = bool(data) and all(_scalar(v) for v in data.values())
     flow = scalars and (all(isinstance(k, int) for k in data) or "median_s" in data
-                        or all(k in DTYPE_BYTES for k in data))
+                        or all(k in EXPERT_FORMATS for k in data))
     return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=flow)
 
 

@@ -27,13 +27,13 @@ SYNTHETIC_DECODE_TOKENS = 256  # decode passes of a synthetic trace: enough for 
 
 def resolve_model(plan: Plan, model: str | None) -> ModelShape:
     """`model` (catalog name or folder), else the plan's model.path if it is a folder, else model.name."""
-    dtype = plan.model.dtype
+    dtype, experts = plan.model.dtype, plan.model.experts
     if model:
-        return load_model_shape(model, dtype)
+        return load_model_shape(model, dtype, experts)
     if plan.model.path and Path(plan.model.path).expanduser().is_dir():
-        return load_model_shape(plan.model.path, dtype)
+        return load_model_shape(plan.model.path, dtype, experts)
     if plan.model.name:
-        return load_model_shape(plan.model.name, dtype)
+        return load_model_shape(plan.model.name, dtype, experts)
     raise ModelError("model: the plan names no model (model.name, model.path) and no --model was given")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.contracts.cache_policy import MissRule
+from runtime.contracts.expert_format import FORMATS
 from runtime.contracts.model_shape import ModelShape
 from runtime.contracts.traces import Trace
 from runtime.errors import UserError
@@ -38,6 +39,13 @@ NO_SLOTS_ON_CPU = "without an accelerator a slot would be a second copy in host 
 
 class InfeasibleBudget(UserError):
     """Not even the plan without any expert slot fits the memory it is given."""
+
+
+def plan_experts(shape: ModelShape) -> str | None:
+    """The plan's `model.experts` for `shape`: its expert format where the plan must name it (stored other
+    than the dtype, in a format a plan can say), else None (the key is left out)."""
+    fmt = shape.expert_format
+    return fmt if fmt != shape.dtype and fmt in FORMATS else None
 
 
 # ---- memory: how many slots fit ---------------------------------------------------------------------
@@ -66,7 +74,7 @@ def cache_capacity(profile: Any, shape: ModelShape, accelerator: str, context: i
     the search picked slots on ties the prefill's averaging broke.
     """
     L, E = shape.num_moe_layers, shape.num_experts
-    empty = Plan(model=ModelSpec(name=shape.name, dtype=shape.dtype), hardware=HardwareSpec(accelerator=accelerator),
+    empty = Plan(model=ModelSpec(name=shape.name, dtype=shape.dtype, experts=plan_experts(shape)), hardware=HardwareSpec(accelerator=accelerator),
                  cache=CacheSpec(slots=0))
     items, limits = memory_plan(profile, shape, empty, context, prompt_tokens, vram_budget)
     eb = shape.expert_bytes
@@ -186,7 +194,8 @@ class Evaluator:
     def plan(self, choice: Choice, slots: tuple[int, ...]) -> Plan:
         preload = tuple(tuple(ids) for ids in self.preload_for(slots)) if choice.preload else None
         return Plan(
-            model=ModelSpec(name=self.shape.name, path=self.model_path, dtype=self.shape.dtype),
+            model=ModelSpec(name=self.shape.name, path=self.model_path, dtype=self.shape.dtype,
+                            experts=plan_experts(self.shape)),
             hardware=HardwareSpec(accelerator=self.accelerator, cpu_threads=choice.cpu_threads,
                                   profile=self.profile_name),
             cache=CacheSpec(slots=slots, policy=choice.policy, preload=preload),

@@ -299,3 +299,52 @@ def test_a_gpu_plan_computes_its_cpu_misses_through_run() -> None:
     q = predict(Profile.from_dict(PUBLISHED), shape, plan, _decode_sim(4, hits=1.0, misses=1.0), 512, 16)
     assert q.decode.cpu_miss_s == pytest.approx(
         4 * Profile.from_dict(PUBLISHED).cpu_expert_seconds(256, 512, "bfloat16", 1, 2))
+
+
+# ---- quantized experts: bytes from the format contract, CPU times from int rows or scaled bf16 rows ----------
+def _int4_ratio() -> float:
+    from runtime.contracts.expert_format import expert_bytes
+
+    return expert_bytes("int4", 256, 512) / expert_bytes("bfloat16", 256, 512)
+
+
+def test_int4_experts_without_int4_rows_scale_the_bf16_rows_by_bytes_for_one_token() -> None:
+    shape = load_model_shape(str(TINY), experts="int4")
+    assert shape.expert_bytes == 256 * 512 * 3 // 2 + 2 * 3 * 256 * 512 // 32  # contract: N*K/2 + 2*N*K/G
+    plan = _plan(accelerator="cpu", threads=2, slots=0, name="tiny-moe")
+    profile = _paths_profile(None)
+    p = predict(profile, shape, plan, _decode_sim(4, hits=0.0, misses=2.0), 512, 16)
+    assert p.decode.cpu_miss_s == pytest.approx(4 * 2e-4 * _int4_ratio())
+    assert p.memory_items["host"]["experts"] == 4 * 8 * shape.expert_bytes
+    assert any(n.startswith("int4 experts: the profile has no int4 CPU rows") and "scaled by bytes" in n
+               for n in p.notes), p.notes
+    # a GPU plan's CPU misses without path rows: one expert call each, the bf16 expert time scaled
+    gpu = predict(Profile.from_dict(PUBLISHED), shape, _plan(threads=2, slots=4, name="tiny-moe"),
+                  _decode_sim(4, hits=1.0, misses=1.0), 512, 16)
+    one = Profile.from_dict(PUBLISHED).cpu_expert_seconds(256, 512, "bfloat16", 1, 2)
+    assert gpu.decode.cpu_miss_s == pytest.approx(4 * one * _int4_ratio())
+    assert any("accelerator expert times from its bfloat16 rows" in n for n in gpu.notes)
+
+
+def test_int4_experts_use_the_profiles_int4_rows_where_it_has_them() -> None:
+    cpu = {**PUBLISHED["cpu"],
+           "expert_ffn": [{"hidden": 256, "intermediate": 512, "dtype": "int4", "threads": 2, "tokens": 1,
+                           "median_s": 7e-5, "spread": 0.1}],
+           "moe_layer": [{"hidden": 256, "intermediate": 512, "dtype": "int4", "threads": 2, "path": "token",
+                          "experts": 2, "tokens": 1, "cache": "cold", "median_s": 9e-5, "spread": 0.1}]}
+    profile = Profile.from_dict({**PUBLISHED, "cpu": cpu})
+    shape = load_model_shape(str(TINY), experts="int4")
+    p = predict(profile, shape, _plan(accelerator="cpu", threads=2, slots=0, name="tiny-moe"),
+                _decode_sim(4, hits=0.0, misses=2.0), 512, 16)
+    assert p.decode.cpu_miss_s == pytest.approx(4 * 9e-5)  # the fused int4 row, unscaled
+    assert any(n.startswith("int4 experts: CPU expert times from the profile's int4 rows") for n in p.notes)
+    assert profile.cpu_expert_seconds(256, 512, "int4", 1, 2) == pytest.approx(7e-5)
+    assert Profile.from_dict(profile.to_dict()).cpu.moe_layer == profile.cpu.moe_layer  # int rows round-trip
+
+
+def test_int8_and_int4_shrink_what_a_miss_reads_and_a_slot_holds() -> None:
+    bf16, int8, int4 = (load_model_shape("mixtral", experts=f) for f in ("bfloat16", "int8", "int4"))
+    assert bf16.expert_bytes == 3 * 4096 * 14336 * 2
+    assert int8.expert_bytes == 3 * 4096 * 14336 + 2 * 3 * 4096 * 14336 // 32
+    assert int4.expert_bytes == 3 * 4096 * 14336 // 2 + 2 * 3 * 4096 * 14336 // 32
+    assert decode_bytes(int4, 512) < decode_bytes(int8, 512) < decode_bytes(bf16, 512)

@@ -159,12 +159,12 @@ BAD = [
     (("source",), "guessed", "source: must be one of measured, published, got 'guessed'"),
     (("gpu",), {}, "gpu: unknown section"),
     (("cpu", "expert_overhead_s"), -1e-5, "cpu.expert_overhead_s: must be a number >= 0"),
-    (("cpu", "expert_gbps", "int8"), {1: 3.0}, "cpu.expert_gbps.int8: unknown key"),
+    (("cpu", "expert_gbps", "int3"), {1: 3.0}, "cpu.expert_gbps.int3: unknown key"),
     (("cpu", "expert_gflops", "bfloat16", 4), True,
      "cpu.expert_gflops.bfloat16.4: must be a positive number, got a boolean"),
     (("cpu", "expert_ffn", 1, "median_s"), 0, "cpu.expert_ffn[1].median_s: must be a positive number, got 0"),
     (("cpu", "expert_ffn", 0, "threads"), _DELETE, "cpu.expert_ffn[0].threads: missing"),
-    (("cpu", "expert_ffn", 0, "dtype"), "int4", "cpu.expert_ffn[0].dtype: must be one of"),
+    (("cpu", "expert_ffn", 0, "dtype"), "int3", "cpu.expert_ffn[0].dtype: must be one of"),
     (("cpu", "expert_ffn", 2, "speed"), 1, "cpu.expert_ffn[2].speed: unknown key"),
     (("cpu", "expert_ffn"), {"a": 1}, "cpu.expert_ffn: must be a list of rows"),
     (("cpu", "dense_layer", 0, "tokens"), 1024, "cpu.dense_layer[0].tokens: 1024 new tokens cannot exceed"),
@@ -283,8 +283,11 @@ def test_cpu_expert_seconds_from_fitted_rates_for_unmeasured_shapes():
     missing = r"cpu\.expert_gbps\.float16: missing \(the profile has: bfloat16, float32\)"
     with pytest.raises(ProfileError, match=missing):
         p.cpu_expert_seconds(h, i, "float16", 1, 1)
-    with pytest.raises(ValueError, match="dtype"):
+    # an integer expert format is a row dtype too (its rows where measured, else its own rate table)
+    with pytest.raises(ProfileError, match=r"cpu\.expert_gbps\.int8: missing"):
         p.cpu_expert_seconds(h, i, "int8", 1, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        p.cpu_expert_seconds(h, i, "int3", 1, 1)
 
 
 def test_accelerator_readers():

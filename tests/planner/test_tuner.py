@@ -283,3 +283,45 @@ def test_sigkilled_study_resumes_with_no_completed_trial_lost(model_dir, trace_f
     assert tune(model_dir, trace_file, cpu_profile, out, "--trials", "3", "--storage", storage, "--study", "k") == 0
     assert completed(storage) == before + 3
     assert Plan.load(out).provenance["trials"] == before + 3
+
+
+def test_tune_experts_int4_plans_for_int4_bytes_and_writes_plan_version_2(model_dir, trace_file, tmp_path,
+                                                                         capsys) -> None:
+    """The same accelerator budget holds several times as many int4 slots as full-width ones; the plan records
+    the format as model.experts (schema 2), and explain counts the int4 bytes and says how it timed them."""
+    from runtime.contracts.expert_format import expert_bytes
+
+    bf16 = load_model_shape(str(model_dir))
+    int4 = load_model_shape(str(model_dir), experts="int4")
+    assert int4.expert_bytes == expert_bytes("int4", bf16.hidden, bf16.expert_intermediate)
+    profile = Profile.load(PUBLISHED)
+    cap = cache_capacity(profile, int4, "cuda:0", 512, 128, None)
+    budget = cap.fixed_bytes + 7 * int4.expert_bytes  # 7 int4 slots
+    out = tmp_path / "int4.yaml"
+    assert tune(model_dir, trace_file, PUBLISHED, out, "--trials", "15", "--vram-budget", str(budget),
+                "--experts", "int4") == 0
+    plan = Plan.load(out)
+    assert plan.version == 2 and plan.model.experts == "int4" and "experts: int4" in out.read_text()
+    assert plan.predicted["accelerator_bytes"] <= budget
+    assert plan.predicted["host_bytes"] >= int4.expert_bytes_total
+    capsys.readouterr()
+    assert cli.main(["explain", str(out), "--model", str(model_dir), "--trace", str(trace_file), "--profile",
+                     str(PUBLISHED), "--vram-budget", str(budget), "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["fits"]
+    assert explained["memory_items"]["host"]["experts"] == int4.expert_bytes_total
+    assert explained["memory_items"]["accelerator"]["expert_slots"] == sum(plan.cache.slots) * int4.expert_bytes
+    assert any(n.startswith("int4 experts:") for n in explained["notes"])
+    # the same budget in the checkpoint's dtype: fewer slots fit, and no model.experts is written
+    plain = tmp_path / "bf16.yaml"
+    assert tune(model_dir, trace_file, PUBLISHED, plain, "--trials", "15", "--vram-budget", str(budget)) == 0
+    bf16_plan = Plan.load(plain)
+    assert bf16_plan.model.experts is None and "experts:" not in plain.read_text().split("hardware:")[0]
+    plain_slots = cache_capacity(profile, bf16, "cuda:0", 512, 128, budget).max_slots
+    assert sum(bf16_plan.cache.slots) <= plain_slots < 7
+
+
+def test_tune_experts_rejects_an_unknown_format(model_dir, trace_file, tmp_path) -> None:
+    with pytest.raises(SystemExit) as err:
+        tune(model_dir, trace_file, PUBLISHED, tmp_path / "x.yaml", "--experts", "int3")
+    assert err.value.code == 2

@@ -190,3 +190,10 @@ def test_quantized_checkpoint_holds_no_float_experts_and_slots_hold_quantized_by
     h, i = config.hidden_size, config.intermediate_size
     assert store.expert_bytes == (2 * i * h // 2 + 2 * 2 * i * h // GROUP) + (h * i // 2 + 2 * h * i // GROUP)
     assert [t.dtype for t in store.host] == [torch.uint8, torch.float16, torch.uint8, torch.float16]
+    # the memory guard and the planner count what the runtime holds (runtime/contracts/memory.py)
+    from runtime.loader import inspect_model
+
+    for model_dir in (written, folder):  # as written by moeplan quantize, and quantized at load
+        shape = inspect_model(model_dir, "float32", "int4")
+        assert shape.expert_bytes == store.expert_bytes
+        assert shape.expert_bytes_total == sum(layer.store.quantized.nbytes() for layer in session.engine.layers)

@@ -71,6 +71,15 @@ def test_dequantize_is_scale_times_code_rounded_once_to_the_dtype():
     assert dequantize(q, s, "int4", torch.bfloat16, out=out) is out and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_dequantize_into_out_by_blocks_of_rows_is_the_same(fmt):
+    torch.manual_seed(2)
+    w = torch.randn(20000, 64)  # more rows than one block of the CPU's 1M values
+    q, s = quantize(w, fmt, 32)
+    out = torch.empty(20000, 64, dtype=torch.bfloat16)
+    assert torch.equal(dequantize(q, s, fmt, torch.bfloat16, out=out), dequantize(q, s, fmt, torch.bfloat16))
+
+
 def test_zero_group_and_bad_group():
     q, s = quantize(torch.zeros(2, 32), "int4", 32)
     assert float(s.abs().max()) == 0 and torch.equal(unpack_int4(q), torch.zeros(2, 32, dtype=torch.int8))
