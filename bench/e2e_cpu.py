@@ -5,6 +5,10 @@ times; the table gives medians and the ratio to the fastest transformers experts
 measured side by side in one run. Greedy tokens are compared too (same weights, same dtype).
 
     .venv/bin/python bench/e2e_cpu.py --repeats 3 --tokens 32 --out bench/results/e2e_cpu_avx2.md
+
+With --experts (say bfloat16,int8,int4) moeplan runs once per expert format (plan schema version 2, the
+int formats quantized at load, group size 32), side by side; --gguf-also NAME=PATH adds llama.cpp on
+another GGUF file of the same weights (say Q4_0=...q4_0.gguf), repeatable.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ cache: {{slots: 0, policy: lru, preload: none}}
 miss: {{compute: cpu, transfer_min_tokens: 0, promote: false}}
 prefetch: {{lookahead: 0}}
 """
+PLAN_V2 = PLAN.replace("version: 1", "version: 2").replace("dtype: {dtype}}}", "dtype: {dtype}, experts: {experts}}}")
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -55,6 +60,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed (bench/llama_cpp/README.md)")
     ap.add_argument("--gguf", help="the same checkpoint converted to GGUF in --dtype (bench/llama_cpp/convert_gguf.py)")
+    ap.add_argument("--experts", default="", help="moeplan once per expert format, e.g. bfloat16,int8,int4")
+    ap.add_argument("--gguf-also", action="append", default=[], metavar="NAME=PATH",
+                    help="llama.cpp on another GGUF of the same weights (e.g. Q4_0=/path/q4_0.gguf), repeatable")
     ap.add_argument("--no-huge-pages", action="store_true",
                     help="also run moeplan with --no-huge-pages (its weights in 4 KB pages, as before 2026-11-29 "
                          "night; by default they are in 2 MB pages)")
@@ -68,9 +76,17 @@ def main() -> int:
     plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
     engines = {"moeplan all-CPU": [str(ROOT / ".venv/bin/moeplan"), "run", str(plan), "--model", str(model),
                                    "--prompt", args.prompt, "--max-new-tokens", str(args.tokens), "--json"]}
+    for fmt in filter(None, args.experts.split(",")):
+        fmt_plan = plan.with_name(f"all-cpu-{fmt}.yaml")
+        fmt_plan.write_text(PLAN_V2.format(dtype=args.dtype, threads=args.threads, experts=fmt))
+        engines[f"moeplan all-CPU {fmt} experts"] = [str(ROOT / ".venv/bin/moeplan"), "run", str(fmt_plan), "--model",
+                                                     str(model), "--prompt", args.prompt, "--max-new-tokens",
+                                                     str(args.tokens), "--json"]
+    if args.experts:
+        del engines["moeplan all-CPU"]  # the bfloat16 entry of --experts is the same run
     if args.no_huge_pages:
         engines["moeplan all-CPU --no-huge-pages"] = engines["moeplan all-CPU"] + ["--no-huge-pages"]
-    for impl in args.impls.split(","):
+    for impl in filter(None, args.impls.split(",")):
         engines[f"transformers {impl}"] = [sys.executable, str(ROOT / "bench/hf_generate.py"), "--model", str(model),
                                            "--impl", impl, "--dtype", args.dtype, "--threads", str(args.threads),
                                            "--tokens", str(args.tokens), "--prompt", args.prompt]
@@ -78,6 +94,12 @@ def main() -> int:
         engines[f"llama.cpp {args.dtype}"] = [args.llama_python, str(ROOT / "bench/llama_cpp/generate.py"),
                                              "--gguf", args.gguf, "--threads", str(args.threads),
                                              "--tokens", str(args.tokens), "--prompt", args.prompt]
+    for extra in args.gguf_also:
+        name, _, path = extra.partition("=")
+        if args.llama_python and path:
+            engines[f"llama.cpp {name}"] = [args.llama_python, str(ROOT / "bench/llama_cpp/generate.py"), "--gguf", path,
+                                            "--threads", str(args.threads), "--tokens", str(args.tokens), "--prompt",
+                                            args.prompt]
     results: dict[str, list[dict]] = {name: [] for name in engines}
     names = list(engines)
     for r in range(args.repeats):
@@ -94,7 +116,7 @@ def main() -> int:
                      statistics.median(o["prefill_seconds"] for o in outs),
                      max(o["peak_rss_bytes"] for o in outs), outs[0]["generated_ids"],
                      statistics.median(o["wall_seconds"] for o in outs)))
-    best_hf = max((r for r in rows if r[0].startswith("transformers")), key=lambda r: r[1])
+    best_hf = max((r for r in rows if r[0].startswith("transformers")), key=lambda r: r[1], default=None)
     ours = rows[0]
     lines = [f"# End-to-end CPU decode: moeplan vs transformers and llama.cpp ({args.dtype}, {args.threads} threads)", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
@@ -111,8 +133,14 @@ def main() -> int:
                      f"{_agreement(ids, ours[4])} |")
     lines.append("")
     for mine in (r for r in rows if r[0].startswith("moeplan")):
-        lines.append(f"{mine[0]} / fastest transformers ({best_hf[0]}): **{mine[1] / best_hf[1]:.2f}x** decode "
-                     "tokens/s")
+        if best_hf is not None:
+            lines.append(f"{mine[0]} / fastest transformers ({best_hf[0]}): **{mine[1] / best_hf[1]:.2f}x** decode "
+                         "tokens/s")
+        if mine is not ours:
+            paired = sorted(a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                            for a, b in zip(results[mine[0]], results[ours[0]]))
+            lines.append(f"{mine[0]} / {ours[0]}: **{mine[1] / ours[1]:.2f}x** decode tokens/s; per repeat: median "
+                         f"{statistics.median(paired):.2f}x, {paired[0]:.2f}-{paired[-1]:.2f}x")
         for name, tps, *_ in rows:
             if name.startswith("llama.cpp"):
                 paired = sorted(a["decode_tokens_per_s"] / b["decode_tokens_per_s"]

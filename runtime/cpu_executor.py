@@ -16,10 +16,12 @@ Three paths:
 
 Quantized experts (int8/int4, runtime/quant_experts.py) take `_run_quantized`: the input projections of
 all the layer's missed experts, the gate, then all their output projections, each projection set through
-ONE seam, `quantized_multi`, where the int kernels plug in (its docstring says what it receives and
-returns). Until they do, it dequantizes each matrix into the shared scratch in the model dtype and
-multiplies with torch, the arithmetic a hit on the accelerator does. The fused one-token path takes
-quantized experts where `fits_token_quantized` says so (today: never).
+ONE seam, `quantized_multi`: the int kernels of runtime/kernels/qgemv.c where they run (AVX2 + FMA + F16C,
+a bf16 or fp32 model, up to their token limit; they multiply exactly the reference's dequantized weights),
+else each matrix dequantized into the shared scratch in the model dtype and multiplied with torch, the
+arithmetic a hit on the accelerator does. One decode token whose experts all run on the CPU takes the
+int kernels' fused path (`token`) where `fits_token_quantized` says so: the int kernels run, no biases, no
+post-expert norm, the standard SiLU gate.
 """
 from __future__ import annotations
 
@@ -81,20 +83,42 @@ class CpuExecutor:
         Returns [y_i [T_i, N] in `out_dtype`]: the products accumulated in fp32 and rounded once to
         `out_dtype`, as torch's matmul of x_i by the dequantized matrix (`out_dtype`(float(scale) * q))
         rounds its output: the conformance tests compare tokens with that reference.
-        Today: dequantize W_i into the scratch (model dtype) and multiply with torch, matrix by matrix.
+        The int kernels take the matrices whose token counts they run (GemvKernel.handles_int), all in
+        one call; the rest are dequantized into the scratch (model dtype) and multiplied with torch, matrix
+        by matrix.
         """
-        out = []
-        for qw, sc, x in zip(qweights, scales, inputs):
-            w = scratch.dequantize(0, qw, sc, fmt, out_dtype)
-            out.append(F.linear(x, w))
-        return out
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        k = self.kernel
+        if k is not None:
+            fast = [i for i, x in enumerate(inputs) if k.handles_int(fmt, out_dtype, x.shape[0], self.threads)]
+            if fast:
+                ys = k.qmulti([(qweights[i], scales[i]) for i in fast], [inputs[i] for i in fast], self.threads,
+                              out_dtype)
+                for i, y in zip(fast, ys):
+                    out[i] = y
+        for i, (qw, sc, x) in enumerate(zip(qweights, scales, inputs)):
+            if out[i] is None:
+                out[i] = F.linear(x, scratch.dequantize(0, qw, sc, fmt, out_dtype))
+        return out  # type: ignore[return-value]
 
     def fits_token_quantized(self, module: torch.nn.Module, quantized: QuantizedExperts,
                              dtype: torch.dtype) -> bool:
         """Whether `token` runs this module's quantized experts for a one-token x of `dtype` (then `token`
-        receives, per chosen expert, [in qweight, in scales, out qweight, out scales] views of one expert).
-        No int kernel yet: never."""
-        return False
+        receives, per chosen expert, [in qweight, in scales, out qweight, out scales] views of one expert):
+        the int kernels run this format and dtype at one token, the module has no biases and no post-expert
+        norm, and its gate is SiLU(gate) * up over the input projection's [gate; up] rows (checked once on a
+        probe). The stored matrices are in the standard layout whatever the module's `is_transposed` says."""
+        key = (id(module), dtype)
+        known = self._fits_token.get(key)
+        if known is None:
+            k = self.kernel
+            width = quantized.qweight[quantized.projections[0]].shape[1]
+            known = self._fits_token[key] = (
+                k is not None and k.handles_int(quantized.fmt, dtype, 1, self.threads)
+                and quantized.projections[0] == "gate_up_proj"
+                and not getattr(module, "has_bias", False) and not getattr(module, "has_post_expert_norm", False)
+                and _is_silu_gated(module, width))
+        return known
 
     def _run_quantized(self, module: torch.nn.Module, store: ExpertStore, x: torch.Tensor, w: torch.Tensor,
                        jobs: list[Job], out: torch.Tensor) -> None:
@@ -134,6 +158,10 @@ class CpuExecutor:
         dtype."""
         if not chosen:
             return torch.zeros_like(x)
+        if chosen[0][0][0].dtype in (torch.int8, torch.uint8):  # quantized: [in qweight, in scales, out ...]
+            return self.kernel.qmoe_token([(w[0], w[1]) for w, _ in chosen], [(w[2], w[3]) for w, _ in chosen],
+                                          x if x.is_contiguous() else x.contiguous(), [g for _, g in chosen],
+                                          self.threads)
         return self.kernel.moe_token([w[0] for w, _ in chosen], [w[1] for w, _ in chosen],
                                      x if x.is_contiguous() else x.contiguous(), [g for _, g in chosen], self.threads)
 
@@ -165,12 +193,15 @@ class CpuExecutor:
             add_weighted(out, tokens, ranks, y, w)
 
 
-def _is_silu_gated(module: torch.nn.Module) -> bool:
+def _is_silu_gated(module: torch.nn.Module, width: int | None = None) -> bool:
     """Whether the module's activation between the projections is SiLU(first half) * second half, the gate
-    the fused kernel computes: the module's own gate is run on a probe and compared exactly."""
+    the fused kernel computes: the module's own gate is run on a probe and compared exactly. `width`: the
+    input projection's output count (2I), read from `gate_up_proj` when not given (quantized modules have
+    none)."""
     if not getattr(module, "has_gate", True):
         return False
-    width = getattr(module, "gate_up_proj").shape[1]
+    if width is None:
+        width = getattr(module, "gate_up_proj").shape[1]
     probe = torch.linspace(-6, 6, width, dtype=torch.float32).roll(width // 3).reshape(1, width)
     with torch.no_grad():
         try:

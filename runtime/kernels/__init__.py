@@ -1,9 +1,11 @@
-"""The CPU kernels: the GEMV kernel (gemv.c) and the dense part's decode operations (decode_ops.c, wrapped
-in decode_ops.py), compiled on first use into one library with the system C compiler, loaded with ctypes.
+"""The CPU kernels: the GEMV kernel (gemv.c; int8 and int4 experts in qgemv.c) and the dense part's decode
+operations (decode_ops.c, wrapped in decode_ops.py), compiled on first use into one library with the system C
+compiler, loaded with ctypes.
 
 Each dtype gets the best instruction set the CPU has: AVX-512 (with AVX512-BF16 for bf16), else AVX2 with
-FMA. Where there is neither, no compiler, or the build fails, `load()` returns None and the executor uses
-torch's own matmul: the kernel is a speed-up, never a requirement.
+FMA. The int8 and int4 kernels have one path, AVX2 with FMA and F16C (an AVX-512 CPU runs it too). Where
+there is none, no compiler, or the build fails, `load()` returns None and the executor uses torch's own
+matmul: the kernel is a speed-up, never a requirement.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ import torch
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / "gemv.c", HERE / "decode_ops.c"]
-HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h"]
+SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "decode_ops.c"]
+HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "silu_gate.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
+INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
+INT_MODEL_DTYPES = (torch.bfloat16, torch.float32)  # the model dtypes (inputs, outputs) the int kernels take
 
 
 def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> bool:
@@ -56,6 +60,18 @@ def _split_input_floats(isa: int, dtype: torch.dtype, k: int) -> int:
     return 2 * ((k + 1) // 2) if isa == ISA_AVX2 and dtype == torch.bfloat16 else 0
 
 
+def _int_kernel_wins(fmt: str, dtype: torch.dtype, tokens: int, threads: int) -> bool:
+    """Where the int8/int4 kernel beats torch's dequantize-then-matmul: everywhere it runs (1 to 64 tokens).
+
+    Measured with bench/cpu_kernel.py --int-formats (two experts per call, AVX2, a shared machine,
+    bench/results/cpu_kernel_int_avx2.md): the kernel took 1/10 to 1/40 of torch's time at one token on the
+    benchmark model's expert (hidden 1024, intermediate 3584) and 1/47 to 1/76 on Mixtral's, 1/3.6 to 1/4.7
+    at 64 tokens, on one thread and on two, int8 and int4 alike: torch dequantizes every weight of the expert into a bf16 matrix before its matmul, which
+    costs more than the kernel's whole product, and on AVX2 its bf16 matmul is slower than the bf16 kernel
+    up to 64 tokens anyway (_kernel_wins). One rule for both formats, thread counts and model dtypes."""
+    return True
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -79,6 +95,26 @@ def instruction_sets(flags: set[str]) -> dict[torch.dtype, int]:
     return isa
 
 
+def int_instruction_set(flags: set[str]) -> int | None:
+    """The int8/int4 kernels' instruction set on this CPU: AVX2 with FMA and F16C (float16 scales), or None."""
+    return ISA_AVX2 if {"avx2", "fma", "f16c"} <= flags else None
+
+
+def int_layout(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[str, int, int]:
+    """(format, inputs K, group size G) of one quantized matrix: qweight int8 [N, K] (int8) or uint8 [N, K/2]
+    (int4), scales float16 [N, K/G] (runtime/contracts/expert_format.py)."""
+    fmt = {torch.int8: "int8", torch.uint8: "int4"}.get(qweight.dtype)
+    if fmt is None or scales.dtype != torch.float16 or qweight.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"not an int8/int4 matrix: qweight {qweight.dtype} {tuple(qweight.shape)}, "
+                         f"scales {scales.dtype} {tuple(scales.shape)}")
+    k = qweight.shape[1] * (2 if fmt == "int4" else 1)
+    groups = scales.shape[1]
+    if scales.shape[0] != qweight.shape[0] or groups == 0 or k % groups or (k // groups) % 8:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit qweight {tuple(qweight.shape)} ({fmt}): "
+                         "one scale per group of a multiple of 8 inputs")
+    return fmt, k, k // groups
+
+
 class Scratch:
     """A float32 buffer reused between kernel calls, grown on demand (kernels are called from one thread)."""
 
@@ -92,7 +128,7 @@ class Scratch:
 
 
 class GemvKernel:
-    def __init__(self, lib: ctypes.CDLL, isa: dict[torch.dtype, int]) -> None:
+    def __init__(self, lib: ctypes.CDLL, isa: dict[torch.dtype, int], int_isa: int | None = None) -> None:
         self._fn = lib.gemv_multi
         self._fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                              ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
@@ -112,6 +148,19 @@ class GemvKernel:
         self.max_tokens = int(lib.gemv_max_tokens())
         self.isa = dict(isa)  # dtype -> instruction set: the dtypes this kernel runs
         self._scratch_ptr = Scratch().ptr
+        pointers = ctypes.POINTER(ctypes.c_void_p)
+        self._qmulti = lib.qgemv_multi
+        self._qmulti.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
+                                 ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        self._qmulti.restype = None
+        self._qtoken = lib.qmoe_token
+        self._qtoken.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
+                                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+        self._qtoken.restype = None
+        self.int_isa = int_isa  # the int8/int4 kernels' instruction set, None where they cannot run
+        self.int_max_tokens = int(lib.qgemv_max_tokens())
 
     def isa_names(self) -> dict[torch.dtype, str]:
         return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}
@@ -124,6 +173,60 @@ class GemvKernel:
         if dtype not in self.isa or not 1 <= tokens <= self.max_tokens:
             return False
         return _kernel_wins(self.isa[dtype], dtype, tokens, threads)
+
+    def supports_int(self, fmt: str, dtype: torch.dtype) -> bool:
+        """Whether the int kernels run `fmt` experts in a model of `dtype` (inputs and outputs) here."""
+        return self.int_isa is not None and fmt in INT_FORMATS and dtype in INT_MODEL_DTYPES
+
+    def handles_int(self, fmt: str, dtype: torch.dtype, tokens: int, threads: int) -> bool:
+        """Whether the int kernel beats torch's dequantize-then-matmul here (see _int_kernel_wins)."""
+        if not self.supports_int(fmt, dtype) or not 1 <= tokens <= self.int_max_tokens:
+            return False
+        return _int_kernel_wins(fmt, dtype, tokens, threads)
+
+    def qmulti(self, weights: list[tuple[torch.Tensor, torch.Tensor]], inputs: list[torch.Tensor], threads: int,
+               out_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """`multi` for quantized matrices: [x_i @ dequantized(W_i)^T for each i] as [T_i, N]. weights[i] is
+        (qweight, scales) of one matrix (int_layout), all of the same shape and format, contiguous; x_i
+        [T_i, K] contiguous in the model's dtype (bf16 or fp32): the weights are dequantized as the reference
+        dequantizes them into that dtype. Sums in fp32; `out_dtype` bfloat16 rounds as torch's bf16 matmul."""
+        count = len(weights)
+        qweight, scales = weights[0]
+        fmt, k, group = int_layout(qweight, scales)
+        n = qweight.shape[0]
+        dtype = inputs[0].dtype
+        tokens = [x.shape[0] for x in inputs]
+        if max(tokens) > self.int_max_tokens:
+            raise ValueError(f"the int GEMV kernel takes at most {self.int_max_tokens} tokens per call")
+        if not self.supports_int(fmt, dtype):
+            raise ValueError(f"the int kernels do not run {fmt} experts with {dtype} inputs on this CPU")
+        out_bf16 = out_dtype == torch.bfloat16
+        outs = [torch.empty((t, n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for t in tokens]
+        ptrs = ctypes.c_void_p * count
+        self._qmulti(INT_FORMATS[fmt], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w, _ in weights]),
+                     ptrs(*[s.data_ptr() for _, s in weights]), ptrs(*[x.data_ptr() for x in inputs]),
+                     ptrs(*[y.data_ptr() for y in outs]), (ctypes.c_int64 * count)(*tokens), n, k, group, threads,
+                     self._scratch_ptr(count * max(tokens) * k), int(out_bf16))
+        return outs
+
+    def qmoe_token(self, w_in: list[tuple[torch.Tensor, torch.Tensor]], w_out: list[tuple[torch.Tensor, torch.Tensor]],
+                   x: torch.Tensor, gate_weights: list[float], threads: int) -> torch.Tensor:
+        """`moe_token` for quantized experts: w_in[i] is (qweight, scales) of the [2I, H] input projection,
+        w_out[i] of the [H, I] output projection, one group size for both; x holds the H values, contiguous,
+        bf16 or fp32 (the model's dtype, which the weights are dequantized into). Returns x's shape and dtype."""
+        count = len(w_in)
+        fmt, hidden, group = int_layout(*w_in[0])
+        inter = w_in[0][0].shape[0] // 2
+        if not self.supports_int(fmt, x.dtype):
+            raise ValueError(f"the int kernels do not run {fmt} experts with {x.dtype} inputs on this CPU")
+        out = torch.empty_like(x)
+        ptrs = ctypes.c_void_p * count
+        self._qtoken(INT_FORMATS[fmt], int(x.dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w, _ in w_in]),
+                     ptrs(*[s.data_ptr() for _, s in w_in]), ptrs(*[w.data_ptr() for w, _ in w_out]),
+                     ptrs(*[s.data_ptr() for _, s in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
+                     out.data_ptr(), hidden, inter, group, threads,
+                     self._scratch_ptr(hidden + count * (3 * inter + hidden)))
+        return out
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int,
               out_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -240,4 +343,4 @@ def library() -> tuple[ctypes.CDLL, dict[torch.dtype, int]] | None:
 def load() -> GemvKernel | None:
     """The GEMV kernel, or None: the executor then uses torch's matmul."""
     built = library()
-    return GemvKernel(*built) if built is not None else None
+    return GemvKernel(*built, int_isa=int_instruction_set(cpu_flags())) if built is not None else None

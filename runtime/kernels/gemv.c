@@ -19,6 +19,7 @@
 
 #include "bf16.h"
 #include "hsum.h"
+#include "silu_gate.h"
 #include "stream_access.h"  /* PREFETCH_BYTES, STREAMS: the AVX2 paths' reads */
 
 #define MAXT 64
@@ -352,15 +353,6 @@ void gemv_one(int isa, int is_bf16, const void *W, const void *x, void *y, int64
  * Python between the steps. The caller checks that the module's gate is this one (runtime/cpu_executor.py).
  * out [H] has x's dtype (the fp32 sum rounded once, as the reference's output is); scratch holds
  * count * (4I + 2 + H) floats. On AVX2 both projections go through stream_rows_avx2 (moe_token_avx2). */
-
-/* The gate between an expert's projections, SiLU(g) * u, rounded to bf16 where torch's bf16 ops round
- * (each matmul output, the SiLU, the product). */
-static inline float silu_times(float g, float u, int is_bf16) {
-    if (!is_bf16) return g / (1.0f + expf(-g)) * u;
-    g = round_bf16(g);
-    u = round_bf16(u);
-    return round_bf16(round_bf16(g / (1.0f + expf(-g))) * u);
-}
 
 /* AVX2: the input projections of all the experts as one set of rows, the gate, then the output projections
  * as one set into per-expert sums, then their weighted sum; scratch: h [count][2I], the gate output

@@ -1,0 +1,439 @@
+/* Matrix-vector products for int8 and int4 experts (the layout of runtime/contracts/expert_format.py:
+ * qweight int8 [N, K] or uint8 [N, K/2] with input 2j in the low nibble of byte j and 2j+1 in its high
+ * nibble, as code q + 8; float16 scales [N, K/G], w[n, k] = float(scale[n, k / G]) * q[n, k]).
+ *
+ * Numerics: each weight is dequantized in registers to exactly the reference's weight (float(scale) * q,
+ * rounded to bf16 for a bf16 model, dequant.h) and multiplied by the fp32 input with fp32 sums, so the
+ * kernel differs from "dequantize, then torch's matmul" only in the order of its fp32 additions, as the
+ * bf16 kernel of gemv.c does (bench/results/cpu_kernel_int_avx2.md has the measurements that chose this
+ * over integer dot products with the input quantized to 8 bits, llama.cpp's Q8 way).
+ *
+ * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
+ * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
+ * and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
+ * these AVX2 paths.
+ * Inputs are first widened to fp32 into scratch, one row of K floats per token: for int4 split into the
+ * K/2 even elements then the K/2 odd ones (the low and high nibbles of the weights' bytes).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <omp.h>
+
+#include "bf16.h"
+#include "dequant.h"
+#include "hsum.h"
+#include "silu_gate.h"
+#include "stream_access.h" /* PREFETCH_BYTES, STREAMS */
+
+#define QMAXT 64    /* tokens per call, as gemv.c's MAXT */
+#define QROWS 4     /* rows per work item at two or more tokens */
+#define FMT_INT8 1  /* as runtime/kernels/__init__.py */
+#define FMT_INT4 2
+
+int qgemv_max_tokens(void) { return QMAXT; }
+
+uint8_t q4_bf16_tables[1024][64] __attribute__((aligned(64)));
+
+/* bf16(m * (code - 8)) for each float16 mantissa m in [1, 2) (dequant.h), built when the library loads. */
+__attribute__((constructor)) static void build_q4_bf16_tables(void) {
+    for (int i = 0; i < 1024; i++)
+        for (int c = 0; c < 16; c++) {
+            const uint16_t t = f32_to_bf16((1.0f + (float)i / 1024.0f) * (float)(c - 8)); /* the product is exact */
+            q4_bf16_tables[i][c] = q4_bf16_tables[i][16 + c] = (uint8_t)(t & 0xFF);
+            q4_bf16_tables[i][32 + c] = q4_bf16_tables[i][48 + c] = (uint8_t)(t >> 8);
+        }
+}
+
+/* How a path wants its fp32 inputs: as they are (int8), even elements then odd (int4, dequant_i4), or
+ * permuted within blocks of 32 (int4 of a bf16 model with groups of a multiple of 32, q4tab_block). */
+enum { LAYOUT_PLAIN, LAYOUT_EVEN_ODD, LAYOUT_TABLE };
+
+static int input_layout(int fmt, int to_bf16, int64_t G) {
+    if (fmt == FMT_INT8) return LAYOUT_PLAIN;
+    return to_bf16 && G % 32 == 0 ? LAYOUT_TABLE : LAYOUT_EVEN_ODD;
+}
+
+static inline int64_t input_slot(int layout, int64_t K, int64_t k) {
+    if (layout == LAYOUT_EVEN_ODD) return (k & 1) * (K / 2) + k / 2;
+    if (layout == LAYOUT_TABLE) return (k & ~(int64_t)31) + q4tab_slot((int)(k & 31));
+    return k;
+}
+
+/* The rows of `count` matrices [N, K] (row j of the set: matrix j / N, its row j % N), each matrix against
+ * its own prepared fp32 input x[i] (K floats; int4: even elements, then odd). */
+typedef struct {
+    int fmt, to_bf16, out_bf16; /* to_bf16: a bf16 model (weights rounded as the reference's are) */
+    int layout;                 /* input_layout(fmt, to_bf16, G): which path reads the rows */
+    int64_t count, N, K, G;
+    const void *const *W;      /* qweight of each matrix */
+    const uint16_t *const *S;  /* float16 scales of each matrix, [N, K/G] */
+    const float *const *x;
+    void *const *y;            /* [N] per matrix, fp32 or bf16 */
+} QRowSet;
+
+AVX2_INLINE float hsum128(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- one token: n rows read side by side (far-apart streams), one dot product each ------------------ */
+
+AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb) {
+    const int64_t K = set->K, G = set->G, groups = K / G;
+    const int8_t *w[STREAMS];
+    const uint16_t *sc[STREAMS];
+    const float *x[STREAMS];
+    __m256 a[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+        w[r] = (const int8_t *)set->W[i] + row * K;
+        sc[r] = set->S[i] + row * groups;
+        x[r] = set->x[i];
+        a[r] = _mm256_setzero_ps();
+    }
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) { /* eight groups' scales at a time */
+        const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
+        float s[STREAMS][8];
+        for (int r = 0; r < n; r++) {
+            if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
+            _mm256_storeu_ps(s[r], load_scales8(sc[r] + g0, gn));
+        }
+        for (int64_t gi = 0; gi < gn; gi++) {
+            __m256 sv[STREAMS];
+            for (int r = 0; r < n; r++) sv[r] = _mm256_broadcast_ss(&s[r][gi]);
+            for (int64_t k = (g0 + gi) * G; k < (g0 + gi + 1) * G; k += 8)
+                for (int r = 0; r < n; r++) {
+                    if (!(k & 63)) _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    a[r] = _mm256_fmadd_ps(dequant_i8(w[r] + k, sv[r], rb), _mm256_loadu_ps(x[r] + k), a[r]);
+                }
+        }
+    }
+    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]);
+}
+
+/* wide: G a multiple of 16, so that sixteen inputs (eight bytes) share a scale; else eight at a time. */
+AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
+                          const int wide) {
+    const int64_t K = set->K, half = K / 2, groups = K / set->G, group_bytes = set->G / 2;
+    const uint8_t *w[STREAMS];
+    const uint16_t *sc[STREAMS];
+    const float *xe[STREAMS], *xo[STREAMS];
+    __m256 ae[STREAMS], ao[STREAMS];
+    __m128 be[STREAMS], bo[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+        w[r] = (const uint8_t *)set->W[i] + row * half;
+        sc[r] = set->S[i] + row * groups;
+        xe[r] = set->x[i];
+        xo[r] = set->x[i] + half;
+        ae[r] = ao[r] = _mm256_setzero_ps();
+        be[r] = bo[r] = _mm_setzero_ps();
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t j0 = g * group_bytes; /* byte j holds inputs 2j and 2j + 1: xe[j] and xo[j] */
+        if (wide) {
+            __m256 s[STREAMS], m8[STREAMS];
+            for (int r = 0; r < n; r++) {
+                if (!(g & 31)) _mm_prefetch((const char *)(sc[r] + g) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
+                s[r] = _mm256_set1_ps(_cvtsh_ss(sc[r][g]));
+                m8[r] = _mm256_mul_ps(s[r], _mm256_set1_ps(-8.0f));
+            }
+            for (int64_t j = j0; j < j0 + group_bytes; j += 8)
+                for (int r = 0; r < n; r++) {
+                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    __m256 e, o;
+                    dequant_i4(w[r] + j, s[r], m8[r], &e, &o, rb);
+                    ae[r] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xe[r] + j), ae[r]);
+                    ao[r] = _mm256_fmadd_ps(o, _mm256_loadu_ps(xo[r] + j), ao[r]);
+                }
+        } else {
+            for (int r = 0; r < n; r++) {
+                const __m128 s = _mm_set1_ps(_cvtsh_ss(sc[r][g])), m8 = _mm_mul_ps(s, _mm_set1_ps(-8.0f));
+                for (int64_t j = j0; j < j0 + group_bytes; j += 4) {
+                    __m128 e, o;
+                    dequant_i4_half(w[r] + j, s, m8, &e, &o, rb);
+                    be[r] = _mm_fmadd_ps(e, _mm_loadu_ps(xe[r] + j), be[r]);
+                    bo[r] = _mm_fmadd_ps(o, _mm_loadu_ps(xo[r] + j), bo[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < n; r++) sums[r] = hsum256(_mm256_add_ps(ae[r], ao[r])) + hsum128(_mm_add_ps(be[r], bo[r]));
+}
+
+/* int4 of a bf16 model by table (dequant.h): per group, the unscaled sums of each row, then times the
+ * group's sign * 2^e. */
+AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n) {
+    const int64_t K = set->K, G = set->G, groups = K / G, group_bytes = G / 2;
+    const uint8_t *w[STREAMS];
+    const uint16_t *sc[STREAMS];
+    const float *x[STREAMS];
+    __m256 a[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+        w[r] = (const uint8_t *)set->W[i] + row * (K / 2);
+        sc[r] = set->S[i] + row * groups;
+        x[r] = set->x[i];
+        a[r] = _mm256_setzero_ps();
+    }
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) { /* eight groups' scales at a time */
+        const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
+        int32_t offset[STREAMS][8];
+        float mult[STREAMS][8];
+        for (int r = 0; r < n; r++) {
+            if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
+            q4_scales8(sc[r] + g0, gn, offset[r], mult[r]);
+        }
+        for (int64_t gi = 0; gi < gn; gi++)
+            for (int r = 0; r < n; r++) {
+                const uint8_t *table = &q4_bf16_tables[0][0] + offset[r][gi];
+                __m256 ge = _mm256_setzero_ps(), go = _mm256_setzero_ps();
+                for (int64_t j = (g0 + gi) * group_bytes; j < (g0 + gi + 1) * group_bytes; j += 16) {
+                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    q4tab_block(w[r] + j, table, x[r] + 2 * j, &ge, &go);
+                }
+                a[r] = _mm256_fmadd_ps(_mm256_add_ps(ge, go), _mm256_broadcast_ss(&mult[r][gi]), a[r]);
+            }
+    }
+    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]);
+}
+
+/* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
+ * registers. */
+#define QDOTS_DISPATCH(name, N_)                                                                 \
+    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const int64_t *rows, \
+                                                              float *sums) {                      \
+        if (set->fmt == FMT_INT8) {                                                              \
+            if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1);                                  \
+            else qdots_i8(set, rows, sums, N_, 0);                                               \
+        } else if (set->layout == LAYOUT_TABLE) {                                                \
+            qdots_q4tab(set, rows, sums, N_);                                                    \
+        } else if (set->G % 16 == 0) {                                                           \
+            if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 1);                               \
+            else qdots_i4(set, rows, sums, N_, 0, 1);                                            \
+        } else {                                                                                 \
+            if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 0);                               \
+            else qdots_i4(set, rows, sums, N_, 0, 0);                                            \
+        }                                                                                        \
+    }
+QDOTS_DISPATCH(qdots_streams, STREAMS)
+QDOTS_DISPATCH(qdots_single, 1)
+
+/* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams
+ * (as stream_rows_avx2 in gemv.c). */
+static void qstream_rows(const QRowSet *set) {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), total = set->count * set->N;
+    const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
+    const int64_t segment = (hi - lo + STREAMS - 1) / STREAMS;
+    for (int64_t step = 0; step < segment; step++) {
+        int64_t rows[STREAMS];
+        float sums[STREAMS];
+        int n = 0;
+        for (int s = 0; s < STREAMS && lo + s * segment + step < hi; s++) rows[n++] = lo + s * segment + step;
+        if (n == STREAMS) qdots_streams(set, rows, sums);
+        else
+            for (int r = 0; r < n; r++) qdots_single(set, rows + r, sums + r);
+        for (int r = 0; r < n; r++) {
+            const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+            if (set->out_bf16) ((uint16_t *)set->y[i])[row] = f32_to_bf16(sums[r]);
+            else ((float *)set->y[i])[row] = sums[r];
+        }
+    }
+}
+
+/* ---- two or more tokens: each dequantized weight vector used for up to four tokens ------------------ */
+
+/* One row against T tokens (x: T prepared rows of K floats), out[t * out_stride]. */
+AVX2_INLINE void qrow_i8(const int8_t *w, const uint16_t *sc, const float *x, float *out, int64_t out_stride,
+                         int64_t K, int64_t G, const int T, const int rb) {
+    __m256 a[4];
+    for (int t = 0; t < T; t++) a[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / G; g++) {
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[g]));
+        for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+            const __m256 wv = dequant_i8(w + k, s, rb);
+            for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k), a[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) out[t * out_stride] = hsum256(a[t]);
+}
+
+AVX2_INLINE void qrow_i4(const uint8_t *w, const uint16_t *sc, const float *x, float *out, int64_t out_stride,
+                         int64_t K, int64_t G, const int T, const int rb, const int wide) {
+    const int64_t half = K / 2, group_bytes = G / 2;
+    __m256 ae[4], ao[4];
+    __m128 be[4], bo[4];
+    for (int t = 0; t < T; t++) {
+        ae[t] = ao[t] = _mm256_setzero_ps();
+        be[t] = bo[t] = _mm_setzero_ps();
+    }
+    for (int64_t g = 0; g < K / G; g++) {
+        const int64_t j0 = g * group_bytes;
+        if (wide) {
+            const __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[g])), m8 = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
+            for (int64_t j = j0; j < j0 + group_bytes; j += 8) {
+                __m256 e, o;
+                dequant_i4(w + j, s, m8, &e, &o, rb);
+                for (int t = 0; t < T; t++) {
+                    ae[t] = _mm256_fmadd_ps(e, _mm256_loadu_ps(x + t * K + j), ae[t]);
+                    ao[t] = _mm256_fmadd_ps(o, _mm256_loadu_ps(x + t * K + half + j), ao[t]);
+                }
+            }
+        } else {
+            const __m128 s = _mm_set1_ps(_cvtsh_ss(sc[g])), m8 = _mm_mul_ps(s, _mm_set1_ps(-8.0f));
+            for (int64_t j = j0; j < j0 + group_bytes; j += 4) {
+                __m128 e, o;
+                dequant_i4_half(w + j, s, m8, &e, &o, rb);
+                for (int t = 0; t < T; t++) {
+                    be[t] = _mm_fmadd_ps(e, _mm_loadu_ps(x + t * K + j), be[t]);
+                    bo[t] = _mm_fmadd_ps(o, _mm_loadu_ps(x + t * K + half + j), bo[t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < T; t++)
+        out[t * out_stride] = hsum256(_mm256_add_ps(ae[t], ao[t])) + hsum128(_mm_add_ps(be[t], bo[t]));
+}
+
+AVX2_INLINE void qrow_q4tab(const uint8_t *w, const uint16_t *sc, const float *x, float *out, int64_t out_stride,
+                            int64_t K, int64_t G, const int T) {
+    const int64_t group_bytes = G / 2, groups = K / G;
+    __m256 a[4];
+    for (int t = 0; t < T; t++) a[t] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+        const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
+        int32_t offset[8];
+        float mult[8];
+        q4_scales8(sc + g0, gn, offset, mult);
+        for (int64_t gi = 0; gi < gn; gi++) {
+            const uint8_t *table = &q4_bf16_tables[0][0] + offset[gi];
+            __m256 ge[4], go[4];
+            for (int t = 0; t < T; t++) ge[t] = go[t] = _mm256_setzero_ps();
+            for (int64_t j = (g0 + gi) * group_bytes; j < (g0 + gi + 1) * group_bytes; j += 16)
+                for (int t = 0; t < T; t++) q4tab_block(w + j, table, x + t * K + 2 * j, &ge[t], &go[t]);
+            const __m256 m = _mm256_broadcast_ss(&mult[gi]);
+            for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(_mm256_add_ps(ge[t], go[t]), m, a[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) out[t * out_stride] = hsum256(a[t]);
+}
+
+#define QROW_T(T_)                                                                                        \
+    do {                                                                                                  \
+        if (fmt == FMT_INT8) {                                                                            \
+            if (rb) qrow_i8((const int8_t *)w, sc, x, out, out_stride, K, G, T_, 1);                      \
+            else qrow_i8((const int8_t *)w, sc, x, out, out_stride, K, G, T_, 0);                         \
+        } else if (layout == LAYOUT_TABLE) {                                                              \
+            qrow_q4tab((const uint8_t *)w, sc, x, out, out_stride, K, G, T_);                             \
+        } else if (G % 16 == 0) {                                                                         \
+            if (rb) qrow_i4((const uint8_t *)w, sc, x, out, out_stride, K, G, T_, 1, 1);                  \
+            else qrow_i4((const uint8_t *)w, sc, x, out, out_stride, K, G, T_, 0, 1);                     \
+        } else {                                                                                          \
+            if (rb) qrow_i4((const uint8_t *)w, sc, x, out, out_stride, K, G, T_, 1, 0);                  \
+            else qrow_i4((const uint8_t *)w, sc, x, out, out_stride, K, G, T_, 0, 0);                     \
+        }                                                                                                 \
+    } while (0)
+
+__attribute__((target("avx2,fma,f16c")))
+static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc, const float *x, float *out,
+                 int64_t out_stride, int64_t K, int64_t G, int T) {
+    switch (T) {
+        case 1: QROW_T(1); break;
+        case 2: QROW_T(2); break;
+        case 3: QROW_T(3); break;
+        default: QROW_T(4); break;
+    }
+}
+
+/* An input row of K values (bf16 or fp32) as the kernels read it: fp32, placed as `layout` says. */
+static void prepare_input(int layout, int is_bf16, const void *x, float *xs, int64_t K) {
+    for (int64_t k = 0; k < K; k++)
+        xs[input_slot(layout, K, k)] = is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+}
+
+/* For each of `count` matrices i (qweight W[i], scales S[i], all [N, K] with group size G): y[i] = x[i] @
+ * dequantized(W[i])^T for T[i] <= QMAXT tokens; x[i] [T[i], K] in the model's dtype (bf16 when is_bf16,
+ * else fp32); y[i] [T[i], N] fp32 or, with out_bf16, rounded to bf16 as torch's bf16 matmul output is.
+ * scratch holds count * max(T) * K floats. */
+void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t **S, const void **x, void **y,
+                 const int64_t *T, int64_t N, int64_t K, int64_t G, int threads, float *scratch, int out_bf16) {
+    int64_t tmax = 0;
+    for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
+    const int64_t stride = tmax * K;
+    const size_t elem = is_bf16 ? 2 : 4;
+    const int layout = input_layout(fmt, is_bf16, G);
+    for (int i = 0; i < count; i++)
+        for (int64_t t = 0; t < T[i]; t++)
+            prepare_input(layout, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
+    if (tmax == 1) {
+        const float *xs[count];
+        for (int i = 0; i < count; i++) xs[i] = scratch + i * stride;
+        const QRowSet set = {fmt, is_bf16, out_bf16, layout, count, N, K, G, W, S, xs, y};
+#pragma omp parallel num_threads(threads)
+        qstream_rows(&set);
+        return;
+    }
+    const int64_t blocks = (N + QROWS - 1) / QROWS, row_bytes = fmt == FMT_INT4 ? K / 2 : K;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < (int64_t)count * blocks; item++) {
+        const int i = (int)(item / blocks);
+        const int64_t n0 = (item % blocks) * QROWS, rows = N - n0 < QROWS ? N - n0 : QROWS;
+        float tmp[QMAXT * QROWS]; /* [T, rows] */
+        for (int64_t r = 0; r < rows; r++) {
+            const char *w = (const char *)W[i] + (n0 + r) * row_bytes;
+            const uint16_t *sc = S[i] + (n0 + r) * (K / G);
+            for (int64_t t = 0; t < T[i]; t += 4)
+                qrow(fmt, is_bf16, layout, w, sc, scratch + i * stride + t * K, tmp + t * rows + r, rows, K, G,
+                     (int)(T[i] - t < 4 ? T[i] - t : 4));
+        }
+        for (int64_t t = 0; t < T[i]; t++)
+            for (int64_t r = 0; r < rows; r++) {
+                if (out_bf16) ((uint16_t *)y[i])[t * N + n0 + r] = f32_to_bf16(tmp[t * rows + r]);
+                else ((float *)y[i])[t * N + n0 + r] = tmp[t * rows + r];
+            }
+    }
+}
+
+/* ---- one decode token through a layer's int experts, fused (as moe_token in gemv.c) ----------------
+ * For each expert i (W_in[i]/S_in[i] [2I, H] holding gate then up, W_out[i]/S_out[i] [H, I]):
+ *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
+ * rounded to bf16 where the reference's bf16 ops round, in one parallel region. out [H] has x's dtype;
+ * scratch holds H + count * (3I + H) floats. */
+void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
+                const uint16_t **S_out, const void *x, const float *weights, void *out, int64_t H, int64_t I,
+                int64_t G, int threads, float *scratch) {
+    float *xs = scratch, *h = xs + H, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * I;
+    const int layout = input_layout(fmt, is_bf16, G);
+    prepare_input(layout, is_bf16, x, xs, H);
+    const float *x_in[count], *m_in[count];
+    void *h_out[count], *y_out[count];
+    for (int i = 0; i < count; i++) {
+        x_in[i] = xs;
+        m_in[i] = m + i * I;
+        h_out[i] = h + i * 2 * I;
+        y_out[i] = y + i * H;
+    }
+    const QRowSet in = {fmt, is_bf16, 0, layout, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
+    const QRowSet down = {fmt, is_bf16, 0, layout, count, H, I, G, W_out, S_out, m_in, y_out};
+#pragma omp parallel num_threads(threads)
+    {
+        qstream_rows(&in);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)count * I; item++) {
+            const int64_t i = item / I, j = item % I;
+            const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
+            m[i * I + input_slot(layout, I, j)] = v; /* laid out as prepare_input lays an input out */
+        }
+        qstream_rows(&down);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < H; n++) { /* the weighted sum is fp32; the layer's output has x's dtype */
+            float sum = 0.0f;
+            for (int i = 0; i < count; i++) sum += weights[i] * (is_bf16 ? round_bf16(y[i * H + n]) : y[i * H + n]);
+            if (is_bf16) ((uint16_t *)out)[n] = f32_to_bf16(sum);
+            else ((float *)out)[n] = sum;
+        }
+    }
+}
