@@ -108,9 +108,11 @@ class ExpertTiming:
     """Which profile rows time the plan's experts, and how they are read.
 
     Float experts: the rows of the model's dtype. Integer experts (int8, int4): the profile's rows of that
-    format where it timed this expert shape in it; where it did not, the rows of the model's dtype, scaled
-    by bytes for one token (the one-token expert is bound by memory: time follows the bytes read) and
-    unscaled for several tokens (there the same multiply-adds bound it). `note` says which, for `explain`.
+    format where it timed this expert shape in it; where it did not, the rows of the model's dtype as they
+    are. Not scaled by bytes: the int kernels dequantize every weight exactly as the reference does, and on
+    the AVX2 machine that is bound by arithmetic, not memory (an int4 expert layer ran at 0.74-0.81x the
+    bf16 kernel's speed, int8 at 0.54-0.56x: bench/results/cpu_kernel_int_avx2.md), so fewer bytes are no
+    faster there. `note` says which rows, for `explain`.
     """
 
     cpu_key: str  # the `dtype` of the CPU rows used (cpu.expert_ffn, cpu.moe_layer, cpu.expert_gbps)
@@ -139,12 +141,11 @@ def expert_timing(profile: Any, shape: ModelShape) -> ExpertTiming:
     if cpu_rows:
         return ExpertTiming(fmt, 1.0, acc_key, f"{fmt} experts: CPU expert times from the profile's {fmt} rows"
                             + acc_note)
-    ratio = shape.expert_bytes / shape.expert_bytes_in_dtype
-    return ExpertTiming(dtype, ratio, acc_key,
-                        f"{fmt} experts: the profile has no {fmt} CPU rows for this expert shape, so one-token CPU "
-                        f"expert times are its {dtype} rows scaled by bytes (x{ratio:.3f}: {shape.expert_bytes} "
-                        f"against {shape.expert_bytes_in_dtype} bytes per expert; memory-bound assumption), and "
-                        f"several tokens keep the {dtype} time (compute-bound)" + acc_note)
+    return ExpertTiming(dtype, 1.0, acc_key,
+                        f"{fmt} experts: the profile has no {fmt} CPU rows for this expert shape, so CPU expert times "
+                        f"are its {dtype} rows, not scaled by bytes (the exact int kernels are bound by arithmetic: "
+                        f"on AVX2 they measured 0.54-0.81x the {dtype} kernel's speed, bench/results/"
+                        f"cpu_kernel_int_avx2.md)" + acc_note)
 
 
 @dataclass(frozen=True)
