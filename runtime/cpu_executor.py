@@ -20,7 +20,7 @@ ONE seam, `quantized_multi`: the int kernels of runtime/kernels/qgemv.c where th
 a bf16 or fp32 model, up to their token limit; they multiply exactly the reference's dequantized weights),
 else each matrix dequantized into the shared scratch in the model dtype and multiplied with torch, the
 arithmetic a hit on the accelerator does. One decode token whose experts all run on the CPU takes the
-int kernels' fused path (`token`) where `fits_token_quantized` says so: the int kernels run, no biases, no
+int kernels' fused path (`token_quantized`) where `fits_token_quantized` says so: the int kernels run, no biases, no
 post-expert norm, the standard SiLU gate.
 """
 from __future__ import annotations
@@ -158,12 +158,18 @@ class CpuExecutor:
         dtype."""
         if not chosen:
             return torch.zeros_like(x)
-        if chosen[0][0][0].dtype in (torch.int8, torch.uint8):  # quantized: [in qweight, in scales, out ...]
-            return self.kernel.qmoe_token([(w[0], w[1]) for w, _ in chosen], [(w[2], w[3]) for w, _ in chosen],
-                                          x if x.is_contiguous() else x.contiguous(), [g for _, g in chosen],
-                                          self.threads)
         return self.kernel.moe_token([w[0] for w, _ in chosen], [w[1] for w, _ in chosen],
                                      x if x.is_contiguous() else x.contiguous(), [g for _, g in chosen], self.threads)
+
+    def token_quantized(self, x: torch.Tensor, chosen: list[tuple[list[torch.Tensor], float]]) -> torch.Tensor:
+        """`token` for quantized experts: each chosen expert's [in qweight, in scales, out qweight, out scales]
+        views with its gate weight (where `fits_token_quantized` holds). A layer picks this or `token` once,
+        when it is built: the per-token path asks nothing about the weights' dtype."""
+        if not chosen:
+            return torch.zeros_like(x)
+        return self.kernel.qmoe_token([(w[0], w[1]) for w, _ in chosen], [(w[2], w[3]) for w, _ in chosen],
+                                      x if x.is_contiguous() else x.contiguous(), [g for _, g in chosen],
+                                      self.threads)
 
     def expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                gate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,7 @@ together), where the module fits that kernel: decided once, when the layer is bu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,15 +75,18 @@ class MoeLayer:
     _token_dtype: torch.dtype | None = field(init=False, default=None)
     # whether a one-token pass leaves the cache untouched and computes every expert on the CPU
     _token_caches_nothing: bool = field(init=False, default=False)
+    # the CPU executor's fused one-token call for these experts (float or quantized)
+    _fused_token: Callable[..., torch.Tensor] = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        dtype = self.store.host[0].dtype
-        # quantized experts take the fused one-token kernel only once the CPU executor says it runs them
-        # (CpuExecutor.fits_token_quantized: False until the int kernels are in)
-        fits = (self.context.cpu.fits_token(self.module, dtype) if self.store.quantized is None
-                else self.context.cpu.fits_token_quantized(self.module, self.store.quantized, self.store.dtype))
+        cpu, quantized = self.context.cpu, self.store.quantized
+        # the dtype x must have: the experts' own (float), or the one they dequantize into (int8/int4)
+        dtype = self.store.host[0].dtype if quantized is None else self.store.dtype
+        fits = (cpu.fits_token(self.module, dtype) if quantized is None
+                else cpu.fits_token_quantized(self.module, quantized, dtype))
         if self.store.device.type == "cpu" and fits:
-            self._token_dtype = dtype if self.store.quantized is None else self.store.dtype
+            self._token_dtype = dtype
+        self._fused_token = cpu.token if quantized is None else cpu.token_quantized
         self._token_caches_nothing = caches_nothing(self.policy, self.rule, 1)
 
     # ---- the forward pass -------------------------------------------------------------------
@@ -167,7 +171,7 @@ class MoeLayer:
             if outcome.hits else []  # (a comprehension over nothing costs as much as the rest of a lookup)
         chosen += [(store.host_weights(e), weight_of[e]) for e in outcome.cpu_misses]
         start = time.perf_counter()
-        out = self.context.cpu.token(x, chosen)
+        out = self._fused_token(x, chosen)
         if outcome.cpu_misses:
             self.stats.cpu_expert_seconds += time.perf_counter() - start
         if outcome.entries:

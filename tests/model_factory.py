@@ -36,6 +36,21 @@ def make_config(family: str, layers: int = 3, **overrides):
     return config
 
 
+def mixtral_experts(dtype):
+    """A standalone Mixtral experts module (make_config("mixtral")) with small random weights, seeded: what
+    the executor and kernel tests run experts on. Returns (module, config)."""
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    torch.manual_seed(0)
+    config = make_config("mixtral")
+    module = MixtralExperts(config).to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.05)
+    return module, config
+
+
 def _family_config(family: str, layers: int):
     import transformers as tf
 

@@ -76,12 +76,10 @@ void q8_gemv(int is_int4, const uint8_t *W, const uint16_t *S, const int8_t *xq,
              const int32_t *xsum, float *y, int64_t N, int64_t K, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t lo = N * t / nt, hi = N * (t + 1) / nt, segment = (hi - lo + STREAMS - 1) / STREAMS;
-        for (int64_t step = 0; step < segment; step++) {
+        const StreamShare share = stream_share(N, omp_get_num_threads(), omp_get_thread_num());
+        for (int64_t step = 0; step < share.segment; step++) {
             int64_t rows[STREAMS];
-            int n = 0;
-            for (int s = 0; s < STREAMS && lo + s * segment + step < hi; s++) rows[n++] = lo + s * segment + step;
+            const int n = stream_rows_at(&share, step, rows);
             float out[STREAMS];
             if (n == STREAMS) dots4(is_int4, W, S, xq, dx, xsum, rows, out, K);
             else

@@ -44,18 +44,18 @@ def main(args: argparse.Namespace) -> int:
     profile = _load_profile(args.profile)
     shape = workload.resolve_model(plan, args.model)
     trace, trace_source = workload.resolve_trace(shape, args.trace, args.prompt_tokens)
-    sim = workload.replay(trace, plan, shape)
+    accuracy, accuracy_source = workload.prefetch_accuracy(trace)  # measured once: the replay and the report
+    sim = workload.replay(trace, plan, shape, accuracy)
     prediction = predict(profile, shape, plan, sim, context=args.context, prompt_tokens=args.prompt_tokens,
                          vram_budget=args.vram_budget)
     if args.json:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
                "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
-               "prefetch_accuracy": workload.prefetch_accuracy(trace)[0], **prediction.as_dict()}
+               "prefetch_accuracy": accuracy, **prediction.as_dict()}
         print(json.dumps(out))
     else:
-        print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens,
-                     workload.prefetch_accuracy(trace)[1]))
+        print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source))
     return 0
 
 

@@ -130,12 +130,13 @@ def prefetch_accuracy(trace: Trace) -> tuple[float, str]:
     return measured, f"{measured:.3f}, measured on the trace's recorded guesses"
 
 
-def replay(trace: Trace, plan: Plan, shape: ModelShape):
+def replay(trace: Trace, plan: Plan, shape: ModelShape, accuracy: float | None = None):
     """The simulator's replay of `trace` under the plan's cache and miss rules; prefetch is statistical,
-    with the trace's guess accuracy (`prefetch_accuracy`)."""
+    with guess accuracy `accuracy` (None: the trace's, `prefetch_accuracy`)."""
     from .simulator import simulate
 
     L, E = shape.num_moe_layers, shape.num_experts
     rule = plan.miss.rule
     return simulate(trace, plan.cache.slots_per_layer(L, E), plan.cache.policy, plan.cache.preload_per_layer(L, E),
-                    rule, lookahead=plan.prefetch.lookahead, prefetch_accuracy=prefetch_accuracy(trace)[0])
+                    rule, lookahead=plan.prefetch.lookahead,
+                    prefetch_accuracy=prefetch_accuracy(trace)[0] if accuracy is None else accuracy)

@@ -252,14 +252,11 @@ static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *
 /* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams. */
 __attribute__((target("avx2,fma")))
 static void stream_rows_avx2(const RowSet *set) {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), total = set->count * set->N;
-    const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
-    const int64_t segment = (hi - lo + STREAMS - 1) / STREAMS;
-    for (int64_t step = 0; step < segment; step++) {
+    const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
+    for (int64_t step = 0; step < share.segment; step++) {
         int64_t rows[STREAMS];
         float sums[STREAMS];
-        int n = 0;
-        for (int s = 0; s < STREAMS && lo + s * segment + step < hi; s++) rows[n++] = lo + s * segment + step;
+        const int n = stream_rows_at(&share, step, rows);
         if (n == STREAMS) {  /* a constant count lets the compiler keep the accumulators in registers */
             if (set->is_bf16) dots_bf16_avx2(set, rows, sums, STREAMS);
             else dots_f32_avx2(set, rows, sums, STREAMS);

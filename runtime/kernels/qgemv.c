@@ -223,14 +223,11 @@ QDOTS_DISPATCH(qdots_single, 1)
 /* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams
  * (as stream_rows_avx2 in gemv.c). */
 static void qstream_rows(const QRowSet *set) {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), total = set->count * set->N;
-    const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
-    const int64_t segment = (hi - lo + STREAMS - 1) / STREAMS;
-    for (int64_t step = 0; step < segment; step++) {
+    const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
+    for (int64_t step = 0; step < share.segment; step++) {
         int64_t rows[STREAMS];
         float sums[STREAMS];
-        int n = 0;
-        for (int s = 0; s < STREAMS && lo + s * segment + step < hi; s++) rows[n++] = lo + s * segment + step;
+        const int n = stream_rows_at(&share, step, rows);
         if (n == STREAMS) qdots_streams(set, rows, sums);
         else
             for (int r = 0; r < n; r++) qdots_single(set, rows + r, sums + r);

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_factory import make_config
+from model_factory import make_config, mixtral_experts
 from runtime.cpu_executor import CpuExecutor
 from runtime.expert_store import ExpertStore
 from runtime.kernels import load
@@ -14,14 +14,7 @@ from runtime.kernels import load
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tokens", [1, 3, 4, 20])
 def test_kernel_equals_torch(dtype, tol, tokens):
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-    torch.manual_seed(0)
-    config = make_config("mixtral")
-    module = MixtralExperts(config).to(dtype)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.05)
+    module, config = mixtral_experts(dtype)
     store = ExpertStore(module, slots=0, device=torch.device("cpu"))
     x = torch.randn(tokens, config.hidden_size, dtype=dtype)
     idx = torch.stack([torch.randperm(module.num_experts)[:2] for _ in range(tokens)])

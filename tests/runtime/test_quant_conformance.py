@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from model_factory import FAMILIES, build_checkpoint, num_experts
+from quant_reference import GROUP, QUANTIZABLE, reference_gaps, reference_model
 from runtime.plan import Plan
-from runtime.quant_format import dequantize, quantize
 from runtime.quantize import quantize_checkpoint
 from runtime.session import Session
 
@@ -30,10 +30,6 @@ TOL = 0.0 if ACCELERATOR == "cpu" else 1e-3
 PROMPT = "def main(argv):\n    for name in"
 NEW_TOKENS = 5
 LAYERS = 3
-GROUP = 32
-# input sizes the default group size divides (the factory's Qwen and OLMoE experts are 48 wide)
-OVERRIDES = {"qwen2_moe": {"moe_intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64},
-             "olmoe": {"intermediate_size": 64}}
 
 # Together: no slots and slots, every policy, misses on the CPU and on the accelerator, the prefill's
 # transfers, promotions and prefetch copies (all of them moving quantized bytes).
@@ -70,7 +66,7 @@ def plain(tmp_path_factory):
         if family not in built:
             folder = tmp_path_factory.mktemp(f"plain-{family}")
             built[family] = (folder, build_checkpoint(family, folder, seed=11 + len(built), layers=LAYERS,
-                                                      **OVERRIDES.get(family, {})))
+                                                      **QUANTIZABLE.get(family, {})))
         return built[family]
 
     return get
@@ -118,32 +114,6 @@ def dequantized_copy(quantized: Path, out: Path) -> Path:
     return out
 
 
-def reference_model(folder: Path, fmt: str | None):
-    """Plain transformers in float32; `fmt`: quantize and dequantize its experts first (quantize-at-load)."""
-    from transformers import AutoModelForCausalLM
-
-    from runtime.loader import find_experts
-    from runtime.quant_experts import projection_names
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    if fmt is not None:
-        for module in find_experts(model)[0]:
-            for p in projection_names(module):
-                param = getattr(module, p)
-                q, s = quantize(param.data, fmt, GROUP)
-                param.data = dequantize(q, s, fmt, torch.float32)
-    return model
-
-
-def reference_gaps(model, prompt_ids: list[int], generated: list[int]) -> list[float]:
-    """How far each generated token's logit is below the reference's best after the same prefix (0 where
-    the token is the reference's greedy choice)."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + generated])).logits[0]
-    n = len(prompt_ids)
-    return [float(logits[n - 1 + i].max() - logits[n - 1 + i, t]) for i, t in enumerate(generated)]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_plans_match_the_dequantized_reference(family, fmt, plain, tmp_path):
@@ -151,8 +121,9 @@ def test_quantized_plans_match_the_dequantized_reference(family, fmt, plain, tmp
     experts = num_experts(config)
     written = tmp_path / "quantized"
     quantize_checkpoint(folder, written, fmt, GROUP, progress=False)
-    sources = {"at-load": (folder, reference_model(folder, fmt)),
-               "moeplan-quantize": (written, reference_model(dequantized_copy(written, tmp_path / "ref"), None))}
+    sources = {"at-load": (folder, reference_model(folder, fmt, torch.float32)),
+               "moeplan-quantize": (written, reference_model(dequantized_copy(written, tmp_path / "ref"), None,
+                                                             torch.float32))}
     for source, (model_dir, reference) in sources.items():
         loaded = None
         for name, spec in PLANS.items():

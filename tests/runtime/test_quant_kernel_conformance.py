@@ -16,17 +16,14 @@ import pytest
 import torch
 
 from model_factory import FAMILIES, build_checkpoint, num_experts
+from quant_reference import QUANTIZABLE, reference_gaps, reference_model
 from runtime.kernels import load
 from runtime.plan import Plan
-from runtime.quant_format import dequantize, quantize
 from runtime.session import Session
 
 PROMPT = "def main(argv):\n    for name in"
 NEW_TOKENS = 6
 LAYERS = 2
-GROUP = 32
-OVERRIDES = {"qwen2_moe": {"moe_intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64},
-             "olmoe": {"intermediate_size": 64}}
 PLANS = {"no-slots": dict(slots=0, preload=False), "static-slots": dict(slots=2, preload=True)}
 
 
@@ -43,32 +40,13 @@ def make_plan(spec: dict, fmt: str, experts: int) -> Plan:
     })
 
 
-def reference_gaps(folder, fmt: str, prompt_ids: list[int], generated: list[int]) -> list[float]:
-    """How far below the reference's best logit each generated token's logit is: plain transformers in bf16
-    with the experts quantized and dequantized into bf16, run on the prompt and the generated tokens."""
-    from transformers import AutoModelForCausalLM
-
-    from runtime.loader import find_experts
-    from runtime.quant_experts import projection_names
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    for module in find_experts(model)[0]:
-        for p in projection_names(module):
-            param = getattr(module, p)
-            q, s = quantize(param.data, fmt, GROUP)
-            param.data = dequantize(q, s, fmt, torch.bfloat16)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + generated])).logits[0].float()
-    n = len(prompt_ids)
-    return [float(logits[n - 1 + i].max() - logits[n - 1 + i, t]) for i, t in enumerate(generated)]
-
-
 @pytest.mark.skipif(load() is None or load().int_isa is None, reason="the int kernels do not run on this CPU")
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_bf16_int_plans_on_the_kernels_match_the_reference(family, fmt, tmp_path):
     folder = tmp_path / family
-    config = build_checkpoint(family, folder, seed=5, layers=LAYERS, **OVERRIDES.get(family, {}))
+    config = build_checkpoint(family, folder, seed=5, layers=LAYERS, **QUANTIZABLE.get(family, {}))
+    reference = reference_model(folder, fmt, torch.bfloat16)  # one for every plan
     loaded = None
     for name, spec in PLANS.items():
         plan = make_plan(spec, fmt, num_experts(config))
@@ -80,5 +58,5 @@ def test_bf16_int_plans_on_the_kernels_match_the_reference(family, fmt, tmp_path
         assert cpu.fits_token_quantized(layer.module, layer.store.quantized, torch.bfloat16)  # the fused int path
         result = session.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         prompt_ids = list(loaded.tokenizer(PROMPT)["input_ids"])
-        gaps = reference_gaps(folder, fmt, prompt_ids, result.generated_ids)
+        gaps = reference_gaps(reference, prompt_ids, result.generated_ids)
         assert max(gaps) <= 1e-2, f"{family}/{fmt}/{name}: token off the reference argmax by {max(gaps):.3g}"

@@ -220,19 +220,12 @@ class CountingKernel:
 def test_executor_runs_int_experts_on_the_kernel(kernel, fmt, dtype):
     """CpuExecutor's seam (quantized_multi) and fused token path (token) take the int kernels and give what
     its torch path gives (dequantize into the model dtype, then matmul)."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-    from model_factory import make_config
+    from model_factory import mixtral_experts
     from runtime.cpu_executor import CpuExecutor
     from runtime.expert_store import ExpertStore
     from runtime.quant_experts import quantize_module, quantized_of
 
-    torch.manual_seed(0)
-    config = make_config("mixtral")
-    module = MixtralExperts(config).to(dtype)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.05)
+    module, config = mixtral_experts(dtype)
     quantize_module(module, fmt, 32, "test")
     store = ExpertStore(module, slots=0, device=torch.device("cpu"), dtype=dtype)
     counting = CountingKernel(kernel)
@@ -259,7 +252,7 @@ def test_executor_runs_int_experts_on_the_kernel(kernel, fmt, dtype):
     assert not plain.fits_token_quantized(module, quantized_of(module), dtype)
     x = torch.randn(1, config.hidden_size).to(dtype)
     chosen = [(store.host_weights(3), 0.7), (store.host_weights(5), 0.3)]
-    got = fast.token(x, chosen)
+    got = fast.token_quantized(x, chosen)
     assert counting.calls["qmoe_token"] == 1 and got.dtype == dtype
     jobs = [(torch.tensor([0]), torch.tensor([0]), 3), (torch.tensor([0]), torch.tensor([1]), 5)]
     ref = plain.run(module, store, x, torch.tensor([[0.7, 0.3]]), jobs).to(dtype)
