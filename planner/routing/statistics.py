@@ -9,7 +9,15 @@
   ids (useful for "guess the same ids" prefetch heuristics), never cache reuse. Uniform: about k/E.
 - working set: distinct experts over every window of `window` consecutive tokens (mean), and over the
   whole trace.
-Pure Python; the numbers are means over tokens of the selected phases.
+- first-choice repetition: share of consecutive token pairs whose first choice (rank 0) is the same
+  expert (uniform: 1/E); and first-or-second repetition: share of pairs whose first two choices share an
+  expert (uniform, top-2 of 8: 1 - 6/8 * 5/7, about 0.46). These are the Mixtral paper's Table 5 figures
+  (Jiang et al. 2024, "expert assignment repetitions"). Both need the router's rank order (first choice
+  first): a trace keeps it when its passes carry gate weights (what `run --trace-out` records, in
+  descending order) or its header says `"rank_order": true` (synthetic traces); otherwise (the OLMoE
+  trace, whose ids are sorted) they are None, except first-or-second for top-2, which is a set statistic.
+Pure Python; the numbers are means over tokens of the selected phases. This one function measures recorded
+and synthetic traces alike.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ class LayerStats:
     cross_layer_reuse: float | None  # mean share of ids at layer+1 equal to ids at this layer; None at the last layer
     working_set_window: float  # mean distinct experts over windows of `window` tokens
     working_set_total: int  # distinct experts over the whole trace
+    first_choice_repeat: float | None = None  # share of consecutive pairs with the same first choice
+    first_or_second_repeat: float | None = None  # share of consecutive pairs whose top-2 share an expert
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,16 @@ class TraceStats:
         return _avg([s.cross_layer_reuse for s in self.layers if s.cross_layer_reuse is not None])
 
     @property
+    def mean_first_choice_repeat(self) -> float | None:
+        values = [s.first_choice_repeat for s in self.layers]
+        return None if any(v is None for v in values) else _avg(values)
+
+    @property
+    def mean_first_or_second_repeat(self) -> float | None:
+        values = [s.first_or_second_repeat for s in self.layers]
+        return None if any(v is None for v in values) else _avg(values)
+
+    @property
     def mean_working_set_window(self) -> float:
         return _avg([s.working_set_window for s in self.layers])
 
@@ -65,7 +85,9 @@ class TraceStats:
         out["layers"] = [asdict(s) for s in self.layers]
         out["mean"] = {"skew": self.mean_skew, "next_token_reuse": self.mean_next_token_reuse,
                        "cross_layer_reuse": self.mean_cross_layer_reuse,
-                       "working_set_window": self.mean_working_set_window}
+                       "working_set_window": self.mean_working_set_window,
+                       "first_choice_repeat": self.mean_first_choice_repeat,
+                       "first_or_second_repeat": self.mean_first_or_second_repeat}
         return out
 
 
@@ -100,6 +122,23 @@ def next_token_reuse(rows: Sequence[Sequence[int]], top_k: int) -> list[float]:
     return [len(set(a) & set(b)) / top_k for a, b in zip(rows, rows[1:])]
 
 
+def has_rank_order(trace: Trace) -> bool:
+    """Whether each token's ids are in the router's rank order (first choice first): the header says so, or
+    every pass carries gate weights, recorded in descending order with the ids."""
+    if trace.header.extra.get("rank_order") is True:
+        return True
+    return bool(trace.passes) and all(p.weights is not None for p in trace.passes)
+
+
+def repeat_rates(rows: Sequence[Sequence[int]], top_k: int, ranked: bool) -> tuple[list[int], list[int]]:
+    """Per consecutive pair of token rows: 1 if the first choice repeats, and 1 if the first two choices share
+    an expert ([] where the rank order is needed and unknown)."""
+    pairs = list(zip(rows, rows[1:]))
+    first = [int(a[0] == b[0]) for a, b in pairs] if ranked else []
+    either = [int(bool(set(a[:2]) & set(b[:2]))) for a, b in pairs] if (ranked or top_k == 2) else []
+    return first, either
+
+
 def trace_stats(trace: Trace, phases: Sequence[str] = PHASES, window: int = WINDOW) -> TraceStats:
     if window < 1:
         raise ValueError(f"window: must be >= 1, got {window}")
@@ -108,6 +147,7 @@ def trace_stats(trace: Trace, phases: Sequence[str] = PHASES, window: int = WIND
     # rows[l][s]: token rows of sequence s at layer l, in order
     rows = [[[r for i in seq for r in trace.passes[i].experts[l]] for seq in seqs] for l in range(h.num_layers)]
     tokens = sum(len(s) for s in rows[0]) if rows else 0
+    ranked = has_rank_order(trace)
     layers = []
     for l in range(h.num_layers):
         counts = [0] * h.num_experts
@@ -121,10 +161,20 @@ def trace_stats(trace: Trace, phases: Sequence[str] = PHASES, window: int = WIND
             cross = _avg([len(set(a) & set(b)) / h.top_k
                           for sa, sb in zip(rows[l], rows[l + 1]) for a, b in zip(sa, sb)])
         windows = [w for seq in rows[l] for w in _window_sizes(seq, window)]
+        first: list[int] = []
+        either: list[int] = []
+        for seq in rows[l]:
+            f, e = repeat_rates(seq, h.top_k, ranked)
+            first += f
+            either += e
+        pairs = sum(max(0, len(seq) - 1) for seq in rows[l])
         layers.append(LayerStats(layer=l, selections=sum(counts), skew=top_share(counts),
                                  next_token_reuse=_avg(reuse), cross_layer_reuse=cross,
                                  working_set_window=_avg(windows),
-                                 working_set_total=sum(1 for c in counts if c)))
+                                 working_set_total=sum(1 for c in counts if c),
+                                 first_choice_repeat=_avg(first) if ranked and pairs else None,
+                                 first_or_second_repeat=_avg(either) if (ranked or h.top_k == 2) and pairs
+                                 and h.top_k >= 2 else None))
     return TraceStats(model=h.model, source=h.source, num_layers=h.num_layers, num_experts=h.num_experts,
                       top_k=h.top_k, tokens=tokens, window=window, layers=tuple(layers))
 
@@ -154,14 +204,20 @@ def format_table(stats: TraceStats) -> str:
     lines = [f"{stats.model} ({stats.source}): {stats.num_layers} MoE layers, {stats.num_experts} experts, "
              f"top-{stats.top_k}, {stats.tokens} tokens",
              f"{'layer':>5} {'skew top10%':>11} {'next-token':>10} {'cross-layer':>11} "
-             f"{'ws/' + str(stats.window) + ' tok':>9} {'ws total':>8}"]
+             f"{'ws/' + str(stats.window) + ' tok':>9} {'ws total':>8} {'1st rep':>7} {'1st|2nd':>7}"]
     for s in stats.layers:
         cross = "-" if s.cross_layer_reuse is None else f"{s.cross_layer_reuse:.3f}"
         lines.append(f"{s.layer:>5} {s.skew:>11.3f} {s.next_token_reuse:>10.3f} {cross:>11} "
-                     f"{s.working_set_window:>9.1f} {s.working_set_total:>8}")
+                     f"{s.working_set_window:>9.1f} {s.working_set_total:>8} {_opt(s.first_choice_repeat):>7} "
+                     f"{_opt(s.first_or_second_repeat):>7}")
     lines.append(f"{'mean':>5} {stats.mean_skew:>11.3f} {stats.mean_next_token_reuse:>10.3f} "
-                 f"{stats.mean_cross_layer_reuse:>11.3f} {stats.mean_working_set_window:>9.1f}")
+                 f"{stats.mean_cross_layer_reuse:>11.3f} {stats.mean_working_set_window:>9.1f} {'':>8} "
+                 f"{_opt(stats.mean_first_choice_repeat):>7} {_opt(stats.mean_first_or_second_repeat):>7}")
     return "\n".join(lines)
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def guess_accuracy(trace: Trace, phases: Sequence[str] = PHASES) -> float | None:

@@ -1,17 +1,26 @@
-"""Synthetic decode traces whose popularity skew and next-token reuse are fitted to a recorded trace.
+"""Synthetic decode traces calibrated per layer to routing statistics: popularity skew, next-token reuse and
+first-choice repetition (statistics.py measures all three, on recorded and synthetic traces alike).
 
-The generator, per MoE layer (`E` experts, top-`k`):
+The generator, per MoE layer (`E` experts, top-`k`), keeps the router's rank order (first choice first):
 - popularity: expert ranks follow a Zipf-like law, weight(rank r) = (r + 1) ** -s, with ranks assigned
   to expert ids by a seeded random permutation per layer;
-- temporal reuse: each expert of token t is kept for token t+1 with probability `keep`; the other
-  slots are drawn without replacement, by weight, from experts token t did not choose, so the mean
-  next-token reuse is exactly `keep` (when E >= 2k).
+- temporal reuse: token t+1 keeps m of token t's k experts, m ~ Binomial(k, keep) (each expert kept
+  independently with probability `keep`, which experts uniformly); the other slots are drawn without
+  replacement, by weight, from experts token t did not choose. So the mean next-token reuse is `keep`, and
+  for top-2 the share of pairs that share an expert (the Mixtral paper's "first or second choice"
+  repetition) is 1 - (1 - keep)^2;
+- rank order: when token t's first choice is kept, it is token t+1's first choice with probability
+  `stay_first` (else it takes one of the other ranks, uniformly), so the first-choice repetition is
+  keep * stay_first; stay_first = 1/k is no preference (a shuffled order).
+The outcome of each token (m, first choice kept or not, first again or not) is drawn by stratified sampling
+(one seeded uniform per token from each of `tokens` equal strata, shuffled), so that a trace of a few hundred
+tokens already lands within a few percent of the rates it was fitted to; the expert ids are drawn freely.
 The exponent `s` is fitted to the sorted popularity through its head: it is the value for which the
-generator's top-10% share (statistics.top_share) equals the recorded one, found by bisection on a
-seeded calibration run (sampling k without replacement flattens a Zipf law, so the closed form would
-miss). To rescale to another model, each target layer takes the source layer at the same relative
-depth, and skew and reuse keep their position between uniform routing and their maximum for the new
-(E, k): skew between ceil(E/10)/E and min(1, ceil(E/10)/k), reuse between k/E and 1.
+generator's top-10% share (statistics.top_share) equals the target, found by bisection on a seeded
+calibration run (sampling k without replacement flattens a Zipf law, so the closed form would miss).
+To rescale recorded statistics to another model (`rescale`), each target layer takes the source layer at
+the same relative depth, and skew and reuse keep their position between uniform routing and their maximum
+for the new (E, k): skew between ceil(E/10)/E and min(1, ceil(E/10)/k), reuse between k/E and 1.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 from .statistics import top_share, trace_stats
 from runtime.contracts.traces import PHASES, Trace, TraceHeader, TracePass
 
-GENERATOR = "moeplan.synthetic/1"
+GENERATOR = "moeplan.synthetic/2"
 _MAX_EXPONENT = 4.0
 _CALIBRATION_TOKENS = 500
 _CALIBRATION_SEED = 12345
@@ -36,6 +45,8 @@ class LayerRouting:
     reuse: float  # mean next-token reuse (share of a token's experts the previous token also chose)
     zipf_exponent: float  # generator exponent that reproduces `skew` at this shape
     keep: float  # generator probability that an expert of token t is kept at t+1
+    first_choice: float | None = None  # target first-choice repetition (None: no target)
+    stay_first: float | None = None  # probability a kept first choice stays first (None: 1/k, no preference)
 
 
 @dataclass(frozen=True)
@@ -51,14 +62,20 @@ def fit_routing_stats(trace: Trace, phases: tuple[str, ...] = PHASES) -> Routing
     """Measure each layer's skew and next-token reuse, and fit the generator's parameters to them."""
     h = trace.header
     stats = trace_stats(trace, phases=phases)
-    layers = tuple(_fit_layer(s.skew, s.next_token_reuse, h.num_experts, h.top_k) for s in stats.layers)
+    layers = tuple(fit_layer(s.skew, s.next_token_reuse, h.num_experts, h.top_k, s.first_choice_repeat)
+                   for s in stats.layers)
     source = str(h.extra.get("file", h.model))
     return RoutingStats(source, h.num_layers, h.num_experts, h.top_k, layers)
 
 
-def _fit_layer(skew: float, reuse: float, num_experts: int, top_k: int) -> LayerRouting:
+def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
+              first_choice: float | None = None) -> LayerRouting:
+    """The generator's parameters for one layer's targets (first_choice None: no rank preference)."""
     keep = min(1.0, max(0.0, reuse))
-    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k), keep)
+    stay = None
+    if first_choice is not None:
+        stay = min(1.0, max(0.0, first_choice / keep)) if keep > 0 else 0.0
+    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k), keep, first_choice, stay)
 
 
 def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int) -> float:
@@ -86,8 +103,8 @@ def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int)
 
 
 def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, tokens: int,
-                rng: random.Random, ids: list[int]) -> list[tuple[int, ...]]:
-    """`tokens` rows of `top_k` distinct expert ids (sorted); rank r is expert ids[r]."""
+                rng: random.Random, ids: list[int], stay_first: float | None = None) -> list[tuple[int, ...]]:
+    """`tokens` rows of `top_k` distinct expert ids in rank order; popularity rank r is expert ids[r]."""
     cumulative, total = [], 0.0
     for r in range(num_experts):
         total += (r + 1) ** -exponent
@@ -111,16 +128,57 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
             picked.append(r)
         return picked
 
+    outcomes = _stratified_outcomes(top_k, keep, 1.0 / top_k if stay_first is None else stay_first, tokens, rng)
     rows: list[tuple[int, ...]] = []
     prev: list[int] = []
-    for _ in range(tokens):
-        kept = [r for r in prev if rng.random() < keep]
-        exclude = set(prev)
-        if num_experts - len(exclude) < top_k - len(kept):
-            exclude = set(kept)  # too few experts outside the previous token's: allow its dropped ones
-        prev = kept + draw(exclude, top_k - len(kept))
-        rows.append(tuple(sorted(ids[r] for r in prev)))
+    for m, first_kept, stays in outcomes:
+        if not prev:
+            order = draw(set(), top_k)
+        else:
+            others = prev[1:]
+            kept = ([prev[0]] + rng.sample(others, m - 1)) if first_kept else rng.sample(others, min(m, len(others)))
+            exclude = set(prev)
+            if num_experts - len(exclude) < top_k - len(kept):
+                exclude = set(kept)  # too few experts outside the previous token's: allow its dropped ones
+            rest = [r for r in kept if r != prev[0]] + draw(exclude, top_k - len(kept))
+            rng.shuffle(rest)
+            if first_kept and stays:
+                order = [prev[0]] + rest
+            elif first_kept:
+                rest.insert(rng.randrange(1, top_k), prev[0])
+                order = rest
+            else:
+                order = rest
+        prev = order
+        rows.append(tuple(ids[r] for r in order))
     return rows
+
+
+def _stratified_outcomes(top_k: int, keep: float, stay_first: float, tokens: int,
+                         rng: random.Random) -> list[tuple[int, bool, bool]]:
+    """Per token: (experts kept from the previous token, whether its first choice is among them, whether it
+    stays first), with the model's probabilities, drawn by stratified sampling (counts within one of the
+    expectation per outcome)."""
+    table: list[tuple[float, tuple[int, bool, bool]]] = []
+    for m in range(top_k + 1):
+        pm = math.comb(top_k, m) * keep ** m * (1 - keep) ** (top_k - m)
+        pf = m / top_k
+        for first_kept, p1 in ((True, pf), (False, 1 - pf)):
+            for stays, p2 in ((True, stay_first), (False, 1 - stay_first)):
+                p = pm * p1 * (p2 if first_kept else (1.0 if not stays else 0.0))
+                if p > 0:
+                    table.append((p, (m, first_kept, stays and first_kept)))
+    cumulative, total = [], 0.0
+    for p, _ in table:
+        total += p
+        cumulative.append(total)
+    strata = list(range(tokens))
+    rng.shuffle(strata)
+    out = []
+    for s in strata:
+        u = (s + rng.random()) / tokens * total
+        out.append(table[min(bisect.bisect_left(cumulative, u), len(table) - 1)][1])
+    return out
 
 
 def _position(value: float, low: float, high: float) -> float:
@@ -149,29 +207,39 @@ def rescale(stats: RoutingStats, num_layers: int, num_experts: int, top_k: int) 
         skew = dst_lo + _position(src.skew, src_lo, src_hi) * (dst_hi - dst_lo)
         base, new_base = stats.top_k / stats.num_experts, top_k / num_experts
         reuse = new_base + _position(src.reuse, base, 1.0) * (1.0 - new_base)
-        out.append(_fit_layer(skew, reuse, num_experts, top_k))
+        out.append(fit_layer(skew, reuse, num_experts, top_k))
     return tuple(out)
 
 
 def synthesize(stats: RoutingStats, num_layers: int, num_experts: int, top_k: int, tokens: int,
                seed: int) -> Trace:
-    """A decode-only trace of `tokens` passes (one token each) for a model of the given shape."""
+    """A decode-only trace of `tokens` passes (one token each) for a model of the given shape, fitted to
+    `stats` rescaled to that shape."""
+    return synthesize_layers(rescale(stats, num_layers, num_experts, top_k), num_experts, top_k, tokens, seed,
+                             fitted_from=stats.source)
+
+
+def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k: int, tokens: int, seed: int,
+                      fitted_from: str, model: str | None = None) -> Trace:
+    """A decode-only trace of `tokens` passes, one token each, layer l drawn with `params[l]`."""
     if tokens < 1:
         raise ValueError(f"tokens: must be >= 1, got {tokens}")
-    params = rescale(stats, num_layers, num_experts, top_k)
+    num_layers = len(params)
     rng = random.Random(seed)
     per_layer = []
     for p in params:
         ids = list(range(num_experts))
         rng.shuffle(ids)
-        per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids))
+        per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first))
     passes = tuple(TracePass(t, "decode", 1, tuple((per_layer[l][t],) for l in range(num_layers)))
                    for t in range(tokens))
     header = TraceHeader(
-        model=f"synthetic-{num_layers}x{num_experts}-top{top_k}", num_layers=num_layers, num_experts=num_experts,
-        top_k=top_k, source="synthetic",
-        extra={"generator": GENERATOR, "fitted_from": stats.source, "seed": seed, "tokens": tokens,
+        model=model or f"synthetic-{num_layers}x{num_experts}-top{top_k}", num_layers=num_layers,
+        num_experts=num_experts, top_k=top_k, source="synthetic",
+        extra={"generator": GENERATOR, "rank_order": True, "fitted_from": fitted_from, "seed": seed,
+               "tokens": tokens,
                "params": [{"skew": round(p.skew, 4), "reuse": round(p.reuse, 4),
-                           "zipf_exponent": round(p.zipf_exponent, 4), "keep": round(p.keep, 4)}
+                           "zipf_exponent": round(p.zipf_exponent, 4), "keep": round(p.keep, 4),
+                           **({} if p.stay_first is None else {"stay_first": round(p.stay_first, 4)})}
                           for p in params]})
     return Trace(header, passes)
