@@ -43,19 +43,40 @@ def main(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     profile = _load_profile(args.profile)
     shape = workload.resolve_model(plan, args.model)
-    trace, trace_source = workload.resolve_trace(shape, args.trace, args.prompt_tokens)
+    work = workload.resolve_workload(shape, args.trace, args.prompt_tokens)
+    trace, trace_source = work.trace, work.source
     accuracy, accuracy_source = workload.prefetch_accuracy(trace)  # measured once: the replay and the report
     sim = workload.replay(trace, plan, shape, accuracy)
     prediction = predict(profile, shape, plan, sim, context=args.context, prompt_tokens=args.prompt_tokens,
                          vram_budget=args.vram_budget)
+    # assumed routing: the same plan on the ends of the plausible spread of locality
+    spread = {name: predict(profile, shape, plan, workload.replay(t, plan, shape, accuracy), context=args.context,
+                            prompt_tokens=args.prompt_tokens, vram_budget=args.vram_budget)
+              for name, t in work.scenarios.items()}
     if args.json:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
                "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
                "prefetch_accuracy": accuracy, **prediction.as_dict()}
+        if work.calibration is not None:
+            out["routing"] = work.routing_dict()
+        if spread:
+            out["spread"] = {name: {"decode_tokens_per_s": p.decode_tokens_per_s, "hit_rate": p.hit_rate}
+                             for name, p in spread.items()}
+            values = [prediction.decode_tokens_per_s, *(p.decode_tokens_per_s for p in spread.values())]
+            out["decode_tokens_per_s_range"] = [min(values), max(values)]
         print(json.dumps(out))
     else:
-        print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source))
+        from .tune import routing_report
+
+        text = render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source)
+        extra = routing_report(work)
+        if spread:
+            values = [prediction.decode_tokens_per_s, *(p.decode_tokens_per_s for p in spread.values())]
+            extra.append(f"routing assumed: decode {min(values):.2f} to {max(values):.2f} tokens/s over the plausible "
+                         f"spread (" + ", ".join(f"{n} {p.decode_tokens_per_s:.2f} at hit rate {p.hit_rate:.3f}"
+                                                 for n, p in spread.items()) + ")")
+        print(text + ("\nrouting    " + "\n           ".join(extra) if extra else ""))
     return 0
 
 

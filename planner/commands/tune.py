@@ -91,8 +91,12 @@ def main(args: argparse.Namespace) -> int:
 
     profile, profile_path = _load_profile(args.profile)
     shape = load_model_shape(args.model, experts=args.experts)
-    trace, trace_source = workload.resolve_trace(shape, args.trace, args.prompt_tokens, seed=args.seed)
+    work = workload.resolve_workload(shape, args.trace, args.prompt_tokens, seed=args.seed)
+    trace, trace_source = work.trace, work.source
     log.info("trace: %s", trace_source)
+    routing_lines = routing_report(work)
+    for line in routing_lines:
+        print(f"moeplan tune: {line}", file=sys.stderr)
     accelerator = "cuda:0" if profile.has_accelerator else "cpu"
     vram_budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else None
     if args.expert_budget_fraction is not None:
@@ -115,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
     model_path = str(args.model) if model_dir.is_dir() else None
     evaluator = Evaluator(profile, shape, trace, accelerator=accelerator, context=args.context,
                           prompt_tokens=args.prompt_tokens, capacity=capacity, vram_budget=vram_budget,
-                          model_path=model_path, profile_name=profile.name)
+                          model_path=model_path, profile_name=profile.name, scenarios=work.scenarios)
     profile_sha = hashlib.sha256(profile_path.read_bytes()).hexdigest()
     trace_sha = hashlib.sha256(trace_to_jsonl(trace).encode()).hexdigest()
     fingerprint = {"model": shape.name, "experts": shape.expert_format, "profile_sha256": profile_sha, "trace_sha256": trace_sha,
@@ -171,6 +175,9 @@ def main(args: argparse.Namespace) -> int:
 
     predicted = {
         "decode_tokens_per_s": round(chosen.decode_tokens_per_s, 4),
+        **({"decode_tokens_per_s_range": [round(v, 4) for v in chosen.decode_range],
+            "decode_tokens_per_s_spread": {n: round(v, 4) for n, v in chosen.spread_decode}}
+           if chosen.spread_decode else {}),
         "prefill_tokens_per_s": round(chosen.prediction.prefill_tokens_per_s, 4),
         "prefill_seconds": round(chosen.prefill_s, 6),
         "hit_rate": round(chosen.prediction.hit_rate, 4),
@@ -188,6 +195,7 @@ def main(args: argparse.Namespace) -> int:
     provenance = {
         "tool": "moeplan tune", "profile": shown(profile_path), "profile_sha256": profile_sha,
         "trace": trace_source, "trace_source": trace.header.source, "trace_sha256": trace_sha,
+        **({"routing": _routing_provenance(work)} if work.calibration is not None else {}),
         "prefetch_accuracy": evaluator.prefetch_accuracy_source,
         "sampler": f"optuna.samplers.TPESampler(seed={seed})", "seed": args.seed,
         "trials": result.trials_total, "trials_this_run": result.trials_run, "interrupted": result.interrupted,
@@ -205,10 +213,41 @@ def main(args: argparse.Namespace) -> int:
     if args.report:
         from ..tune.report import write_report
         write_report(Path(args.report), study, evaluator, result, plan, elapsed)
+    if chosen.spread_decode:
+        lo, hi = chosen.decode_range
+        print(f"routing assumed: predicted decode {lo:.2f} to {hi:.2f} tokens/s over the plausible spread of "
+              f"locality (" + ", ".join(f"{n} {v:.2f}" for n, v in chosen.spread_decode)
+              + f", central {chosen.decode_tokens_per_s:.2f}); the plan maximises the worst case", file=sys.stderr)
     print(f"{'interrupted: ' if result.interrupted else ''}wrote {out}: {chosen.decode_tokens_per_s:.2f} decode "
           f"tokens/s predicted, prefill {chosen.prefill_s:.3f} s, {result.trials_run} trials in {elapsed:.1f} s "
           f"({result.trials_total} in the study)\nchosen by: {provenance['selection']}", file=sys.stderr)
     return 130 if result.interrupted else 0
+
+
+def routing_report(work) -> list[str]:
+    """Lines saying which routing statistics a synthetic trace was calibrated to, from where, and how far it
+    landed from them (nothing for a recorded or given trace)."""
+    cal = work.calibration
+    if cal is None:
+        return []
+    t = cal.targets
+    lines = [f"routing statistics of {t.model}: {t.status}" + (
+        f" at MoE layers {', '.join(map(str, t.published_layers))}, interpolated between" if t.published_layers else "")]
+    lines += [f"  {name}: {source}" for name, source in t.sources.items()]
+    lines.append("  " + cal.summary())
+    if t.assumed:
+        lines.append("  routing assumed: every plan is also predicted on the ends of the spread, and the search "
+                     "maximises the worst case")
+    return lines
+
+
+def _routing_provenance(work) -> dict:
+    d = work.routing_dict()
+    return {"status": d["status"], "sources": d["sources"], "published_layers": d["published_layers"],
+            "fit": {name: {"max_relative_error": v["max_relative_error"],
+                           "mean_relative_error": v["mean_relative_error"]} for name, v in d["statistics"].items()},
+            "objective": ("worst case of decode tokens/s over the spread " + ", ".join(sorted(work.scenarios))
+                          + " and the central trace") if work.scenarios else "the central trace's decode tokens/s"}
 
 
 def _load_profile(path: str | None):
@@ -246,10 +285,11 @@ def render_front(result) -> str:
     for c in result.front:
         ch = c.choice
         mark = "*" if c is result.chosen else " "
+        spread = f"  worst {c.objective_decode:.3f}" if c.spread_decode else ""
         lines.append(f"{mark} {c.decode_tokens_per_s:12.3f} {c.prefill_s:10.4f} {c.prediction.hit_rate:6.3f} "
                      f"{sum(c.plan.cache.slots):5d}  {ch.policy:7s} {'popular' if ch.preload else 'none':7s} "
                      f"{ch.cpu_threads:7d} {ch.miss_compute[:4]:5s} {ch.transfer_min_tokens:4d} "
-                     f"{str(ch.promote):7s} {ch.lookahead:9d}")
+                     f"{str(ch.promote):7s} {ch.lookahead:9d}{spread}")
     lines.append(f"* chosen: {result.rule}")
     return "\n".join(lines)
 

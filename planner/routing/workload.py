@@ -1,14 +1,16 @@
 """What `explain` (and the tuner) predict for: the model shape, the routing trace, and its cache replay.
 
 Pure Python. It picks the model (`--model`, else the plan's model.path folder, else its catalog name),
-the trace (given, else the model's recorded trace, else a synthetic one fitted to the recorded OLMoE
-trace and rescaled to the model), adds a prefill pass when the trace has none, and replays the trace
-through the simulator under the plan.
+the trace (given, else the model's recorded trace, else a synthetic one calibrated per layer to the model's
+routing statistics: published.py says which, and from where), adds a prefill pass when the trace has none,
+and replays the trace through the simulator under the plan. Where the model's routing is only assumed, the
+workload also carries synthetic traces at the ends of the plausible spread of locality (`scenarios`), that
+`tune` predicts every plan on.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.contracts.model_shape import ModelShape
@@ -43,11 +45,33 @@ def recorded_trace_path(shape: ModelShape, traces: Path) -> Path | None:
     return found[0] if found else None
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The trace to replay, where it came from, and for a synthetic one its calibration and spread."""
+
+    trace: Trace
+    source: str
+    calibration: object | None = None  # calibrated.Calibration of a synthetic trace, else None
+    scenarios: dict[str, Trace] = field(default_factory=dict)  # "low"/"high" locality traces (assumed routing)
+
+    def routing_dict(self) -> dict | None:
+        """The statistics used, their sources and the synthetic trace's distance to them (JSON), or None."""
+        return None if self.calibration is None else self.calibration.as_dict()
+
+
 def resolve_trace(shape: ModelShape, trace: str | None, prompt_tokens: int, seed: int = 0,
                   traces: Path = TRACES) -> tuple[Trace, str]:
     """The trace to replay and a sentence saying where it came from; a prefill pass is added if missing.
 
     `traces` is the folder of recorded traces (the project's `traces/`)."""
+    w = resolve_workload(shape, trace, prompt_tokens, seed, traces)
+    return w.trace, w.source
+
+
+def resolve_workload(shape: ModelShape, trace: str | None, prompt_tokens: int, seed: int = 0,
+                     traces: Path = TRACES) -> Workload:
+    """`resolve_trace`, with the calibration of a synthetic trace and its spread scenarios."""
+    calibration, scenarios = None, {}
     if trace is not None:
         t = load_trace(trace, num_experts=shape.num_experts, top_k=shape.top_k, model=shape.name)
         source = f"{trace} ({t.header.source})"
@@ -55,29 +79,50 @@ def resolve_trace(shape: ModelShape, trace: str | None, prompt_tokens: int, seed
         t = load_trace(path, num_experts=shape.num_experts, top_k=shape.top_k, model=shape.name)
         source = f"{shown(path)} (recorded)"
     else:
-        t, source = synthetic_trace(shape, traces, seed)
+        calibration, scenarios, source = calibrated_trace(shape, traces, seed)
+        t = calibration.trace
     if t.header.num_layers != shape.num_moe_layers or t.header.num_experts != shape.num_experts:
         raise TraceError(f"{source}: has {t.header.num_layers} MoE layers of {t.header.num_experts} experts "
                          f"but model {shape.name} has {shape.num_moe_layers} of {shape.num_experts}")
     if not t.prefill_passes():
         t = with_prefill(t, prompt_tokens, seed)
+        scenarios = {k: with_prefill(v, prompt_tokens, seed) for k, v in scenarios.items()}
         source += f"; prefill of {prompt_tokens} tokens drawn from its expert popularity"
-    return t, source
+    return Workload(t, source, calibration, scenarios)
 
 
-def synthetic_trace(shape: ModelShape, traces: Path, seed: int) -> tuple[Trace, str]:
-    """Routing statistics fitted to the recorded OLMoE trace, rescaled to this model's layers and experts."""
-    from .synthetic import fit_routing_stats, synthesize
+def olmoe_statistics(traces: Path):
+    """The recorded OLMoE trace's statistics: the family that assumed routing is carried from."""
+    from .statistics import trace_stats
 
     fitted_to = traces / RECORDED_FILE
     if not fitted_to.is_file():
-        raise TraceError(f"{shown(fitted_to)}: missing, and model {shape.name} has no recorded trace: pass --trace FILE")
-    recorded = load_trace(fitted_to, model=RECORDED_MODEL)
-    stats = fit_routing_stats(recorded)
-    t = synthesize(stats, num_layers=shape.num_moe_layers, num_experts=shape.num_experts, top_k=shape.top_k,
-                   tokens=SYNTHETIC_DECODE_TOKENS, seed=seed)
-    return t, (f"synthetic: {SYNTHETIC_DECODE_TOKENS} decode tokens fitted to {fitted_to.name} and rescaled to "
-               f"{shape.num_moe_layers} layers x {shape.num_experts} experts, top-{shape.top_k}, seed {seed}")
+        raise TraceError(f"{shown(fitted_to)}: missing, and the model has no recorded trace: pass --trace FILE")
+    return trace_stats(load_trace(fitted_to, model=RECORDED_MODEL))
+
+
+def calibrated_trace(shape: ModelShape, traces: Path, seed: int):
+    """The model's routing statistics (published.py), a synthetic trace calibrated to them, the traces at the
+    ends of their spread (assumed routing only; drawn with the same seed), and a sentence saying so."""
+    from .calibrated import calibrate
+    from .published import routing_targets
+
+    targets = routing_targets(shape, olmoe_statistics(traces), RECORDED_FILE)
+    E, k = shape.num_experts, shape.top_k
+    label = f"{shape.name} routing statistics ({targets.status})"
+    calibration = calibrate(targets, None, E, k, SYNTHETIC_DECODE_TOKENS, seed, fitted_from=label)
+    scenarios = {name: calibrate(targets, layers, E, k, SYNTHETIC_DECODE_TOKENS, seed,
+                                   fitted_from=f"{label}, spread {name}").trace
+                 for name, layers in targets.spread.items()}
+    source = (f"synthetic: {SYNTHETIC_DECODE_TOKENS} decode tokens calibrated per layer to {shape.name}'s routing "
+              f"statistics ({targets.status}), {shape.num_moe_layers} layers x {E} experts, top-{k}, seed {seed}")
+    return calibration, scenarios, source
+
+
+def synthetic_trace(shape: ModelShape, traces: Path, seed: int) -> tuple[Trace, str]:
+    """A synthetic trace calibrated to the model's routing statistics, and where it came from."""
+    calibration, _, source = calibrated_trace(shape, traces, seed)
+    return calibration.trace, source
 
 
 def with_prefill(trace: Trace, tokens: int, seed: int = 0) -> Trace:

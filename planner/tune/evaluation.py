@@ -14,6 +14,13 @@ decode passes, which is what the cost model adds up):
 - every other policy, preload and miss rule: one `simulate` per slot count with that many slots in
   every layer (exact, since layers are independent without prefetch). With `lookahead: 1` the curves
   ignore prefetch (the final replay does not): the split is then optimal for the cache without prefetch.
+
+Assumed routing (a synthetic trace whose statistics are not all published, routing.workload.Workload
+.scenarios): every plan, made on the central trace, is also predicted on the traces at the ends of the
+plausible spread of locality, and the search maximises the worst of these decode speeds
+(`Candidate.objective_decode`). The worst case rather than a mean or a quantile: the spread's ends are
+the ends of what is plausible (the known families, the published domains), not samples of a distribution
+with weights, so a plan should be judged by what it keeps at the less favourable end.
 """
 from __future__ import annotations
 
@@ -113,10 +120,23 @@ class Candidate:
     prediction: Prediction
     feasible: bool  # fits every device's memory (and the cache budget)
     excess_bytes: int  # largest overshoot of a memory limit (<= 0 when feasible): the Optuna constraint
+    # decode tokens/s predicted on each spread scenario's trace ("low", "high"); empty: routing not assumed
+    spread_decode: tuple[tuple[str, float], ...] = ()
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.prediction.decode_tokens_per_s
+
+    @property
+    def decode_range(self) -> tuple[float, float]:
+        """Lowest and highest predicted decode tokens/s over the central trace and the spread."""
+        values = [self.decode_tokens_per_s, *(v for _, v in self.spread_decode)]
+        return min(values), max(values)
+
+    @property
+    def objective_decode(self) -> float:
+        """What the search maximises: the worst case over the spread (the central prediction without one)."""
+        return self.decode_range[0]
 
     @property
     def prefill_s(self) -> float:
@@ -128,7 +148,8 @@ class Evaluator:
 
     def __init__(self, profile: Any, shape: ModelShape, trace: Trace, *, accelerator: str, context: int,
                  prompt_tokens: int, capacity: Capacity, vram_budget: int | None = None,
-                 model_path: str | None = None, profile_name: str = "") -> None:
+                 model_path: str | None = None, profile_name: str = "",
+                 scenarios: dict[str, Trace] | None = None) -> None:
         self.profile, self.shape, self.trace = profile, shape, trace
         self.accelerator, self.context, self.prompt_tokens = accelerator, context, prompt_tokens
         self.capacity, self.vram_budget = capacity, vram_budget
@@ -137,6 +158,11 @@ class Evaluator:
         self._sims: dict[tuple, SimResult] = {}
         self._preloads: dict[tuple[int, ...], list[list[int]]] = {}
         self.prefetch_accuracy, self.prefetch_accuracy_source = prefetch_accuracy(trace)
+        # one evaluator per spread scenario: each replays the central plan's slots on its own trace
+        self.scenarios = {name: Evaluator(profile, shape, t, accelerator=accelerator, context=context,
+                                          prompt_tokens=prompt_tokens, capacity=capacity, vram_budget=vram_budget,
+                                          model_path=model_path, profile_name=profile_name)
+                          for name, t in (scenarios or {}).items()}
 
     @property
     def space(self) -> Space:
@@ -222,4 +248,9 @@ class Evaluator:
         excess = max(prediction.memory_bytes[d] - prediction.memory_limit_bytes[d] for d in prediction.memory_bytes)
         cap = self.capacity
         excess = max(excess, cap.fixed_bytes + sum(slots) * cap.expert_bytes - cap.limit_bytes)
-        return Candidate(choice, plan, prediction, feasible=excess <= 0, excess_bytes=int(excess))
+        spread = tuple((name, predict(ev.profile, ev.shape, plan, ev.replay(choice, slots), context=self.context,
+                                      prompt_tokens=self.prompt_tokens,
+                                      vram_budget=self.vram_budget).decode_tokens_per_s)
+                       for name, ev in self.scenarios.items())
+        return Candidate(choice, plan, prediction, feasible=excess <= 0, excess_bytes=int(excess),
+                         spread_decode=spread)

@@ -7,7 +7,9 @@ live in any Optuna storage so that it resumes and several workers share it; Ctrl
 cleanly and the trials finished so far are kept.
 
 The chosen plan: among the feasible Pareto plans, the highest decode tokens/s whose prefill time is
-within `prefill_slack` (a fraction) of the fastest feasible prefill (`choose`).
+within `prefill_slack` (a fraction) of the fastest feasible prefill (`choose`). Decode tokens/s here is
+`Candidate.objective_decode`: the prediction on the trace, or where the routing is only assumed the worst
+case over its plausible spread (evaluation.py says why).
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def run_study(evaluator: Evaluator, study: Any, trials: int,
         trial.set_constraint("memory_excess_bytes", float(cand.excess_bytes))
         if on_trial is not None:
             on_trial(trial.number, cand)
-        return cand.decode_tokens_per_s, cand.prefill_s
+        return cand.objective_decode, cand.prefill_s
 
     # Ctrl-C is turned into a request that stops the study between trials: a KeyboardInterrupt raised
     # inside Optuna's bookkeeping of a trial can surface as another exception (optuna 5 raises
@@ -184,10 +186,10 @@ def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
         unique.setdefault(c.plan, c)
     pool = list(unique.values())
     front = [c for c in pool
-             if not any(o.decode_tokens_per_s >= c.decode_tokens_per_s and o.prefill_s <= c.prefill_s
-                        and (o.decode_tokens_per_s > c.decode_tokens_per_s or o.prefill_s < c.prefill_s)
+             if not any(o.objective_decode >= c.objective_decode and o.prefill_s <= c.prefill_s
+                        and (o.objective_decode > c.objective_decode or o.prefill_s < c.prefill_s)
                         for o in pool)]
-    return sorted(front, key=lambda c: (-c.decode_tokens_per_s, c.prefill_s))
+    return sorted(front, key=lambda c: (-c.objective_decode, c.prefill_s))
 
 
 def choose(front: Sequence[Candidate], prefill_slack: float) -> tuple[Candidate | None, str]:
@@ -196,11 +198,15 @@ def choose(front: Sequence[Candidate], prefill_slack: float) -> tuple[Candidate 
         raise UserError(f"--prefill-slack: must be >= 0, got {prefill_slack}")
     rule = (f"highest predicted decode tokens/s among the feasible Pareto plans whose prefill time is within "
             f"{prefill_slack:.0%} of the fastest feasible prefill")
+    if front and front[0].spread_decode:
+        rule = rule.replace("highest predicted decode tokens/s", "highest worst-case predicted decode tokens/s over "
+                            "the routing's plausible spread (" + ", ".join(n for n, _ in front[0].spread_decode)
+                            + " and central)")
     if not front:
         return None, rule
     fastest = min(c.prefill_s for c in front)
     eligible = [c for c in front if c.prefill_s <= fastest * (1 + prefill_slack)]
-    return max(eligible, key=lambda c: (c.decode_tokens_per_s, -c.prefill_s)), rule
+    return max(eligible, key=lambda c: (c.objective_decode, -c.prefill_s)), rule
 
 
 def best_by_decode(cands: Sequence[Candidate], k: int) -> list[Candidate]:
@@ -209,5 +215,5 @@ def best_by_decode(cands: Sequence[Candidate], k: int) -> list[Candidate]:
     for c in cands:
         if c.feasible:
             unique.setdefault(c.plan, c)
-    return sorted(unique.values(), key=lambda c: (-c.decode_tokens_per_s, c.prefill_s))[:k]
+    return sorted(unique.values(), key=lambda c: (-c.objective_decode, c.prefill_s))[:k]
 
