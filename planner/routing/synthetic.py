@@ -16,8 +16,9 @@ The outcome of each token (m, first choice kept or not, first again or not) is d
 (one seeded uniform per token from each of `tokens` equal strata, shuffled), so that a trace of a few hundred
 tokens already lands within a few percent of the rates it was fitted to; the expert ids are drawn freely.
 The exponent `s` is fitted to the sorted popularity through its head: it is the value for which the
-generator's top-10% share (statistics.top_share) equals the target, found by bisection on a seeded
-calibration run (sampling k without replacement flattens a Zipf law, so the closed form would miss).
+generator's top-10% share (statistics.top_share) equals the target, interpolated on seeded calibration runs
+over a grid of exponents (sampling k without replacement flattens a Zipf law, so the closed form would
+miss); layers of one shape whose keep probabilities round alike share the runs.
 To rescale recorded statistics to another model (`rescale`), each target layer takes the source layer at
 the same relative depth, and skew and reuse keep their position between uniform routing and their maximum
 for the new (E, k): skew between ceil(E/10)/E and min(1, ceil(E/10)/k), reuse between k/E and 1.
@@ -28,15 +29,17 @@ import bisect
 import math
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .statistics import top_share, trace_stats
 from runtime.contracts.traces import PHASES, Trace, TraceHeader, TracePass
 
 GENERATOR = "moeplan.synthetic/2"
 _MAX_EXPONENT = 4.0
-_CALIBRATION_TOKENS = 500
+_CALIBRATION_TOKENS = 1000
 _CALIBRATION_SEED = 12345
-_BISECTION_STEPS = 10
+_GRID_POINTS = 24  # exponents 0, 1/6, ... 4 measured per shape and keep
+_KEEP_STEP = 0.1  # layers whose keep rounds alike share one calibration curve
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,15 @@ class LayerRouting:
     keep: float  # generator probability that an expert of token t is kept at t+1
     first_choice: float | None = None  # target first-choice repetition (None: no target)
     stay_first: float | None = None  # probability a kept first choice stays first (None: 1/k, no preference)
+    first_or_second: float | None = None  # top-2 only: target share of pairs sharing an expert (None: binomial)
+
+    def kept_distribution(self, top_k: int) -> list[float]:
+        """P(m experts of the previous token kept), m = 0..k: Binomial(k, keep), or for top-2 with a
+        first-or-second target a, the one distribution with mean 2 * keep and P(m >= 1) = a."""
+        a, r = self.first_or_second, self.keep
+        if top_k == 2 and a is not None and 0 <= 2 * r - a <= 1 and 2 * a - 2 * r >= 0 and a <= 1:
+            return [1 - a, 2 * a - 2 * r, 2 * r - a]
+        return [math.comb(top_k, m) * r ** m * (1 - r) ** (top_k - m) for m in range(top_k + 1)]
 
 
 @dataclass(frozen=True)
@@ -69,41 +81,50 @@ def fit_routing_stats(trace: Trace, phases: tuple[str, ...] = PHASES) -> Routing
 
 
 def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
-              first_choice: float | None = None) -> LayerRouting:
+              first_choice: float | None = None, first_or_second: float | None = None) -> LayerRouting:
     """The generator's parameters for one layer's targets (first_choice None: no rank preference)."""
     keep = min(1.0, max(0.0, reuse))
     stay = None
     if first_choice is not None:
         stay = min(1.0, max(0.0, first_choice / keep)) if keep > 0 else 0.0
-    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k), keep, first_choice, stay)
+    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k), keep, first_choice, stay,
+                        first_or_second if top_k == 2 else None)
 
 
 def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int) -> float:
-    def skew_at(s: float) -> float:
+    """The exponent whose calibration run gives `target_skew`: interpolated on the generator's skew over a
+    grid of exponents, measured once per shape and `keep` rounded to _KEEP_STEP (layers share it)."""
+    bucket = round(round(keep / _KEEP_STEP) * _KEEP_STEP, 6)
+    curve = _skew_curve(num_experts, top_k, bucket)
+    if target_skew <= curve[0][1]:
+        return 0.0
+    for (s0, k0), (s1, k1) in zip(curve, curve[1:]):
+        if target_skew <= k1:
+            return s0 + (s1 - s0) * (target_skew - k0) / (k1 - k0) if k1 > k0 else s1
+    return curve[-1][0]
+
+
+@lru_cache(maxsize=256)
+def _skew_curve(num_experts: int, top_k: int, keep: float) -> tuple[tuple[float, float], ...]:
+    """(exponent, top-10% share of a seeded calibration run) on a grid, made non-decreasing (sampling noise)."""
+    out: list[tuple[float, float]] = []
+    best = 0.0
+    for i in range(_GRID_POINTS + 1):
+        s = _MAX_EXPONENT * i / _GRID_POINTS
         rng = random.Random(_CALIBRATION_SEED)
         rows = _layer_rows(num_experts, top_k, s, keep, _CALIBRATION_TOKENS, rng, list(range(num_experts)))
         counts = [0] * num_experts
         for row in rows:
             for e in row:
                 counts[e] += 1
-        return top_share(counts)
-
-    lo, hi = 0.0, _MAX_EXPONENT
-    if skew_at(lo) >= target_skew:
-        return 0.0
-    if skew_at(hi) <= target_skew:
-        return hi
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if skew_at(mid) < target_skew:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+        best = max(best, top_share(counts))
+        out.append((s, best))
+    return tuple(out)
 
 
 def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, tokens: int,
-                rng: random.Random, ids: list[int], stay_first: float | None = None) -> list[tuple[int, ...]]:
+                rng: random.Random, ids: list[int], stay_first: float | None = None,
+                kept: list[float] | None = None) -> list[tuple[int, ...]]:
     """`tokens` rows of `top_k` distinct expert ids in rank order; popularity rank r is expert ids[r]."""
     cumulative, total = [], 0.0
     for r in range(num_experts):
@@ -128,7 +149,9 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
             picked.append(r)
         return picked
 
-    outcomes = _stratified_outcomes(top_k, keep, 1.0 / top_k if stay_first is None else stay_first, tokens, rng)
+    if kept is None:
+        kept = LayerRouting(0.0, keep, 0.0, keep).kept_distribution(top_k)
+    outcomes = _stratified_outcomes(top_k, kept, 1.0 / top_k if stay_first is None else stay_first, tokens, rng)
     rows: list[tuple[int, ...]] = []
     prev: list[int] = []
     for m, first_kept, stays in outcomes:
@@ -136,11 +159,11 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
             order = draw(set(), top_k)
         else:
             others = prev[1:]
-            kept = ([prev[0]] + rng.sample(others, m - 1)) if first_kept else rng.sample(others, min(m, len(others)))
+            held = ([prev[0]] + rng.sample(others, m - 1)) if first_kept else rng.sample(others, min(m, len(others)))
             exclude = set(prev)
-            if num_experts - len(exclude) < top_k - len(kept):
-                exclude = set(kept)  # too few experts outside the previous token's: allow its dropped ones
-            rest = [r for r in kept if r != prev[0]] + draw(exclude, top_k - len(kept))
+            if num_experts - len(exclude) < top_k - len(held):
+                exclude = set(held)  # too few experts outside the previous token's: allow its dropped ones
+            rest = [r for r in held if r != prev[0]] + draw(exclude, top_k - len(held))
             rng.shuffle(rest)
             if first_kept and stays:
                 order = [prev[0]] + rest
@@ -154,14 +177,14 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
     return rows
 
 
-def _stratified_outcomes(top_k: int, keep: float, stay_first: float, tokens: int,
+def _stratified_outcomes(top_k: int, kept: list[float], stay_first: float, tokens: int,
                          rng: random.Random) -> list[tuple[int, bool, bool]]:
     """Per token: (experts kept from the previous token, whether its first choice is among them, whether it
     stays first), with the model's probabilities, drawn by stratified sampling (counts within one of the
     expectation per outcome)."""
     table: list[tuple[float, tuple[int, bool, bool]]] = []
     for m in range(top_k + 1):
-        pm = math.comb(top_k, m) * keep ** m * (1 - keep) ** (top_k - m)
+        pm = kept[m]
         pf = m / top_k
         for first_kept, p1 in ((True, pf), (False, 1 - pf)):
             for stays, p2 in ((True, stay_first), (False, 1 - stay_first)):
@@ -230,7 +253,8 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
     for p in params:
         ids = list(range(num_experts))
         rng.shuffle(ids)
-        per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first))
+        per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first,
+                                     p.kept_distribution(top_k)))
     passes = tuple(TracePass(t, "decode", 1, tuple((per_layer[l][t],) for l in range(num_layers)))
                    for t in range(tokens))
     header = TraceHeader(
@@ -240,6 +264,7 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
                "tokens": tokens,
                "params": [{"skew": round(p.skew, 4), "reuse": round(p.reuse, 4),
                            "zipf_exponent": round(p.zipf_exponent, 4), "keep": round(p.keep, 4),
-                           **({} if p.stay_first is None else {"stay_first": round(p.stay_first, 4)})}
+                           **({} if p.stay_first is None else {"stay_first": round(p.stay_first, 4)}),
+                           **({} if p.first_or_second is None else {"first_or_second": round(p.first_or_second, 4)})}
                           for p in params]})
     return Trace(header, passes)

@@ -166,7 +166,8 @@ class Evaluator:
 
     @property
     def space(self) -> Space:
-        return Space(max_budget=self.capacity.max_slots, max_threads=self.profile.physical_cores)
+        return Space(max_budget=self.capacity.max_slots, max_threads=self.profile.physical_cores,
+                     ids_known=self.trace.header.source != "synthetic")
 
     # -- curves and allocation
     def curves(self, policy: str, preload: bool, rule: MissRule) -> list[list[int]]:

@@ -46,13 +46,21 @@ class Space:
 
     max_budget: int  # slots that fit the memory (at most layers x experts)
     max_threads: int  # physical cores of the profile
+    # False on a synthetic trace: its expert ids are a random labelling (synthetic.py), so a preload or a
+    # static set chosen by their popularity would name arbitrary experts of the real model; only policies
+    # that learn the popular experts while running are offered then
+    ids_known: bool = True
+
+    @property
+    def policies(self) -> list[str]:
+        return [p for p in POLICIES if self.ids_known or p != "static"]
 
     def choices(self) -> Iterator[Choice]:
         """Every canonical point, for the exhaustive grid (bench/tune_vs_grid.py)."""
         seen: set[Choice] = set()
         for budget in range(self.max_budget + 1):
-            for policy in POLICIES:
-                for preload in (False, True):
+            for policy in self.policies:
+                for preload in (False, True) if self.ids_known else (False,):
                     for threads in range(1, self.max_threads + 1):
                         for compute in MISS_COMPUTE:
                             for tmt in TRANSFER_MIN_TOKENS:
@@ -68,12 +76,12 @@ class Space:
 def suggest(trial: Any, space: Space) -> Choice:
     """Draw a choice from an Optuna trial; knobs that cannot matter for the drawn policy are not drawn."""
     budget = trial.suggest_int("budget", 0, space.max_budget)
-    policy = trial.suggest_categorical("policy", list(POLICIES))
+    policy = trial.suggest_categorical("policy", space.policies)
     threads = trial.suggest_int("cpu_threads", 1, space.max_threads)
     compute = trial.suggest_categorical("miss_compute", list(MISS_COMPUTE))
     preload, promote, lookahead, tmt = True, False, 0, 0
     if policy != "static":
-        preload = trial.suggest_categorical("preload", ["none", "popular"]) == "popular"
+        preload = space.ids_known and trial.suggest_categorical("preload", ["none", "popular"]) == "popular"
         lookahead = trial.suggest_int("lookahead", 0, 1)
     if compute == "cpu":
         tmt = trial.suggest_categorical("transfer_min_tokens", list(TRANSFER_MIN_TOKENS))

@@ -1,0 +1,77 @@
+"""Does a model's routing statistics alone predict what its recorded routing gives? For a model with a
+recorded trace: measure the trace's statistics (statistics.trace_stats), draw a synthetic trace calibrated
+to them (calibrated.py, nothing else of the trace kept), tune a plan on the synthetic trace (a real Optuna
+study), and replay that plan on both traces. What bench/routing_calibration.py reports and the tests check.
+
+Both traces run the same workload shape: the recorded trace's passes in its order, each decode pass of the
+synthetic trace taking a recorded decode pass's place after the same prompt's recorded prefill (where the
+recorded trace has no prefill, both get one prefill of `prompt_tokens` drawn from their popularity). The decode hit rate (the
+one decode speed depends on) and the hit rate over all passes are both reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from runtime.contracts.model_shape import ModelShape
+from runtime.contracts.traces import Trace
+
+from ..routing.calibrated import Calibration, calibrate
+from ..routing.published import recorded_targets
+from ..routing.statistics import trace_stats
+from ..routing.workload import replay, with_prefill
+from .evaluation import Evaluator, cache_capacity
+from .study import create_study, run_study
+
+
+@dataclass(frozen=True)
+class StatisticsOnlyCheck:
+    calibration: Calibration
+    plan: Any  # the plan tuned on the synthetic trace
+    synthetic_decode_hit_rate: float
+    recorded_decode_hit_rate: float
+    synthetic_hit_rate: float
+    recorded_hit_rate: float
+
+    @property
+    def decode_relative_error(self) -> float:
+        return abs(self.synthetic_decode_hit_rate - self.recorded_decode_hit_rate) / self.recorded_decode_hit_rate
+
+
+def decode_hit_rate(sim) -> float:
+    d = sim.decode
+    return d.hits / (d.hits + d.misses) if d.hits + d.misses else 0.0
+
+
+def statistics_only_check(shape: ModelShape, recorded: Trace, recorded_name: str, profile: Any, *,
+                          expert_fraction: float, trials: int, seed: int = 0, context: int = 512,
+                          prompt_tokens: int = 128) -> StatisticsOnlyCheck:
+    """Tune on a synthetic trace calibrated to `recorded`'s statistics, replay the plan on both."""
+    E, k = shape.num_experts, shape.top_k
+    targets = recorded_targets(trace_stats(recorded, phases=("decode",)), recorded_name)
+    decode_tokens = len(recorded.decode_passes())
+    cal = calibrate(targets, None, E, k, decode_tokens, seed, fitted_from=f"statistics of {recorded_name}")
+    if recorded.prefill_passes():  # the recorded workload's prompts, each followed by synthetic decode tokens
+        decode = iter(cal.trace.passes)
+        passes = tuple(replace(p if p.phase == "prefill" else next(decode), index=i)
+                       for i, p in enumerate(recorded.passes))
+        synthetic = Trace(cal.trace.header, passes)
+        recorded_full = recorded
+    else:
+        synthetic = with_prefill(cal.trace, prompt_tokens, seed)
+        recorded_full = with_prefill(recorded, prompt_tokens, seed)
+    accelerator = "cuda:0"
+    fixed = cache_capacity(profile, shape, accelerator, context, prompt_tokens, None).fixed_bytes
+    budget = fixed + round(expert_fraction * shape.num_moe_layers * E) * shape.expert_bytes
+    capacity = cache_capacity(profile, shape, accelerator, context, prompt_tokens, budget)
+    evaluator = Evaluator(profile, shape, synthetic, accelerator=accelerator, context=context,
+                          prompt_tokens=prompt_tokens, capacity=capacity, vram_budget=budget,
+                          profile_name=getattr(profile, "name", ""))
+    study = create_study(None, None, seed, {"model": shape.name, "check": "statistics only"})
+    result = run_study(evaluator, study, trials)
+    if result.chosen is None:
+        raise RuntimeError(f"no feasible plan in {trials} trials")
+    plan = result.chosen.plan
+    sim_syn, sim_rec = replay(synthetic, plan, shape, 0.0), replay(recorded_full, plan, shape, 0.0)
+    return StatisticsOnlyCheck(cal, plan, decode_hit_rate(sim_syn), decode_hit_rate(sim_rec),
+                               sim_syn.hit_rate, sim_rec.hit_rate)
