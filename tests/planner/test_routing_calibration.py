@@ -70,7 +70,7 @@ def test_synthetic_trace_within_10_percent_of_published_statistics_layer_by_laye
 
 
 def test_unpublished_model_is_assumed_with_a_spread_between_the_families():
-    shape = load_model_shape("qwen3-30b-a3b")
+    shape = load_model_shape("phi-3.5-moe")
     cal, scenarios, _ = calibrated_trace(shape, TRACES, seed=0)
     t = cal.targets
     assert t.status == "assumed" and t.assumed and set(scenarios) == {"low", "high"}
