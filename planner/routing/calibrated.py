@@ -71,15 +71,15 @@ class Calibration:
 
 @lru_cache(maxsize=4096)
 def _fit(skew: float, reuse: float, num_experts: int, top_k: int, first: float | None,
-         either: float | None) -> LayerRouting:
-    return fit_layer(skew, reuse, num_experts, top_k, first, either)
+         either: float | None, popularity: tuple[float, ...] | None) -> LayerRouting:
+    return fit_layer(skew, reuse, num_experts, top_k, first, either, popularity)
 
 
 def parameters(layers: tuple[LayerTarget, ...], num_experts: int, top_k: int) -> tuple[LayerRouting, ...]:
     return tuple(_fit(round(t.skew, 6), round(t.next_token_reuse, 6), num_experts, top_k,
                       None if t.first_choice_repeat is None else round(t.first_choice_repeat, 6),
-                      None if t.first_or_second_repeat is None else round(t.first_or_second_repeat, 6))
-                 for t in layers)
+                      None if t.first_or_second_repeat is None else round(t.first_or_second_repeat, 6),
+                      t.popularity) for t in layers)
 
 
 def calibrate(targets: RoutingTargets, layers: tuple[LayerTarget, ...] | None, num_experts: int, top_k: int,

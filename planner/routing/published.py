@@ -62,6 +62,7 @@ class LayerTarget:
     next_token_reuse: float
     first_choice_repeat: float | None = None
     first_or_second_repeat: float | None = None
+    popularity: tuple[float, ...] | None = None  # sorted expert shares (recorded only); None: a Zipf law
     interpolated: bool = False  # between published layers, not at one
 
 
@@ -219,9 +220,11 @@ def recorded_targets(stats: TraceStats, source: str) -> RoutingTargets:
     """A model's statistics measured on its own recorded trace (nothing assumed, no spread)."""
     layers = tuple(LayerTarget(skew=s.skew, next_token_reuse=s.next_token_reuse,
                                first_choice_repeat=s.first_choice_repeat,
-                               first_or_second_repeat=s.first_or_second_repeat) for s in stats.layers)
+                               first_or_second_repeat=s.first_or_second_repeat, popularity=s.popularity)
+                   for s in stats.layers)
     where = f"measured on the recorded trace {source}"
     sources = {name: where for name in ("skew", "next_token_reuse")}
+    sources["popularity"] = f"{where}: each layer's sorted expert shares (no ids), the shape the draws follow"
     if stats.mean_first_choice_repeat is not None:
         sources["first_choice_repeat"] = where
     else:

@@ -9,6 +9,7 @@
   ids (useful for "guess the same ids" prefetch heuristics), never cache reuse. Uniform: about k/E.
 - working set: distinct experts over every window of `window` consecutive tokens (mean), and over the
   whole trace.
+- popularity: every expert's share of the selections, sorted (the shape behind the skew, without ids).
 - first-choice repetition: share of consecutive token pairs whose first choice (rank 0) is the same
   expert (uniform: 1/E); and first-or-second repetition: share of pairs whose first two choices share an
   expert (uniform, top-2 of 8: 1 - 6/8 * 5/7, about 0.46). These are the Mixtral paper's Table 5 figures
@@ -41,6 +42,7 @@ class LayerStats:
     working_set_total: int  # distinct experts over the whole trace
     first_choice_repeat: float | None = None  # share of consecutive pairs with the same first choice
     first_or_second_repeat: float | None = None  # share of consecutive pairs whose top-2 share an expert
+    popularity: tuple[float, ...] = ()  # every expert's share of the selections, largest first (no ids)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def trace_stats(trace: Trace, phases: Sequence[str] = PHASES, window: int = WIND
                                  working_set_total=sum(1 for c in counts if c),
                                  first_choice_repeat=_avg(first) if ranked and pairs else None,
                                  first_or_second_repeat=_avg(either) if (ranked or h.top_k == 2) and pairs
-                                 and h.top_k >= 2 else None))
+                                 and h.top_k >= 2 else None,
+                                 popularity=tuple(c / max(1, sum(counts)) for c in sorted(counts, reverse=True))))
     return TraceStats(model=h.model, source=h.source, num_layers=h.num_layers, num_experts=h.num_experts,
                       top_k=h.top_k, tokens=tokens, window=window, layers=tuple(layers))
 

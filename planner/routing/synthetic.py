@@ -51,6 +51,8 @@ class LayerRouting:
     first_choice: float | None = None  # target first-choice repetition (None: no target)
     stay_first: float | None = None  # probability a kept first choice stays first (None: 1/k, no preference)
     first_or_second: float | None = None  # top-2 only: target share of pairs sharing an expert (None: binomial)
+    # sorted popularity shares to draw by (weight of rank r: popularity[r] ** zipf_exponent); None: the Zipf law
+    popularity: tuple[float, ...] | None = None
 
     def kept_distribution(self, top_k: int) -> list[float]:
         """P(m experts of the previous token kept), m = 0..k: Binomial(k, keep), or for top-2 with a
@@ -81,21 +83,29 @@ def fit_routing_stats(trace: Trace, phases: tuple[str, ...] = PHASES) -> Routing
 
 
 def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
-              first_choice: float | None = None, first_or_second: float | None = None) -> LayerRouting:
-    """The generator's parameters for one layer's targets (first_choice None: no rank preference)."""
+              first_choice: float | None = None, first_or_second: float | None = None,
+              popularity: tuple[float, ...] | None = None) -> LayerRouting:
+    """The generator's parameters for one layer's targets (first_choice None: no rank preference;
+    popularity None: a Zipf law, else weights shaped like these sorted shares, sharpened or flattened by
+    the fitted exponent until the top-10% share is `skew`)."""
     keep = min(1.0, max(0.0, reuse))
     stay = None
     if first_choice is not None:
         stay = min(1.0, max(0.0, first_choice / keep)) if keep > 0 else 0.0
-    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k), keep, first_choice, stay,
-                        first_or_second if top_k == 2 else None)
+    if popularity is not None:
+        # a floor so that an expert never seen in the recording stays possible
+        floor = 0.5 / max(1, len(popularity)) * min((p for p in popularity if p > 0), default=1.0)
+        popularity = tuple(max(p, floor) for p in popularity)
+    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k, popularity), keep, first_choice,
+                        stay, first_or_second if top_k == 2 else None, popularity)
 
 
-def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int) -> float:
+def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int,
+                  popularity: tuple[float, ...] | None = None) -> float:
     """The exponent whose calibration run gives `target_skew`: interpolated on the generator's skew over a
     grid of exponents, measured once per shape and `keep` rounded to _KEEP_STEP (layers share it)."""
     bucket = round(round(keep / _KEEP_STEP) * _KEEP_STEP, 6)
-    curve = _skew_curve(num_experts, top_k, bucket)
+    curve = _skew_curve(num_experts, top_k, bucket, popularity)
     if target_skew <= curve[0][1]:
         return 0.0
     for (s0, k0), (s1, k1) in zip(curve, curve[1:]):
@@ -105,14 +115,16 @@ def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int)
 
 
 @lru_cache(maxsize=256)
-def _skew_curve(num_experts: int, top_k: int, keep: float) -> tuple[tuple[float, float], ...]:
+def _skew_curve(num_experts: int, top_k: int, keep: float,
+                popularity: tuple[float, ...] | None = None) -> tuple[tuple[float, float], ...]:
     """(exponent, top-10% share of a seeded calibration run) on a grid, made non-decreasing (sampling noise)."""
     out: list[tuple[float, float]] = []
     best = 0.0
     for i in range(_GRID_POINTS + 1):
         s = _MAX_EXPONENT * i / _GRID_POINTS
         rng = random.Random(_CALIBRATION_SEED)
-        rows = _layer_rows(num_experts, top_k, s, keep, _CALIBRATION_TOKENS, rng, list(range(num_experts)))
+        rows = _layer_rows(num_experts, top_k, s, keep, _CALIBRATION_TOKENS, rng, list(range(num_experts)),
+                           popularity=popularity)
         counts = [0] * num_experts
         for row in rows:
             for e in row:
@@ -124,11 +136,13 @@ def _skew_curve(num_experts: int, top_k: int, keep: float) -> tuple[tuple[float,
 
 def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, tokens: int,
                 rng: random.Random, ids: list[int], stay_first: float | None = None,
-                kept: list[float] | None = None) -> list[tuple[int, ...]]:
+                kept: list[float] | None = None,
+                popularity: tuple[float, ...] | None = None) -> list[tuple[int, ...]]:
     """`tokens` rows of `top_k` distinct expert ids in rank order; popularity rank r is expert ids[r]."""
+    weights = [(r + 1) ** -exponent if popularity is None else popularity[r] ** exponent for r in range(num_experts)]
     cumulative, total = [], 0.0
     for r in range(num_experts):
-        total += (r + 1) ** -exponent
+        total += weights[r]
         cumulative.append(total)
 
     def draw(exclude: set[int], n: int) -> list[int]:
@@ -144,7 +158,7 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
                 picked.append(r)
         while len(picked) < n:
             rest = [r for r in range(num_experts) if r not in exclude]
-            r = rng.choices(rest, weights=[(x + 1) ** -exponent for x in rest])[0]
+            r = rng.choices(rest, weights=[weights[x] for x in rest])[0]
             exclude.add(r)
             picked.append(r)
         return picked
@@ -254,7 +268,7 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
         ids = list(range(num_experts))
         rng.shuffle(ids)
         per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first,
-                                     p.kept_distribution(top_k)))
+                                     p.kept_distribution(top_k), p.popularity))
     passes = tuple(TracePass(t, "decode", 1, tuple((per_layer[l][t],) for l in range(num_layers)))
                    for t in range(tokens))
     header = TraceHeader(
@@ -265,6 +279,7 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
                "params": [{"skew": round(p.skew, 4), "reuse": round(p.reuse, 4),
                            "zipf_exponent": round(p.zipf_exponent, 4), "keep": round(p.keep, 4),
                            **({} if p.stay_first is None else {"stay_first": round(p.stay_first, 4)}),
-                           **({} if p.first_or_second is None else {"first_or_second": round(p.first_or_second, 4)})}
+                           **({} if p.first_or_second is None else {"first_or_second": round(p.first_or_second, 4)}),
+                           **({} if p.popularity is None else {"popularity": [round(x, 5) for x in p.popularity]})}
                           for p in params]})
     return Trace(header, passes)

@@ -45,21 +45,13 @@ def decode_hit_rate(sim) -> float:
 
 def statistics_only_check(shape: ModelShape, recorded: Trace, recorded_name: str, profile: Any, *,
                           expert_fraction: float, trials: int, seed: int = 0, context: int = 512,
-                          prompt_tokens: int = 128) -> StatisticsOnlyCheck:
+                          prompt_tokens: int = 128, draws: int = 3) -> StatisticsOnlyCheck:
     """Tune on a synthetic trace calibrated to `recorded`'s statistics, replay the plan on both."""
     E, k = shape.num_experts, shape.top_k
     targets = recorded_targets(trace_stats(recorded, phases=("decode",)), recorded_name)
     decode_tokens = len(recorded.decode_passes())
     cal = calibrate(targets, None, E, k, decode_tokens, seed, fitted_from=f"statistics of {recorded_name}")
-    if recorded.prefill_passes():  # the recorded workload's prompts, each followed by synthetic decode tokens
-        decode = iter(cal.trace.passes)
-        passes = tuple(replace(p if p.phase == "prefill" else next(decode), index=i)
-                       for i, p in enumerate(recorded.passes))
-        synthetic = Trace(cal.trace.header, passes)
-        recorded_full = recorded
-    else:
-        synthetic = with_prefill(cal.trace, prompt_tokens, seed)
-        recorded_full = with_prefill(recorded, prompt_tokens, seed)
+    synthetic, recorded_full = _workload(recorded, cal.trace, prompt_tokens, seed)
     accelerator = "cuda:0"
     fixed = cache_capacity(profile, shape, accelerator, context, prompt_tokens, None).fixed_bytes
     budget = fixed + round(expert_fraction * shape.num_moe_layers * E) * shape.expert_bytes
@@ -72,6 +64,22 @@ def statistics_only_check(shape: ModelShape, recorded: Trace, recorded_name: str
     if result.chosen is None:
         raise RuntimeError(f"no feasible plan in {trials} trials")
     plan = result.chosen.plan
-    sim_syn, sim_rec = replay(synthetic, plan, shape, 0.0), replay(recorded_full, plan, shape, 0.0)
-    return StatisticsOnlyCheck(cal, plan, decode_hit_rate(sim_syn), decode_hit_rate(sim_rec),
-                               sim_syn.hit_rate, sim_rec.hit_rate)
+    # the prediction: the plan's mean over `draws` synthetic traces of the same statistics (the tuned-on one
+    # first), so that one draw's random expert labelling does not decide it
+    sims = [replay(synthetic, plan, shape, 0.0)]
+    for d in range(1, draws):
+        other = calibrate(targets, None, E, k, decode_tokens, seed + d, fitted_from=f"statistics of {recorded_name}")
+        sims.append(replay(_workload(recorded, other.trace, prompt_tokens, seed + d)[0], plan, shape, 0.0))
+    sim_rec = replay(recorded_full, plan, shape, 0.0)
+    return StatisticsOnlyCheck(cal, plan, sum(decode_hit_rate(x) for x in sims) / len(sims), decode_hit_rate(sim_rec),
+                               sum(x.hit_rate for x in sims) / len(sims), sim_rec.hit_rate)
+
+
+def _workload(recorded: Trace, decode: Trace, prompt_tokens: int, seed: int) -> tuple[Trace, Trace]:
+    """(synthetic, recorded) traces of the same workload shape (see the module docstring)."""
+    if recorded.prefill_passes():  # the recorded workload's prompts, each followed by synthetic decode tokens
+        tokens = iter(decode.passes)
+        passes = tuple(replace(p if p.phase == "prefill" else next(tokens), index=i)
+                       for i, p in enumerate(recorded.passes))
+        return Trace(decode.header, passes), recorded
+    return with_prefill(decode, prompt_tokens, seed), with_prefill(recorded, prompt_tokens, seed)
