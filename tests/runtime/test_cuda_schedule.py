@@ -35,9 +35,10 @@ PLANS = {
 }
 
 
-def cuda_plan(spec: dict, config) -> object:
+def cuda_plan(spec: dict, config, accelerator: str = "cuda:0") -> object:
+    """The conformance table's plan for `spec`, on `accelerator` whatever MOEPLAN_TEST_ACCELERATOR says."""
     plan = make_plan(spec, num_experts(config), config.num_hidden_layers)
-    return plan.__class__.from_dict({**plan.to_dict(), "hardware": {"accelerator": "cuda:0", "cpu_threads": 2}})
+    return plan.__class__.from_dict({**plan.to_dict(), "hardware": {"accelerator": accelerator, "cpu_threads": 2}})
 
 
 def recorded_run(folder, config, spec: dict, replay: RoutingReplay | None = None, trace=None):
@@ -142,7 +143,7 @@ def test_cuda_plan_takes_the_fused_token_kernel_for_its_cpu_misses(checkpoint):
     """Issue 20 item 6: a CUDA plan's decode token computes its CPU misses with the fused one-token kernel
     wherever a CPU plan's token would use it."""
     folder, config = checkpoint("mixtral")
-    cpu = Session.load(make_plan(PLANS["zero-slots"], num_experts(config), config.num_hidden_layers), folder)
+    cpu = Session.load(cuda_plan(PLANS["zero-slots"], config, accelerator="cpu"), folder)
     seam = RecordingDevice()
     cuda = Session(load_model(folder, "float32", "cpu"), cuda_plan(PLANS["zero-slots"], config), seam=seam)
     assert [layer._cpu_token_dtype for layer in cuda.engine.layers] == \
