@@ -27,7 +27,7 @@ from planner.catalog import load_model_shape  # noqa: E402
 from planner.profile import Profile  # noqa: E402
 from planner.routing.published import STATISTICS  # noqa: E402
 from planner.routing.workload import calibrated_trace  # noqa: E402
-from planner.tune.routing_check import statistics_only_check  # noqa: E402
+from planner.tune.routing_check import relative, statistics_only_check  # noqa: E402
 from runtime.atomic import write_atomic  # noqa: E402
 from runtime.contracts.traces import load_trace  # noqa: E402
 
@@ -77,7 +77,7 @@ def recorded_section(model: str, trace_path: str, profile: Profile, fraction: fl
              f"| decode passes | {c.synthetic_decode_hit_rate:.4f} | {c.recorded_decode_hit_rate:.4f} | "
              f"{100 * c.decode_relative_error:.1f}% |",
              f"| all passes | {c.synthetic_hit_rate:.4f} | {c.recorded_hit_rate:.4f} | "
-             f"{100 * abs(c.synthetic_hit_rate - c.recorded_hit_rate) / c.recorded_hit_rate:.1f}% |", ""]
+             f"{100 * relative(c.synthetic_hit_rate, c.recorded_hit_rate):.1f}% |", ""]
     return lines
 
 
@@ -103,11 +103,12 @@ def main() -> int:
               f"{', '.join(f'{f:.0%}' for f in args.expert_fractions)} of the experts. "
               "The synthetic trace keeps only the recorded trace's per-layer skew, next-token reuse and (where "
               "the trace keeps rank order) first-choice and first-or-second repetition; its expert ids are a "
-              "random labelling, so the tuner offers no preload or static set on it.", ""]
+              "random labelling, so the tuner offers no static set on it (a preload is only a warm start).", ""]
     for model, trace in RECORDED:
         for fraction in args.expert_fractions:
             lines += recorded_section(model, trace, profile, fraction, args.trials)
             print(f"{trace} at {fraction}: done", file=sys.stderr)
+            write_atomic(Path(args.out), "\n".join(lines + ["(partial: still running)", ""]))
     lines += [f"Reproduce: `.venv/bin/python bench/routing_calibration.py --trials {args.trials} "
               f"--expert-fractions {' '.join(map(str, args.expert_fractions))}`", ""]
     write_atomic(Path(args.out), "\n".join(lines))

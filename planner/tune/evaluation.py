@@ -209,8 +209,14 @@ class Evaluator:
         return curves
 
     def preload_for(self, slots: tuple[int, ...]) -> list[list[int]]:
+        """The plan's preload: the most used experts of the trace; on a synthetic trace, whose ids are a random
+        labelling (what is popular there says nothing of the real model's ids), experts 0..s-1 of each layer:
+        as arbitrary as the real model's would be, so a preload is predicted as the warm start it is."""
         if slots not in self._preloads:
-            self._preloads[slots] = popular_preload(self.trace, list(slots))
+            if self.trace.header.source == "synthetic":
+                self._preloads[slots] = [list(range(s)) for s in slots]
+            else:
+                self._preloads[slots] = popular_preload(self.trace, list(slots))
         return self._preloads[slots]
 
     def allocation(self, choice: Choice) -> Allocation:

@@ -35,7 +35,14 @@ class StatisticsOnlyCheck:
 
     @property
     def decode_relative_error(self) -> float:
-        return abs(self.synthetic_decode_hit_rate - self.recorded_decode_hit_rate) / self.recorded_decode_hit_rate
+        return relative(self.synthetic_decode_hit_rate, self.recorded_decode_hit_rate)
+
+
+def relative(predicted: float, actual: float) -> float:
+    """|predicted - actual| / actual (0 when both are 0, inf when only `actual` is)."""
+    if actual == 0:
+        return 0.0 if predicted == 0 else float("inf")
+    return abs(predicted - actual) / actual
 
 
 def decode_hit_rate(sim) -> float:

@@ -46,9 +46,10 @@ class Space:
 
     max_budget: int  # slots that fit the memory (at most layers x experts)
     max_threads: int  # physical cores of the profile
-    # False on a synthetic trace: its expert ids are a random labelling (synthetic.py), so a preload or a
-    # static set chosen by their popularity would name arbitrary experts of the real model; only policies
-    # that learn the popular experts while running are offered then
+    # False on a synthetic trace: its expert ids are a random labelling (synthetic.py), so a static set
+    # chosen by their popularity would name arbitrary experts of the real model for good; static is not
+    # offered then. A preload stays, predicted with arbitrary ids (evaluation.Evaluator.preload_for): a warm
+    # start, since the prompt needs nearly every expert.
     ids_known: bool = True
 
     @property
@@ -60,7 +61,7 @@ class Space:
         seen: set[Choice] = set()
         for budget in range(self.max_budget + 1):
             for policy in self.policies:
-                for preload in (False, True) if self.ids_known else (False,):
+                for preload in (False, True):
                     for threads in range(1, self.max_threads + 1):
                         for compute in MISS_COMPUTE:
                             for tmt in TRANSFER_MIN_TOKENS:
@@ -81,7 +82,7 @@ def suggest(trial: Any, space: Space) -> Choice:
     compute = trial.suggest_categorical("miss_compute", list(MISS_COMPUTE))
     preload, promote, lookahead, tmt = True, False, 0, 0
     if policy != "static":
-        preload = space.ids_known and trial.suggest_categorical("preload", ["none", "popular"]) == "popular"
+        preload = trial.suggest_categorical("preload", ["none", "popular"]) == "popular"
         lookahead = trial.suggest_int("lookahead", 0, 1)
     if compute == "cpu":
         tmt = trial.suggest_categorical("transfer_min_tokens", list(TRANSFER_MIN_TOKENS))
