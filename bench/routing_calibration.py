@@ -103,7 +103,7 @@ def main() -> int:
               f"{', '.join(f'{f:.0%}' for f in args.expert_fractions)} of the experts. "
               "The synthetic trace keeps only the recorded trace's per-layer skew, next-token reuse and (where "
               "the trace keeps rank order) first-choice and first-or-second repetition; its expert ids are a "
-              "random labelling, so the tuner offers no static set on it (a preload is only a warm start).", ""]
+              "random labelling, so the tuner offers no static set on it and predicts a preload with arbitrary ids.", ""]
     for model, trace in RECORDED:
         for fraction in args.expert_fractions:
             lines += recorded_section(model, trace, profile, fraction, args.trials)
