@@ -16,7 +16,7 @@ import torch
 
 from runtime.contracts.expert_format import DEFAULT_GROUP_SIZE, check_group_size, is_quantized
 
-from .records import DTYPE_BYTES, ExpertRow, MoeRow, StepRow
+from .records import DTYPE_BYTES, ExpertRow, LoopLayerRow, MoeRow, StepRow
 from .fit import dense_layer_bytes, fit_copy_rate, fit_expert_rates, fit_layer_overhead
 from .measure import ExpertPool, StreamBuffer, Timing, host_facts, thread_counts, time_cpu_expert
 from .measure_dense import DecodeStepBench, DenseLayerBench, LayerShape
@@ -175,10 +175,16 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
             if key not in state:
                 state[key] = DecodeStepBench(shape, dtype, "cpu")
             torch.set_num_threads(n)
-            t = state[key].time(min(s.contexts), warmup=s.warmup, repeats=s.repeats,  # type: ignore[union-attr]
-                                min_seconds=s.min_seconds, flush=neighbour(shape, dtype, n, cache))
+            step, layer, context = state[key].time_in_loop(  # type: ignore[union-attr]
+                min(s.contexts), warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds,
+                flush=neighbour(shape, dtype, n, cache))
             r.step_rows.append(StepRow(hidden=shape.hidden, vocab=shape.vocab, dtype=dtype, threads=n, cache=cache,
-                                       median_s=significant(t.median_s), spread=round(t.spread, 3)))
+                                       median_s=significant(step.median_s), spread=round(step.spread, 3)))
+            r.loop_rows.append(LoopLayerRow(
+                hidden=shape.hidden, intermediate=shape.intermediate, heads=shape.heads, kv_heads=shape.kv_heads,
+                head_dim=None if shape.head_dim == shape.hidden // shape.heads else shape.head_dim, dtype=dtype,
+                threads=n, experts=shape.experts_per_token, context=round(context), cache=cache,
+                median_s=significant(layer.median_s), spread=round(layer.spread, 3)))
         return run
 
     def free(*keys: str) -> Callable[[], None]:
@@ -266,6 +272,7 @@ def _assemble(r: Results, shapes: Sequence[LayerShape], name: str) -> dict[str, 
         "dense_layer": [_row(x) for x in r.dense_rows],
         "moe_layer": [_row(x) for x in r.moe_rows],
         "model_step": [_row(x) for x in r.step_rows],
+        "decode_layer": [_row(x) for x in r.loop_rows],
     }
     return {
         "version": 1,

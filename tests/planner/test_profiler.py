@@ -128,11 +128,17 @@ def test_quantized_moe_layer_paths_run_the_int_experts(fmt):
 
 
 def test_decode_step_timing():
+    """The runtime's own generation loop on a one-layer model of the shape: the step outside the layer, the
+    layer inside the loop (the flush after it, inside its share, counted in neither)."""
     torch.set_num_threads(1)
     bench = DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4, 2, 300), "float32", "cpu")
     buf = StreamBuffer(8 << 20)
     for flush in (None, buf.flush, lambda: buf.evict(1 << 20)):
         assert 0 < bench.time(16, warmup=1, repeats=3, flush=flush).median_s < 1
+    flushed = []
+    step, layer, context = bench.time_in_loop(16, warmup=1, repeats=4, flush=lambda: flushed.append(1))
+    assert step.repeats == layer.repeats == 4 and len(flushed) == 1 + 4 + 1  # the prompt's pass, then each token
+    assert 0 < step.median_s < 1 and 0 < layer.median_s < 1 and context == 16 + 1 + 2.5
     with pytest.raises(ValueError, match="no vocabulary size"):
         DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4), "float32", "cpu")
 
@@ -166,6 +172,9 @@ def test_profile_command_writes_a_valid_measured_profile(tmp_path, capsys):
     assert {r.dtype for r in p.cpu.moe_layer} == {"bfloat16", "float32", "int8", "int4"}
     assert all(r.experts == 2 and r.tokens == 1 for r in p.cpu.moe_layer if r.path == "token")
     assert len(p.cpu.model_step) == 2 * len(threads) * caches and {r.vocab for r in p.cpu.model_step} == {500}
+    # the layer inside the runtime's decode loop, beside each decode step row (the step's prompt: context 16)
+    assert len(p.cpu.decode_layer) == len(p.cpu.model_step)
+    assert all(r.experts == 2 and r.context > 16 and (r.hidden, r.intermediate) == (128, 256) for r in p.cpu.decode_layer)
     assert sorted(p.cpu.memory_copy_gbps or {}) == threads
     for n in threads:
         assert 0 < p.memory_read_gbps(n) < 1e4
