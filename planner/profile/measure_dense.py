@@ -189,12 +189,17 @@ class DecodeStepBench:
         config._experts_implementation = IMPLEMENTATION_NAME  # as `load_model` selects the runtime's hook
         register()
         gen = torch.Generator().manual_seed(0)
-        model = MixtralForCausalLM(config)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(TORCH_DTYPES[self.dtype])  # built in the model dtype: no float32 copy of it
+        try:
+            model = MixtralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                # Parameters start uninitialised (torch.empty); norms 1, the rest small and random.
-                p.copy_(torch.ones_like(p) if "norm" in name else torch.randn(p.shape, generator=gen) * 0.02)
-        model = model.to(TORCH_DTYPES[self.dtype]).eval().requires_grad_(False)
+                # Parameters start uninitialised (torch.empty); norms 1, the rest small and random, in place.
+                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=gen)
+        model = model.eval().requires_grad_(False)
         experts, routers = find_experts(model)
         # A real tokenizer over the vocabulary (one word per id): the loop decodes the result with it.
         vocab = {f"t{i}": i for i in range(s.vocab)}
