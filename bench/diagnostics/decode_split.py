@@ -127,11 +127,46 @@ def main() -> int:
         fast = statistics.median(r[key][0] for r in rows) * 1e3
         mid = statistics.median(r[key][1] for r in rows) * 1e3
         print(f"| {key} | {fast:.3f} | {mid:.3f} |")
+    if n_layers > 1:
+        slope_intercept(session, layers, args)
     for label in ("profile token (before)", "profile token"):
         fast = statistics.median(r["run token"][0] / r[label][0] for r in rows)
         mid = statistics.median(r["run token"][1] / r[label][1] for r in rows)
         print(f"\n{label}: as tokens/s, predicted / measured = {fast:.3f} (fastest tokens), {mid:.3f} (median tokens)")
     return 0
+
+
+def slope_intercept(session: Session, layers: torch.nn.ModuleList, args: argparse.Namespace) -> None:
+    """The runtime's decode token with only the first n decoder layers (n = 1, 2, all), round after round:
+    the slope over n is what one more layer costs in a run, the rest what the token costs outside them
+    (the generated text changes with n; the work per token does not)."""
+    model = session.loaded.model
+    counts = sorted({1, 2, len(layers)})
+    fastest: dict[int, list[float]] = {n: [] for n in counts}
+    median: dict[int, list[float]] = {n: [] for n in counts}
+    try:
+        for _ in range(args.rounds):
+            for n in counts:
+                model.model.layers = layers[:n]
+                model.config.num_hidden_layers = n
+                stamps: list[float] = []
+                session.generate(PROMPT, max_new_tokens=args.tokens, on_token=lambda i, t: stamps.append(time.perf_counter()))
+                d = [b - a for a, b in zip(stamps, stamps[1:])]
+                fastest[n].append(min(d))
+                median[n].append(statistics.median(d))
+    finally:
+        model.model.layers = layers
+        model.config.num_hidden_layers = len(layers)
+    print("\nThe runtime's decode token with the first n layers (ms, median over rounds):\n")
+    print("| layers | fastest token | median token |")
+    print("|---|---|---|")
+    for n in counts:
+        print(f"| {n} | {statistics.median(fastest[n]) * 1e3:.3f} | {statistics.median(median[n]) * 1e3:.3f} |")
+    lo, hi = counts[0], counts[-1]
+    for label, table in (("fastest", fastest), ("median", median)):
+        a, b = statistics.median(table[lo]), statistics.median(table[hi])
+        slope = (b - a) / (hi - lo)
+        print(f"\n{label} tokens: one more layer {slope * 1e3:.3f} ms, outside the layers {(a - lo * slope) * 1e3:.3f} ms")
 
 
 class OldDecodeStepBench:
