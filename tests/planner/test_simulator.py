@@ -152,8 +152,11 @@ def test_belady_is_never_worse_than_any_admitting_policy(trace, data):
     # accelerator transfers enter). Static's warm start is outside both bounds.
     free = sum(belady(trace, [slots] * trace.header.num_layers, bypass=True))
     assert free >= bound
-    for policy in ("lru", "adaptive"):
+    for policy in ("lru", "adaptive", "markov"):
         assert _hits(trace, slots, policy, rule=MissRule(transfer_min_tokens=2)) <= free
+    # markov declines misses that score below their victim: only the bound with bypass holds for it
+    for rule in (PROMOTE, MissRule(compute="accelerator"), MissRule(transfer_min_tokens=2, promote=True)):
+        assert _hits(trace, slots, "markov", rule=rule) <= free, rule
 
 
 @FAST
@@ -164,7 +167,7 @@ def test_counting_from_a_pass_counts_only_the_later_passes(trace, data):
     passes = len(trace.passes)
     split = data.draw(st.integers(0, passes))
     slots = [data.draw(st.integers(0, trace.header.num_experts))] * trace.header.num_layers
-    policy = data.draw(st.sampled_from(("lru", "adaptive")))
+    policy = data.draw(st.sampled_from(("lru", "adaptive", "markov")))
     whole = simulate(trace, slots, policy, None, PROMOTE)
     later = simulate(trace, slots, policy, None, PROMOTE, count_from=split)
     first = Trace(trace.header, trace.passes[:split])
