@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from trace_factory import OLMOE, decode_sequence, make_trace
 
 from planner.routing.simulator import belady, lru_hit_curves, popular_preload, simulate
+from planner.routing.statistics import GuessAccuracy
 from runtime.contracts.traces import Trace, load_trace
 from runtime.contracts.cache_policy import MissRule
 
@@ -85,6 +86,17 @@ def test_prefetch_with_perfect_guesses_makes_the_next_layer_hit():
     # the wrong guess (expert 1) is copied once and then stays resident: no further copies
     assert wrong.per_layer[1].hits == 0 and wrong.decode.prefetches == 0.25
     assert right.per_layer[0] == wrong.per_layer[0]  # layer 0 has no previous layer to guess it
+
+
+def test_prefetch_takes_each_layers_measured_accuracy():
+    # layers 1 and 2 always need expert 0 of 2; layer 1 is always guessed right, layer 2 never
+    trace = make_trace([("decode", [[[e]], [[0]], [[0]]]) for e in (0, 1, 0, 1)], 2, 1)
+    table = GuessAccuracy(0.5, ((), (1.0,), (0.0,)))
+    r = simulate(trace, [1, 1, 1], "lru", None, MissRule(promote=False), lookahead=1, prefetch_accuracy=table)
+    assert (r.per_layer[1].hits, r.per_layer[2].hits) == (4, 0)
+    with pytest.raises(ValueError, match="prefetch_accuracy"):
+        simulate(trace, [1, 1, 1], "lru", None, PROMOTE, lookahead=1,
+                 prefetch_accuracy=GuessAccuracy(0.5, ((), (1.5,), (0.0,))))
 
 
 def test_bad_arguments_name_the_field():
