@@ -5,13 +5,16 @@ A score is the sum of two estimates, both updated once per pass from the experts
 - transitions: for each expert `a` the pass needs, the share of the passes after a pass that needed `a`
   which needed `e` (a Markov chain over a layer's expert sets, one pass to the next; counts that lose
   1 % of their weight per pass, so that a long run follows its routing as it drifts);
-- frequency: `e`'s uses, each worth 0.8**(passes since), weighted so that a use in this pass counts as
-  much as 0.8 of a transition share (recency and frequency, as in `adaptive`'s shadows).
+- frequency: `e`'s uses, each worth 0.9**(passes since), weighted so that a use in this pass counts as
+  much as 0.2 of a transition share (recency and frequency, as in `adaptive`'s shadows).
 
 On the recorded OLMoE trace a decayed use count alone predicts the next pass about as well as any mix of
 recency and frequency features, and the transitions add what it misses: which experts follow the ones
-the token just chose (bench/results/simulate_olmoe.md). The constants are the algorithm's, chosen on the
-first half of that trace's decode passes, not the host's or the model's; the plan carries none.
+the token just chose (bench/results/simulate_olmoe.md). The constants are the algorithm's, not the host's
+or the model's, and the plan carries none: the transitions forget at the rate of `adaptive`'s longest
+shadow (0.99, set beforehand: 150 passes cannot show what forgetting is worth over a long run), and the
+frequency's decay and weight are the best of a small grid (decay 0.7, 0.8, 0.9 by weight 2, 4, 8 x
+(1 - decay)) on the first half of that trace's decode passes alone.
 
 Pure Python: the runtime and the simulator run this same code, so they agree exactly.
 """
@@ -21,8 +24,8 @@ from collections.abc import Sequence
 
 from .adaptive_scores import DecayedCounts
 
-FREQUENCY_DECAY = 0.8  # per pass: a half-life of about 3 passes
-FREQUENCY_WEIGHT = 0.8  # a use in this pass is worth 0.8 of a certain transition
+FREQUENCY_DECAY = 0.9  # per pass: a half-life of about 6.6 passes
+FREQUENCY_WEIGHT = 0.2  # a use in this pass is worth 0.2 of a certain transition
 TRANSITION_DECAY = 0.99  # per pass: transition counts have a half-life of about 69 passes
 PRIOR = 1.0  # pseudo-passes in each transition share's denominator: a first sighting is no certainty
 _RENORMALISE_BELOW = 1e-100  # a row's scale factor is folded into its counts before it underflows
