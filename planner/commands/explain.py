@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
                "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
-               "prefetch_accuracy": accuracy, **prediction.as_dict()}
+               "prefetch_accuracy": workload.overall_accuracy(accuracy), **prediction.as_dict()}
         if work.calibration is not None:
             out["routing"] = work.routing_dict()
         if spread:
