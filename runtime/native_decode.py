@@ -85,15 +85,27 @@ class NativeDecode:
             return None
         layers = cache.layers
         length = layers[0].keys.shape[-2]
-        hidden = self._embedding[token]
-        cos, sin = self._rotary(hidden, torch.tensor([[length]]))
-        cos_ptr, sin_ptr = cos.data_ptr(), sin.data_ptr()
-        delta = None
-        for layer, cache_layer in zip(self._layers, layers):
-            hidden, delta = layer(hidden, delta, cos_ptr, sin_ptr, length, cache_layer)
-        _, normed = self._final_norm(hidden, delta)
+        threads = torch.get_num_threads()
+        # torch's own ops here are tiny (the router's 8-row product, its softmax and top-k), and with
+        # more than one intra-op thread torch's linear wakes its thread pool for them: after the pauses
+        # between them, on the AVX2 development machine under load, that wake-up cost 15 ms median
+        # against 12 us on one thread. The C calls take their thread counts explicitly (the attention the
+        # plan's, saved here), and these products give the same bits on one thread as on several (the
+        # tests compare the logits with transformers' forward bit for bit on two threads).
+        torch.set_num_threads(1)
+        try:
+            hidden = self._embedding[token]
+            cos, sin = self._rotary(hidden, torch.tensor([[length]]))
+            cos_ptr, sin_ptr = cos.data_ptr(), sin.data_ptr()
+            delta = None
+            for layer, cache_layer in zip(self._layers, layers):
+                hidden, delta = layer(hidden, delta, cos_ptr, sin_ptr, length, cache_layer, threads)
+            _, normed = self._final_norm(hidden, delta)
+            logits = self._lm_head(normed)
+        finally:
+            torch.set_num_threads(threads)
         self.tokens += 1
-        return self._lm_head(normed)
+        return logits
 
     def _decline(self, cache) -> str:
         layers = getattr(cache, "layers", None)
@@ -120,9 +132,9 @@ class _Layer:
         self.mlp = _mlp(layer.mlp, family)
 
     def __call__(self, hidden: Tensor, delta: Tensor | None, cos_ptr: int, sin_ptr: int, length: int,
-                 cache_layer: GrowingLayer) -> tuple[Tensor, Tensor]:
+                 cache_layer: GrowingLayer, threads: int) -> tuple[Tensor, Tensor]:
         hidden, normed = self.input_norm(hidden, delta)
-        hidden, normed = self.post_norm(hidden, self.attention(normed, cos_ptr, sin_ptr, length, cache_layer))
+        hidden, normed = self.post_norm(hidden, self.attention(normed, cos_ptr, sin_ptr, length, cache_layer, threads))
         return hidden, self.mlp(normed)
 
 
@@ -151,7 +163,8 @@ class _Attention:
         self._scratch = ops.scratch
         self._cache_seen: tuple[Tensor | None, Tensor | None] = (None, None)  # (buffer, keys view) we last left
 
-    def __call__(self, x: Tensor, cos_ptr: int, sin_ptr: int, length: int, cache_layer: GrowingLayer) -> Tensor:
+    def __call__(self, x: Tensor, cos_ptr: int, sin_ptr: int, length: int, cache_layer: GrowingLayer,
+                 threads: int) -> Tensor:
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -164,7 +177,7 @@ class _Attention:
         heads = self.heads
         self._call(self.is_bf16, q.data_ptr(), k.data_ptr(), v.data_ptr(), cos_ptr, sin_ptr, keys.data_ptr(),
                    values.data_ptr(), heads, self.kv_heads, length, self.head_dim, keys.stride(1), keys.stride(2),
-                   values.stride(1), values.stride(2), self.scale, torch.get_num_threads(),
+                   values.stride(1), values.stride(2), self.scale, threads,
                    self._scratch(heads * (length + 1 + self.head_dim)), self._out_ptr)
         view = keys.narrow(2, 0, length + 1)
         cache_layer.keys, cache_layer.values = view, values.narrow(2, 0, length + 1)

@@ -61,11 +61,12 @@ def _step_by_step(session: Session, prompt_ids: list[int], steps: int) -> None:
     assert native.tokens == before + steps  # the counter: these tokens ran natively
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,plan", [("float32", "all-cpu-1-thread"), ("bfloat16", "slot-1-lru-promote")])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_native_logits_equal_transformers_bit_for_bit(family, dtype, checkpoint):
+def test_native_logits_equal_transformers_bit_for_bit(family, dtype, plan, checkpoint):
+    """One thread and two (the step runs torch's small ops on one: they must give the same bits)."""
     folder, config = checkpoint(family)
-    session = _session(folder, config, dtype)
+    session = _session(folder, config, dtype, plan)
     assert session.engine.native is not None, f"{family}: not recognised"
     # 70 prompt tokens and 6 more: the cache buffers (64 positions at first) grow during the native steps
     _step_by_step(session, list(range(2, 72)), steps=6)
@@ -75,7 +76,7 @@ def test_native_logits_equal_transformers_bit_for_bit(family, dtype, checkpoint)
 def test_native_logits_equal_transformers_config_variants(variant, tmp_path):
     family, overrides = VARIANTS[variant]
     config = build_checkpoint(family, tmp_path, **overrides)
-    session = _session(tmp_path, config, "bfloat16")
+    session = _session(tmp_path, config, "bfloat16", "prefetch")
     assert session.engine.native is not None, f"{variant}: not recognised"
     _step_by_step(session, list(range(2, 20)), steps=5)
 
