@@ -7,7 +7,9 @@ back). Every call into the GEMV kernel is timed (bench/diagnostics/decode_breakd
 "everything else" is the token's time less the kernel's: transformers' modeling code or the native
 step, moeplan's MoE bookkeeping, the C attention and norms, sampling. Reports the medians of each cell,
 the median of the per-repeat ratios on/off (paired: both measured in the same repeat), and whether on
-and off generated the same tokens.
+and off generated the same tokens. Beside the wall clock, the main thread's CPU time outside the kernel
+calls (time.thread_time): on a machine shared with other work the wall clock also counts the time the
+process waited for a CPU, the CPU time does not (it still counts a thread pool's spin-waits).
 
     .venv/bin/python bench/decode_split.py --repeats 7 --out bench/results/decode_split_avx2.md
 """
@@ -19,6 +21,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,16 +42,26 @@ from runtime.session import Session  # noqa: E402
 MODES = [("off", "kernel"), ("on", "kernel"), ("off", "zeros"), ("on", "zeros")]
 
 
-def measure(session: Session, clock: KernelClock, prompt: str, tokens: int) -> tuple[float, float, list[int]]:
-    """(ms per decode token, kernel ms per decode token, generated ids): the prefill's kernel time is taken
-    from a generation of the prefill alone and subtracted."""
-    clock.reset()
-    session.generate(prompt, max_new_tokens=1)
-    prefill_s, _, _ = clock.reset()
-    result = session.generate(prompt, max_new_tokens=tokens + 1)
+def measure(session: Session, clock: KernelClock, prompt: str, tokens: int) -> tuple[float, float, float, list[int]]:
+    """(ms per decode token, kernel ms per decode token, the main thread's CPU ms per decode token outside the
+    kernel calls, generated ids), counted from the first token (the prefill's) to the last."""
+    marks: dict[str, tuple[float, float]] = {}
+
+    def on_token(step: int, _: int) -> None:
+        now = (time.perf_counter(), time.thread_time())
+        if step == 0:  # the prefill is done: count from here
+            clock.reset()
+            clock.take_cpu()
+            marks["start"] = now
+        marks["end"] = now
+
+    result = session.generate(prompt, max_new_tokens=tokens + 1, on_token=on_token)
     kernel_s, _, _ = clock.reset()
+    kernel_cpu = clock.take_cpu()
     decoded = len(result.generated_ids) - 1
-    return result.decode_seconds / decoded * 1e3, (kernel_s - prefill_s) / decoded * 1e3, result.generated_ids
+    wall = marks["end"][0] - marks["start"][0]
+    cpu = marks["end"][1] - marks["start"][1] - kernel_cpu
+    return wall / decoded * 1e3, kernel_s / decoded * 1e3, cpu / decoded * 1e3, result.generated_ids
 
 
 def main() -> int:
@@ -76,7 +89,7 @@ def main() -> int:
     if native is None:
         raise SystemExit("the native decode step does not run this model here (see the debug log)")
     session.generate(args.prompt, max_new_tokens=4)  # warm-up
-    cells: dict[tuple[str, str], dict[str, list[float]]] = {m: {"token": [], "kernel": []} for m in MODES}
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {m: {"token": [], "kernel": [], "cpu": []} for m in MODES}
     ratios: dict[str, list[float]] = {"kernel": [], "zeros": []}
     same_tokens = True
     for repeat in range(args.repeats):
@@ -85,9 +98,10 @@ def main() -> int:
         for step, stand_in in order:
             native.enabled = step == "on"
             clock.stand_in = stand_in
-            token_ms, kernel_ms, generated = measure(session, clock, args.prompt, args.tokens)
+            token_ms, kernel_ms, cpu_ms, generated = measure(session, clock, args.prompt, args.tokens)
             cells[(step, stand_in)]["token"].append(token_ms)
             cells[(step, stand_in)]["kernel"].append(kernel_ms)
+            cells[(step, stand_in)]["cpu"].append(cpu_ms)
             if stand_in == "kernel":
                 ids[step] = generated
         same_tokens &= ids["on"] == ids["off"]
@@ -108,14 +122,15 @@ def main() -> int:
              f"- same tokens with the step on and off: {'yes' if same_tokens else 'NO'}"]
     if args.note:
         lines.append(f"- note: {args.note}")
-    lines += ["", "| native decode step | GEMV kernel | ms per token | kernel ms | everything else ms |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| native decode step | GEMV kernel | ms per token | kernel ms | everything else ms | "
+              "everything else, main thread's CPU ms |", "|---|---|---|---|---|---|"]
     for step, stand_in in MODES:
         got = cells[(step, stand_in)]
         rest = [t - k for t, k in zip(got["token"], got["kernel"])]
         kernel = "weights streamed" if stand_in == "kernel" else "returns zeros (back to back)"
         lines.append(f"| {step} | {kernel} | {statistics.median(got['token']):.2f} | "
-                     f"{statistics.median(got['kernel']):.2f} | {statistics.median(rest):.2f} |")
+                     f"{statistics.median(got['kernel']):.2f} | {statistics.median(rest):.2f} | "
+                     f"{statistics.median(got['cpu']):.2f} |")
     lines += ["", "Everything else, on / off, paired within each repeat (median of the ratios): "
               f"{statistics.median(ratios['kernel']):.2f} with the kernel streaming, "
               f"{statistics.median(ratios['zeros']):.2f} back to back."]
