@@ -190,8 +190,8 @@ class _Attention:
         keys = layer._key_buffer
         seen_buffer, seen_view = self._cache_seen
         # the layer as this step left it last token (the common case), or checked as GrowingLayer checks it
-        mine = keys is seen_buffer and layer.keys is seen_view
-        if not mine and not layer._owns_views() or keys is None or length >= keys.shape[-2]:
+        mine = keys is not None and keys is seen_buffer and layer.keys is seen_view
+        if (not mine and not layer._owns_views()) or keys is None or length >= keys.shape[-2]:
             layer._regrow(length, length + 1, layer.keys, layer.values)
         return layer._key_buffer, layer._value_buffer
 
@@ -247,6 +247,8 @@ def _residual_norm(norm: torch.nn.Module, ops: DecodeOps, residual: Tensor,
             if delta is None:
                 plain(is_bf16, x.data_ptr(), weight.data_ptr(), normed_ptr, 1, hidden, eps)
                 return x, normed
+            if not delta.is_contiguous():  # every MLP and projection here gives a contiguous one; a guard
+                delta = delta.contiguous()
             add_norm(is_bf16, x.data_ptr(), delta.data_ptr(), residual_ptr, weight.data_ptr(), normed_ptr, hidden, eps)
             return residual, normed
 
