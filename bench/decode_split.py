@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -118,7 +119,7 @@ def main() -> int:
              f"load average at the end {os.getloadavg()[0]:.2f}",
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens per generation, medians of "
              f"{args.repeats} repeats, the four ways in rotating order within each repeat",
-             f"- command: `.venv/bin/python bench/decode_split.py {' '.join(sys.argv[1:])}`",
+             f"- command: `.venv/bin/python bench/decode_split.py {shlex.join(sys.argv[1:])}`",
              f"- same tokens with the step on and off: {'yes' if same_tokens else 'NO'}"]
     if args.note:
         lines.append(f"- note: {args.note}")
