@@ -52,21 +52,59 @@ def test_importing_the_planner_core_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
-def test_accelerator_and_cpu_sides_add_up_until_the_runtime_overlaps_them(profile, olmoe_trace, monkeypatch) -> None:
-    """The runtime's CPU side waits for the hits today (runtime/contracts/schedule.py): a GPU plan's layer
-    costs hits + CPU misses. Where the schedule overlaps them, it costs the larger of the two."""
+def test_accelerator_and_cpu_sides_overlap_as_the_runtime_schedules_them(profile, olmoe_trace, monkeypatch) -> None:
+    """The runtime's CUDA order computes the CPU misses while the hits run (runtime/contracts/schedule.py): a
+    GPU plan's layer costs the larger of the two sides. A schedule that did not overlap them would add them."""
     import planner.cost_model as cost_model
 
     shape, trace = olmoe_trace
     plan = _plan()
     sim = replay(trace, plan, shape)
-    serial = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
-    assert serial.decode.hit_s > 0 and serial.decode.cpu_miss_s > 0 and serial.decode.overlap_s == 0
-    monkeypatch.setattr(cost_model, "CPU_OVERLAPS_ACCELERATOR", True)
     overlapped = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
-    assert overlapped.decode.overlap_s < 0
+    assert overlapped.decode.hit_s > 0 and overlapped.decode.cpu_miss_s > 0 and overlapped.decode.overlap_s < 0
+    monkeypatch.setattr(cost_model, "CPU_OVERLAPS_ACCELERATOR", False)
+    serial = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert serial.decode.overlap_s == 0
     assert overlapped.decode.total_s == pytest.approx(serial.decode.total_s + overlapped.decode.overlap_s
                                                       + overlapped.decode.copy_excess_s - serial.decode.copy_excess_s)
+
+
+def test_host_syncs_are_charged_once_per_moe_layer_from_the_profile(profile, olmoe_trace) -> None:
+    """A CUDA plan blocks the host HOST_SYNCS_PER_MOE_LAYER times per MoE layer per pass, each the profile's
+    `accelerator.host_sync_s`; a profile without the figure charges none and says so."""
+    from runtime.contracts.schedule import HOST_SYNCS_PER_MOE_LAYER
+
+    shape, trace = olmoe_trace
+    plan = _plan(promote=False)  # no background copies, whose time beyond the pass would absorb the syncs
+    sim = replay(trace, plan, shape)
+    without = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert without.decode.host_sync_s == 0 and any("host_sync_s" in n for n in without.notes)
+    acc = dataclasses.replace(profile.accelerator, host_sync_s=3e-5)
+    timed = predict(dataclasses.replace(profile, accelerator=acc), shape, plan, sim, context=512, prompt_tokens=64)
+    expected = 3e-5 * HOST_SYNCS_PER_MOE_LAYER * shape.num_moe_layers
+    assert timed.decode.host_sync_s == pytest.approx(expected)
+    assert timed.decode.total_s == pytest.approx(without.decode.total_s + expected)
+    cpu_plan = predict(profile, shape, _plan("cpu"), replay(trace, _plan("cpu"), shape), context=512, prompt_tokens=64)
+    assert cpu_plan.decode.host_sync_s == 0
+
+
+def test_background_copies_take_dram_time_from_the_cpu_misses(profile, olmoe_trace) -> None:
+    """Promotion copies read host DRAM while the CPU misses stream from it: the bytes copied during a layer's
+    CPU work cost it their time at the DRAM read rate; without promotions nothing is charged."""
+    shape, trace = olmoe_trace
+    promote = _plan(promote=True)
+    p = predict(profile, shape, promote, replay(trace, promote, shape), context=512, prompt_tokens=64)
+    d = p.decode
+    assert d.background_copy_s > 0 and d.copy_contention_s > 0
+    dram = profile.memory_read_gbps(8) * 1e9
+    copy_rate = shape.expert_bytes / profile.h2d_seconds(shape.expert_bytes, pinned=True)
+    # never more than every copied byte at the DRAM rate, nor more than the CPU time's worth of copying
+    copied = d.background_copy_s * copy_rate
+    assert d.copy_contention_s <= copied / dram * (1 + 1e-9)
+    assert d.copy_contention_s <= d.cpu_miss_s * copy_rate / dram * (1 + 1e-9)
+    quiet = _plan(promote=False)
+    q = predict(profile, shape, quiet, replay(trace, quiet, shape), context=512, prompt_tokens=64)
+    assert q.decode.background_copy_s == 0 and q.decode.copy_contention_s == 0
 
 
 def test_breakdown_adds_up(profile, olmoe_trace) -> None:
@@ -75,7 +113,7 @@ def test_breakdown_adds_up(profile, olmoe_trace) -> None:
     p = predict(profile, shape, plan, replay(trace, plan, shape), context=512, prompt_tokens=64)
     for b in (p.decode, p.prefill):
         assert b.total_s == pytest.approx(b.dense_s + b.hit_s + b.cpu_miss_s + b.transfer_s + b.copy_excess_s
-                                          + b.overlap_s)
+                                          + b.overlap_s + b.host_sync_s + b.copy_contention_s)
         assert b.overlap_s <= 0 and 0 <= b.copy_excess_s <= b.background_copy_s
     assert p.decode_tokens_per_s == pytest.approx(1 / p.decode.total_s)
     assert p.prefill_tokens_per_s == pytest.approx(64 / p.prefill.total_s)
@@ -256,6 +294,37 @@ def test_a_cpu_plan_decodes_with_the_measured_fused_call_layer_and_step(fits) ->
     assert p.decode.dense_s == pytest.approx((4 * 1e-3 + 5e-4) * scale)
     assert p.decode.hit_s == 0 and p.decode.total_s == pytest.approx(p.decode.dense_s + p.decode.cpu_miss_s)
     assert any(n.startswith(f"CPU timings {'warm' if fits else 'cold'}: a decode token reads") for n in p.notes)
+
+
+def test_a_cpu_plan_adds_what_a_layer_takes_in_the_runtimes_loop_beyond_its_parts() -> None:
+    """`cpu.decode_layer`: the layer (dense + top-k experts, fused) timed inside the runtime's decode loop;
+    what it takes beyond the same run's dense row at its context and token row is added per MoE layer to a
+    CPU plan's decode step, in the plan's cache state, never below 0; not to prefill, not on a GPU."""
+    shape = load_model_shape(str(TINY))
+    base = _paths_profile(None)  # cold: dense 1e-3 at every context, fused token call 2e-4
+    layer = {"hidden": 256, "intermediate": 512, "heads": 8, "kv_heads": 4, "head_dim": 32, "dtype": "bfloat16",
+             "threads": 2, "experts": 2, "context": 40, "spread": 0.1}
+
+    def with_rows(rows: list[dict]) -> Profile:
+        d = base.to_dict()
+        d["cpu"]["decode_layer"] = rows
+        return Profile.from_dict(d)
+    plan = _plan(accelerator="cpu", threads=2, slots=0, name="tiny-moe")
+    sim = _decode_sim(4, hits=0.0, misses=2.0)
+    before = predict(base, shape, plan, sim, 512, 16)
+    after = predict(with_rows([{**layer, "cache": "cold", "median_s": 1.5e-3}]), shape, plan, sim, 512, 16)
+    assert after.decode.dense_s == pytest.approx(before.decode.dense_s + 4 * 3e-4)
+    assert after.decode.cpu_miss_s == before.decode.cpu_miss_s
+    assert after.prefill.dense_s == pytest.approx(before.prefill.dense_s)
+    # faster in the loop than alone (noise): nothing taken off
+    faster = predict(with_rows([{**layer, "cache": "cold", "median_s": 1.0e-3}]), shape, plan, sim, 512, 16)
+    assert faster.decode.dense_s == pytest.approx(before.decode.dense_s)
+    # the plan's cache state picks its row: a warm row does not change a cold plan when a cold one exists
+    both = with_rows([{**layer, "cache": "cold", "median_s": 1.5e-3}, {**layer, "cache": "warm", "median_s": 9e-3}])
+    assert predict(both, shape, plan, sim, 512, 16).decode.dense_s == pytest.approx(after.decode.dense_s)
+    gpu = _plan(accelerator="cuda:0", threads=2, slots=4, name="tiny-moe")
+    assert predict(both, shape, gpu, sim, 512, 16).decode.dense_s == pytest.approx(
+        predict(base, shape, gpu, sim, 512, 16).decode.dense_s)
 
 
 def test_a_cpu_plan_with_slots_hits_in_the_same_fused_call_and_copies_at_the_measured_rate() -> None:
