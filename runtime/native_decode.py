@@ -58,6 +58,9 @@ class NativeDecode:
         self._normed = torch.empty(1, hidden, dtype=dtype)
         self._rotary = inner.rotary_emb
         layers = list(inner.layers)
+        # the decoder layers it was built from: one replaced since (the profiler wraps one to time it) means
+        # the model is no longer the one recognised, and its tokens go back to transformers
+        self._built_from = (inner.layers._modules, tuple(layers))
         self._layers = [_Layer(layer, i, family, ops, model.config, self._residual, self._normed)
                         for i, layer in enumerate(layers)]
         self._final_norm = _residual_norm(inner.norm, ops, self._residual, self._normed)
@@ -108,6 +111,9 @@ class NativeDecode:
         return logits
 
     def _decline(self, cache) -> str:
+        modules, built = self._built_from
+        if tuple(modules.values()) != built:
+            return "a decoder layer was replaced after the step was built"
         layers = getattr(cache, "layers", None)
         if not layers or len(layers) != len(self._layers):
             return "the cache does not have one layer per decoder layer"

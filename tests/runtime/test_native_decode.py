@@ -138,3 +138,25 @@ def test_unrecognised_models_and_caches_are_declined(checkpoint):
     assert all(torch.equal(layer.keys, b) for layer, b in zip(plain.layers, before))
     assert native.declined == 2 and native.tokens == 0
     assert all(type(layer) is GrowingLayer for layer in _new_cache(model).layers)
+
+
+def test_a_replaced_decoder_layer_sends_tokens_back_to_transformers(checkpoint):
+    """The profiler wraps a decoder layer to time it after the session is built: that layer must run."""
+    folder, config = checkpoint("qwen3_moe")
+    session = _session(folder, config, "float32")
+    layers = session.loaded.model.model.layers
+    calls = []
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.inner(*args, **kwargs)
+
+    reference = session.generate(PROMPT, max_new_tokens=5).generated_ids
+    layers[1] = Wrapped(layers[1])
+    assert session.generate(PROMPT, max_new_tokens=5).generated_ids == reference
+    assert len(calls) == 5 and session.engine.native.declined == 4  # the prefill, then 4 decode tokens
