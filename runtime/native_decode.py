@@ -68,8 +68,8 @@ class NativeDecode:
         self._head_dim = self._layers[0].attention.head_dim
 
     def check_rotary(self) -> str:
-        """"" if the model's rotary embedding covers whole heads in the model's dtype, else why not (partial
-        rotary and other layouts stay on transformers)."""
+        """Why the model's rotary embedding is not one the step takes (partial rotary, another dtype: such
+        models stay on transformers), or the empty string where it covers whole heads in the model's dtype."""
         with torch.no_grad():
             cos, sin = self._rotary(self._embedding[:1].unsqueeze(0), torch.zeros(1, 1, dtype=torch.long))
         if cos.shape[-1] != self._head_dim or cos.dtype != self.dtype or sin.shape != cos.shape:
