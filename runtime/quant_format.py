@@ -6,7 +6,16 @@ here also takes a stack of matrices ([E, N, K] and so on): a layer's experts are
 
 The rule (how q and the scale are chosen), measured by bench/quant_rule.py (results in
 bench/results/quant_rule.md) on Gaussian and on the embedded tiny-moe model's trained expert weights:
-- int8: the symmetric rule, scale = absmax / 127, q = round(w / scale) in [-127, 127] (llama.cpp's Q8_0).
+- int8: the symmetric rule with the scale rounded up to a power of two: scale = 2^ceil(log2(absmax / 127)),
+  q = round(w / scale) in [-127, 127]. Why a power of two: then every float(scale) * q is a bf16 already (q
+  has at most 7 significant bits), so the CPU kernel can take the scale out of each group's sum and still
+  multiply exactly the reference's weights bf16(float(scale) * q), at a third of the per-weight vector
+  operations of dequantizing each weight and rounding it to bf16 (runtime/kernels/dequant.h; speed in
+  bench/results/cpu_kernel_int_avx2.md). The cost: the step is up to 2x llama.cpp Q8_0's absmax / 127
+  (1.41x on average), its mean squared error about 2.1x (bench/results/quant_rule.md), and the embedded
+  model's perplexity moves by the amount in bench/results/perplexity_avx2.md. Checkpoints whose int8 scales
+  are not powers of two (written elsewhere, or by an earlier moeplan) load and run as they are: the kernel
+  decides group by group.
 - int4: llama.cpp Q4_0's rule, scale = m / -8 where m is the group's weight of largest magnitude, with
   its sign, so that m itself maps to -8 exactly and the full [-8, 7] range is used (q = round(w / scale),
   clamped to 7 at the other end). The plain symmetric rule (absmax / 7, codes in [-7, 7]) leaves the
@@ -39,7 +48,7 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, 
     _check(fmt, k, group_size)
     groups = w.float().reshape(*lead, n, k // group_size, group_size)
     if fmt == "int8":
-        scale = groups.abs().amax(dim=-1) / 127.0
+        scale = _power_of_two_at_least(groups.abs().amax(dim=-1) / 127.0)
         lo, hi = -127, 127
     else:
         # Q4_0: the signed weight of largest magnitude maps to -8
@@ -52,6 +61,15 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, 
     q = torch.round(groups * inverse).clamp_(lo, hi).to(torch.int8).reshape(*lead, n, k)
     del groups, inverse
     return (q if fmt == "int8" else pack_int4(q)), scales
+
+
+def _power_of_two_at_least(v: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= each value, 0 for 0, kept within float16's powers of two
+    (2^-24 .. 2^15), so that the stored scale is exactly that power of two."""
+    mantissa, exponent = torch.frexp(v)  # v = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # v is a power of two already
+    p = torch.ldexp(torch.ones_like(v), exponent.clamp(-24, 15))
+    return torch.where(v > 0, p, torch.zeros_like(v))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

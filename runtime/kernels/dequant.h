@@ -33,6 +33,26 @@ AVX2_INLINE __m256 dequant_i8(const int8_t *q, __m256 s, const int to_bf16) {
     return to_bf16 ? round_bf16_avx2(v) : v;
 }
 
+/* ---- int8 with the scale factored out of a group --------------------------------------------------------
+ * sum_k bf16(s * q_k) x_k equals s * sum_k q_k x_k, bar the order and place of the fp32 roundings, exactly
+ * when every s * q_k is a bf16 already: always for an fp32 model (s * q has at most 11 + 7 significant bits,
+ * fp32 keeps 24), and for a bf16 model when s is zero or plus or minus a power of two (q has at most 7
+ * significant bits, bf16 keeps 8). Then a group costs a widening, a conversion and an FMA per 8 weights
+ * (q_k x_k is exact in fp32 for a bf16 input) and one FMA by s per group, where the per-weight
+ * dequantization costs a multiply and the four-operation bf16 rounding more: the kernels take it group by
+ * group wherever it holds, so a checkpoint whose scales are powers of two (runtime/quant_format.py's int8
+ * rule) runs fast and any other one runs the per-weight path, with no flag in the format. */
+
+/* Whether each of these fp32 scales (widened float16s) is zero or +-2^e: no mantissa bits. */
+AVX2_INLINE int scales_factor_exactly(__m256 s) {
+    return _mm256_testz_si256(_mm256_castps_si256(s), _mm256_set1_epi32(0x007FFFFF));
+}
+
+/* Eight consecutive int8 codes as fp32 (exact). */
+AVX2_INLINE __m256 codes_i8(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
 /* Sixteen int4 weights (eight bytes) of one scale s: the eight even inputs (low nibbles) into *even and the
  * eight odd ones (high nibbles) into *odd. minus8s = -8 * s: code * s + minus8s is s * (code - 8) exactly
  * (both products are exact in fp32: 4-bit codes times 11-bit float16 mantissas), one FMA. */

@@ -99,9 +99,22 @@ AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, 
             if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
             _mm256_storeu_ps(s[r], load_scales8(sc[r] + g0, gn));
         }
+        int factored = 1; /* dequant.h: the scales of these groups come out of the sums exactly */
+        for (int r = 0; r < n && rb && factored; r++) factored = scales_factor_exactly(_mm256_loadu_ps(s[r]));
         for (int64_t gi = 0; gi < gn; gi++) {
             __m256 sv[STREAMS];
             for (int r = 0; r < n; r++) sv[r] = _mm256_broadcast_ss(&s[r][gi]);
+            if (factored) {
+                __m256 t[STREAMS];
+                for (int r = 0; r < n; r++) t[r] = _mm256_setzero_ps();
+                for (int64_t k = (g0 + gi) * G; k < (g0 + gi + 1) * G; k += 8)
+                    for (int r = 0; r < n; r++) {
+                        if (!(k & 63)) _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+                        t[r] = _mm256_fmadd_ps(codes_i8(w[r] + k), _mm256_loadu_ps(x[r] + k), t[r]);
+                    }
+                for (int r = 0; r < n; r++) a[r] = _mm256_fmadd_ps(t[r], sv[r], a[r]);
+                continue;
+            }
             for (int64_t k = (g0 + gi) * G; k < (g0 + gi + 1) * G; k += 8)
                 for (int r = 0; r < n; r++) {
                     if (!(k & 63)) _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
@@ -248,6 +261,16 @@ AVX2_INLINE void qrow_i8(const int8_t *w, const uint16_t *sc, const float *x, fl
     for (int t = 0; t < T; t++) a[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / G; g++) {
         const __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[g]));
+        if (!rb || scales_factor_exactly(s)) { /* dequant.h */
+            __m256 part[4];
+            for (int t = 0; t < T; t++) part[t] = _mm256_setzero_ps();
+            for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+                const __m256 qv = codes_i8(w + k);
+                for (int t = 0; t < T; t++) part[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(x + t * K + k), part[t]);
+            }
+            for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(part[t], s, a[t]);
+            continue;
+        }
         for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
             const __m256 wv = dequant_i8(w + k, s, rb);
             for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k), a[t]);
