@@ -108,7 +108,7 @@ AVX2_INLINE void q4_scales8(const uint16_t *sc, int64_t count, int32_t *offset, 
 
 /* The 32 inputs of a 32-input block of codes q (16 bytes), against the input block x laid out as
  * q4tab_slot says, added into ge and go (fp32, unscaled: the caller multiplies by sign * 2^e). */
-AVX2_INLINE void q4tab_block(const uint8_t *q, const uint8_t *table, const float *x, __m256 *ge, __m256 *go) {
+AVX2_INLINE void q4tab_weights(const uint8_t *q, const uint8_t *table, __m256 w[4]) {
     const __m128i b = _mm_loadu_si128((const __m128i *)q);
     const __m256i codes = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
                                            _mm256_set1_epi8(15)); /* lane 0: inputs 0, 2, .., 30; lane 1: 1, 3, .., 31 */
@@ -116,10 +116,28 @@ AVX2_INLINE void q4tab_block(const uint8_t *q, const uint8_t *table, const float
     const __m256i hi = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(table + 32)), codes);
     const __m256i u0 = _mm256_unpacklo_epi8(lo, hi), u1 = _mm256_unpackhi_epi8(lo, hi); /* the bf16s */
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    *ge = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u0, 16)), _mm256_loadu_ps(x), *ge);
-    *go = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u0, high)), _mm256_loadu_ps(x + 8), *go);
-    *ge = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u1, 16)), _mm256_loadu_ps(x + 16), *ge);
-    *go = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u1, high)), _mm256_loadu_ps(x + 24), *go);
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(u0, 16));
+    w[1] = _mm256_castsi256_ps(_mm256_and_si256(u0, high));
+    w[2] = _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16));
+    w[3] = _mm256_castsi256_ps(_mm256_and_si256(u1, high));
+}
+
+AVX2_INLINE void q4tab_block(const uint8_t *q, const uint8_t *table, const float *x, __m256 *ge, __m256 *go) {
+    __m256 w[4];
+    q4tab_weights(q, table, w);
+    *ge = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), *ge);
+    *go = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), *go);
+    *ge = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), *ge);
+    *go = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), *go);
+}
+
+/* One 32-input group's unscaled sum, for a group of exactly one block (G = 32): no zeroed accumulators. */
+AVX2_INLINE __m256 q4tab_group32(const uint8_t *q, const uint8_t *table, const float *x) {
+    __m256 w[4];
+    q4tab_weights(q, table, w);
+    const __m256 e = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), _mm256_mul_ps(w[0], _mm256_loadu_ps(x)));
+    const __m256 o = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(w[1], _mm256_loadu_ps(x + 8)));
+    return _mm256_add_ps(e, o);
 }
 
 /* Where input i of a 32-input block goes in the block's prepared inputs, for q4tab_block: its four vectors

@@ -79,8 +79,10 @@ AVX2_INLINE float hsum128(__m128 s) {
 
 /* ---- one token: n rows read side by side (far-apart streams), one dot product each ------------------ */
 
-AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb) {
-    const int64_t K = set->K, G = set->G, groups = K / G;
+/* G: set->G, passed as the constant 32 for the default group size so that a group's loop unrolls. */
+AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
+                          const int64_t G) {
+    const int64_t K = set->K, groups = K / G;
     const int8_t *w[STREAMS];
     const uint16_t *sc[STREAMS];
     const float *x[STREAMS];
@@ -177,8 +179,8 @@ AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, 
 
 /* int4 of a bf16 model by table (dequant.h): per group, the unscaled sums of each row, then times the
  * group's sign * 2^e. */
-AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n) {
-    const int64_t K = set->K, G = set->G, groups = K / G, group_bytes = G / 2;
+AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int64_t G) {
+    const int64_t K = set->K, groups = K / G, group_bytes = G / 2;
     const uint8_t *w[STREAMS];
     const uint16_t *sc[STREAMS];
     const float *x[STREAMS];
@@ -201,6 +203,13 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
         for (int64_t gi = 0; gi < gn; gi++)
             for (int r = 0; r < n; r++) {
                 const uint8_t *table = &q4_bf16_tables[0][0] + offset[r][gi];
+                if (G == 32) {
+                    const int64_t j = (g0 + gi) * group_bytes;
+                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    a[r] = _mm256_fmadd_ps(q4tab_group32(w[r] + j, table, x[r] + 2 * j),
+                                           _mm256_broadcast_ss(&mult[r][gi]), a[r]);
+                    continue;
+                }
                 __m256 ge = _mm256_setzero_ps(), go = _mm256_setzero_ps();
                 for (int64_t j = (g0 + gi) * group_bytes; j < (g0 + gi + 1) * group_bytes; j += 16) {
                     if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
@@ -218,10 +227,13 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
     __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const int64_t *rows, \
                                                               float *sums) {                      \
         if (set->fmt == FMT_INT8) {                                                              \
-            if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1);                                  \
-            else qdots_i8(set, rows, sums, N_, 0);                                               \
+            if (set->G == 32 && set->to_bf16) qdots_i8(set, rows, sums, N_, 1, 32);             \
+            else if (set->G == 32) qdots_i8(set, rows, sums, N_, 0, 32);                         \
+            else if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1, set->G);                     \
+            else qdots_i8(set, rows, sums, N_, 0, set->G);                                       \
         } else if (set->layout == LAYOUT_TABLE) {                                                \
-            qdots_q4tab(set, rows, sums, N_);                                                    \
+            if (set->G == 32) qdots_q4tab(set, rows, sums, N_, 32);                              \
+            else qdots_q4tab(set, rows, sums, N_, set->G);                                       \
         } else if (set->G % 16 == 0) {                                                           \
             if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 1);                               \
             else qdots_i4(set, rows, sums, N_, 0, 1);                                            \
