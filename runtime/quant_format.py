@@ -18,7 +18,13 @@ bench/results/quant_rule.md) on Gaussian and on the embedded tiny-moe model's tr
   decides group by group.
 - int4: llama.cpp Q4_0's rule, scale = m / -8 where m is the group's weight of largest magnitude, with
   its sign, so that m itself maps to -8 exactly and the full [-8, 7] range is used (q = round(w / scale),
-  clamped to 7 at the other end). The plain symmetric rule (absmax / 7, codes in [-7, 7]) leaves the
+  clamped to 7 at the other end), with the scale's magnitude rounded up to 5 significant bits (float16 keeps
+  11). Why: then every float(scale) * q is a bf16 already (q has at most 3 significant bits), so the CPU
+  kernel can take the whole scale out of each group's sum and multiply exactly the reference's weights
+  without the per-mantissa byte tables (runtime/kernels/dequant.h); rounding up keeps m's code at -8 (m /
+  scale in [-8, -7.75]). The cost: a step at most 1/16 (on average about 1/32) longer than Q4_0's, in
+  bench/results/quant_rule.md and bench/results/perplexity_avx2.md. Checkpoints with other int4 scales run
+  as they are on the table path. The plain symmetric rule (absmax / 7, codes in [-7, 7]) leaves the
   code -8 unused and spends 15 levels on the group's range where Q4_0 spends 16 on the same range: its
   step is 8/7 of Q4_0's, and its mean squared reconstruction error measured 1.28x Q4_0's
   (the table in bench/results/quant_rule.md).
@@ -33,6 +39,7 @@ from .contracts.expert_format import INT_FORMATS
 
 # float16's largest finite value: a scale beyond it would be stored as inf
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+_FP16_MAX_5_BITS = 31.0 * 2.0 ** 11  # 0b11111 * 2^11, the largest float16 with 5 significant bits
 
 
 def _check(fmt: str, inputs: int, group_size: int) -> None:
@@ -53,7 +60,7 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, 
     else:
         # Q4_0: the signed weight of largest magnitude maps to -8
         idx = groups.abs().argmax(dim=-1, keepdim=True)
-        scale = torch.gather(groups, -1, idx).squeeze(-1) / -8.0
+        scale = _round_up_to_5_bits(torch.gather(groups, -1, idx).squeeze(-1) / -8.0)
         lo, hi = -8, 7
     scales = scale.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
     stored = scales.float().unsqueeze(-1)
@@ -61,6 +68,15 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, 
     q = torch.round(groups * inverse).clamp_(lo, hi).to(torch.int8).reshape(*lead, n, k)
     del groups, inverse
     return (q if fmt == "int8" else pack_int4(q)), scales
+
+
+def _round_up_to_5_bits(v: torch.Tensor) -> torch.Tensor:
+    """Each value's magnitude rounded up to 5 significant bits (sign kept; at most float16's largest such
+    value), so that the float16 it is stored as holds it exactly (down to 2^-20; below, float16's
+    subnormal spacing of 2^-24 leaves fewer significant bits still)."""
+    mantissa, exponent = torch.frexp(v.abs())  # |v| = mantissa * 2^exponent, mantissa in [0.5, 1)
+    up = torch.ldexp(torch.ceil(torch.ldexp(mantissa, torch.full_like(exponent, 5))), exponent - 5)
+    return torch.sign(v) * up.clamp(max=_FP16_MAX_5_BITS)
 
 
 def _power_of_two_at_least(v: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ static inline int64_t input_slot(int layout, int64_t K, int64_t k) {
 typedef struct {
     int fmt, to_bf16, out_bf16; /* to_bf16: a bf16 model (weights rounded as the reference's are) */
     int layout;                 /* input_layout(fmt, to_bf16, G): which path reads the rows */
+    int halves;                 /* LAYOUT_TABLE only: x[i] + K holds the inputs again as q4half_slot lays them */
     int64_t count, N, K, G;
     const void *const *W;      /* qweight of each matrix */
     const uint16_t *const *S;  /* float16 scales of each matrix, [N, K/G] */
@@ -196,10 +197,26 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
         const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
         int32_t offset[STREAMS][8];
         float mult[STREAMS][8];
+        __m256 full[STREAMS];
+        int factored = G == 32 && set->halves; /* dequant.h: every scale of these groups has <= 5 bits */
         for (int r = 0; r < n; r++) {
             if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
-            q4_scales8(sc[r] + g0, gn, offset[r], mult[r]);
+            full[r] = load_scales8(sc[r] + g0, gn);
+            factored = factored && scales_5_bits(full[r]);
         }
+        if (factored) {
+            float s[STREAMS][8];
+            for (int r = 0; r < n; r++) _mm256_storeu_ps(s[r], full[r]);
+            for (int64_t gi = 0; gi < gn; gi++)
+                for (int r = 0; r < n; r++) {
+                    const int64_t j = (g0 + gi) * group_bytes;
+                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    a[r] = _mm256_fmadd_ps(q4half_group32(w[r] + j, x[r] + K + 2 * j), _mm256_broadcast_ss(&s[r][gi]),
+                                           a[r]);
+                }
+            continue;
+        }
+        for (int r = 0; r < n; r++) q4_scales8(full[r], offset[r], mult[r]);
         for (int64_t gi = 0; gi < gn; gi++)
             for (int r = 0; r < n; r++) {
                 const uint8_t *table = &q4_bf16_tables[0][0] + offset[r][gi];
@@ -337,7 +354,7 @@ AVX2_INLINE void qrow_q4tab(const uint8_t *w, const uint16_t *sc, const float *x
         const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
         int32_t offset[8];
         float mult[8];
-        q4_scales8(sc + g0, gn, offset, mult);
+        q4_scales8(load_scales8(sc + g0, gn), offset, mult);
         for (int64_t gi = 0; gi < gn; gi++) {
             const uint8_t *table = &q4_bf16_tables[0][0] + offset[gi];
             __m256 ge[4], go[4];
@@ -378,30 +395,40 @@ static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc,
     }
 }
 
+/* Whether one-token inputs of `layout` carry the second copy for the factored int4 groups (dequant.h), and
+ * how many floats an input row of K then takes. */
+static inline int input_halves(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
+
+/* Input k of a row of K as the kernels read it: at input_slot, and with `halves` again at K + q4half_slot. */
+static inline void place_input(int layout, int halves, float *xs, int64_t K, int64_t k, float v) {
+    xs[input_slot(layout, K, k)] = v;
+    if (halves) xs[K + (k & ~(int64_t)31) + q4half_slot((int)(k & 31))] = v;
+}
+
 /* An input row of K values (bf16 or fp32) as the kernels read it: fp32, placed as `layout` says. */
-static void prepare_input(int layout, int is_bf16, const void *x, float *xs, int64_t K) {
+static void prepare_input(int layout, int halves, int is_bf16, const void *x, float *xs, int64_t K) {
     for (int64_t k = 0; k < K; k++)
-        xs[input_slot(layout, K, k)] = is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+        place_input(layout, halves, xs, K, k, is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k]);
 }
 
 /* For each of `count` matrices i (qweight W[i], scales S[i], all [N, K] with group size G): y[i] = x[i] @
  * dequantized(W[i])^T for T[i] <= QMAXT tokens; x[i] [T[i], K] in the model's dtype (bf16 when is_bf16,
  * else fp32); y[i] [T[i], N] fp32 or, with out_bf16, rounded to bf16 as torch's bf16 matmul output is.
- * scratch holds count * max(T) * K floats. */
+ * scratch holds count * max(T, 2) * K floats. */
 void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t **S, const void **x, void **y,
                  const int64_t *T, int64_t N, int64_t K, int64_t G, int threads, float *scratch, int out_bf16) {
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
-    const int64_t stride = tmax * K;
     const size_t elem = is_bf16 ? 2 : 4;
-    const int layout = input_layout(fmt, is_bf16, G);
+    const int layout = input_layout(fmt, is_bf16, G), halves = tmax == 1 && input_halves(layout, G);
+    const int64_t stride = (halves ? 2 : tmax) * K;
     for (int i = 0; i < count; i++)
         for (int64_t t = 0; t < T[i]; t++)
-            prepare_input(layout, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
+            prepare_input(layout, halves, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
     if (tmax == 1) {
         const float *xs[count];
         for (int i = 0; i < count; i++) xs[i] = scratch + i * stride;
-        const QRowSet set = {fmt, is_bf16, out_bf16, layout, count, N, K, G, W, S, xs, y};
+        const QRowSet set = {fmt, is_bf16, out_bf16, layout, halves, count, N, K, G, W, S, xs, y};
 #pragma omp parallel num_threads(threads)
         qstream_rows(&set);
         return;
@@ -431,23 +458,24 @@ void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t
  * For each expert i (W_in[i]/S_in[i] [2I, H] holding gate then up, W_out[i]/S_out[i] [H, I]):
  *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
  * rounded to bf16 where the reference's bf16 ops round, in one parallel region. out [H] has x's dtype;
- * scratch holds H + count * (3I + H) floats. */
+ * scratch holds 2H + count * (4I + H) floats. */
 void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
                 const uint16_t **S_out, const void *x, const float *weights, void *out, int64_t H, int64_t I,
                 int64_t G, int threads, float *scratch) {
-    float *xs = scratch, *h = xs + H, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * I;
-    const int layout = input_layout(fmt, is_bf16, G);
-    prepare_input(layout, is_bf16, x, xs, H);
+    const int layout = input_layout(fmt, is_bf16, G), halves = input_halves(layout, G);
+    const int64_t in_row = (halves ? 2 : 1) * H, m_row = (halves ? 2 : 1) * I; /* floats per prepared input */
+    float *xs = scratch, *h = xs + in_row, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * m_row;
+    prepare_input(layout, halves, is_bf16, x, xs, H);
     const float *x_in[count], *m_in[count];
     void *h_out[count], *y_out[count];
     for (int i = 0; i < count; i++) {
         x_in[i] = xs;
-        m_in[i] = m + i * I;
+        m_in[i] = m + i * m_row;
         h_out[i] = h + i * 2 * I;
         y_out[i] = y + i * H;
     }
-    const QRowSet in = {fmt, is_bf16, 0, layout, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
-    const QRowSet down = {fmt, is_bf16, 0, layout, count, H, I, G, W_out, S_out, m_in, y_out};
+    const QRowSet in = {fmt, is_bf16, 0, layout, halves, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
+    const QRowSet down = {fmt, is_bf16, 0, layout, halves, count, H, I, G, W_out, S_out, m_in, y_out};
 #pragma omp parallel num_threads(threads)
     {
         qstream_rows(&in);
@@ -456,7 +484,7 @@ void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
             const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
-            m[i * I + input_slot(layout, I, j)] = v; /* laid out as prepare_input lays an input out */
+            place_input(layout, halves, m + i * m_row, I, j, v); /* laid out as prepare_input lays an input out */
         }
         qstream_rows(&down);
 #pragma omp barrier
