@@ -55,12 +55,12 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, 
     _check(fmt, k, group_size)
     groups = w.float().reshape(*lead, n, k // group_size, group_size)
     if fmt == "int8":
-        scale = _power_of_two_at_least(groups.abs().amax(dim=-1) / 127.0)
+        scale = rule_scales(groups.abs().amax(dim=-1) / 127.0, fmt)
         lo, hi = -127, 127
     else:
         # Q4_0: the signed weight of largest magnitude maps to -8
         idx = groups.abs().argmax(dim=-1, keepdim=True)
-        scale = _round_up_to_5_bits(torch.gather(groups, -1, idx).squeeze(-1) / -8.0)
+        scale = rule_scales(torch.gather(groups, -1, idx).squeeze(-1) / -8.0, fmt)
         lo, hi = -8, 7
     scales = scale.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
     stored = scales.float().unsqueeze(-1)
@@ -68,6 +68,13 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, 
     q = torch.round(groups * inverse).clamp_(lo, hi).to(torch.int8).reshape(*lead, n, k)
     del groups, inverse
     return (q if fmt == "int8" else pack_int4(q)), scales
+
+
+def rule_scales(raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Float32 scales as the rule stores them, before the float16 cast: int8 up to a power of two, int4
+    up to 5 significant bits (the module docstring). Benchmarks use it to give random experts the scales a
+    quantized checkpoint has."""
+    return _power_of_two_at_least(raw) if fmt == "int8" else _round_up_to_5_bits(raw)
 
 
 def _round_up_to_5_bits(v: torch.Tensor) -> torch.Tensor:
