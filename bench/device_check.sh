@@ -1,30 +1,96 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a CUDA machine (fits in about 10 minutes on an H200 host):
-#  1. set-up, and the conformance tests with accelerator cuda:0 (tokens equal plain transformers);
-#  2. moeplan profile --quick on the GPU host (PCIe, GPU expert and dense timings);
-#  3. a Mixtral-shaped bf16 checkpoint with random weights (as many layers as the budget allows) and a
-#     synthetic trace rescaled to its shape, tuned for a 12 GB accelerator budget (an RTX 4070's);
-#  4. decode tokens/s measured and predicted for the tuned plan, the seed paper's hand configuration,
-#     all experts on the CPU, and copy-on-miss, with routing replayed from the trace.
+# The GPU checks, as one script for a CUDA machine: made to fit 12 of a 15-minute device lease on one
+# H100 (BUDGET_S, 660 s by default, split into steps that each have their own time limit, and a step is
+# skipped, saying so, when less time is left than it needs):
+#  0. the Python environment (a carried .venv, or scripts/setup.sh where the registry can be reached);
+#  1. host syncs of CUDA decode tokens under torch.cuda.set_sync_debug_mode("warn"), beside the seam's
+#     own count (one per MoE layer per pass): bench/cuda_syncs.py;
+#  2. the conformance tests with accelerator cuda:0 (tokens equal plain transformers) and the recorded
+#     schedule test;
+#  3. moeplan profile --quick on the GPU host (PCIe next to the published PCIe 5.0 rates, host sync round
+#     trip, usable memory);
+#  4. a Mixtral-shaped bf16 checkpoint with random weights (LAYERS layers), built into a temporary folder
+#     and marked complete only once fully saved;
+#  5. decode tokens/s measured and predicted for the tuned plan, the seed paper's configuration, all
+#     experts on the CPU and copy-on-miss, with routing replayed from a synthetic trace
+#     (bench/mixtral_replay.py).
 # Results go to $OUT (or bench/results/device) as text.
+#
+#   bash bench/device_check.sh            # on the GPU machine
+#   DRY_RUN=1 bash bench/device_check.sh  # anywhere: prints each step, its budget and command; runs nothing
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-bench/results/device}
+layers=${LAYERS:-4}
+vram_budget=${VRAM_BUDGET:-3GB}  # about the share of a 4-layer model's experts a 12 GB card holds of all 32
+trials=${TRIALS:-60}
+budget=${BUDGET_S:-660}
+dry=${DRY_RUN:-0}
+py=${PYTHON:-.venv/bin/python}
+start=$SECONDS
 mkdir -p "$out"
-layers=${LAYERS:-8}
-bash scripts/setup.sh test > "$out/setup.log" 2>&1 || { echo "setup failed"; tail -20 "$out/setup.log"; exit 1; }
-py=.venv/bin/python
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 
-echo "== 1. conformance on cuda:0"
-MOEPLAN_TEST_ACCELERATOR=cuda:0 timeout 240 $py -m pytest tests/runtime/test_conformance.py -q 2>&1 | tail -5 | tee "$out/conformance.txt"
-echo "== 1b. int8/int4 experts conformance on cuda:0 (slots, promotions, prefetch of quantized bytes)"
-MOEPLAN_TEST_ACCELERATOR=cuda:0 timeout 240 $py -m pytest tests/runtime/test_quant_conformance.py -q 2>&1 | tail -5 | tee "$out/quant_conformance.txt"
+# step NAME SECONDS COMMAND...: run COMMAND under `timeout SECONDS` if the budget leaves that much
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - (SECONDS - start)))
+  echo "== $name (limit ${limit}s, ${left}s of the budget left)"
+  if [ "$dry" = 1 ]; then
+    printf '   would run:'
+    printf ' %q' "$@"
+    printf '\n'
+    if [ "$1" = bash ] && [ "${2:-}" = -c ]; then
+      declare -f "$3" | sed 's/^/     /'
+    fi
+    return 0
+  fi
+  if [ "$left" -lt "$limit" ]; then
+    echo "   skipped: the budget has ${left}s left" | tee -a "$out/skipped.txt"
+    return 0
+  fi
+  local t0=$SECONDS rc=0
+  timeout "$limit" "$@" || rc=$?
+  echo "   $name: exit $rc after $((SECONDS - t0))s" | tee -a "$out/steps.txt"
+  return "$rc"
+}
 
-echo "== 2. profile"
-timeout 120 .venv/bin/moeplan profile --quick --model mixtral --out "$out/profile.yaml" 2>&1 | tail -3
-grep -A12 '^accelerator:' "$out/profile.yaml" | tee "$out/pcie.txt"
+environment() {
+  if [ ! -x "$py" ]; then
+    bash scripts/setup.sh test > "$out/setup.log" 2>&1 || { tail -20 "$out/setup.log"; return 1; }
+  fi
+  "$py" -c 'import sys, torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 1)'
+  nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+}
 
-echo "== 3-4. Mixtral-shaped checkpoint, tune for 12 GB, run four plans with replayed routing"
-timeout 420 $py bench/mixtral_replay.py --layers "$layers" --profile "$out/profile.yaml" \
-  --vram-budget 12GB --out "$out" 2>&1 | tail -30 | tee "$out/replay.txt"
+conformance() {
+  MOEPLAN_TEST_ACCELERATOR=cuda:0 "$py" -m pytest -q -x tests/runtime/test_conformance.py \
+    tests/runtime/test_cuda_schedule.py 2>&1 | tail -5 | tee "$out/conformance.txt"
+}
+
+profile() {
+  "$py" -m planner.cli profile --quick --model mixtral --out "$out/profile.yaml" 2>&1 | tail -3
+  # PCIe 5.0 x16: 32 GT/s x 16 lanes x 128/130 / 8 = 63.0 GB/s per direction (the specification)
+  { echo "published PCIe 5.0 x16: 63.0 GB/s per direction (32 GT/s x 16 lanes x 128/130 / 8)"
+    grep -E '^ *(name|memory_bytes|free_memory_bytes|pcie_gen|pcie_width|h2d_|d2h_|host_sync_s)' "$out/profile.yaml"
+  } | tee "$out/pcie.txt"
+}
+
+checkpoint() {
+  "$py" bench/mixtral_replay.py --layers "$layers" --profile "$out/profile.yaml" --build-only
+}
+
+replay() {
+  "$py" bench/mixtral_replay.py --layers "$layers" --profile "$out/profile.yaml" --vram-budget "$vram_budget" \
+    --trials "$trials" --out "$out" 2>&1 | tail -30 | tee "$out/replay.txt"
+}
+
+export py out layers vram_budget trials
+export -f environment conformance profile checkpoint replay
+step "0. environment" 60 bash -c environment || { echo "no CUDA environment: stopping"; exit 1; }
+step "1. host syncs under set_sync_debug_mode('warn')" 60 "$py" bench/cuda_syncs.py --out "$out" --tokens 16
+step "2. conformance on cuda:0, recorded schedule" 150 bash -c conformance
+step "3. profile --quick" 90 bash -c profile
+step "4. Mixtral-shaped checkpoint, $layers layers" 120 bash -c checkpoint
+step "5. tuned vs all-CPU vs seed paper, replayed routing" 170 bash -c replay
+echo "== done in $((SECONDS - start))s of ${budget}s; results in $out"

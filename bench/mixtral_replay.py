@@ -23,8 +23,15 @@ sys.path.insert(0, str(ROOT))
 MOEPLAN = str(ROOT / ".venv/bin/moeplan")
 
 
+COMPLETE = ".complete"  # written into a checkpoint folder only once it is fully saved
+
+
 def build_checkpoint(folder: Path, layers: int) -> None:
-    """hidden 4096, expert intermediate 14336, 8 experts, top-2, 32/8 heads: Mixtral-8x7B's config.json."""
+    """hidden 4096, expert intermediate 14336, 8 experts, top-2, 32/8 heads: Mixtral-8x7B's config.json.
+
+    Saved into a temporary folder beside `folder`, renamed when complete, then marked: a save that was
+    killed leaves no folder that a later run would take as built."""
+    import shutil
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -46,8 +53,13 @@ def build_checkpoint(folder: Path, layers: int) -> None:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-    model.save_pretrained(folder)
-    make_tokenizer(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # unmarked: an earlier build that did not finish
+    model.save_pretrained(partial)
+    make_tokenizer(partial)
+    partial.rename(folder)
+    (folder / COMPLETE).write_text(f"{layers} layers\n")
 
 
 def moeplan_json(*args: str) -> dict:
@@ -75,12 +87,15 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--out", default=str(ROOT / "bench/results/device"))
     ap.add_argument("--model-dir", default=str(ROOT / "bench/models/mixtral-shaped"))
+    ap.add_argument("--build-only", action="store_true", help="build the checkpoint (if not built) and stop")
     args = ap.parse_args()
     out, folder = Path(args.out), Path(args.model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not (folder / "config.json").exists():
+    if not (folder / COMPLETE).exists():
         print(f"building a {args.layers}-layer Mixtral-shaped checkpoint in {folder} ...", file=sys.stderr, flush=True)
         build_checkpoint(folder, args.layers)
+    if args.build_only:
+        return 0
 
     from planner.catalog import load_model_shape
     from planner.commands.tune import parse_bytes  # the same parser as `tune --vram-budget`

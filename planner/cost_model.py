@@ -11,11 +11,16 @@ The critical path of one forward pass, per decoder layer:
 - then the MoE part: experts that hit are computed from their slots on the accelerator while the CPU
   threads compute the CPU misses one after another; experts copied to be computed on the accelerator
   (transfers) wait for their copy. Where the runtime's schedule overlaps the two sides
-  (`runtime.contracts.schedule.CPU_OVERLAPS_ACCELERATOR`), the layer costs max(accelerator side, CPU
-  side); today it does not, and they add up. With `accelerator: cpu` everything runs on the CPU, one
-  after another, and a "copy" is a host memory copy.
+  (`runtime.contracts.schedule.CPU_OVERLAPS_ACCELERATOR`, true since the CUDA execution order of
+  DESIGN.md), the layer costs max(accelerator side, CPU side); where it did not, they added up. With
+  `accelerator: cpu` everything runs on the CPU, one after another, and a "copy" is a host memory copy.
+- on a CUDA plan each MoE layer blocks the host `HOST_SYNCS_PER_MOE_LAYER` times a pass (the runtime's
+  figure), each the profile's `accelerator.host_sync_s` round trip (`host_sync_s` in the breakdown);
 - background copies (promotion after a CPU miss, prefetch) use the PCIe link while the rest runs; only
-  the part that exceeds the pass's time lands on the critical path. On the CPU they are memory copies
+  the part that exceeds the pass's time lands on the critical path. They read host DRAM, though, while
+  the CPU threads stream the CPU misses from it (`COPIES_SHARE_DRAM_WITH_CPU_MISSES`): the bytes copied
+  during a layer's CPU work (at most its CPU time times the copy rate) cost that work their time at the
+  DRAM read rate (`copy_contention_s`, on the CPU side of the layer). On the CPU they are memory copies
   done by the same threads, so they count in full.
 """
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 from runtime.contracts.expert_format import is_quantized
 from runtime.contracts.memory import memory_items
 from runtime.contracts.model_shape import ModelShape
-from runtime.contracts.schedule import CPU_OVERLAPS_ACCELERATOR
+from runtime.contracts.schedule import (COPIES_SHARE_DRAM_WITH_CPU_MISSES, CPU_OVERLAPS_ACCELERATOR,
+                                        HOST_SYNCS_PER_MOE_LAYER)
 from runtime.plan import Plan
 
 from .profile import ProfileError, interpolate
@@ -68,7 +74,9 @@ class Breakdown:
     background_copy_s: float  # promotion + prefetch copy time (runs beside the compute on a GPU)
     copy_excess_s: float  # part of the background copies that does not fit beside the compute
     overlap_s: float  # time saved by running the accelerator side and the CPU side at once (<= 0)
-    total_s: float  # dense + hit + cpu_miss + transfer + copy_excess + overlap
+    total_s: float  # dense + hit + cpu_miss + transfer + copy_excess + overlap + host_sync + copy_contention
+    host_sync_s: float = 0.0  # blocking host syncs of the MoE layers (CUDA plans)
+    copy_contention_s: float = 0.0  # CPU-miss time lost to background copies reading the same DRAM
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -230,14 +238,33 @@ class _Rates:
                                                self.threads) * t.cpu_scale(tokens)
 
     def copy_s(self) -> float:
-        """One expert into a slot: PCIe from pinned memory, or a host memory copy at the profile's measured
-        `cpu.memory_copy_gbps` (without it: read and write of every byte at the DRAM read rate)."""
+        """One expert into a slot: PCIe from page-locked memory (the profile's rate from memory locked in
+        place, as the runtime's is, where measured; else from pinned allocations), or a host memory copy at
+        the profile's measured `cpu.memory_copy_gbps` (without it: read and write of every byte at the
+        DRAM read rate)."""
         if self.on_gpu:
+            registered = self.profile.accelerator.h2d_registered_gbps
+            if registered is not None:
+                return self.shape.expert_bytes / (registered * 1e9)
             return self.profile.h2d_seconds(self.shape.expert_bytes, pinned=True)
         measured = self.profile.host_copy_seconds(self.shape.expert_bytes, self.threads)
         if measured is not None:
             return measured
         return 2 * self.shape.expert_bytes / (self.profile.memory_read_gbps(self.threads) * 1e9)
+
+    def host_sync_s(self) -> float:
+        """One blocking host sync's round trip on the accelerator (0 where the profile has no figure: then
+        `predict` says so in its notes)."""
+        return (self.profile.accelerator.host_sync_s or 0.0) if self.on_gpu else 0.0
+
+    def contention_s(self, copies: float, cpu_s: float) -> float:
+        """CPU-miss time lost to `copies` background expert copies reading host DRAM during `cpu_s` of CPU
+        work: the bytes copied meanwhile (at most `cpu_s` at the copy rate) at the DRAM read rate."""
+        if not (self.on_gpu and COPIES_SHARE_DRAM_WITH_CPU_MISSES) or copies <= 0 or cpu_s <= 0:
+            return 0.0
+        nbytes = copies * self.shape.expert_bytes
+        copy_bps = self.shape.expert_bytes / self.copy_s()
+        return min(nbytes, cpu_s * copy_bps) / (self.profile.memory_read_gbps(self.threads) * 1e9)
 
     # ---- the runtime's CPU paths for a MoE layer's experts (the profile's `cpu.moe_layer` rows) -------
     @property
@@ -326,18 +353,23 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
     # Outside the layers: the measured decode step (embedding, final norm, lm_head, token pick), or the
     # lm_head's bytes (generation computes the logits of the last token only).
     dense += step if step is not None else rates.weights_s(lm_head, 1)
-    hit = cpu = transfer = background = overlap = 0.0
+    hit = cpu = transfer = background = overlap = contention = 0.0
+    copy_s = rates.copy_s()
     for layer in work.layers:
         h, c, t = _layer_experts_s(rates, layer, work.tokens)
         hit, cpu, transfer = hit + h, cpu + c, transfer + t
-        background += layer.background_copies * rates.copy_s()
+        background += layer.background_copies * copy_s
+        k = rates.contention_s(layer.background_copies, c)  # on the CPU side of the layer
+        contention += k
         if rates.on_gpu and CPU_OVERLAPS_ACCELERATOR:  # accelerator side (hits, transfers) beside the CPU side
-            overlap -= (h + t + c) - max(h + t, c)
-    busy = dense + hit + cpu + transfer + overlap
+            overlap -= (h + t + c + k) - max(h + t, c + k)
+    sync = rates.host_sync_s() * HOST_SYNCS_PER_MOE_LAYER * len(work.layers)
+    busy = dense + hit + cpu + transfer + overlap + sync + contention
     # On a GPU background copies share the pass's time with the compute; on the CPU they are serial work.
     excess = max(0.0, background - busy) if rates.on_gpu else background
     return Breakdown(dense_s=dense, hit_s=hit, cpu_miss_s=cpu, transfer_s=transfer, background_copy_s=background,
-                     copy_excess_s=excess, overlap_s=overlap, total_s=busy + excess)
+                     copy_excess_s=excess, overlap_s=overlap, total_s=busy + excess, host_sync_s=sync,
+                     copy_contention_s=contention)
 
 
 def _layer_experts_s(rates: _Rates, layer: LayerWork, tokens: int) -> tuple[float, float, float]:
@@ -426,6 +458,8 @@ def predict(profile: Any, shape: ModelShape, plan: Plan, sim: Any, context: int,
                    threads=plan.hardware.cpu_threads, cache=cache_state(profile, shape, context), experts=timing)
     if timing.note:
         notes.append(timing.note)
+    if rates.on_gpu and profile.accelerator.host_sync_s is None:
+        notes.append("the profile has no accelerator.host_sync_s: the MoE layers' host syncs are not charged")
     if profile.llc_bytes is not None:
         notes.append(f"CPU timings {rates.cache}: a decode token reads {decode_bytes(shape, context) / 2**20:.1f} MiB, "
                      f"the last-level cache holds {profile.llc_bytes / 2**20:.1f} MiB")

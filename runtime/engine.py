@@ -1,8 +1,11 @@
 """The engine: builds each MoE layer's cache from the plan, attaches it to the model, and sums the books.
 
 What spans layers (the pass counter, the routing replayed and recorded, the background copies and
-prefetch, the CPU executor) is one `LayerContext` the layers share; the engine starts passes and traces
-on it and hands the layers nothing else.
+prefetch, the CPU executor, the device seam of a CUDA plan) is one `LayerContext` the layers share; the
+engine starts passes and traces on it and hands the layers nothing else.
+
+On a CUDA plan the engine page-locks the experts' host memory in place through the seam
+(`cudaHostRegister`: no second, rounded-up pinned copy) and reports the bytes locked.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from .contracts.cache_policy import LayerCachePolicy
 from .contracts.traces import TraceRecorder
 from .cpu_executor import CpuExecutor
 from .cpu_decode import use_cpu_decode_path
+from .device import CudaDevice, DeviceSeam
 from .experts_hook import ATTRIBUTE
 from .huge_pages import bytes_in_huge_pages, move_to_huge_pages
 from .expert_store import ExpertStore
@@ -28,7 +32,9 @@ from .replay import RoutingReplay
 
 class Engine:
     def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None,
-                 huge_pages: bool | None = None) -> None:
+                 huge_pages: bool | None = None, seam: DeviceSeam | None = None) -> None:
+        """`seam`: the accelerator's calls (runtime/device.py); by default a `CudaDevice` for a CUDA device
+        and none for the CPU. Tests pass a `RecordingDevice` to run a CUDA plan's schedule on the CPU."""
         experts = loaded.experts
         num_layers, num_experts = len(experts), experts[0].num_experts
         slots = plan.cache.slots_per_layer(num_layers, num_experts)
@@ -39,7 +45,10 @@ class Engine:
         self.top_k = int(getattr(loaded.model.config, "num_experts_per_tok", 0) or 0)
         torch.set_num_threads(plan.hardware.cpu_threads)
         cpu = CpuExecutor(plan.hardware.cpu_threads)
-        if self.device.type == "cpu":  # the dense part runs on the CPU too: C kernels at decode
+        if seam is None and self.device.type == "cuda":
+            seam = CudaDevice(self.device)
+        self.seam = seam
+        if seam is None:  # the dense part runs on the CPU too: C kernels at decode
             use_cpu_decode_path(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
         # before the expert stores take their views of the weights: a move re-points the parameters.
         # None: move the rest only where torch's allocator gave the large weights 2 MB pages (it is small)
@@ -47,11 +56,14 @@ class Engine:
         if huge_pages is not False:
             move_to_huge_pages(params, only_if_born=huge_pages is None)
         self.huge_page_bytes = bytes_in_huge_pages(params)
-        self.context = LayerContext(cpu, Prefetcher(self.device, num_layers, self.top_k), replay)
+        self.context = LayerContext(cpu, Prefetcher(seam, num_layers, self.top_k), replay, seam=seam)
         self.layers: list[MoeLayer] = []
+        self.locked_host_bytes = 0  # expert host memory page-locked for the accelerator's copies
         scratch = DequantScratch()  # one for every layer: quantized experts dequantize into it
         for i, module in enumerate(experts):
             store = ExpertStore(module, slots[i], self.device, scratch, DTYPES[plan.model.dtype])
+            if seam is not None:  # before the first copy from it: in place, no copy, no rounding up
+                self.locked_host_bytes += seam.lock_host(store.host)
             policy = LayerCachePolicy(slots[i], plan.cache.policy, preload[i])
             for expert, slot in policy.resident().items():  # preload: before the first token
                 store.copy_to_slot(expert, slot)
@@ -63,8 +75,8 @@ class Engine:
             # prefetch into each next layer that has a router to guess with and takes guesses
             if plan.prefetch.lookahead and nxt.router is not None and nxt.policy.admits:
                 layer.prefetch_into = nxt
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if seam is not None:
+            seam.synchronize()  # the preloaded slots are in place before the first token
 
     # ---- passes and traces ------------------------------------------------------------------
     def begin_pass(self, phase: str, tokens: int) -> None:
@@ -92,4 +104,5 @@ class Engine:
             "bytes_to_accelerator": sum(s["bytes_to_accelerator"] for s in per_layer),
             "cpu_expert_seconds": sum(s["cpu_expert_seconds"] for s in per_layer),
             "weights_in_huge_pages_bytes": self.huge_page_bytes,
+            "locked_host_bytes": self.locked_host_bytes,
         }

@@ -60,12 +60,23 @@ class ExpertStore:
             dst[slot].copy_(src[expert], non_blocking=True)
         return self.expert_bytes
 
-    def copy_to_scratch(self, expert: int) -> list[torch.Tensor]:
-        """An expert's weights on the accelerator outside the cache (static policy, zero slots)."""
+    def slot_copies(self, expert: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) of each tensor that bringing `expert` into `slot` copies (the device seam's
+        copies on a CUDA plan)."""
+        return list(zip(self._slot_views[slot], self._host_views[expert]))
+
+    def scratch_copies(self, expert: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) pairs that put an expert's weights in the transfer scratch buffer, on the
+        accelerator outside the cache (static policy, zero slots). Counted by the memory accounting
+        (`transfer_scratch`) before it is allocated here, on first use."""
         if self._scratch is None:
             self._scratch = [torch.empty(t.shape[1:], dtype=t.dtype, device=self.device) for t in self.host]
-        for dst, src in zip(self._scratch, self.host):
-            dst.copy_(src[expert], non_blocking=True)
+        return list(zip(self._scratch, self._host_views[expert]))
+
+    def copy_to_scratch(self, expert: int) -> list[torch.Tensor]:
+        """An expert's weights on the accelerator outside the cache (static policy, zero slots)."""
+        for dst, src in self.scratch_copies(expert):
+            dst.copy_(src, non_blocking=True)
         return self._scratch
 
     def weights_args(self, weights: list[torch.Tensor]) -> tuple:

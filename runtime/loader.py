@@ -3,8 +3,9 @@
 transformers builds the model and reads the safetensors files (converting per-expert tensors into the
 fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` layout as it goes). Loading happens on the CPU;
 then every parameter that is not a routed expert moves to the accelerator, and the experts stay where
-they are (pinned when the accelerator is CUDA, so that a copy into a cache slot is one DMA). Experts are
-never all put on the accelerator, and the host never holds two full copies of them.
+they are (the engine page-locks them in place on a CUDA plan, runtime/device.py, so that a copy into a
+cache slot is one DMA). Experts are never all put on the accelerator, and the host never holds two full
+copies of them.
 
 int8/int4 experts (a plan's `model.experts`): a checkpoint written by `moeplan quantize` loads as it is
 (runtime/quant_checkpoint.py: the model is built on the meta device and filled, no float experts are
@@ -258,11 +259,31 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
                 if buf is not None:
                     module._buffers[name] = buf.to(device)
     if device.type == "cuda":
+        # Page-locking happens in place later (the engine, through the device seam): the experts must be
+        # private memory for that, not views of the memory-mapped checkpoint files.
         for m in experts:
             for param in m.parameters(recurse=False):
-                param.data = param.data.pin_memory()  # one layer at a time: never two full copies
+                if _is_file_mapped(param.data):
+                    param.data = param.data.clone()
             q = quantized_of(m)
             if q is not None:
                 for p in q.projections:
-                    q.qweight[p] = q.qweight[p].pin_memory()
-                    q.scales[p] = q.scales[p].pin_memory()
+                    for table in (q.qweight, q.scales):
+                        if _is_file_mapped(table[p]):
+                            table[p] = table[p].clone()
+
+
+def _is_file_mapped(t: torch.Tensor) -> bool:
+    """Whether a tensor's storage is a view of a memory-mapped file (safetensors loading hands those out
+    for tensors it did not convert): its address falls in a file-backed mapping of /proc/self/maps."""
+    ptr = t.untyped_storage().data_ptr()
+    try:
+        with open("/proc/self/maps", encoding="ascii") as f:
+            for line in f:
+                fields = line.split()
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                if start <= ptr < end:
+                    return len(fields) >= 6 and fields[5].startswith("/")
+    except OSError:
+        return False
+    return False

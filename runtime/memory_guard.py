@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contracts.memory import ACCELERATOR, HOST, memory_items
+from .contracts.memory import ACCELERATOR, HOST, HOST_LOCK_MARGIN, locked_host_bytes, memory_items
 from .contracts.model_shape import ModelShape
 from .errors import HardwareError
 
@@ -29,6 +29,8 @@ class DeviceNeed:
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.items.items() if v)
         have = "unknown" if self.available is None else f"{self.available / GB:.2f} GB available"
+        if self.device == "host page-locked" and self.available is not None:
+            have = f"{self.available / GB:.2f} GB of host memory in all"
         return f"{self.device}: needs {self.needed / GB:.2f} GB ({parts}); {have}"
 
 
@@ -44,8 +46,32 @@ def host_available_bytes() -> int | None:
     return None
 
 
+def host_total_bytes() -> int | None:
+    """MemTotal from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def lock_plan(shape: ModelShape, on_accelerator: bool,
+              host_total: Callable[[], int | None] = host_total_bytes) -> DeviceNeed | None:
+    """What an accelerator plan page-locks, with the margin it must leave, against the host's total memory
+    (locked pages are taken from all of it, for as long as the run lasts); None with `accelerator: cpu`."""
+    locked = locked_host_bytes(shape, on_accelerator)
+    if not locked:
+        return None
+    return DeviceNeed("host page-locked", locked + HOST_LOCK_MARGIN, host_total(),
+                      {"experts_locked": locked, "unlocked_margin": HOST_LOCK_MARGIN})
+
+
 def memory_plan(shape: ModelShape, slots: list[int], device: torch.device, context_tokens: int,
-                host_available: Callable[[], int | None] = host_available_bytes) -> list[DeviceNeed]:
+                host_available: Callable[[], int | None] = host_available_bytes,
+                host_total: Callable[[], int | None] = host_total_bytes) -> list[DeviceNeed]:
     """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure).
 
     `context_tokens` (prompt and new tokens) bounds both the KV cache and the tokens of one pass."""
@@ -56,6 +82,9 @@ def memory_plan(shape: ModelShape, slots: list[int], device: torch.device, conte
         free, _total = torch.cuda.mem_get_info(device)
         needs.append(DeviceNeed(str(device), sum(items[ACCELERATOR].values()), free, items[ACCELERATOR]))
     needs.append(DeviceNeed("host", sum(items[HOST].values()), host_available(), items[HOST]))
+    locking = lock_plan(shape, device.type != "cpu", host_total)
+    if locking is not None:
+        needs.append(locking)
     return needs
 
 

@@ -3,16 +3,28 @@
 Decide: one `PassOutcome` per pass from the layer's cache policy (`route_pass`; `all_cpu_outcome` where the
 layer has no slots and a decode token's misses all stay on the CPU), counted once, in `LayerStats.count`.
 
-Execute, in this order (it is what makes the overlap and the slot safety hold):
-  1. hits, from their accelerator slots (on CUDA these kernels are queued and run while the CPU works);
+Execute with `accelerator: cpu`, in this order (it is what makes the slot safety hold):
+  1. hits, from their slots;
   2. misses that go to the accelerator: copy into their slot (or a scratch buffer), compute;
-  3. promotions: background copies into their slots (`Prefetcher.copy`), after the reads queued by 1-2;
-     the next pass of this layer waits for them;
+  3. promotions: copies into their slots (`Prefetcher.copy`), after the reads of 1-2;
   4. misses on the CPU, from host memory, with the plan's CPU threads; their sum joins the output;
-  5. prefetch (lookahead 1): the next MoE layer guesses its experts from these hidden states and starts
-     copying the non-resident guesses into its own slots.
-With the CPU as the accelerator, one token's hits and CPU misses run as one fused kernel call (1 and 4
-together), where the module fits that kernel: decided once, when the layer is built.
+  5. prefetch (lookahead 1): the next MoE layer guesses its experts from these hidden states and copies
+     the non-resident guesses into its own slots.
+One token's hits and CPU misses run as one fused kernel call (1 and 4 together), where the module fits
+that kernel: decided once, when the layer is built.
+
+Execute on a CUDA plan (DESIGN.md, "the CUDA execution order"), every accelerator call through the device
+seam (runtime/device.py), `_forward_accelerated`:
+  1. ONE blocking host sync brings the router's ids (none when routing is replayed: those are on the host
+     already), its gate weights and the hidden states to pinned host buffers together;
+  2. hits and accelerator misses are queued on the compute stream (a decode token needs no index copy;
+     a longer pass sends all its token indices in one pinned copy);
+  5. the next layer's guesses, made on the host from the host copy of the hidden states (no sync), and
+     its prefetch copies, queued on the copy stream BEFORE this layer's promotions;
+  3. promotions queued on the copy stream; then the CPU misses run on the CPU threads while the device
+     computes the hits (one token: the fused one-token kernel on the CPU misses);
+  4. their sum goes to the device from a pinned buffer without blocking the host.
+A layer's compute waits only for the copies into its own slots (`Prefetcher.wait`, an event).
 """
 from __future__ import annotations
 
@@ -23,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .contracts.cache_policy import LayerCachePolicy, MissRule, PassOutcome, all_cpu_outcome, caches_nothing, route_pass
+from .device import DeviceSeam
 from .expert_math import add_weighted, module_expert_ffn
 from .expert_store import ExpertStore
 from .layer_context import LayerContext
@@ -77,6 +90,13 @@ class MoeLayer:
     _token_caches_nothing: bool = field(init=False, default=False)
     # the CPU executor's fused one-token call for these experts (float or quantized)
     _fused_token: Callable[..., torch.Tensor] = field(init=False, default=None)
+    # a CUDA plan's device seam (None with accelerator: cpu), and on it the dtype of a token whose CPU
+    # misses the fused one-token kernel takes (None where it takes none)
+    _seam: DeviceSeam | None = field(init=False, default=None)
+    _cpu_token_dtype: torch.dtype | None = field(init=False, default=None)
+    # this layer's router weight in host memory: the previous layer guesses this layer's experts with it
+    # (on a CUDA plan from the host copy of its hidden states, so that a guess costs no sync)
+    guess_weight: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         cpu, quantized = self.context.cpu, self.store.quantized
@@ -84,13 +104,20 @@ class MoeLayer:
         dtype = self.store.host[0].dtype if quantized is None else self.store.dtype
         fits = (cpu.fits_token(self.module, dtype) if quantized is None
                 else cpu.fits_token_quantized(self.module, quantized, dtype))
-        if self.store.device.type == "cpu" and fits:
+        self._seam = self.context.seam
+        if self._seam is None and self.store.device.type == "cpu" and fits:
             self._token_dtype = dtype
+        if self._seam is not None and fits:
+            self._cpu_token_dtype = dtype
         self._fused_token = cpu.token if quantized is None else cpu.token_quantized
         self._token_caches_nothing = caches_nothing(self.policy, self.rule, 1)
+        if self.router is not None:  # a no-op on the CPU; one copy of E x H weights from a device
+            self.guess_weight = self.router.weight.detach().to("cpu")
 
     # ---- the forward pass -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._seam is not None:
+            return self._forward_accelerated(x, top_k_index, top_k_weights)
         idx = self.context.route(self.index, top_k_index, top_k_weights)  # [T, k] on the host
         # one token: its k experts in rank order, one token each (a token chooses an expert at most once)
         ranked = idx.tolist()[0] if idx.shape[0] == 1 else None
@@ -110,9 +137,9 @@ class MoeLayer:
         (lookahead 1), and record them in the trace being recorded, prefetch or not, so that the planner
         can replay prefetch from any recorded trace."""
         nxt = self.next_layer
-        if nxt is None or nxt.router is None:
+        if nxt is None or nxt.guess_weight is None:
             return
-        guesses = self.context.copies.guess(x, nxt.router)
+        guesses = self.context.copies.guess(x, nxt.guess_weight)
         if self.context.recorder is not None:
             self.context.recorder.record_guesses(nxt.index, guesses)
         if self.prefetch_into is not None:
@@ -124,6 +151,89 @@ class MoeLayer:
         copies, copied = self.context.copies.prefetch(guesses, self.index, self.policy, self.store)
         self.stats.prefetch_copies += copies
         self.stats.bytes_to_accelerator += copied
+
+    # ---- a CUDA plan's layer ------------------------------------------------------------------
+    def _forward_accelerated(self, x: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The CUDA execution order (module docstring), every device call through the seam."""
+        seam, context = self._seam, self.context
+        # 1. the one blocking host sync: ids (unless replayed), gate weights, hidden states, together
+        if context.replay is None:
+            ids_host, w_host, x_host = seam.fetch(self.index, (top_k_index, top_k_weights, x))
+        else:
+            w_host, x_host = seam.fetch(self.index, (top_k_weights, x))
+            ids_host = top_k_index  # only its shape is read: the replay's ids are on the host
+        idx = context.route(self.index, ids_host, w_host)
+        ranked = idx.tolist()[0] if idx.shape[0] == 1 else None
+        rows = None if ranked is not None else _rows_by_expert(idx)
+        outcome = self._decide(ranked, rows)
+        # 2. hits and accelerator misses, queued on the compute stream
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        on_device = [*outcome.hits, *outcome.accelerator_misses]
+        if on_device:
+            where = self._device_rows(ranked, rows, on_device)
+            for e in outcome.hits:
+                seam.launch(self.index, f"hit {e}", self._device_expert, out, x, top_k_weights, where[e],
+                            self.store.slot_weights(outcome.hit_slots[e]))
+            entered = {entry.expert: entry for entry in outcome.entries}
+            for e in outcome.accelerator_misses:
+                weights = self._bring_in_accelerated(e, entered)
+                seam.launch(self.index, f"accelerator miss {e}", self._device_expert, out, x, top_k_weights,
+                            where[e], weights)
+        # 5. the next layer's guesses from the host copy of x, its prefetch queued before our promotions
+        if self.prefetch_into is not None or context.recorder is not None:
+            self._guess_next(x_host)
+        if outcome.entries:
+            self._promote(outcome)
+        # 3. the CPU misses on the CPU threads, while the device computes what 2 queued
+        if outcome.cpu_misses:
+            start = time.perf_counter()
+            if ranked is not None and x_host.dtype is self._cpu_token_dtype:
+                weight_of = dict(zip(ranked, w_host.reshape(-1).tolist()))
+                cpu_out = self._fused_token(x_host, [(self.store.host_weights(e), weight_of[e])
+                                                     for e in outcome.cpu_misses])
+            else:
+                by_expert = rows if rows is not None else _rows_by_expert(idx)
+                jobs = [(by_expert[e][0], by_expert[e][1], e) for e in outcome.cpu_misses]
+                cpu_out = context.cpu.run(self.module, self.store, x_host, w_host, jobs)
+            self.stats.cpu_expert_seconds += time.perf_counter() - start
+            # 4. their sum to the device from a pinned buffer, without blocking the host
+            out += seam.send(self.index, "cpu sum", cpu_out)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _device_rows(self, ranked: list[int] | None, rows: dict | None, experts: list[int]) -> dict:
+        """Where each expert computed on the device reads its tokens and gate weights: a decode token's rank
+        (no index tensor at all), or (token indices, ranks) on the device, sent in ONE pinned copy."""
+        if ranked is not None:
+            return {e: ranked.index(e) for e in experts}
+        parts = [part for e in experts for part in rows[e]]
+        sizes = [len(p) for p in parts]
+        flat = self._seam.send(self.index, "token indices", torch.cat(parts))
+        pieces = torch.split(flat, sizes)
+        return {e: (pieces[2 * i], pieces[2 * i + 1]) for i, e in enumerate(experts)}
+
+    def _device_expert(self, out: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor,
+                       where: int | tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+        """One expert on the device from `weights`, weighted and added into out (fp32 [T, H])."""
+        if isinstance(where, int):  # one token, this expert at rank `where`
+            y = module_expert_ffn(self.module, x, *self.store.weights_args(weights), transposed=self.store.transposed)
+            out += y.float() * top_k_weights[:, where:where + 1]
+            return out
+        tokens, ranks = where
+        y = module_expert_ffn(self.module, x[tokens], *self.store.weights_args(weights),
+                              transposed=self.store.transposed)
+        add_weighted(out, tokens, ranks, y, top_k_weights)
+        return out
+
+    def _bring_in_accelerated(self, expert: int, entered: dict) -> list[torch.Tensor]:
+        """`_bring_in` through the seam: the copy queued on the compute stream, right before its use."""
+        entry = entered.get(expert)
+        if entry is not None:
+            self.stats.bytes_to_accelerator += self._seam.copy_now(self.index, self.store.slot_copies(expert, entry.slot))
+            return self.store.slot_weights(entry.slot)
+        pairs = self.store.scratch_copies(expert)
+        self.stats.bytes_to_accelerator += self._seam.copy_now(self.index, pairs)
+        return [dst for dst, _ in pairs]
 
     # ---- deciding ---------------------------------------------------------------------------
     def _decide(self, ranked: list[int] | None, rows: dict | None) -> PassOutcome:

@@ -47,12 +47,13 @@ class RoutingReplay:
             raise TraceError(f"{path}: no routing records")
         return cls(rows, num_layers, num_experts, top_k, source=str(path))
 
-    def ids(self, pass_index: int, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
-        tokens = top_k_index.shape[0]
+    def ids(self, pass_index: int, layer: int, tokens: int) -> torch.Tensor:
+        """The ids [tokens, k] of `layer` in pass `pass_index`, on the host: routing decisions are made there,
+        and a CUDA plan then needs no copy of them to the device and back (two syncs a layer)."""
         if pass_index not in self._offsets:
             self._offsets = {pass_index: self._next}  # only the current pass is needed
             self._next += tokens
         start = self._offsets[pass_index]
         n = self._ids.shape[0]
         picks = torch.arange(start, start + tokens) % n
-        return self._ids[picks, layer].to(top_k_index.device)
+        return self._ids[picks, layer]

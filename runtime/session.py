@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .contracts.traces import header_record
+from .device import DeviceSeam
 from .engine import Engine
 from .errors import PlanError
 from .kv_cache import use_growing_layers
@@ -56,10 +57,11 @@ class GenerationResult:
 
 class Session:
     def __init__(self, loaded: LoadedModel, plan: Plan, replay: RoutingReplay | None = None,
-                 huge_pages: bool | None = None) -> None:
+                 huge_pages: bool | None = None, seam: DeviceSeam | None = None) -> None:
+        """`seam`: the accelerator's calls (runtime/device.py; by default the engine's choice for the device)."""
         self.loaded = loaded
         self.plan = plan
-        self.engine = Engine(loaded, plan, replay, huge_pages)
+        self.engine = Engine(loaded, plan, replay, huge_pages, seam)
 
     @property
     def end_token_ids(self) -> set[int]:

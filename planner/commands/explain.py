@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
                "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
-               "prefetch_accuracy": accuracy, **prediction.as_dict()}
+               "prefetch_accuracy": workload.overall_accuracy(accuracy), **prediction.as_dict()}
         print(json.dumps(out))
     else:
         print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source))
@@ -90,7 +90,8 @@ def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, 
         f"{'time':28s}{'decode ms/token':>18s}{'prefill ms/prompt':>20s}",
     ]
     labels = [("dense_s", "dense + KV + overhead"), ("hit_s", "hits (cache slots)"),
-              ("cpu_miss_s", "misses on CPU"), ("transfer_s", "transfers (copy+compute)"),
+              ("cpu_miss_s", "misses on CPU"), ("copy_contention_s", "  + DRAM shared with copies"),
+              ("transfer_s", "transfers (copy+compute)"), ("host_sync_s", "host syncs (MoE layers)"),
               ("background_copy_s", "background copies"), ("copy_excess_s", "  of which on the path"),
               ("overlap_s", "overlap (saved)"), ("total_s", "total")]
     for key, label in labels:

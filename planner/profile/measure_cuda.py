@@ -18,8 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def accelerator_facts(device: torch.device) -> dict[str, object]:
-    """Name and memory from torch; driver and PCIe link from NVML when it answers (else those are omitted)."""
+    """Name and memory from torch; driver and PCIe link from NVML when it answers (else those are omitted).
+
+    `free_memory_bytes` is the usable memory: read once the CUDA context and a cuBLAS handle with its
+    workspace exist (a small matmul makes them), as they will when `run` checks its plan."""
     props = torch.cuda.get_device_properties(device)
+    a = torch.ones(64, 64, device=device)
+    (a @ a).sum().item()  # the context, cuBLAS and its workspace: what every run has made before it fits
+    del a
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     facts: dict[str, object] = {"name": props.name, "memory_bytes": int(total), "free_memory_bytes": int(free)}
     facts.update(_nvml_facts(props))
@@ -76,6 +83,41 @@ def time_transfer(device: torch.device, direction: str, pinned: bool, nbytes: in
     else:
         raise ValueError(f"direction must be h2d or d2h, got {direction!r}")
     return time_call(call, warmup=warmup, repeats=repeats, min_seconds=min_seconds, sync=_sync(device))
+
+
+def time_registered_h2d(device: torch.device, nbytes: int, *, warmup: int, repeats: int,
+                        min_seconds: float = 0.0) -> Timing:
+    """Time of one host->device copy of `nbytes` from ordinary host memory page-locked in place
+    (`cudaHostRegister`), as the runtime locks the experts (runtime/device.py), rather than from an
+    allocation made pinned."""
+    host = torch.ones(nbytes, dtype=torch.uint8)  # ordinary pages, every one touched
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    cudart = torch.cuda.cudart()
+    ptr = host.untyped_storage().data_ptr()
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)
+    if getattr(err, "value", err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (error {getattr(err, 'value', err)})")
+    try:
+        return time_call(lambda: dev.copy_(host, non_blocking=True), warmup=warmup, repeats=repeats,
+                         min_seconds=min_seconds, sync=_sync(device))
+    finally:
+        cudart.cudaHostUnregister(ptr)
+
+
+def time_host_sync(device: torch.device, nbytes: int, *, warmup: int, repeats: int) -> Timing:
+    """Round trip of the runtime's per-layer host sync on an idle device: `nbytes` (a decode token's ids,
+    gate weights and hidden states: a few KB) copied device-to-host into a pinned buffer, one event
+    recorded after the copy, the host waiting for it (runtime/device.py, `CudaDevice.fetch`)."""
+    src = torch.ones(max(1, nbytes), dtype=torch.uint8, device=device)
+    dst = torch.empty(max(1, nbytes), dtype=torch.uint8, pin_memory=True)
+    event = torch.cuda.Event()
+
+    def call() -> None:
+        dst.copy_(src, non_blocking=True)
+        event.record()
+        event.synchronize()
+
+    return time_call(call, warmup=warmup, repeats=repeats, sync=_sync(device))
 
 
 def memory_read_gbps(device: torch.device, nbytes: int, *, warmup: int, repeats: int) -> float:

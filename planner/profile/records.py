@@ -143,6 +143,7 @@ class AcceleratorProfile:
     name: str
     memory_bytes: int
     h2d_pinned_gbps: float  # large-transfer host-to-device rate from page-locked memory
+    # usable: free on the card once the CUDA context and cuBLAS are made (what `run` finds free), measured
     free_memory_bytes: int | None = None
     driver: str | None = None
     pcie_gen: int | None = None
@@ -157,6 +158,12 @@ class AcceleratorProfile:
     layer_overhead_s: float | None = None  # dense part of one decoder layer per pass, beyond bytes
     expert_ffn: tuple[ExpertRow, ...] = ()
     dense_layer: tuple[DenseRow, ...] = ()
+    # round trip of one small blocking host sync (a few KB copied device-to-host into pinned memory, an
+    # event recorded and waited for): what each MoE layer of a CUDA plan pays once per pass
+    host_sync_s: float | None = None
+    # large host-to-device copies from memory page-locked in place (cudaHostRegister), as the runtime's
+    # expert memory is, rather than allocated pinned
+    h2d_registered_gbps: float | None = None
 
 
 # ---- shared arithmetic -------------------------------------------------------------------------

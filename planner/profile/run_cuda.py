@@ -13,7 +13,8 @@ import torch
 from .records import DenseRow, ExpertRow
 from .fit import fit_layer_overhead
 from .measure_cuda import (accelerator_facts, gpu_expert_pool, l2_bytes, matmul_side, matmul_tflops,
-                            memory_read_gbps, rate_from_largest, time_gpu_expert, time_transfer, transfer_sizes)
+                            memory_read_gbps, rate_from_largest, time_gpu_expert, time_host_sync,
+                            time_registered_h2d, time_transfer, transfer_sizes)
 from .measure_dense import DenseLayerBench, LayerShape
 from .settings import (OVERHEAD_SHAPE, Results, Settings, dense_row, router_width, significant,
                        unique_attention_shapes, unique_expert_shapes)
@@ -51,6 +52,21 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: Settings, device: t
             for nbytes in transfer_sizes(s.quick, free):
                 kind = "pinned" if pinned else "pageable"
                 jobs.append((f"{direction} {kind} {nbytes >> 20} MiB", transfer_job(direction, pinned, nbytes)))
+
+    def registered() -> None:
+        nbytes = max(transfer_sizes(s.quick, free))
+        t = time_registered_h2d(device, nbytes, warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds)
+        acc["h2d_registered_gbps"] = significant(nbytes / t.median_s / 1e9)
+
+    jobs.append(("h2d from memory registered in place", registered))
+
+    def host_sync() -> None:
+        # a decode token's fetch on a large model: ids and gate weights (a few bytes) and hidden states
+        nbytes = max((shape.hidden for shape in shapes), default=4096) * 4 + 64
+        t = time_host_sync(device, nbytes, warmup=s.warmup, repeats=max(s.repeats, 50))
+        acc["host_sync_s"] = significant(t.median_s)
+
+    jobs.append(("host sync round trip", host_sync))
 
     def bandwidth() -> None:
         # Far beyond the L2 (tens of MB), within an eighth of free memory.
@@ -102,6 +118,7 @@ def accelerator_jobs(shapes: Sequence[LayerShape], settings: Settings, device: t
         if buf is None:
             buf = state["l2_flush"] = torch.ones(max(1 << 20, 2 * l2_bytes(device)) // 4, device=device)
         buf.sum()  # type: ignore[union-attr]
+        sync()  # the flush's kernel finishes before the timed span starts, not inside it
 
     def dense_job(shape: LayerShape, dtype: str, tokens: int, context: int, last: bool) -> Callable[[], None]:
         def run() -> None:

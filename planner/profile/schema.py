@@ -22,7 +22,8 @@ _CPU = ("memory_read_gbps", "memory_copy_gbps", "expert_gbps", "expert_gflops", 
         "layer_overhead_s", "expert_ffn", "dense_layer", "moe_layer", "model_step")
 _ACC = ("name", "memory_bytes", "free_memory_bytes", "driver", "pcie_gen", "pcie_width", "h2d_pinned_gbps",
         "h2d_pageable_gbps", "d2h_pinned_gbps", "d2h_pageable_gbps", "transfers", "memory_bandwidth_gbps",
-        "matmul_tflops", "kernel_overhead_s", "layer_overhead_s", "expert_ffn", "dense_layer")
+        "matmul_tflops", "kernel_overhead_s", "layer_overhead_s", "expert_ffn", "dense_layer", "host_sync_s",
+        "h2d_registered_gbps")
 _EXPERT_ROW = ("hidden", "intermediate", "dtype", "threads", "tokens", "median_s", "spread")
 _DENSE_ROW = ("hidden", "heads", "kv_heads", "head_dim", "dtype", "threads", "tokens", "context", "cache",
               "median_s", "spread")
@@ -115,6 +116,8 @@ def _accelerator(a: dict[str, Any]) -> AcceleratorProfile:
                          lambda r, q: _expert_row(r, q, cpu=False)),
         dense_layer=_rows(a.get("dense_layer"), f"{p}.dense_layer", _DENSE_ROW,
                           lambda r, q: _dense_row(r, q, cpu=False)),
+        host_sync_s=_opt(a, "host_sync_s", p, _positive_number),
+        h2d_registered_gbps=_opt(a, "h2d_registered_gbps", p, _positive_number),
     )
 
 
@@ -281,6 +284,7 @@ def profile_to_dict(p: Any) -> dict[str, Any]:
         "kernel_overhead_s": a.kernel_overhead_s, "layer_overhead_s": a.layer_overhead_s,
         "expert_ffn": [_row_dict(r, _EXPERT_ROW) for r in a.expert_ffn],
         "dense_layer": [_row_dict(r, _DENSE_ROW) for r in a.dense_layer],
+        "host_sync_s": a.host_sync_s, "h2d_registered_gbps": a.h2d_registered_gbps,
     })
     return out
 

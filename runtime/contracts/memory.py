@@ -34,6 +34,18 @@ ACCELERATOR = "accelerator"
 # The accelerator memory kept free beyond everything counted: at least 0.8 GiB (DESIGN, "Accelerator
 # memory"). A CUDA context alone takes 0.3-0.5 GiB on current drivers, cuBLAS a workspace per stream.
 ACCELERATOR_RESERVE = int(0.8 * 2**30)
+# The host memory an accelerator plan must leave unlocked: page-locked expert memory (cudaHostRegister) can
+# be neither swapped nor reclaimed, and the rest of the host still needs room for the kernel, the Python
+# process (torch and transformers alone are 0.25 GiB resident on the CPU build; CUDA's libraries and its
+# context's host allocations add 1-2 GiB) and the dense weights while they are read. A policy margin, not a
+# measurement: a plan that leaves less is refused before anything is read, with the numbers.
+HOST_LOCK_MARGIN = 4 * 2**30
+
+
+def locked_host_bytes(shape: ModelShape, on_accelerator: bool) -> int:
+    """The host bytes an accelerator plan page-locks in place: every routed expert, in its stored format
+    (0 with `accelerator: cpu`, which locks nothing)."""
+    return shape.expert_bytes_total if on_accelerator else 0
 
 
 def workspace_bytes(shape: ModelShape, pass_tokens: int) -> int:

@@ -1,12 +1,21 @@
-"""What the runtime's schedule overlaps, stated once for the cost model (which charges it) to read.
+"""What the runtime's schedule overlaps and how often it blocks, stated once for the cost model to charge.
 
-Torch-free: the planner imports it.
+Torch-free: the planner imports it. The numbers are the runtime's, checked by
+tests/runtime/test_cuda_schedule.py through the device seam (runtime/device.py).
 """
 from __future__ import annotations
 
 # Whether a CUDA plan's MoE layer computes its CPU misses while the accelerator computes its hits (the
-# CUDA execution order of docs/run.md, step 3). Not yet: the CPU side begins with a blocking copy of the
-# hidden states to the host (runtime/cpu_executor.py, `run`), which waits for the hit kernels queued before
-# it, so the two sides run one after the other, and the cost model adds them up. The runtime change that
-# makes them overlap sets this to True.
-CPU_OVERLAPS_ACCELERATOR = False
+# CUDA execution order of DESIGN.md, step 3): yes. The layer's one host sync comes first, the hits (and
+# accelerator misses) are queued on the compute stream, the CPU misses run on the CPU threads, and their
+# sum goes back without a blocking copy (runtime/moe_layer.py, `_forward_accelerated`). The layer costs
+# max(accelerator side, CPU side), not their sum.
+CPU_OVERLAPS_ACCELERATOR = True
+
+# Blocking host syncs per MoE layer per forward pass on a CUDA plan: the one that brings the router's ids,
+# its gate weights and the hidden states to the host together. Replayed routing adds none.
+HOST_SYNCS_PER_MOE_LAYER = 1
+
+# Whether promotion and prefetch copies read host memory while the CPU threads stream the CPU misses from
+# it: yes, on a CUDA plan they are queued before the CPU work starts (they share the DRAM bandwidth).
+COPIES_SHARE_DRAM_WITH_CPU_MISSES = True

@@ -52,21 +52,59 @@ def test_importing_the_planner_core_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
-def test_accelerator_and_cpu_sides_add_up_until_the_runtime_overlaps_them(profile, olmoe_trace, monkeypatch) -> None:
-    """The runtime's CPU side waits for the hits today (runtime/contracts/schedule.py): a GPU plan's layer
-    costs hits + CPU misses. Where the schedule overlaps them, it costs the larger of the two."""
+def test_accelerator_and_cpu_sides_overlap_as_the_runtime_schedules_them(profile, olmoe_trace, monkeypatch) -> None:
+    """The runtime's CUDA order computes the CPU misses while the hits run (runtime/contracts/schedule.py): a
+    GPU plan's layer costs the larger of the two sides. A schedule that did not overlap them would add them."""
     import planner.cost_model as cost_model
 
     shape, trace = olmoe_trace
     plan = _plan()
     sim = replay(trace, plan, shape)
-    serial = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
-    assert serial.decode.hit_s > 0 and serial.decode.cpu_miss_s > 0 and serial.decode.overlap_s == 0
-    monkeypatch.setattr(cost_model, "CPU_OVERLAPS_ACCELERATOR", True)
     overlapped = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
-    assert overlapped.decode.overlap_s < 0
+    assert overlapped.decode.hit_s > 0 and overlapped.decode.cpu_miss_s > 0 and overlapped.decode.overlap_s < 0
+    monkeypatch.setattr(cost_model, "CPU_OVERLAPS_ACCELERATOR", False)
+    serial = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert serial.decode.overlap_s == 0
     assert overlapped.decode.total_s == pytest.approx(serial.decode.total_s + overlapped.decode.overlap_s
                                                       + overlapped.decode.copy_excess_s - serial.decode.copy_excess_s)
+
+
+def test_host_syncs_are_charged_once_per_moe_layer_from_the_profile(profile, olmoe_trace) -> None:
+    """A CUDA plan blocks the host HOST_SYNCS_PER_MOE_LAYER times per MoE layer per pass, each the profile's
+    `accelerator.host_sync_s`; a profile without the figure charges none and says so."""
+    from runtime.contracts.schedule import HOST_SYNCS_PER_MOE_LAYER
+
+    shape, trace = olmoe_trace
+    plan = _plan(promote=False)  # no background copies, whose time beyond the pass would absorb the syncs
+    sim = replay(trace, plan, shape)
+    without = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert without.decode.host_sync_s == 0 and any("host_sync_s" in n for n in without.notes)
+    acc = dataclasses.replace(profile.accelerator, host_sync_s=3e-5)
+    timed = predict(dataclasses.replace(profile, accelerator=acc), shape, plan, sim, context=512, prompt_tokens=64)
+    expected = 3e-5 * HOST_SYNCS_PER_MOE_LAYER * shape.num_moe_layers
+    assert timed.decode.host_sync_s == pytest.approx(expected)
+    assert timed.decode.total_s == pytest.approx(without.decode.total_s + expected)
+    cpu_plan = predict(profile, shape, _plan("cpu"), replay(trace, _plan("cpu"), shape), context=512, prompt_tokens=64)
+    assert cpu_plan.decode.host_sync_s == 0
+
+
+def test_background_copies_take_dram_time_from_the_cpu_misses(profile, olmoe_trace) -> None:
+    """Promotion copies read host DRAM while the CPU misses stream from it: the bytes copied during a layer's
+    CPU work cost it their time at the DRAM read rate; without promotions nothing is charged."""
+    shape, trace = olmoe_trace
+    promote = _plan(promote=True)
+    p = predict(profile, shape, promote, replay(trace, promote, shape), context=512, prompt_tokens=64)
+    d = p.decode
+    assert d.background_copy_s > 0 and d.copy_contention_s > 0
+    dram = profile.memory_read_gbps(8) * 1e9
+    copy_rate = shape.expert_bytes / profile.h2d_seconds(shape.expert_bytes, pinned=True)
+    # never more than every copied byte at the DRAM rate, nor more than the CPU time's worth of copying
+    copied = d.background_copy_s * copy_rate
+    assert d.copy_contention_s <= copied / dram * (1 + 1e-9)
+    assert d.copy_contention_s <= d.cpu_miss_s * copy_rate / dram * (1 + 1e-9)
+    quiet = _plan(promote=False)
+    q = predict(profile, shape, quiet, replay(trace, quiet, shape), context=512, prompt_tokens=64)
+    assert q.decode.background_copy_s == 0 and q.decode.copy_contention_s == 0
 
 
 def test_breakdown_adds_up(profile, olmoe_trace) -> None:
@@ -75,7 +113,7 @@ def test_breakdown_adds_up(profile, olmoe_trace) -> None:
     p = predict(profile, shape, plan, replay(trace, plan, shape), context=512, prompt_tokens=64)
     for b in (p.decode, p.prefill):
         assert b.total_s == pytest.approx(b.dense_s + b.hit_s + b.cpu_miss_s + b.transfer_s + b.copy_excess_s
-                                          + b.overlap_s)
+                                          + b.overlap_s + b.host_sync_s + b.copy_contention_s)
         assert b.overlap_s <= 0 and 0 <= b.copy_excess_s <= b.background_copy_s
     assert p.decode_tokens_per_s == pytest.approx(1 / p.decode.total_s)
     assert p.prefill_tokens_per_s == pytest.approx(64 / p.prefill.total_s)

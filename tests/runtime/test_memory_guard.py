@@ -61,3 +61,23 @@ def test_run_refuses_before_reading_any_weight(checkpoint, tmp_path, capsys):
     assert "the plan does not fit: host: needs" in err and "GB available" in err and "kv_cache" in err
     assert "Loading weights" not in err and "loaded " not in err and "corrupt" not in err
     assert out == ""
+
+
+def test_page_locking_that_would_leave_the_host_too_little_is_refused_with_numbers(checkpoint):
+    """An accelerator plan page-locks every routed expert in place; the guard refuses one that would leave
+    the host less than the unlocked margin, naming the bytes (a CPU plan locks nothing)."""
+    from runtime.contracts.memory import HOST_LOCK_MARGIN
+    from runtime.memory_guard import lock_plan
+
+    folder, _ = checkpoint("mixtral")
+    shape = inspect_model(folder, "float32")
+    experts = shape.expert_bytes_total
+    assert lock_plan(shape, on_accelerator=False) is None
+    short = lock_plan(shape, True, host_total=lambda: experts + HOST_LOCK_MARGIN - 1)
+    assert short.needed == experts + HOST_LOCK_MARGIN and short.items["experts_locked"] == experts
+    with pytest.raises(HardwareError) as exc:
+        check_fits([short])
+    message = str(exc.value)
+    assert "host page-locked: needs" in message and f"experts_locked {experts / 1e9:.2f}" in message
+    assert f"unlocked_margin {HOST_LOCK_MARGIN / 1e9:.2f}" in message and "of host memory in all" in message
+    check_fits([lock_plan(shape, True, host_total=lambda: experts + HOST_LOCK_MARGIN)])

@@ -43,8 +43,8 @@ def test_replay_reads_both_formats(tmp_path):
     compact.write_text("".join(json.dumps({"tok": t, "layers": [[t % 4, (t + 1) % 4], [1, 0]]}) + "\n"
                                for t in range(3)))
     replay = RoutingReplay.load(compact, num_layers=2, num_experts=4, top_k=2)
-    assert replay.ids(0, 0, torch.zeros(2, 2, dtype=torch.long)).tolist() == [[0, 1], [1, 2]]
-    assert replay.ids(1, 1, torch.zeros(2, 2, dtype=torch.long)).tolist() == [[1, 0], [1, 0]]  # wraps around
+    assert replay.ids(0, 0, 2).tolist() == [[0, 1], [1, 2]]
+    assert replay.ids(1, 1, 2).tolist() == [[1, 0], [1, 0]]  # wraps around
 
     recorder = TraceRecorder(num_layers=3)  # a bigger model's trace replays its first layers and ranks
     recorder.begin_pass(0, "decode", 1)
@@ -52,7 +52,7 @@ def test_replay_reads_both_formats(tmp_path):
         recorder.record(layer, [[layer, 5, 6]], [[0.5, 0.3, 0.2]])
     path = recorder.write(tmp_path / "moeplan.jsonl", header_record("big", 3, 8, 3))
     replay = RoutingReplay.load(path, num_layers=2, num_experts=8, top_k=2)
-    assert replay.ids(0, 1, torch.zeros(1, 2, dtype=torch.long)).tolist() == [[1, 5]]
+    assert replay.ids(0, 1, 1).tolist() == [[1, 5]]
 
 
 @pytest.mark.parametrize("text,expected", [

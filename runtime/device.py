@@ -1,0 +1,270 @@
+"""The device seam: every CUDA call the runtime makes for a MoE layer goes through one small object.
+
+A CUDA plan's MoE layers, its background copies and the page-locking of the experts' host memory call
+these methods and nothing of `torch.cuda` themselves, so that the order of a layer's work (DESIGN.md,
+"Accelerator memory and the CUDA execution order") and the number of times it blocks the host can be
+watched on a machine without a GPU:
+
+- `CudaDevice`: the real thing (pinned staging buffers, one compute stream and one copy stream, events,
+  `cudaHostRegister`);
+- `RecordingDevice`: a stand-in for tests on this CPU machine. It runs the same arithmetic on CPU
+  tensors, so a model driven through it still has to equal plain transformers, and it records every
+  call in order (kind, layer, what, bytes, whether it blocks the host). It checks the schedule the
+  runtime asks for, not that CUDA would run it: nothing here proves a stream or an event behaves.
+
+A plan with `accelerator: cpu` has no seam at all (`Engine` passes None): its layers take their CPU paths
+and pay nothing for this one.
+
+The methods, in the words of the execution order:
+- `fetch`: step (1), the one blocking host sync of a layer: device tensors copied into pinned host
+  buffers on the compute stream, one event recorded after them, the host waits for that event;
+- `launch`: a kernel (a hit's or an accelerator miss's expert) queued on the compute stream;
+- `send`: step (4), a host tensor copied into a pinned staging buffer, then to the device without
+  blocking the host; the compute stream orders it before the work queued after it;
+- `copy_now`: an accelerator miss's weights copied on the compute stream (it is computed right after);
+- `background_copies`: steps (3) and (5), promotion and prefetch copies on the copy stream, after the
+  reads already queued on the compute stream; returns the event a layer later waits for (`wait`).
+
+Pinned staging buffers are reused from layer to layer: a buffer that `send` filled is written again only
+after the next `fetch`, whose event comes after that copy on the same stream; one that `fetch` filled is
+read by the host before the next `fetch` writes it.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import HardwareError
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class DeviceSeam:
+    """What a CUDA plan's layers need of the accelerator (see the module docstring)."""
+
+    device: torch.device  # where the dense part and the expert slots live
+
+    def fetch(self, layer: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def send(self, layer: int, what: str, host: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def copy_now(self, layer: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        raise NotImplementedError
+
+    def background_copies(self, layer: int, what: str,
+                          pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def wait(self, layer: int, event: Any) -> None:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def lock_host(self, tensors: Iterable[torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def unlock_host(self) -> None:
+        raise NotImplementedError
+
+
+def unique_storages(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """(address, bytes) of each distinct storage under `tensors`: what page-locking in place registers."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+    return sorted(seen.items())
+
+
+class _Staging:
+    """Pinned host buffers reused from call to call: one per (name, dtype), grown when a bigger one is asked
+    for, so that prompts of many lengths do not pile up buffers."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype)
+        need = like.numel()
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < need:
+            buf = self._buffers[key] = torch.empty(max(need, 1), dtype=like.dtype, pin_memory=self.pinned)
+        return buf[:need].view(like.shape)
+
+
+class CudaDevice(DeviceSeam):
+    """The seam on a CUDA device: the compute stream is the current stream when the engine was built."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.compute = torch.cuda.current_stream(device)
+        self.copy_stream = torch.cuda.Stream(device)
+        self._staging = _Staging(pinned=True)
+        self._fetched = torch.cuda.Event()
+        self._locked: list[int] = []
+        self.locked_bytes = 0
+        # unregistered when the engine is collected or the interpreter exits, whichever comes first
+        self._finalizer = weakref.finalize(self, _unregister, self._locked)
+
+    def fetch(self, layer: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, t in enumerate(tensors):
+            buf = self._staging.get(f"fetch{i}", t)
+            buf.copy_(t, non_blocking=True)
+            out.append(buf)
+        self._fetched.record(self.compute)
+        self._fetched.synchronize()  # the layer's one blocking host sync
+        return out
+
+    def send(self, layer: int, what: str, host: torch.Tensor) -> torch.Tensor:
+        buf = self._staging.get(what, host)
+        buf.copy_(host)
+        return buf.to(self.device, non_blocking=True)
+
+    def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        return fn(*args)  # queued on the current (compute) stream
+
+    def copy_now(self, layer: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        copied = 0
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+            copied += tensor_bytes(src)
+        return copied
+
+    def background_copies(self, layer: int, what: str,
+                          pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
+        # after the reads already queued on the compute stream: a slot is never overwritten while read
+        self.copy_stream.wait_stream(self.compute)
+        copied = 0
+        with torch.cuda.stream(self.copy_stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+                copied += tensor_bytes(src)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event, copied
+
+    def wait(self, layer: int, event: Any) -> None:
+        self.compute.wait_event(event)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def lock_host(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Page-lock the tensors' host storage in place (`cudaHostRegister`): no copy, no rounding up to a
+        power of two, the pages (2 MB ones included) kept. Returns the bytes locked by this call."""
+        cudart = torch.cuda.cudart()
+        locked = 0
+        for ptr, nbytes in unique_storages(tensors):
+            if ptr in self._locked:
+                continue
+            err = cudart.cudaHostRegister(ptr, nbytes, 0)
+            code = getattr(err, "value", err)
+            if code != 0:
+                raise HardwareError(f"cannot page-lock {nbytes / 2**30:.2f} GiB of expert memory in place "
+                                    f"(cudaHostRegister error {code}); {self.locked_bytes / 2**30:.2f} GiB locked "
+                                    f"before it; check `ulimit -l` and the host's free memory")
+            self._locked.append(ptr)
+            locked += nbytes
+        self.locked_bytes += locked
+        return locked
+
+    def unlock_host(self) -> None:
+        _unregister(self._locked)
+        self.locked_bytes = 0
+
+
+def _unregister(locked: list[int]) -> None:
+    if not locked:
+        return
+    cudart = torch.cuda.cudart()
+    while locked:
+        cudart.cudaHostUnregister(locked.pop())
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call through the recording seam."""
+    kind: str  # fetch | send | launch | copy | background | wait | synchronize | lock
+    layer: int  # the MoE layer that made it (-1: none)
+    what: str  # e.g. "hit 3", "promote", "prefetch for 2", "cpu sum"
+    nbytes: int  # bytes moved (0 for a launch or a wait)
+    blocks_host: bool  # whether the host waits for the device in this call
+
+
+class RecordingDevice(DeviceSeam):
+    """A stand-in for `CudaDevice` on a machine without a GPU: computes on CPU tensors, records each call.
+
+    It checks the schedule (which calls, in what order, which of them block the host), not that CUDA ran.
+    Copies happen when they are asked for; events are the index of the call that made them.
+    """
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.calls: list[Call] = []
+        self.locked_bytes = 0
+
+    def _log(self, kind: str, layer: int, what: str, nbytes: int = 0, blocks_host: bool = False) -> None:
+        self.calls.append(Call(kind, layer, what, nbytes, blocks_host))
+
+    def fetch(self, layer: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._log("fetch", layer, f"{len(tensors)} tensors", sum(tensor_bytes(t) for t in tensors), True)
+        return [t.clone() for t in tensors]
+
+    def send(self, layer: int, what: str, host: torch.Tensor) -> torch.Tensor:
+        self._log("send", layer, what, tensor_bytes(host))
+        return host.clone()
+
+    def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        self._log("launch", layer, what)
+        return fn(*args)
+
+    def copy_now(self, layer: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        copied = 0
+        for dst, src in pairs:
+            dst.copy_(src)
+            copied += tensor_bytes(src)
+        self._log("copy", layer, "accelerator miss", copied)
+        return copied
+
+    def background_copies(self, layer: int, what: str,
+                          pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
+        copied = 0
+        for dst, src in pairs:
+            dst.copy_(src)
+            copied += tensor_bytes(src)
+        self._log("background", layer, what, copied)
+        return len(self.calls) - 1, copied
+
+    def wait(self, layer: int, event: Any) -> None:
+        self._log("wait", layer, f"copies of call {event}")
+
+    def synchronize(self) -> None:
+        self._log("synchronize", -1, "device", 0, True)
+
+    def lock_host(self, tensors: Iterable[torch.Tensor]) -> int:
+        nbytes = sum(n for _, n in unique_storages(tensors))
+        self.locked_bytes += nbytes
+        self._log("lock", -1, "expert host memory", nbytes)
+        return nbytes
+
+    def unlock_host(self) -> None:
+        self.locked_bytes = 0
+
+    def blocking(self, layer: int | None = None) -> int:
+        """How many calls so far blocked the host (of one layer, or of all)."""
+        return sum(1 for c in self.calls if c.blocks_host and (layer is None or c.layer == layer))

@@ -1,0 +1,181 @@
+"""The CUDA execution order of DESIGN.md, checked through the runtime's device seam on a CPU machine.
+
+A CUDA plan's model runs here with `RecordingDevice` (runtime/device.py) in place of the CUDA device: the
+same layer code, the same calls in the same order, the arithmetic on CPU tensors. These tests check the
+SCHEDULE the runtime asks the device for (which calls, in what order, how many of them block the host),
+not that CUDA ran: no stream, event or copy engine is exercised. Because the stand-in computes, the tokens
+must still be plain transformers' tokens, so conformance holds through the seam.
+
+What each decode layer must look like (one segment = the calls from one layer's `fetch` to the next):
+  fetch (the ONE blocking call: ids, gate weights and hidden states together; no ids under replay)
+  -> waits for this layer's own pending copies only -> hit / accelerator-miss launches (and their copies)
+  -> prefetch copies for the next layer -> this layer's promotions -> the CPU sum sent back (not blocking).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model_factory import num_experts
+from test_conformance import TOL, make_plan, reference_gaps
+
+from runtime.device import RecordingDevice
+from runtime.loader import load_model
+from runtime.replay import RoutingReplay
+from runtime.session import Session
+
+PROMPT = "def main(argv):\n    for name in"
+NEW_TOKENS = 6
+# plans that put work on every side: CPU misses only; hits, promotions and prefetch; accelerator misses
+PLANS = {
+    "zero-slots": dict(slots=0, policy="lru"),
+    "promote-prefetch": dict(slots=2, policy="lru", promote=True, lookahead=1),
+    "accelerator-misses": dict(slots=2, policy="fifo", compute="accelerator", transfer_min_tokens=2),
+}
+
+
+def cuda_plan(spec: dict, config, accelerator: str = "cuda:0") -> object:
+    """The conformance table's plan for `spec`, on `accelerator` whatever MOEPLAN_TEST_ACCELERATOR says."""
+    plan = make_plan(spec, num_experts(config), config.num_hidden_layers)
+    return plan.__class__.from_dict({**plan.to_dict(), "hardware": {"accelerator": accelerator, "cpu_threads": 2}})
+
+
+def recorded_run(folder, config, spec: dict, replay: RoutingReplay | None = None, trace=None):
+    seam = RecordingDevice()
+    loaded = load_model(folder, "float32", "cpu")  # the stand-in's "device" memory is host memory
+    session = Session(loaded, cuda_plan(spec, config), replay, seam=seam)
+    marks: list[int] = []  # index of the first call of each forward pass
+    begin = session.engine.begin_pass
+
+    def begin_and_mark(phase, tokens):
+        marks.append(len(seam.calls))
+        begin(phase, tokens)
+
+    session.engine.begin_pass = begin_and_mark
+    result = session.generate(PROMPT, max_new_tokens=NEW_TOKENS, trace_out=trace)
+    return session, seam, result, marks
+
+
+def segments(calls: list, start: int, end: int) -> list[list]:
+    """The calls of one forward pass [start, end), cut at each layer's fetch."""
+    out: list[list] = []
+    for call in calls[start:end]:
+        if call.kind == "fetch":
+            out.append([])
+        if out:
+            out[-1].append(call)
+    return out
+
+
+def assert_layer_order(layer: int, seg: list, next_layer_prefetches: bool) -> None:
+    kinds = [c.kind for c in seg]
+    assert kinds[0] == "fetch" and seg[0].layer == layer and seg[0].blocks_host
+    assert not any(c.blocks_host for c in seg[1:]), f"layer {layer}: a second blocking call {seg}"
+    for c in seg:
+        if c.kind == "wait":  # a layer waits only for the copies into its own slots
+            assert c.layer == layer
+    first_launch = next((i for i, c in enumerate(seg) if c.kind == "launch"), len(seg))
+    waits = [i for i, c in enumerate(seg) if c.kind == "wait"]
+    assert all(i < first_launch for i in waits), "the wait comes before the hits read the slots"
+    prefetch = [i for i, c in enumerate(seg) if c.kind == "background" and c.what.startswith("prefetch")]
+    promote = [i for i, c in enumerate(seg) if c.kind == "background" and c.what == "promote"]
+    launches = [i for i, c in enumerate(seg) if c.kind in ("launch", "copy")]
+    if prefetch and promote:
+        assert max(prefetch) < min(promote), f"layer {layer}: prefetch queued after promotions {kinds}"
+    for i in prefetch:
+        assert seg[i].layer == layer + 1 and next_layer_prefetches
+    for i in prefetch + promote:
+        assert all(j < i for j in launches), "background copies are queued after the reads of this layer"
+    sends = [i for i, c in enumerate(seg) if c.kind == "send" and c.what == "cpu sum"]
+    indices = [i for i, c in enumerate(seg) if c.kind == "send" and c.what == "token indices"]
+    assert len(indices) <= 1 and all(i < first_launch for i in indices), "one index copy, before the launches"
+    assert len(sends) <= 1
+    if sends:  # the CPU sum goes back last, after everything queued for the device and the copy engine
+        assert sends[-1] == len(seg) - 1
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_cuda_plan_schedule_and_tokens(name, checkpoint):
+    folder, config = checkpoint("mixtral")
+    spec = PLANS[name]
+    session, seam, result, marks = recorded_run(folder, config, spec)
+    layers = len(session.engine.layers)
+
+    # conformance through the seam: the stand-in computes, so the tokens are transformers' tokens
+    gaps = reference_gaps(folder, list(session.loaded.tokenizer(PROMPT)["input_ids"]), result.generated_ids)
+    assert max(gaps) <= TOL, f"{name}: token off the reference argmax by {max(gaps):.3g}"
+
+    # exactly one blocking host sync per MoE layer per forward pass (prefill and every decode token)
+    marks.append(len(seam.calls))
+    assert len(marks) - 1 == len(result.generated_ids)
+    for p, (start, end) in enumerate(zip(marks, marks[1:])):
+        blocking = [c for c in seam.calls[start:end] if c.blocks_host]
+        assert len(blocking) == layers, f"{name} pass {p}: {len(blocking)} blocking calls for {layers} layers"
+        segs = segments(seam.calls, start, end)
+        assert [s[0].layer for s in segs] == list(range(layers))
+        for layer, seg in enumerate(segs):
+            nxt = session.engine.layers[layer].prefetch_into is not None
+            assert_layer_order(layer, seg, nxt)
+            if p > 0:  # a decode token: ids [1, k] int64, gate weights [1, k], hidden states [1, H] float32
+                k, hidden = session.engine.top_k, config.hidden_size
+                assert seg[0].nbytes == k * 8 + k * 4 + hidden * 4
+                # no index copies for a decode token: at most the CPU sum goes to the device
+                assert [c.what for c in seg if c.kind == "send"] in ([], ["cpu sum"])
+
+    stats = session.engine.stats()
+    if spec["slots"] == 0:  # every expert on the CPU: no launch, one send per layer per pass
+        assert not any(c.kind == "launch" for c in seam.calls)
+        assert sum(1 for c in seam.calls if c.kind == "send") == layers * len(result.generated_ids)
+    else:
+        assert any(c.kind == "launch" and c.what.startswith("hit") for c in seam.calls)
+    if spec.get("lookahead"):
+        assert stats["prefetch"]["copies"] > 0
+        assert any(c.kind == "background" and c.what.startswith("prefetch") for c in seam.calls)
+    if spec.get("compute") == "accelerator":
+        assert any(c.kind == "launch" and c.what.startswith("accelerator miss") for c in seam.calls)
+    # page-locked in place: every expert byte, once
+    expert_bytes = sum(t.numel() * t.element_size() for layer in session.engine.layers for t in layer.store.host)
+    assert stats["locked_host_bytes"] == expert_bytes == seam.locked_bytes
+
+
+def test_cuda_plan_takes_the_fused_token_kernel_for_its_cpu_misses(checkpoint):
+    """Issue 20 item 6: a CUDA plan's decode token computes its CPU misses with the fused one-token kernel
+    wherever a CPU plan's token would use it."""
+    folder, config = checkpoint("mixtral")
+    cpu = Session.load(cuda_plan(PLANS["zero-slots"], config, accelerator="cpu"), folder)
+    seam = RecordingDevice()
+    cuda = Session(load_model(folder, "float32", "cpu"), cuda_plan(PLANS["zero-slots"], config), seam=seam)
+    assert [layer._cpu_token_dtype for layer in cuda.engine.layers] == \
+        [layer._token_dtype for layer in cpu.engine.layers]
+    calls: list[int] = []
+    fused = cuda.engine.context.cpu.token
+
+    def counting(x, chosen):
+        calls.append(len(chosen))
+        return fused(x, chosen)
+
+    for layer in cuda.engine.layers:
+        layer._fused_token = counting
+    cuda.generate(PROMPT, max_new_tokens=3)
+    if cpu.engine.layers[0]._token_dtype is not None:
+        assert calls and all(n == cuda.engine.top_k for n in calls)  # decode tokens: every expert a CPU miss
+
+
+def test_replayed_routing_adds_no_sync(checkpoint, tmp_path):
+    """Issue 20 item 7: replayed ids are on the host already; the layer's one fetch brings the gate weights
+    and hidden states only, and no other call blocks."""
+    folder, config = checkpoint("mixtral")
+    spec = PLANS["promote-prefetch"]
+    trace = tmp_path / "routing.jsonl"
+    _, _, first, _ = recorded_run(folder, config, spec, trace=trace)
+    header = json.loads(trace.read_text().splitlines()[0])
+    replay = RoutingReplay.load(trace, header["num_layers"], header["num_experts"], header["top_k"])
+    session, seam, result, marks = recorded_run(folder, config, spec, replay=replay)
+    layers = len(session.engine.layers)
+    generation = seam.calls[marks[0]:]  # the engine's build ends with one synchronize (preloaded slots)
+    assert sum(1 for c in generation if c.blocks_host) == layers * len(result.generated_ids)
+    fetches = [c for c in seam.calls if c.kind == "fetch"]
+    assert all(c.what == "2 tensors" for c in fetches)
+    assert result.stats["cache"]["hits"] + result.stats["cache"]["misses"] > 0
+    assert result.generated_ids == first.generated_ids  # the trace is this model's own routing
