@@ -6,7 +6,10 @@
  * rounded to bf16 for a bf16 model, dequant.h) and multiplied by the fp32 input with fp32 sums, so the
  * kernel differs from "dequantize, then torch's matmul" only in the order of its fp32 additions, as the
  * bf16 kernel of gemv.c does (bench/results/cpu_kernel_int_avx2.md has the measurements that chose this
- * over integer dot products with the input quantized to 8 bits, llama.cpp's Q8 way).
+ * over integer dot products with the input quantized to 8 bits, llama.cpp's Q8 way). Where a group's
+ * scale makes every float(scale) * q a bf16 already (int8: a power of two; int4: at most 5 significant
+ * bits, as runtime/quant_format.py's rule stores them), the scale comes out of the group's sum instead:
+ * the same weights at a fraction of the per-weight work (dequant.h), chosen eight groups at a time.
  *
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
