@@ -1,7 +1,8 @@
 /* AVX2 dequantization of int8 and int4 expert weights (the layout of runtime/contracts/expert_format.py):
  * w = float(scale) * q, and, for a bf16 model, rounded to bf16 as the reference's dequantized weights are
  * (bf16(float(scale) * q)), so that the kernels multiply exactly the reference's weights and differ from
- * its matmul only in the order of the fp32 sums. */
+ * its matmul only in the order of the fp32 sums; and, for scales where that product is a bf16 already,
+ * the scale taken out of a group's sum instead (the same weights, less work per weight). */
 #ifndef MOEPLAN_DEQUANT_H
 #define MOEPLAN_DEQUANT_H
 #include <immintrin.h>
