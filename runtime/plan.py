@@ -55,7 +55,7 @@ class HardwareSpec:
 class CacheSpec:
     # Experts kept on the accelerator per MoE layer: one int for every layer, or one int per layer.
     slots: int | tuple[int, ...] = 0
-    policy: str = "lru"  # lru | lfu | fifo | adaptive | static (the preloaded set never changes)
+    policy: str = "lru"  # lru | lfu | fifo | adaptive | markov | static (the preloaded set never changes)
     # None, or one tuple of expert ids per MoE layer, loaded before the first token.
     preload: tuple[tuple[int, ...], ...] | None = None
 

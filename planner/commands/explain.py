@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
                "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
-               "prefetch_accuracy": accuracy, **prediction.as_dict()}
+               "prefetch_accuracy": workload.overall_accuracy(accuracy), **prediction.as_dict()}
         print(json.dumps(out))
     else:
         print(render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source))

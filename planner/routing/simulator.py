@@ -21,6 +21,8 @@ from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, admit_gue
 
 from runtime.contracts.traces import PHASES, Trace
 
+from .statistics import GuessAccuracy, best_ranks
+
 
 @dataclass(frozen=True)
 class LayerCounts:
@@ -99,7 +101,7 @@ def _check(trace: Trace, slots: Sequence[int], preload: Sequence[Sequence[int]] 
 
 
 def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[Sequence[int]] | None,
-             rule: MissRule, lookahead: int = 0, prefetch_accuracy: float = 0.0,
+             rule: MissRule, lookahead: int = 0, prefetch_accuracy: float | GuessAccuracy = 0.0,
              phases: Sequence[str] = PHASES, seed: int = 0, count_from: int = 0,
              replay_guesses: bool = False) -> SimResult:
     """Replay the passes of `phases` through one `LayerCachePolicy` per layer.
@@ -109,15 +111,18 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
 
     With `lookahead` 1, after layer l's lookup the guesses for layer l+1 are admitted into layer l+1's
     cache (`admit_guesses`, as the runtime admits them) before its lookup: each expert layer l+1 really
-    needs is guessed with probability `prefetch_accuracy`, otherwise a random expert it does not need
-    is guessed instead (random.Random(seed)). With `replay_guesses`, the guesses are instead the ones the
+    needs is guessed with probability `prefetch_accuracy` (a `GuessAccuracy`: the one of layer l+1 and the
+    expert's best rank in the pass), otherwise a random expert it does not need is guessed instead
+    (random.Random(seed)). With `replay_guesses`, the guesses are instead the ones the
     trace recorded (`run --trace-out` records them, prefetch on or off): the runtime's own, so the counts
     equal what `run` reports with `lookahead: 1` on the same routing.
     """
     _check(trace, slots, preload)
     if lookahead not in (0, 1):
         raise ValueError(f"lookahead: must be 0 or 1, got {lookahead}")
-    if not 0.0 <= prefetch_accuracy <= 1.0:
+    shares = [prefetch_accuracy.overall, *(a for row in prefetch_accuracy.by_layer_rank for a in row)] \
+        if isinstance(prefetch_accuracy, GuessAccuracy) else [prefetch_accuracy]
+    if not all(0.0 <= a <= 1.0 for a in shares):
         raise ValueError(f"prefetch_accuracy: must be in [0, 1], got {prefetch_accuracy}")
     if replay_guesses and lookahead and any(p.guesses is None for p in trace.passes if p.phase in phases):
         raise ValueError("replay_guesses: the trace has passes without recorded guesses")
@@ -154,8 +159,7 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
                     nxt = caches[l + 1]
                     c[7] += len(admit_guesses(nxt, frozenset(p.guesses[l + 1]))) if nxt.admits else 0
                 else:
-                    c[7] += _prefetch(caches[l + 1], trace.tokens_per_expert(position, l + 1), E,
-                                      prefetch_accuracy, rng)
+                    c[7] += _prefetch(caches[l + 1], trace, position, l + 1, prefetch_accuracy, rng)
         if counted:
             counts = PassCounts(1, float(p.tokens), *map(float, c))
             (decode if p.phase == "decode" else prefill).append(counts)
@@ -163,13 +167,18 @@ def simulate(trace: Trace, slots: Sequence[int], policy: str, preload: Sequence[
     return SimResult(sum(layer_hits), sum(layer_misses), per_layer, _mean(decode), tuple(prefill))
 
 
-def _prefetch(cache: LayerCachePolicy, needed: dict[int, int], num_experts: int, accuracy: float,
-              rng: random.Random) -> int:
-    """Admit this pass's guesses for the next layer; return how many were copied."""
+def _prefetch(cache: LayerCachePolicy, trace: Trace, position: int, layer: int,
+              accuracy: float | GuessAccuracy, rng: random.Random) -> int:
+    """Admit this pass's guesses for `layer` (the next one); return how many were copied."""
     if not cache.admits:
         return 0
-    right = [e for e in sorted(needed) if rng.random() < accuracy]
-    others = [e for e in range(num_experts) if e not in needed]
+    needed = trace.tokens_per_expert(position, layer)
+    if isinstance(accuracy, GuessAccuracy):
+        ranks = best_ranks(trace, position, layer)
+        right = [e for e in sorted(needed) if rng.random() < accuracy.of(layer, ranks[e])]
+    else:
+        right = [e for e in sorted(needed) if rng.random() < accuracy]
+    others = [e for e in range(trace.header.num_experts) if e not in needed]
     wrong = rng.sample(others, min(len(needed) - len(right), len(others)))
     return len(admit_guesses(cache, frozenset(right) | frozenset(wrong)))
 

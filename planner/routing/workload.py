@@ -18,6 +18,7 @@ from runtime.plan import Plan
 
 from ..catalog import load_model_shape
 from ..paths import TRACES, shown
+from .statistics import GuessAccuracy, measure_guess_accuracy
 
 # The recorded trace that synthetic traces are fitted to, and the model it was recorded from (traces/README.md).
 RECORDED_MODEL = "olmoe-1b-7b"
@@ -119,18 +120,23 @@ def _draw_distinct(rng: random.Random, weights: list[float], k: int) -> list[int
 ASSUMED_PREFETCH_ACCURACY = 0.0
 
 
-def prefetch_accuracy(trace: Trace) -> tuple[float, str]:
-    """The guess accuracy the cost model predicts prefetch with, and where it came from."""
-    from .statistics import guess_accuracy
-
-    measured = guess_accuracy(trace)
+def prefetch_accuracy(trace: Trace) -> tuple[float | GuessAccuracy, str]:
+    """The guess accuracy the cost model predicts prefetch with (measured per layer and rank where the trace
+    recorded guesses: `GuessAccuracy`), and where it came from."""
+    measured = measure_guess_accuracy(trace)
     if measured is None:
         return ASSUMED_PREFETCH_ACCURACY, (f"{ASSUMED_PREFETCH_ACCURACY:.2f}, assumed: the trace recorded no "
                                            f"guesses (record one with `moeplan run --trace-out`)")
-    return measured, f"{measured:.3f}, measured on the trace's recorded guesses"
+    return measured, (f"{measured.overall:.3f}, measured on the trace's recorded guesses (per layer and rank "
+                      f"in the replay)")
 
 
-def replay(trace: Trace, plan: Plan, shape: ModelShape, accuracy: float | None = None):
+def overall_accuracy(accuracy: float | GuessAccuracy) -> float:
+    """One number for a report: the accuracy itself, or a measured one's overall share."""
+    return accuracy.overall if isinstance(accuracy, GuessAccuracy) else accuracy
+
+
+def replay(trace: Trace, plan: Plan, shape: ModelShape, accuracy: float | GuessAccuracy | None = None):
     """The simulator's replay of `trace` under the plan's cache and miss rules; prefetch is statistical,
     with guess accuracy `accuracy` (None: the trace's, `prefetch_accuracy`)."""
     from .simulator import simulate

@@ -17,7 +17,7 @@ class Choice:
     """One point of the search space (before the budget is split across layers)."""
 
     budget: int  # expert slots in all layers together
-    policy: str  # lru | lfu | fifo | adaptive | static
+    policy: str  # lru | lfu | fifo | adaptive | markov | static
     preload: bool  # True: the most used experts per layer are loaded before the first token
     cpu_threads: int
     miss_compute: str  # cpu | accelerator

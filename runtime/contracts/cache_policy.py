@@ -10,9 +10,12 @@ The accounting rules (docs/run.md, "Cache accounting"):
 - an entering expert takes a free slot, else evicts by policy: lru the least recently used, fifo the
   oldest entry, lfu the fewest uses since it entered (ties: least recently used), adaptive the lowest
   decayed use count with the decay chosen online (runtime/contracts/adaptive_scores.py; ties: least
-  recently used). The victim is never
+  recently used), markov the lowest predicted chance of being needed by the next pass
+  (runtime/contracts/markov_scores.py; ties: least recently used). The victim is never
   an expert this pass needs unless every resident one is needed, and then the least recently
-  touched goes, so that the last ones to enter stay (adaptive: the lowest score goes);
+  touched goes, so that the last ones to enter stay (adaptive and markov: the lowest score goes);
+- markov also admits by score: a miss enters only if it scores above the victim it would evict (else
+  it stays out and the victim stays); a prefetch guess enters without that test;
 - `static` never changes the preloaded set.
 """
 from __future__ import annotations
@@ -21,8 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .adaptive_scores import AdaptiveScores
+from .markov_scores import MarkovScores
 
-POLICIES = ("lru", "lfu", "fifo", "adaptive", "static")
+POLICIES = ("lru", "lfu", "fifo", "adaptive", "markov", "static")
 MISS_COMPUTE = ("cpu", "accelerator")  # where a missed expert is computed (MissRule.compute)
 
 
@@ -51,6 +55,9 @@ class LayerCachePolicy:
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._needed: frozenset[int] = frozenset()
         self._adaptive = AdaptiveScores(slots, preload) if policy == "adaptive" else None
+        self._markov = MarkovScores() if policy == "markov" else None
+        # the score that orders evictions, where the policy has one (adaptive, markov)
+        self._scores = self._adaptive or self._markov
         for expert in preload:  # preloaded experts are resident but not yet used
             self._insert(expert, used=False)
 
@@ -78,8 +85,8 @@ class LayerCachePolicy:
         """Split this pass's needed experts into hits and misses (both ascending); touch the hits."""
         ordered = sorted(set(needed))
         self._needed = frozenset(ordered)
-        if self._adaptive is not None:
-            self._adaptive.observe(ordered)
+        if self._scores is not None:
+            self._scores.observe(ordered)
         hits = [e for e in ordered if e in self._entries]
         misses = [e for e in ordered if e not in self._entries]
         for e in hits:
@@ -104,6 +111,8 @@ class LayerCachePolicy:
             victim = self._victim(keep, strict=protected is not None)
             if victim is None:
                 return None
+            if used and self._markov is not None and self._markov.score(expert) <= self._markov.score(victim):
+                return None  # admission: the victim is likelier to be needed next than the miss
             evicted = victim
             self._free.append(self._entries.pop(victim).slot)
         return self._insert(expert, used), evicted
@@ -128,10 +137,10 @@ class LayerCachePolicy:
         if not candidates:
             if strict:
                 return None
-            if self._adaptive is not None:
-                # Every resident expert is needed by this pass: under adaptive the lowest score goes,
-                # so that the pass's most used experts stay (what lifts its hits where top-k > slots).
-                score = self._adaptive.score
+            if self._scores is not None:
+                # Every resident expert is needed by this pass: under adaptive and markov the lowest score
+                # goes, so that the pass's most used experts stay (what lifts its hits where top-k > slots).
+                score = self._scores.score
                 return min(self._entries, key=lambda e: (score(e), self._entries[e].last_use))
             # Every resident expert is needed by this pass: the least recently touched goes, so that
             # the last ones to enter stay.
@@ -140,8 +149,8 @@ class LayerCachePolicy:
             return min(candidates, key=lambda e: self._entries[e].entered)
         if self.policy == "lfu":
             return min(candidates, key=lambda e: (self._entries[e].uses, self._entries[e].last_use))
-        if self._adaptive is not None:
-            score = self._adaptive.score
+        if self._scores is not None:
+            score = self._scores.score
             return min(candidates, key=lambda e: (score(e), self._entries[e].last_use))
         return min(candidates, key=lambda e: self._entries[e].last_use)  # lru
 

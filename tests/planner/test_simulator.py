@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from trace_factory import OLMOE, decode_sequence, make_trace
 
 from planner.routing.simulator import belady, lru_hit_curves, popular_preload, simulate
+from planner.routing.statistics import GuessAccuracy
 from runtime.contracts.traces import Trace, load_trace
 from runtime.contracts.cache_policy import MissRule
 
@@ -87,6 +88,17 @@ def test_prefetch_with_perfect_guesses_makes_the_next_layer_hit():
     assert right.per_layer[0] == wrong.per_layer[0]  # layer 0 has no previous layer to guess it
 
 
+def test_prefetch_takes_each_layers_measured_accuracy():
+    # layers 1 and 2 always need expert 0 of 2; layer 1 is always guessed right, layer 2 never
+    trace = make_trace([("decode", [[[e]], [[0]], [[0]]]) for e in (0, 1, 0, 1)], 2, 1)
+    table = GuessAccuracy(0.5, ((), (1.0,), (0.0,)))
+    r = simulate(trace, [1, 1, 1], "lru", None, MissRule(promote=False), lookahead=1, prefetch_accuracy=table)
+    assert (r.per_layer[1].hits, r.per_layer[2].hits) == (4, 0)
+    with pytest.raises(ValueError, match="prefetch_accuracy"):
+        simulate(trace, [1, 1, 1], "lru", None, PROMOTE, lookahead=1,
+                 prefetch_accuracy=GuessAccuracy(0.5, ((), (1.5,), (0.0,))))
+
+
 def test_bad_arguments_name_the_field():
     trace = decode_sequence([0], 4)
     with pytest.raises(ValueError, match="slots: has 2 entries"):
@@ -152,8 +164,11 @@ def test_belady_is_never_worse_than_any_admitting_policy(trace, data):
     # accelerator transfers enter). Static's warm start is outside both bounds.
     free = sum(belady(trace, [slots] * trace.header.num_layers, bypass=True))
     assert free >= bound
-    for policy in ("lru", "adaptive"):
+    for policy in ("lru", "adaptive", "markov"):
         assert _hits(trace, slots, policy, rule=MissRule(transfer_min_tokens=2)) <= free
+    # markov declines misses that score below their victim: only the bound with bypass holds for it
+    for rule in (PROMOTE, MissRule(compute="accelerator"), MissRule(transfer_min_tokens=2, promote=True)):
+        assert _hits(trace, slots, "markov", rule=rule) <= free, rule
 
 
 @FAST
@@ -164,7 +179,7 @@ def test_counting_from_a_pass_counts_only_the_later_passes(trace, data):
     passes = len(trace.passes)
     split = data.draw(st.integers(0, passes))
     slots = [data.draw(st.integers(0, trace.header.num_experts))] * trace.header.num_layers
-    policy = data.draw(st.sampled_from(("lru", "adaptive")))
+    policy = data.draw(st.sampled_from(("lru", "adaptive", "markov")))
     whole = simulate(trace, slots, policy, None, PROMOTE)
     later = simulate(trace, slots, policy, None, PROMOTE, count_from=split)
     first = Trace(trace.header, trace.passes[:split])

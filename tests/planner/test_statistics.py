@@ -6,8 +6,8 @@ import pytest
 from trace_factory import OLMOE, make_trace
 
 from planner.cli import main as cli_main
-from planner.routing.statistics import top_share, trace_stats
-from runtime.contracts.traces import load_trace
+from planner.routing.statistics import GuessAccuracy, best_ranks, guess_accuracy, measure_guess_accuracy, top_share, trace_stats
+from runtime.contracts.traces import Trace, TracePass, load_trace
 
 
 def test_stats_by_hand():
@@ -78,3 +78,26 @@ def test_trace_records_all_prompts_into_one_trace(checkpoint, tmp_path):
     assert [p.phase for p in trace.passes].count("prefill") == 2 and trace.passes[0].phase == "prefill"
     assert len(trace.decode_passes()) <= 4 and all(p.tokens == 1 for p in trace.decode_passes())
     assert trace.passes[0].tokens > 1 and trace.passes[0].weights is not None
+
+
+def _with_guesses(trace: Trace, guesses: list[list[list[int]]]) -> Trace:
+    return Trace(trace.header, tuple(TracePass(p.index, p.phase, p.tokens, p.experts, None,
+                                               tuple(tuple(g) for g in gs)) for p, gs in zip(trace.passes, guesses)))
+
+
+def test_guess_accuracy_by_layer_and_rank():
+    # 3 layers, top-2. Layer 1: the top-1 expert is always guessed, the second never; layer 2: both guessed
+    # once of two passes. A prefill token's rank is its best among the tokens (expert 3: rank 0 by token 2).
+    trace = make_trace([("decode", [[[0, 1]], [[2, 3]], [[4, 5]]]),
+                        ("decode", [[[0, 1]], [[3, 2]], [[4, 5]]]),
+                        ("prefill", [[[0, 1], [1, 0]], [[2, 0], [3, 2]], [[4, 5], [5, 4]]])], num_experts=6, top_k=2)
+    guessed = _with_guesses(trace, [[[], [2], [4, 5]], [[], [3, 5], [0, 1]], [[], [2, 3], [4, 5]]])
+    measured = measure_guess_accuracy(guessed, ("decode",))
+    assert measured.by_layer_rank == ((), (1.0, 0.0), (0.5, 0.5)) and measured.overall == 0.5
+    assert measured.of(1, 0) == 1.0 and measured.of(1, 5) == 0.5  # a rank never seen: the overall share
+    assert guess_accuracy(guessed, ("decode",)) == 0.5
+    assert best_ranks(trace, 2, 1) == {2: 0, 0: 1, 3: 0}  # expert 2: rank 0 by the first token, 1 by the second
+    every = measure_guess_accuracy(guessed)  # with the prefill pass: its rank-0 experts 2 and 3 were guessed
+    assert every.by_layer_rank[1] == (1.0, 0.0) and every.overall == 8 / 13
+    assert measure_guess_accuracy(trace) is None and guess_accuracy(trace) is None
+    assert isinstance(measured, GuessAccuracy)

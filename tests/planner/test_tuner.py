@@ -211,7 +211,7 @@ def test_curves_are_exact_for_any_split(model_dir, trace_file) -> None:
     trace = load_trace(trace_file)
     cap = cache_capacity(profile, shape, "cuda:0", 512, 24, None)
     ev = Evaluator(profile, shape, trace, accelerator="cuda:0", context=512, prompt_tokens=24, capacity=cap)
-    for policy in ("lru", "lfu", "fifo", "adaptive", "static"):
+    for policy in ("lru", "lfu", "fifo", "adaptive", "markov", "static"):
         for preload in (False, True):
             for rule in (MissRule("cpu", 0, True), MissRule("cpu", 8, False), MissRule("accelerator", 0, False)):
                 choice = Choice(7, policy, preload, 2, rule.compute, rule.transfer_min_tokens, rule.promote, 0)

@@ -69,6 +69,39 @@ def test_adaptive_keeps_the_most_used_when_a_pass_needs_more_than_slots():
     assert set(lru.resident()) == {1, 2}  # the last ones to enter stay
 
 
+def test_markov_keeps_the_expert_that_follows_the_current_one():
+    # 1, 2, 3 in a cycle through 2 slots: lru always evicts the expert needed next; markov learns that 2
+    # follows 1, 3 follows 2 and 1 follows 3, and keeps the one the cycle comes back to first.
+    passes = [[1], [2], [3]] * 20
+    markov, lru = LayerCachePolicy(2, "markov"), LayerCachePolicy(2, "lru")
+    assert replay(lru, passes)[0] == 0
+    assert replay(markov, passes)[0] > len(passes) // 3
+
+
+def test_markov_declines_a_miss_that_scores_below_its_victim():
+    # 5 is used every pass, then 9 once: lru lets 9 push 5 out of the one slot; markov keeps 5.
+    passes = [[5]] * 5 + [[9], [5]]
+    markov, lru = LayerCachePolicy(1, "markov"), LayerCachePolicy(1, "lru")
+    assert replay(lru, passes) == (4, 3)
+    assert replay(markov, passes) == (5, 2)
+    assert set(markov.resident()) == {5}
+    out = route_pass(markov, {9: 1}, PROMOTE)  # 9's second use in a row, 5 not used now: still 5 stays
+    assert out.cpu_misses == [9] and out.entries == [] and set(markov.resident()) == {5}
+
+
+def test_markov_keeps_the_highest_scores_when_a_pass_needs_more_than_slots():
+    cache = LayerCachePolicy(2, "markov")
+    replay(cache, [[5], [5], [5], [1, 2, 5]])  # 5 is the most used: it stays; 1 and 2 tie, 1 entered first
+    assert set(cache.resident()) == {1, 5}
+
+
+def test_markov_admits_prefetch_guesses_without_its_score_test():
+    cache = LayerCachePolicy(1, "markov")
+    replay(cache, [[5]] * 5)
+    slot, evicted = cache.admit(9, used=False, protected=frozenset({9}))
+    assert evicted == 5 and cache.slot_of(9) == slot
+
+
 def test_static_never_evicts():
     cache = LayerCachePolicy(2, "static", preload=[5, 6])
     hits, misses = replay(cache, [[1, 5], [2, 3], [6], [5, 6]])

@@ -27,6 +27,9 @@ PLANS = {
     "per-layer-list": dict(slots=[0, 4, 1], policy="lru", transfer_min_tokens=2, promote=True),
     "all-cached": dict(slots="all", policy="lru", preload="popular", promote=True),
     "prefetch": dict(slots=3, policy="lru", promote=True, lookahead=1),
+    # markov declines misses that score below their victim: declined promotions and declined transfers
+    # (computed from scratch memory) are what this plan adds
+    "markov-transfer": dict(slots=2, policy="markov", transfer_min_tokens=2, promote=True),
     "zero-slots-accelerator": dict(slots=0, policy="lru", compute="accelerator"),
 }
 

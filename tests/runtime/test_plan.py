@@ -84,7 +84,7 @@ def mutate(path: str, value):
     ("cache.slots", [2, -1, 0], "cache.slots[1]: must be >= 0, got -1"),
     ("cache.slots", [], "cache.slots: the list is empty"),
     ("cache.slots", "many", "cache.slots: must be an integer or a list"),
-    ("cache.policy", "random", "cache.policy: must be one of lru, lfu, fifo, adaptive, static"),
+    ("cache.policy", "random", "cache.policy: must be one of lru, lfu, fifo, adaptive, markov, static"),
     ("cache.preload", [[1, 2], [3]], "cache.preload: has 2 lists but cache.slots has 3"),
     ("cache.preload", [[1, 2, 4], [3], []], "cache.preload[0]: 3 experts but the layer has 2 slots"),
     ("cache.preload", [[1, 1], [3], []], "cache.preload[0]: lists an expert twice"),

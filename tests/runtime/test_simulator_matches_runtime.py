@@ -26,9 +26,14 @@ PLANS = {
     # 6 slots < top-8: every pass also takes the adaptive rule for a pass needing more than the slots
     "adaptive-promote": "cache: {slots: 6, policy: adaptive}\nmiss: {promote: true}",
     "adaptive-transfer": "cache: {slots: 16, policy: adaptive}\nmiss: {promote: true, transfer_min_tokens: 2}",
+    # markov declines misses that score below their victim: every kind of entry takes that test
+    "markov-promote": "cache: {slots: 6, policy: markov}\nmiss: {promote: true}",
+    "markov-transfer": "cache: {slots: 16, policy: markov}\nmiss: {promote: true, transfer_min_tokens: 2}",
+    "markov-accelerator": "cache: {slots: 8, policy: markov}\nmiss: {compute: accelerator}",
     # prefetch replayed from the guesses the run recorded: exact, not statistical
     "lru-prefetch": "cache: {slots: 16, policy: lru}\nmiss: {promote: true}\nprefetch: {lookahead: 1}",
     "adaptive-prefetch": "cache: {slots: 8, policy: adaptive}\nmiss: {promote: true}\nprefetch: {lookahead: 1}",
+    "markov-prefetch": "cache: {slots: 8, policy: markov}\nmiss: {promote: true}\nprefetch: {lookahead: 1}",
     "per-layer": "cache: {slots: " + str([0, 8, 16, 32] * 4) + ", policy: lru}\nmiss: {promote: true}",
 }
 
