@@ -157,7 +157,7 @@ def _fastest(a: dict, b: dict) -> dict:
     for overhead in ("expert_overhead_s", "layer_overhead_s"):
         if cpu.get(overhead) is not None and other.get(overhead) is not None:
             cpu[overhead] = min(cpu[overhead], other[overhead])
-    for table in ("expert_ffn", "dense_layer", "moe_layer", "model_step"):
+    for table in ("expert_ffn", "dense_layer", "moe_layer", "model_step", "decode_layer"):
         theirs = {_row_key(r): r for r in other.get(table) or []}
         cpu[table] = [min(r, theirs.get(_row_key(r), r), key=lambda x: x["median_s"]) for r in cpu.get(table) or []]
     return {**a, "cpu": cpu}

@@ -187,14 +187,18 @@ class _Rates:
             return one
         return one * self.slot_expert_s(tokens) / self.slot_expert_s(1)
 
-    def measured_layer_s(self, tokens: int, context: int) -> float | None:
+    def measured_layer_s(self, tokens: int, context: int, threads: int | None = None,
+                         cache: str | None = None) -> float | None:
         """One decoder layer without experts (attention with KV cache, norms, router), from the profile's
         dense_layer table when it measured this model's attention shape and dtype; else None.
 
         Interpolated over the context (rows of the same tokens), then over threads (CPU rows), clamped
-        at the ends; a prefill measured at another length is scaled by tokens.
+        at the ends; a prefill measured at another length is scaled by tokens. `threads` and `cache`: this
+        plan's unless given.
         """
         s = self.shape
+        threads = self.threads if threads is None else threads
+        cache = self.cache if cache is None else cache
         if s.attention_params_override:  # MLA: the table's rows are plain attention
             return None
         side = self.profile.accelerator if self.on_gpu else self.profile.cpu
@@ -205,7 +209,7 @@ class _Rates:
         rows = [r for r in rows if (r.tokens == 1) == decode]
         # Rows timed in this plan's cache state; a profile without them (cold only, or rows that do not say,
         # which were timed cold) answers with what it has.
-        rows = [r for r in rows if (r.cache or "cold") == self.cache] or rows
+        rows = [r for r in rows if (r.cache or "cold") == cache] or rows
         if not rows:
             return None
         by_threads: dict[int, dict[int, float]] = {}
@@ -214,11 +218,34 @@ class _Rates:
             by_threads.setdefault(r.threads or 0, {})[x] = r.median_s
         x = context if decode else tokens
         per_threads = {n: interpolate(points, x) for n, points in by_threads.items()}
-        value = interpolate(per_threads, self.threads)
+        value = interpolate(per_threads, threads)
         if not decode:
             longest = max(max(points) for points in by_threads.values())
             value *= max(1.0, x / longest)  # beyond the measured prefill: linear in tokens
         return value
+
+    def loop_extra_s(self) -> float:
+        """What one decoder layer of a CPU plan's decode step takes in the runtime's decode loop beyond its
+        parts timed alone: the profile's `cpu.decode_layer` row (the layer, dense part and top-k experts on
+        the fused path, inside the runtime's generation loop) less the same run's `dense_layer` row at its
+        context and `moe_layer` token row, per thread count (this plan's cache state, else what was timed),
+        never below 0. 0 on a GPU, without such rows, or where the parts were not timed."""
+        s = self.shape
+        if self.on_gpu:
+            return 0.0
+        rows = [r for r in self.profile.cpu.decode_layer
+                if (r.hidden, r.intermediate, r.heads, r.kv_heads, r.dtype)
+                == (s.hidden, s.expert_intermediate, s.num_heads, s.num_kv_heads, s.dtype)
+                and (r.head_dim or r.hidden // r.heads) == s.head_dim]
+        rows = [r for r in rows if r.cache == self.cache] or rows
+        extra: dict[int, float] = {}
+        for r in rows:
+            dense = self.measured_layer_s(1, r.context, r.threads, r.cache)
+            experts = self.profile.cpu_moe_seconds(s.hidden, s.expert_intermediate, s.dtype, "token", r.experts, 1,
+                                                   r.threads, r.cache)
+            if dense is not None and experts is not None:
+                extra[r.threads] = max(0.0, r.median_s - dense - experts)
+        return interpolate(extra, self.threads) if extra else 0.0
 
     def layer_overhead_s(self) -> float:
         value, where = ((self.profile.accelerator.layer_overhead_s, "accelerator.layer_overhead_s") if self.on_gpu
@@ -344,6 +371,8 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
         mlp = sum(n - attention - (shape.hidden * shape.num_experts if i in moe else 0)
                   for i, n in enumerate(shape.dense_params_per_layer))
         dense = shape.num_layers * measured + rates.weights_s(mlp * shape.dtype_bytes, work.tokens)
+        if work.tokens == 1:  # a CPU decode step: each MoE layer's cost in the runtime's loop beyond its parts
+            dense += shape.num_moe_layers * rates.loop_extra_s()
     else:
         kv_read = shape.kv_bytes_per_token * context  # every layer's KV cache, read once a pass
         layer_weights = sum(shape.dense_params_per_layer) * shape.dtype_bytes

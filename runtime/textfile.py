@@ -8,6 +8,8 @@ import yaml
 
 from .errors import UserError
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def read_bytes(path: str | Path, error: type[UserError], what: str) -> bytes:
     """The file's bytes, or `error` naming the file: missing, a folder, unreadable."""
@@ -32,10 +34,15 @@ def read_text(path: str | Path, error: type[UserError], what: str) -> str:
 
 
 def parse_yaml(text: str, source: str, error: type[UserError]) -> Any:
-    """`yaml.safe_load` (never the full loader: no Python objects), with the line of a syntax error."""
+    """`yaml.safe_load` (never the full loader: no Python objects), with the line of a syntax error.
+
+    libyaml's safe loader where PyYAML has it: it rejects a 100,000-deep nesting in 4 ms where the pure
+    Python one recurses for 3.5 s (on a loaded machine past the fuzz test's 10 s per-example limit)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's limit, said as below
+            raise error(f"{source}: not valid YAML: nested too deeply") from None
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise error(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None

@@ -5,8 +5,8 @@ hidden size and attention shape, so the profile measures the code the runtime ru
 runtime's CPU decode path in place (kernel projections, C norms and attention, the in-place KV cache:
 runtime/cpu_decode.py), as `accelerator: cpu` runs it. Its experts are replaced by a module that returns
 zeros: in the runtime, moeplan's experts hook does that work, and its cost is measured separately
-(`moe_layer`, `expert_ffn`, `expert_overhead_s`). The rest of a decode step (embedding, final norm,
-lm_head, picking the token) is timed by `DecodeStepBench`. What runs before each repeat is the caller's
+(`moe_layer`, `expert_ffn`, `expert_overhead_s`). The rest of a decode step (the runtime's generation
+loop around the layers: embedding, final norm, lm_head, picking the token) is timed by `DecodeStepBench`. What runs before each repeat is the caller's
 `flush`: the profiler passes what a decode step runs in between (measure_moe.py), warm or cold.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .measure import TORCH_DTYPES, Timing, time_call
+from .measure import TORCH_DTYPES, Timing, summarize, time_call
 
 
 @dataclass(frozen=True)
@@ -123,95 +123,137 @@ class DenseLayerBench:
                              sync=sync)
 
 
-class _CacheOnlyLayer(torch.nn.Module):
-    """Stands in for a decoder layer in the decode step timing: appends one position to the KV cache (so
-    the step sees a cache that grows, as in a run) and returns its input; the time spent in it is the
-    layer's, not the step's, and is taken off."""
+class _TimedLayer(torch.nn.Module):
+    """Wraps the decoder layer of the decode step timing: its time, and that of the caller's `flush` after it
+    (what the rest of a decode step's layers do to the caches), is counted here and taken off the step."""
 
-    def __init__(self, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layer: torch.nn.Module) -> None:
         super().__init__()
-        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.layer = layer
+        self.flush: Callable[[], object] | None = None
         self.seconds = 0.0  # time spent in here since the caller last reset it
+        self.layer_seconds = 0.0  # of which in the layer itself (not the flush)
 
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    def forward(self, *args: object, **kwargs: object) -> object:
         start = time.perf_counter()
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None:
-            kv = hidden_states.new_zeros(1, self.kv_heads, hidden_states.shape[1], self.head_dim)
-            cache.update(kv, kv, 0)
+        out = self.layer(*args, **kwargs)
+        done = time.perf_counter()
+        if self.flush is not None:
+            self.flush()
+        self.layer_seconds += done - start
         self.seconds += time.perf_counter() - start
-        return hidden_states
+        return out
 
 
 class DecodeStepBench:
-    """The part of a decode step outside the decoder layers, as the runtime's generation loop runs it:
-    transformers' `MixtralForCausalLM` (token embedding, rotary tables, attention mask, final norm, the
-    lm_head on the last position) with the runtime's CPU decode path in place on the CPU, and the runtime's
-    greedy `Sampler` picking the next token. Its one decoder layer only grows the KV cache
-    (`_CacheOnlyLayer`), and its time is not counted."""
+    """The part of a decode step outside the decoder layers, as the runtime runs it: the runtime's own
+    generation loop (`runtime.session.Session.stream`: the pass begun, transformers' `MixtralForCausalLM`
+    forward with token embedding, rotary tables, attention mask, final norm and the lm_head on the last
+    position, the runtime's sampler picking the token, the token handed out) on a model of the shape built
+    in memory and run by the runtime's engine on the CPU (an `accelerator: cpu` plan without slots). Its one
+    decoder layer is the real thing, dense part and experts (the shape's top-k of them, through the
+    runtime's experts hook), so that the step runs among what a layer leaves in the caches; its time, and
+    the caller's `flush` after it, is taken off. Whatever the runtime adds per token, or saves, shows here."""
 
     def __init__(self, shape: LayerShape, dtype: str, device: torch.device | str) -> None:
-        from transformers import MixtralConfig, MixtralForCausalLM
-
-        from runtime.sampling import Sampler
-
         if shape.vocab < 1:
             raise ValueError(f"shape {shape.name}: no vocabulary size, so no decode step to time")
-        self.shape, self.device, self.dtype = shape, torch.device(device), TORCH_DTYPES[dtype]
-        config = MixtralConfig(hidden_size=shape.hidden, intermediate_size=1, num_hidden_layers=1,
-                               num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                               head_dim=shape.head_dim, num_local_experts=shape.num_experts,
-                               num_experts_per_tok=shape.experts_per_token, sliding_window=None,
-                               vocab_size=shape.vocab, max_position_embeddings=1 << 16, tie_word_embeddings=False)
-        config._attn_implementation = "sdpa"
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the decode step is timed on the CPU (an `accelerator: cpu` plan), not {device}")
+        self.shape, self.dtype = shape, dtype
+        self._sessions: dict[int, tuple[object, _TimedLayer]] = {}  # threads -> (runtime session, its layer)
+
+    def _session(self, threads: int) -> tuple[object, _TimedLayer]:
+        """The runtime's session on a one-layer model of the shape, with `threads` CPU threads (the engine
+        fixes them when it is built: one per thread count)."""
+        if threads in self._sessions:
+            return self._sessions[threads]
+        from pathlib import Path
+
+        from tokenizers import Tokenizer, models
+        from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+        from runtime.experts_hook import IMPLEMENTATION_NAME, register
+        from runtime.loader import LoadedModel, find_experts
+        from runtime.plan import Plan
+        from runtime.session import Session
+
+        s = self.shape
+        k = s.experts_per_token
+        config = MixtralConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=1,
+                               num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+                               num_local_experts=k, num_experts_per_tok=k, sliding_window=None,
+                               vocab_size=s.vocab, max_position_embeddings=1 << 16, tie_word_embeddings=False,
+                               eos_token_id=None, bos_token_id=None, pad_token_id=None)
+        config._attn_implementation = "sdpa"  # what from_pretrained picks on the CPU
+        config._experts_implementation = IMPLEMENTATION_NAME  # as `load_model` selects the runtime's hook
+        register()
         gen = torch.Generator().manual_seed(0)
-        model = MixtralForCausalLM(config)
-        self.layer = _CacheOnlyLayer(shape.kv_heads, shape.head_dim)
-        model.model.layers[0] = self.layer
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(TORCH_DTYPES[self.dtype])  # built in the model dtype: no float32 copy of it
+        try:
+            model = MixtralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(torch.ones_like(p) if "norm" in name else torch.randn(p.shape, generator=gen) * 0.02)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.config = config
-        self.sampler = Sampler(0.0, 1.0, 0)
-        if self.device.type == "cpu":
-            from runtime.cpu_decode import use_cpu_decode_path
-            from runtime.kernels import load
+                # Parameters start uninitialised (torch.empty); norms 1, the rest small and random, in place.
+                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=gen)
+        model = model.eval().requires_grad_(False)
+        experts, routers = find_experts(model)
+        # A real tokenizer over the vocabulary (one word per id): the loop decodes the result with it.
+        vocab = {f"t{i}": i for i in range(s.vocab)}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+        loaded = LoadedModel(model, tokenizer, experts, routers, torch.device("cpu"), Path(s.name), self.dtype)
+        plan = Plan.from_dict({"version": 2, "model": {"name": s.name, "dtype": self.dtype},
+                               "hardware": {"accelerator": "cpu", "cpu_threads": threads},
+                               "cache": {"slots": 0, "policy": "lru"}, "miss": {"compute": "cpu"}})
+        session = Session(loaded, plan)
+        layer = _TimedLayer(model.model.layers[0])
+        model.model.layers[0] = layer
+        self._sessions[threads] = (session, layer)
+        return self._sessions[threads]
 
-            use_cpu_decode_path(self.model, [], load(), torch.get_num_threads())
-
-    def time(self, context: int, *, warmup: int, repeats: int, min_seconds: float = 0.0,
+    def time(self, context: int, *, warmup: int, repeats: int, min_seconds: float = 0.0, max_repeats: int = 50,
              flush: Callable[[], object] | None = None, sync: Callable[[], object] | None = None) -> Timing:
-        """Time of one decode step outside the layers after `context` cached positions, with the thread
-        count the caller set; `flush` runs untimed before each repeat (what the layers do in between)."""
-        import inspect
+        """Time of one decode step outside the layers, from `context` positions on, with the thread count the
+        caller set (see `time_in_loop`)."""
+        if sync is not None:
+            raise ValueError("the decode step is timed on the CPU: nothing to synchronise")
+        return self.time_in_loop(context, warmup=warmup, repeats=repeats, min_seconds=min_seconds,
+                                 max_repeats=max_repeats, flush=flush)[0]
 
-        from transformers import DynamicCache
-
-        from runtime.cpu_decode import set_kernel_threads
-        from runtime.kv_cache import use_growing_layers
-
-        set_kernel_threads(self.model, torch.get_num_threads())
-        cache = DynamicCache(config=self.config)
-        if self.device.type == "cpu":
-            use_growing_layers(cache)
-        # the name this version of transformers gives the cache argument, as the runtime's session looks it up
-        kwargs = {"use_cache": True, "logits_to_keep": 1,
-                  "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
-        state = {"input": torch.tensor([[3] * max(1, context)], device=self.device)}
-        layer = self.layer
-
-        def before() -> None:
-            if flush is not None:
-                flush()
-            layer.seconds = 0.0
-
-        def call() -> None:
-            logits = self.model(input_ids=state["input"], **kwargs).logits[0, -1]
-            token = self.sampler.pick(logits)
-            state["input"] = torch.tensor([[token]], device=self.device)
-
-        with torch.inference_mode():
-            call()  # the prompt: `context` positions into the cache, untimed
-            return time_call(call, warmup=warmup, repeats=repeats, min_seconds=min_seconds, before=before, sync=sync,
-                             exclude=lambda: layer.seconds)
+    def time_in_loop(self, context: int, *, warmup: int, repeats: int, min_seconds: float = 0.0,
+                     max_repeats: int = 50, flush: Callable[[], object] | None = None) -> tuple[Timing, Timing, float]:
+        """(the step outside the layers, the decoder layer, the mean context of the timed tokens), each token
+        of the runtime's generation after a prompt of `context` tokens one sample, with the thread count the
+        caller set. The layer's time is that of its dense part and top-k experts among the rest of the runtime's
+        decode step, as a run has it; `flush` runs after the layer, inside its (untimed) share: what the other
+        layers of a decode step do in between."""
+        session, layer = self._session(torch.get_num_threads())
+        layer.flush = flush
+        prompt = [3] * max(1, context)
+        outside: list[float] = []
+        inside: list[float] = []
+        spent = 0.0
+        tokens = session.stream(prompt, max_new_tokens=1 + warmup + max_repeats, text=False)  # type: ignore[attr-defined]
+        try:
+            next(tokens)  # the prompt's pass: `context` positions into the cache, untimed
+            for i in range(warmup + max_repeats):
+                layer.seconds = layer.layer_seconds = 0.0
+                start = time.perf_counter()
+                next(tokens)
+                dt = time.perf_counter() - start - layer.seconds
+                if i < warmup:
+                    continue
+                outside.append(dt)
+                inside.append(layer.layer_seconds)
+                spent += dt + layer.layer_seconds
+                if len(outside) >= repeats and spent >= min_seconds:
+                    break
+        finally:
+            tokens.close()
+            layer.flush = None
+        # token i of the timed ones attends to context + warmup + i positions (itself included)
+        mean_context = context + warmup + (len(outside) + 1) / 2
+        return summarize(outside), summarize(inside), mean_context

@@ -88,8 +88,9 @@ class MoeRow:
 
 @dataclass(frozen=True)
 class StepRow:
-    """The part of one decode step outside the decoder layers: token embedding, rotary tables, final norm,
-    the lm_head on the last token (`vocab` x `hidden`) and picking the token, as the runtime runs them."""
+    """The part of one decode step outside the decoder layers: the runtime's generation loop with token
+    embedding, rotary tables, final norm, the lm_head on the last token (`vocab` x `hidden`) and picking the
+    token, as the runtime runs them."""
     hidden: int
     vocab: int
     dtype: str
@@ -97,6 +98,26 @@ class StepRow:
     cache: str
     median_s: float
     spread: float
+
+
+@dataclass(frozen=True)
+class LoopLayerRow:
+    """One decoder layer timed inside the runtime's own decode loop (a CPU plan without slots): its dense part
+    and its `experts` experts of one token along the fused path, among the rest of a decode step, at a mean
+    KV length of `context`. Against the same layer's parts timed alone (`dense_layer`, `moe_layer` token
+    rows of the same run), it says what a layer costs in a run beyond them."""
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    dtype: str
+    threads: int
+    experts: int
+    context: int
+    cache: str
+    median_s: float
+    spread: float
+    head_dim: int | None = None  # None: hidden // heads
 
 
 @dataclass(frozen=True)
@@ -136,6 +157,7 @@ class CpuProfile:
     memory_copy_gbps: dict[int, float] | None = None  # thread count -> host copy rate (bytes copied / s)
     moe_layer: tuple[MoeRow, ...] = ()
     model_step: tuple[StepRow, ...] = ()
+    decode_layer: tuple[LoopLayerRow, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .records import DTYPE_BYTES, ExpertRow, MoeRow, StepRow
+from runtime.contracts.expert_format import DEFAULT_GROUP_SIZE, check_group_size, is_quantized
+
+from .records import DTYPE_BYTES, ExpertRow, LoopLayerRow, MoeRow, StepRow
 from .fit import dense_layer_bytes, fit_copy_rate, fit_expert_rates, fit_layer_overhead
 from .measure import ExpertPool, StreamBuffer, Timing, host_facts, thread_counts, time_cpu_expert
 from .measure_dense import DecodeStepBench, DenseLayerBench, LayerShape
@@ -91,12 +93,17 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
         return ("warm", "cold") if llc is not None and nbytes <= llc else ("cold",)
 
     def moe(shape: LayerShape, dtype: str) -> MoeLayerBench:
-        """The shape's experts as one MoE layer, on a pool with room for two calls' experts (a cold call
-        never meets the last one's), built on first use and shared by the shape's timings in this dtype."""
+        """The shape's experts as one MoE layer, stored as `dtype` (a float dtype, or int8/int4 computing in
+        `s.int_dtype`), on a pool with room for two calls' experts (a cold call never meets the last one's),
+        built on first use and shared by the shape's timings in this format."""
         key = f"moe {shape.hidden}x{shape.intermediate} {dtype}"
         if key not in state:
-            state[key] = MoeLayerBench(ExpertPool(shape.hidden, shape.intermediate, dtype, pool_bytes=s.pool_bytes,
-                                                  min_copies=2 * shape.experts_per_token))
+            copies = 2 * shape.experts_per_token
+            state[key] = (MoeLayerBench.quantized(shape.hidden, shape.intermediate, dtype, s.int_dtype,
+                                                  pool_bytes=s.pool_bytes, min_copies=copies)
+                          if is_quantized(dtype) else
+                          MoeLayerBench(ExpertPool(shape.hidden, shape.intermediate, dtype, pool_bytes=s.pool_bytes,
+                                                   min_copies=copies)))
         return state[key]  # type: ignore[return-value]
 
     def neighbour(shape: LayerShape, dtype: str, n: int, cache: str) -> Callable[[], object]:
@@ -107,7 +114,7 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
         bench = moe(shape, dtype)
         k = shape.experts_per_token
         experts = bench.call("token" if bench.fits_token(n) else "run", k, 1, n, cache)
-        rest = (llc or 0) - k * bench.pool.expert_bytes if cache == "cold" else 0
+        rest = (llc or 0) - k * bench.expert_bytes if cache == "cold" else 0
         if rest <= 0:
             return experts
         buffer = stream()
@@ -115,8 +122,12 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
 
     def expert_job(shape: LayerShape, dtype: str, n: int, tokens: int) -> Callable[[], None]:
         def run() -> None:
-            t = time_cpu_expert(shape.hidden, shape.intermediate, dtype, tokens, n, pool=moe(shape, dtype).pool,
-                                warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds)
+            if is_quantized(dtype):  # one int expert, cold, as the executor runs a miss: its quantized `run`
+                t = moe(shape, dtype).time("run", 1, tokens, n, "cold", warmup=s.warmup, repeats=s.repeats,
+                                           min_seconds=s.min_seconds)
+            else:
+                t = time_cpu_expert(shape.hidden, shape.intermediate, dtype, tokens, n, pool=moe(shape, dtype).pool,
+                                    warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds)
             r.expert_rows.append(ExpertRow(hidden=shape.hidden, intermediate=shape.intermediate, dtype=dtype,
                                            threads=n, tokens=tokens, median_s=significant(t.median_s),
                                            spread=round(t.spread, 3)))
@@ -136,10 +147,10 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
                 cases = [(1, tok) for tok in s.moe_tokens]
             else:  # host copy of one expert (a CPU plan's promotion)
                 t = bench.time_copy(n, warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds)
-                r.copies.setdefault(n, []).append((bench.pool.expert_bytes, t.median_s))
+                r.copies.setdefault(n, []).append((bench.expert_bytes, t.median_s))
                 return
             for count, tok in cases:
-                for cache in caches(count * bench.pool.expert_bytes):
+                for cache in caches(count * bench.expert_bytes):
                     t = bench.time(path, count, tok, n, cache, warmup=s.warmup, repeats=s.repeats,
                                    min_seconds=s.min_seconds)
                     r.moe_rows.append(MoeRow(hidden=shape.hidden, intermediate=shape.intermediate, dtype=dtype,
@@ -164,10 +175,16 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
             if key not in state:
                 state[key] = DecodeStepBench(shape, dtype, "cpu")
             torch.set_num_threads(n)
-            t = state[key].time(min(s.contexts), warmup=s.warmup, repeats=s.repeats,  # type: ignore[union-attr]
-                                min_seconds=s.min_seconds, flush=neighbour(shape, dtype, n, cache))
+            step, layer, context = state[key].time_in_loop(  # type: ignore[union-attr]
+                min(s.contexts), warmup=s.warmup, repeats=s.repeats, min_seconds=s.min_seconds,
+                flush=neighbour(shape, dtype, n, cache))
             r.step_rows.append(StepRow(hidden=shape.hidden, vocab=shape.vocab, dtype=dtype, threads=n, cache=cache,
-                                       median_s=significant(t.median_s), spread=round(t.spread, 3)))
+                                       median_s=significant(step.median_s), spread=round(step.spread, 3)))
+            r.loop_rows.append(LoopLayerRow(
+                hidden=shape.hidden, intermediate=shape.intermediate, heads=shape.heads, kv_heads=shape.kv_heads,
+                head_dim=None if shape.head_dim == shape.hidden // shape.heads else shape.head_dim, dtype=dtype,
+                threads=n, experts=shape.experts_per_token, context=round(context), cache=cache,
+                median_s=significant(layer.median_s), spread=round(layer.spread, 3)))
         return run
 
     def free(*keys: str) -> Callable[[], None]:
@@ -212,6 +229,19 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
                                          step_job(shape, dtype, n, cache)))
             jobs.append((f"free {shape.name} {dtype}", free(f"moe {what}", f"dense {shape.name} {dtype}",
                                                             f"step {shape.name} {dtype}")))
+        # int8/int4 experts: the expert and MoE-layer rows of each format (no dense part), where the default
+        # group size divides the shape's inputs (else no quantized checkpoint of it has that group size)
+        groups_fit = all(check_group_size(DEFAULT_GROUP_SIZE, k) is None for k in (shape.hidden, shape.intermediate))
+        if time_experts and groups_fit:
+            for fmt in s.int_formats:
+                what = f"{shape.hidden}x{shape.intermediate} {fmt}"
+                for n in threads:
+                    for tok in s.tokens:
+                        jobs.append((f"expert {what}, {n} threads, {tok} tokens", expert_job(shape, fmt, n, tok)))
+                for n in threads:
+                    for path in ("token", "run", "torch"):
+                        jobs.append((f"MoE layer {what}, {path} path, {n} threads", moe_job(shape, fmt, n, path)))
+                jobs.append((f"free {what}", free(f"moe {what}")))
 
     if accelerator is not None:
         from .run_cuda import accelerator_jobs
@@ -242,6 +272,7 @@ def _assemble(r: Results, shapes: Sequence[LayerShape], name: str) -> dict[str, 
         "dense_layer": [_row(x) for x in r.dense_rows],
         "moe_layer": [_row(x) for x in r.moe_rows],
         "model_step": [_row(x) for x in r.step_rows],
+        "decode_layer": [_row(x) for x in r.loop_rows],
     }
     return {
         "version": 1,

@@ -13,13 +13,13 @@ import yaml
 
 from runtime.contracts.fields import FieldChecker, join
 from .records import (CACHE_STATES, DTYPE_BYTES, EXPERT_FORMATS, MOE_PATHS, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile,
-                      DenseRow, ExpertRow, HostInfo, MoeRow, ProfileError, StepRow, TransferRow)
+                      DenseRow, ExpertRow, HostInfo, LoopLayerRow, MoeRow, ProfileError, StepRow, TransferRow)
 
 _TOP = ("version", "name", "source", "date", "host", "cpu", "accelerator")
 _HOST = ("cpu_model", "physical_cores", "logical_cores", "isa", "memory_bytes", "available_memory_bytes",
          "llc_bytes", "os", "torch")
 _CPU = ("memory_read_gbps", "memory_copy_gbps", "expert_gbps", "expert_gflops", "expert_overhead_s",
-        "layer_overhead_s", "expert_ffn", "dense_layer", "moe_layer", "model_step")
+        "layer_overhead_s", "expert_ffn", "dense_layer", "moe_layer", "model_step", "decode_layer")
 _ACC = ("name", "memory_bytes", "free_memory_bytes", "driver", "pcie_gen", "pcie_width", "h2d_pinned_gbps",
         "h2d_pageable_gbps", "d2h_pinned_gbps", "d2h_pageable_gbps", "transfers", "memory_bandwidth_gbps",
         "matmul_tflops", "kernel_overhead_s", "layer_overhead_s", "expert_ffn", "dense_layer", "host_sync_s",
@@ -29,6 +29,8 @@ _DENSE_ROW = ("hidden", "heads", "kv_heads", "head_dim", "dtype", "threads", "to
               "median_s", "spread")
 _MOE_ROW = ("hidden", "intermediate", "dtype", "threads", "path", "experts", "tokens", "cache", "median_s", "spread")
 _STEP_ROW = ("hidden", "vocab", "dtype", "threads", "cache", "median_s", "spread")
+_LOOP_ROW = ("hidden", "intermediate", "heads", "kv_heads", "head_dim", "dtype", "threads", "experts", "context",
+             "cache", "median_s", "spread")
 _TRANSFER_ROW = ("direction", "pinned", "bytes", "median_s", "spread")
 
 
@@ -86,6 +88,7 @@ def _cpu(c: dict[str, Any]) -> CpuProfile:
         memory_copy_gbps=_opt(c, "memory_copy_gbps", "cpu", _thread_curve),
         moe_layer=_rows(c.get("moe_layer"), "cpu.moe_layer", _MOE_ROW, _moe_row),
         model_step=_rows(c.get("model_step"), "cpu.model_step", _STEP_ROW, _step_row),
+        decode_layer=_rows(c.get("decode_layer"), "cpu.decode_layer", _LOOP_ROW, _loop_row),
     )
 
 
@@ -180,6 +183,24 @@ def _step_row(r: dict[str, Any], p: str) -> StepRow:
                    spread=_nonneg_number(r["spread"], f"{p}.spread"))
 
 
+def _loop_row(r: dict[str, Any], p: str) -> LoopLayerRow:
+    _require(r, p, tuple(k for k in _LOOP_ROW if k != "head_dim"))
+    row = LoopLayerRow(hidden=_positive_int(r["hidden"], f"{p}.hidden"),
+                       intermediate=_positive_int(r["intermediate"], f"{p}.intermediate"),
+                       heads=_positive_int(r["heads"], f"{p}.heads"), kv_heads=_positive_int(r["kv_heads"], f"{p}.kv_heads"),
+                       dtype=_str(r["dtype"], f"{p}.dtype", tuple(DTYPE_BYTES)),
+                       threads=_positive_int(r["threads"], f"{p}.threads"),
+                       experts=_positive_int(r["experts"], f"{p}.experts"),
+                       context=_positive_int(r["context"], f"{p}.context"),
+                       cache=_str(r["cache"], f"{p}.cache", CACHE_STATES),
+                       median_s=_positive_number(r["median_s"], f"{p}.median_s"),
+                       spread=_nonneg_number(r["spread"], f"{p}.spread"),
+                       head_dim=_opt(r, "head_dim", p, _positive_int))
+    if row.heads % row.kv_heads:
+        raise ProfileError(f"{p}.kv_heads: {row.kv_heads} does not divide heads {row.heads}")
+    return row
+
+
 def _transfer_row(r: dict[str, Any], p: str) -> TransferRow:
     _require(r, p, _TRANSFER_ROW)
     return TransferRow(direction=_str(r["direction"], f"{p}.direction", ("h2d", "d2h")),
@@ -270,6 +291,7 @@ def profile_to_dict(p: Any) -> dict[str, Any]:
         "dense_layer": [_row_dict(r, _DENSE_ROW) for r in c.dense_layer],
         "moe_layer": [_row_dict(r, _MOE_ROW) for r in c.moe_layer],
         "model_step": [_row_dict(r, _STEP_ROW) for r in c.model_step],
+        "decode_layer": [_row_dict(r, _LOOP_ROW) for r in c.decode_layer],
     })
     out: dict[str, Any] = _drop_none({"version": p.version, "name": p.name, "source": p.source, "date": p.date,
                                       "host": host, "cpu": cpu})

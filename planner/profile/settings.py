@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from runtime.contracts.expert_format import INT_FORMATS
+
 from .measure import Timing
 from .measure_dense import LayerShape
-from .records import DenseRow, ExpertRow, MoeRow, StepRow
+from .records import DenseRow, ExpertRow, LoopLayerRow, MoeRow, StepRow
 
 # The expert that times the fixed cost of an expert call: small enough that its arithmetic and bytes vanish.
 OVERHEAD_SHAPE = (64, 64)
@@ -26,6 +28,9 @@ class Settings:
     repeats: int
     min_seconds: float  # keep repeating a cheap measurement until this much timed time has passed
     pool_bytes: int | None = None  # expert pool size; None: twice the LLC (at least 256 MiB)
+    # int8/int4 expert formats timed (expert and MoE-layer rows), computing in `int_dtype` (the model dtype)
+    int_formats: tuple[str, ...] = INT_FORMATS
+    int_dtype: str = "bfloat16"
     threads: tuple[int, ...] | None = None  # None: `thread_counts(physical cores, quick)`
 
     @classmethod
@@ -48,6 +53,7 @@ class Results:
     dense_rows: list[DenseRow] = field(default_factory=list)
     moe_rows: list[MoeRow] = field(default_factory=list)
     step_rows: list[StepRow] = field(default_factory=list)
+    loop_rows: list[LoopLayerRow] = field(default_factory=list)
     copies: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # threads -> (bytes, seconds) each
     accelerator: dict[str, object] | None = None
 

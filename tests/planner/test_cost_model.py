@@ -296,6 +296,37 @@ def test_a_cpu_plan_decodes_with_the_measured_fused_call_layer_and_step(fits) ->
     assert any(n.startswith(f"CPU timings {'warm' if fits else 'cold'}: a decode token reads") for n in p.notes)
 
 
+def test_a_cpu_plan_adds_what_a_layer_takes_in_the_runtimes_loop_beyond_its_parts() -> None:
+    """`cpu.decode_layer`: the layer (dense + top-k experts, fused) timed inside the runtime's decode loop;
+    what it takes beyond the same run's dense row at its context and token row is added per MoE layer to a
+    CPU plan's decode step, in the plan's cache state, never below 0; not to prefill, not on a GPU."""
+    shape = load_model_shape(str(TINY))
+    base = _paths_profile(None)  # cold: dense 1e-3 at every context, fused token call 2e-4
+    layer = {"hidden": 256, "intermediate": 512, "heads": 8, "kv_heads": 4, "head_dim": 32, "dtype": "bfloat16",
+             "threads": 2, "experts": 2, "context": 40, "spread": 0.1}
+
+    def with_rows(rows: list[dict]) -> Profile:
+        d = base.to_dict()
+        d["cpu"]["decode_layer"] = rows
+        return Profile.from_dict(d)
+    plan = _plan(accelerator="cpu", threads=2, slots=0, name="tiny-moe")
+    sim = _decode_sim(4, hits=0.0, misses=2.0)
+    before = predict(base, shape, plan, sim, 512, 16)
+    after = predict(with_rows([{**layer, "cache": "cold", "median_s": 1.5e-3}]), shape, plan, sim, 512, 16)
+    assert after.decode.dense_s == pytest.approx(before.decode.dense_s + 4 * 3e-4)
+    assert after.decode.cpu_miss_s == before.decode.cpu_miss_s
+    assert after.prefill.dense_s == pytest.approx(before.prefill.dense_s)
+    # faster in the loop than alone (noise): nothing taken off
+    faster = predict(with_rows([{**layer, "cache": "cold", "median_s": 1.0e-3}]), shape, plan, sim, 512, 16)
+    assert faster.decode.dense_s == pytest.approx(before.decode.dense_s)
+    # the plan's cache state picks its row: a warm row does not change a cold plan when a cold one exists
+    both = with_rows([{**layer, "cache": "cold", "median_s": 1.5e-3}, {**layer, "cache": "warm", "median_s": 9e-3}])
+    assert predict(both, shape, plan, sim, 512, 16).decode.dense_s == pytest.approx(after.decode.dense_s)
+    gpu = _plan(accelerator="cuda:0", threads=2, slots=4, name="tiny-moe")
+    assert predict(both, shape, gpu, sim, 512, 16).decode.dense_s == pytest.approx(
+        predict(base, shape, gpu, sim, 512, 16).decode.dense_s)
+
+
 def test_a_cpu_plan_with_slots_hits_in_the_same_fused_call_and_copies_at_the_measured_rate() -> None:
     shape = load_model_shape(str(TINY))
     profile = _paths_profile(None)  # cold

@@ -78,6 +78,10 @@ def with_runtime_paths() -> dict:
         {"hidden": 64, "vocab": 1000, "dtype": "bfloat16", "threads": 4, "cache": "cold", "median_s": 3e-4,
          "spread": 0.1},
     ]
+    cpu["decode_layer"] = [
+        {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "dtype": "bfloat16",
+         "threads": 1, "experts": 2, "context": 40, "cache": "cold", "median_s": 9e-4, "spread": 0.1},
+    ]
     return d
 
 
@@ -99,11 +103,12 @@ def test_the_runtime_path_figures_round_trip(tmp_path):
     assert p.llc_bytes == 32 << 20 and p.cpu.memory_copy_gbps == {1: 8.0, 4: 16.0}
     assert [r.cache for r in p.cpu.dense_layer] == ["cold", "warm"]
     assert {r.path for r in p.cpu.moe_layer} == {"token", "run", "torch"} and len(p.cpu.model_step) == 2
+    assert [(r.experts, r.context, r.head_dim, r.median_s) for r in p.cpu.decode_layer] == [(2, 40, 32, 9e-4)]
     text = p.to_yaml()
     assert "llc_bytes: 33554432" in text and "path: token" in text and "vocab: 1000" in text
     # A profile without them (the published ones, older measured ones) reads as before and says None.
     old = Profile.from_dict(sample())
-    assert old.llc_bytes is None and old.cpu.moe_layer == () and old.cpu.model_step == ()
+    assert old.llc_bytes is None and old.cpu.moe_layer == () and old.cpu.model_step == () == old.cpu.decode_layer
     assert old.cpu.dense_layer[0].cache is None and "cache" not in old.to_yaml()
     assert old.cpu_moe_seconds(64, 128, "bfloat16", "token", 2, 1, 1, "cold") is None
     assert old.cpu_step_seconds(64, 1000, "bfloat16", 1, "cold") is None
@@ -189,6 +194,9 @@ BAD = [
     (("cpu", "moe_layer", 0, "speed"), 1, "cpu.moe_layer[0].speed: unknown key"),
     (("cpu", "moe_layer"), {"a": 1}, "cpu.moe_layer: must be a list of rows"),
     (("cpu", "model_step", 0, "vocab"), _DELETE, "cpu.model_step[0].vocab: missing (required)"),
+    (("cpu", "decode_layer", 0, "experts"), _DELETE, "cpu.decode_layer[0].experts: missing (required)"),
+    (("cpu", "decode_layer", 0, "kv_heads"), 3, "cpu.decode_layer[0].kv_heads: 3 does not divide heads 4"),
+    (("cpu", "decode_layer", 0, "cache"), "hot", "cpu.decode_layer[0].cache"),
     (("cpu", "model_step", 1, "threads"), 1.5, "cpu.model_step[1].threads: must be an integer, got a number 1.5"),
     (("cpu", "model_step", 0, "cache"), None, "cpu.model_step[0].cache: missing (required)"),
 ]

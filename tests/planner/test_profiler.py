@@ -95,12 +95,50 @@ def test_moe_layer_paths_warm_and_cold():
         bench.time("run", pool.copies, 1, 1, "cold", warmup=0, repeats=1)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_moe_layer_paths_run_the_int_experts(fmt):
+    """int8/int4 copies of one expert, as quantize-at-load leaves a module, sized by their own bytes; the
+    runtime's paths on them compute what the float paths compute on the dequantized expert."""
+    from runtime.contracts.expert_format import expert_bytes
+    from runtime.quant_format import dequantize
+
+    bench = MoeLayerBench.quantized(64, 96, fmt, "bfloat16", pool_bytes=1 << 20, min_copies=4)
+    one = expert_bytes(fmt, 64, 96)
+    assert bench.store.quantized is not None and bench.store.quantized.fmt == fmt and bench.format == fmt
+    assert bench.expert_bytes == one and bench.copies == max(4, -(-(1 << 20) // one))
+    assert not [n for n, _ in bench.module.named_parameters()]  # the float weights are gone
+    cases = [("run", 2, 1), ("run", 1, 8), ("torch", 1, 8)] + ([("token", 2, 1)] if bench.fits_token(1) else [])
+    for path, experts, tokens in cases:
+        for cache in ("warm", "cold"):
+            t = bench.time(path, experts, tokens, 1, cache, warmup=1, repeats=3)
+            assert 0 < t.median_s < 1 and math.isfinite(t.spread)
+    # what the timed call computes: the float path on the dequantized weights (to the model dtype's rounding)
+    q = bench.store.quantized
+    w_in = dequantize(q.qweight["gate_up_proj"][0], q.scales["gate_up_proj"][0], fmt, torch.float32)
+    w_out = dequantize(q.qweight["down_proj"][0], q.scales["down_proj"][0], fmt, torch.float32)
+    with torch.inference_mode():
+        got = bench.call("run", 1, 8, 1, "warm")()
+    gen = torch.Generator().manual_seed(1)  # the inputs `call` draws: x, then the gate weights
+    x = (torch.randn(8, 64, generator=gen) * 0.1).to(torch.bfloat16).float()
+    weights = torch.softmax(torch.randn(8, 1, generator=gen), dim=-1)
+    h = (x @ w_in.T).bfloat16().float()
+    want = ((torch.nn.functional.silu(h[:, :96]) * h[:, 96:]).bfloat16().float() @ w_out.T) * weights
+    assert got.shape == (8, 64) and want.abs().max() > 0
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
 def test_decode_step_timing():
+    """The runtime's own generation loop on a one-layer model of the shape: the step outside the layer, the
+    layer inside the loop (the flush after it, inside its share, counted in neither)."""
     torch.set_num_threads(1)
     bench = DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4, 2, 300), "float32", "cpu")
     buf = StreamBuffer(8 << 20)
     for flush in (None, buf.flush, lambda: buf.evict(1 << 20)):
         assert 0 < bench.time(16, warmup=1, repeats=3, flush=flush).median_s < 1
+    flushed = []
+    step, layer, context = bench.time_in_loop(16, warmup=1, repeats=4, flush=lambda: flushed.append(1))
+    assert step.repeats == layer.repeats == 4 and len(flushed) == 1 + 4 + 1  # the prompt's pass, then each token
+    assert 0 < step.median_s < 1 and 0 < layer.median_s < 1 and context == 16 + 1 + 2.5
     with pytest.raises(ValueError, match="no vocabulary size"):
         DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4), "float32", "cpu")
 
@@ -118,23 +156,31 @@ def test_profile_command_writes_a_valid_measured_profile(tmp_path, capsys):
     assert (p.name, p.source, p.physical_cores, p.has_accelerator) == ("testhost", "measured", cores, False)
     threads = sorted({1, cores})
     assert sorted(p.cpu.memory_read_gbps) == threads
-    assert len(p.cpu.expert_ffn) == 2 * len(threads) * 2  # dtypes x threads x token counts
-    assert {r.dtype for r in p.cpu.expert_ffn} == {"bfloat16", "float32"}
+    # (float dtypes + int formats) x threads x token counts
+    assert len(p.cpu.expert_ffn) == (2 + 2) * len(threads) * 2
+    assert {r.dtype for r in p.cpu.expert_ffn} == {"bfloat16", "float32", "int8", "int4"}
     # dtypes x threads x (decode at one context, prefill), cold; warm too where the cache size is known
     caches = 2 if p.llc_bytes else 1
     assert len(p.cpu.dense_layer) == 2 * len(threads) * 2 * caches
     assert {r.cache for r in p.cpu.dense_layer} == ({"warm", "cold"} if p.llc_bytes else {"cold"})
     # The MoE layer's paths: run (1 and top-k experts) and torch at each token count, token where it applies.
+    # Float dtypes and int formats alike (the int ones through the executor's quantized path).
     run = [r for r in p.cpu.moe_layer if r.path == "run"]
-    assert len(run) == 2 * len(threads) * (1 + 2) * caches and {(r.experts, r.tokens) for r in run} == {
+    assert len(run) == (2 + 2) * len(threads) * (1 + 2) * caches and {(r.experts, r.tokens) for r in run} == {
         (1, 1), (2, 1), (2, 8)}
-    assert len([r for r in p.cpu.moe_layer if r.path == "torch"]) == 2 * len(threads) * 2 * caches
+    assert len([r for r in p.cpu.moe_layer if r.path == "torch"]) == (2 + 2) * len(threads) * 2 * caches
+    assert {r.dtype for r in p.cpu.moe_layer} == {"bfloat16", "float32", "int8", "int4"}
     assert all(r.experts == 2 and r.tokens == 1 for r in p.cpu.moe_layer if r.path == "token")
     assert len(p.cpu.model_step) == 2 * len(threads) * caches and {r.vocab for r in p.cpu.model_step} == {500}
+    # the layer inside the runtime's decode loop, beside each decode step row (the step's prompt: context 16)
+    assert len(p.cpu.decode_layer) == len(p.cpu.model_step)
+    assert all(r.experts == 2 and r.context > 16 and (r.hidden, r.intermediate) == (128, 256) for r in p.cpu.decode_layer)
     assert sorted(p.cpu.memory_copy_gbps or {}) == threads
     for n in threads:
         assert 0 < p.memory_read_gbps(n) < 1e4
         assert 0 < p.cpu_expert_seconds(128, 256, "bfloat16", 4, n) < 1
+        for fmt in ("int8", "int4"):  # the int rows answer for int experts (the cost model reads them)
+            assert 0 < p.cpu_expert_seconds(128, 256, fmt, 4, n) < 1
     assert p.cpu.expert_overhead_s is not None and p.cpu.expert_overhead_s > 0
     assert p.cpu.layer_overhead_s is not None and p.cpu.layer_overhead_s >= 0
 
