@@ -42,6 +42,7 @@ from runtime.cpu_executor import CpuExecutor  # noqa: E402
 from runtime.expert_store import ExpertStore  # noqa: E402
 from runtime.huge_pages import move_to_huge_pages, supported  # noqa: E402
 from runtime.kernels import GemvKernel, load  # noqa: E402
+from runtime.quant_format import rule_scales  # noqa: E402
 from report import emit  # noqa: E402
 
 
@@ -129,8 +130,8 @@ class IntExperts:
     """A pool of int8/int4 experts of one shape, stored as runtime/contracts/expert_format.py lays them out:
     per expert (qweight, scales) of the input projection [2I, H] and of the output projection [H, I]."""
 
-    def __init__(self, fmt: str, num: int, hidden: int, inter: int, group: int) -> None:
-        self.fmt, self.group = fmt, group
+    def __init__(self, fmt: str, num: int, hidden: int, inter: int, group: int, any_scales: bool = False) -> None:
+        self.fmt, self.group, self.any_scales = fmt, group, any_scales
         gen = torch.Generator().manual_seed(0)
         first = [self._matrix(n, k, gen) for n, k in ((2 * inter, hidden), (hidden, inter))]
         # the same random values copied: every expert has its own memory, which is what the reads see
@@ -141,7 +142,10 @@ class IntExperts:
             q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         else:
             q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
-        return q, (torch.rand(n, k // self.group, generator=gen) * 2e-3 + 1e-4).to(torch.float16)
+        # scales as runtime/quant_format.py's rule stores them (the kernels' factored groups; --any-scales:
+        # arbitrary float16 scales, the per-weight int8 and table int4 paths of other checkpoints)
+        scales = torch.rand(n, k // self.group, generator=gen) * 2e-3 + 1e-4
+        return q, (scales if self.any_scales else rule_scales(scales, self.fmt)).to(torch.float16)
 
     def expert_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.experts[0] for t in m)
@@ -209,7 +213,7 @@ def int_table(args: argparse.Namespace, kernel: GemvKernel, threads: list[int], 
              "time: bf16 kernel / int kernel | torch dequant+matmul GB/s | int kernel / torch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for fmt in args.int_formats.split(","):
-        pool = IntExperts(fmt, 1, args.hidden, args.intermediate, args.group_size)
+        pool = IntExperts(fmt, 1, args.hidden, args.intermediate, args.group_size, args.any_scales)
         count = max(args.per_call * 2, int(args.pool_gb * 1e9 // pool.expert_bytes()))
         pool.experts += [[(q.clone(), s.clone()) for q, s in pool.experts[0]] for _ in range(count - 1)]
         moved, moved_bf16 = pool.expert_bytes() * args.per_call, bf16_bytes * args.per_call
@@ -241,6 +245,9 @@ def main() -> int:
     ap.add_argument("--int-formats", default="", help="int8,int4: the int kernels' table")
     ap.add_argument("--int-only", action="store_true", help="only the int kernels' table")
     ap.add_argument("--group-size", type=int, default=32, help="of the int experts")
+    ap.add_argument("--any-scales", action="store_true",
+                    help="int experts with arbitrary float16 scales, not the quantization rule's (the kernels' "
+                         "per-weight int8 and table int4 paths)")
     ap.add_argument("--out")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -289,7 +296,8 @@ def main() -> int:
              f"from DRAM; medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/cpu_kernel.py {' '.join(sys.argv[1:])}`", "",
              *(["## int8 / int4 experts (runtime/kernels/qgemv.c, AVX2 + FMA + F16C)", "",
-                f"- group size {args.group_size}; int kernel: one token the fused path, more the input projections, "
+                f"- group size {args.group_size}, "
+                f"{'arbitrary float16 scales' if args.any_scales else 'scales as the quantization rule stores them'}; int kernel: one token the fused path, more the input projections, "
                 "torch's gate, the output projections; bf16 kernel: the same on bf16 experts of the same shape; torch: "
                 "each matrix dequantized into bf16 by torch, then its matmul; DRAM read: torch's sum() over the int "
                 "experts' codes and scales; GB/s in the bytes each reads (int: codes + scales; bf16: 2 per weight); "

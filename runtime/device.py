@@ -210,13 +210,17 @@ class RecordingDevice(DeviceSeam):
     """A stand-in for `CudaDevice` on a machine without a GPU: computes on CPU tensors, records each call.
 
     It checks the schedule (which calls, in what order, which of them block the host), not that CUDA ran.
-    Copies happen when they are asked for; events are the index of the call that made them.
+    Events are the index of the call that made them. Background copies are held back, as a copy stream
+    would hold them from the compute stream's view, until a `wait` for their event (or a later one: the
+    copy stream runs in order) or a `synchronize`: a layer that read its slots without waiting for the
+    copies into them would compute with the old weights, and the tokens would show it.
     """
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.calls: list[Call] = []
         self.locked_bytes = 0
+        self._pending: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []  # (event, copies)
 
     def _log(self, kind: str, layer: int, what: str, nbytes: int = 0, blocks_host: bool = False) -> None:
         self.calls.append(Call(kind, layer, what, nbytes, blocks_host))
@@ -243,18 +247,26 @@ class RecordingDevice(DeviceSeam):
 
     def background_copies(self, layer: int, what: str,
                           pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
-        copied = 0
-        for dst, src in pairs:
-            dst.copy_(src)
-            copied += tensor_bytes(src)
+        copied = sum(tensor_bytes(src) for _, src in pairs)
         self._log("background", layer, what, copied)
-        return len(self.calls) - 1, copied
+        event = len(self.calls) - 1
+        # the sources are host memory that does not change; the destinations see them at the wait
+        self._pending.append((event, list(pairs)))
+        return event, copied
+
+    def _complete(self, event: int) -> None:
+        """Apply the held-back copies up to `event`, in the order they were queued."""
+        while self._pending and self._pending[0][0] <= event:
+            for dst, src in self._pending.pop(0)[1]:
+                dst.copy_(src)
 
     def wait(self, layer: int, event: Any) -> None:
         self._log("wait", layer, f"copies of call {event}")
+        self._complete(event)
 
     def synchronize(self) -> None:
         self._log("synchronize", -1, "device", 0, True)
+        self._complete(len(self.calls))
 
     def lock_host(self, tensors: Iterable[torch.Tensor]) -> int:
         nbytes = sum(n for _, n in unique_storages(tensors))

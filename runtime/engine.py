@@ -24,6 +24,7 @@ from .expert_store import ExpertStore
 from .layer_context import LayerContext
 from .loader import DTYPES, LoadedModel
 from .moe_layer import MoeLayer
+from .native_decode import NativeDecode, build as build_native_decode
 from .quant_experts import DequantScratch
 from .plan import Plan
 from .prefetch import Prefetcher
@@ -75,6 +76,9 @@ class Engine:
             # prefetch into each next layer that has a router to guess with and takes guesses
             if plan.prefetch.lookahead and nxt.router is not None and nxt.policy.admits:
                 layer.prefetch_into = nxt
+        # decode tokens of a recognised model without transformers' per-operation Python (CPU plans only;
+        # built last: it takes the MoE layers attached above and the weights where the move left them)
+        self.native: NativeDecode | None = build_native_decode(loaded.model) if seam is None else None
         if seam is not None:
             seam.synchronize()  # the preloaded slots are in place before the first token
 

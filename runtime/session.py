@@ -141,9 +141,13 @@ class Session:
         next_input = torch.tensor([prompt_ids], device=device)
         start = time.perf_counter()
         prefill_seconds = 0.0
+        native = self.engine.native  # the native decode step, where the model is one it recognises
         for step in range(max_new_tokens):
             self.engine.begin_pass("prefill" if step == 0 else "decode", next_input.shape[1])
-            logits = model(input_ids=next_input, **forward_kwargs).logits[0, -1]
+            # a decode token through the native step where it takes it (None: it touched nothing)
+            logits = native.step(generated[-1], cache) if step and native is not None else None
+            if logits is None:
+                logits = model(input_ids=next_input, **forward_kwargs).logits[0, -1]
             token = sampler.pick(logits)
             if step == 0:
                 prefill_seconds = time.perf_counter() - start

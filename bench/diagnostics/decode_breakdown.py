@@ -55,6 +55,10 @@ class KernelClock:
 
     def __init__(self, threads: int, standins: ctypes.CDLL | None = None) -> None:
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        # the calling thread's CPU time inside the calls (bench/decode_split.py: on a busy machine the
+        # main thread's CPU time outside them is a steadier measure of the Python than the wall clock)
+        self.cpu_seconds = 0.0
+        self._cpu_start = 0.0
         self.stand_in, self.sleep_gbps = "kernel", 0.0
         self.threads, self.standins = threads, standins
         self._resident = torch.ones(1 << 20, dtype=torch.int32)  # 4 MB: stays in a server CPU's L3
@@ -62,7 +66,7 @@ class KernelClock:
         clock = self
 
         def timed_multi(kernel, weights, inputs, threads, out_dtype=torch.float32):
-            start = time.perf_counter()
+            start = clock.start()
             if clock.stands_in(weights):
                 out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for w, x in zip(weights, inputs)]
             else:
@@ -71,13 +75,13 @@ class KernelClock:
             return out
 
         def timed_token(kernel, w_in, w_out, x, gates, threads):
-            start = time.perf_counter()
+            start = clock.start()
             out = torch.zeros_like(x) if clock.stands_in(w_in + w_out) else token(kernel, w_in, w_out, x, gates, threads)
             clock.add(time.perf_counter() - start, w_in + w_out)
             return out
 
         def timed_linear(kernel, weight, x, threads, out_dtype):
-            start = time.perf_counter()
+            start = clock.start()
             out = torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype) if clock.stands_in([weight]) else \
                 linear(kernel, weight, x, threads, out_dtype)
             clock.add(time.perf_counter() - start, [weight])
@@ -89,7 +93,7 @@ class KernelClock:
             call = one_token(kernel, weight)
 
             def timed_call(x, out, threads):
-                start = time.perf_counter()
+                start = clock.start()
                 if clock.stands_in([weight]):
                     out.zero_()
                 else:
@@ -119,7 +123,13 @@ class KernelClock:
                 read(w.data_ptr(), _nbytes([w]) // 4, self.threads)
         return True
 
+    def start(self) -> float:
+        """The wall clock at a call's start (and the thread's CPU clock, kept for `add`)."""
+        self._cpu_start = time.thread_time()
+        return time.perf_counter()
+
     def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
+        self.cpu_seconds += time.thread_time() - self._cpu_start
         self.seconds += seconds
         self.calls += 1
         self.bytes += _nbytes(weights)
@@ -127,6 +137,11 @@ class KernelClock:
     def reset(self) -> tuple[float, int, int]:
         out = (self.seconds, self.calls, self.bytes)
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        return out
+
+    def take_cpu(self) -> float:
+        """The calling thread's CPU seconds inside kernel calls since the last take."""
+        out, self.cpu_seconds = self.cpu_seconds, 0.0
         return out
 
 

@@ -23,12 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from runtime.kernels import load  # noqa: E402
+from runtime.quant_format import rule_scales  # noqa: E402
 
 
 def matrix(fmt: str, n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     cols = k if fmt == "int8" else k // 2
     q = torch.randint(0, 100, (n, cols), dtype=torch.int8 if fmt == "int8" else torch.uint8)
-    return q, (torch.rand(n, k // group) * 0.01 + 1e-4).to(torch.float16)
+    # scales as runtime/quant_format.py's rule stores them: the kernels' factored groups
+    return q, rule_scales(torch.rand(n, k // group) * 0.01 + 1e-4, fmt).to(torch.float16)
 
 
 def main() -> int:

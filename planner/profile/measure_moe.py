@@ -165,7 +165,7 @@ class MoeLayerBench:
         without a cache), attached to the module where the hook looks for it."""
         layer = self._layers.get(threads)
         if layer is None:  # as the engine builds it: no routing replay, no trace, no prefetch
-            context = LayerContext(CpuExecutor(threads), Prefetcher(torch.device("cpu"), 1, top_k))
+            context = LayerContext(CpuExecutor(threads), Prefetcher(None, 1, top_k))
             layer = self._layers[threads] = MoeLayer(0, self.module, None, self.store, LayerCachePolicy(0, "lru"),
                                                      MissRule("cpu", 0, False), context)
         setattr(self.module, ATTRIBUTE, layer)

@@ -206,7 +206,7 @@ class GemvKernel:
         self._qmulti(INT_FORMATS[fmt], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w, _ in weights]),
                      ptrs(*[s.data_ptr() for _, s in weights]), ptrs(*[x.data_ptr() for x in inputs]),
                      ptrs(*[y.data_ptr() for y in outs]), (ctypes.c_int64 * count)(*tokens), n, k, group, threads,
-                     self._scratch_ptr(count * max(tokens) * k), int(out_bf16))
+                     self._scratch_ptr(count * max(*tokens, 2) * k), int(out_bf16))
         return outs
 
     def qmoe_token(self, w_in: list[tuple[torch.Tensor, torch.Tensor]], w_out: list[tuple[torch.Tensor, torch.Tensor]],
@@ -225,7 +225,7 @@ class GemvKernel:
                      ptrs(*[s.data_ptr() for _, s in w_in]), ptrs(*[w.data_ptr() for w, _ in w_out]),
                      ptrs(*[s.data_ptr() for _, s in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
                      out.data_ptr(), hidden, inter, group, threads,
-                     self._scratch_ptr(hidden + count * (3 * inter + hidden)))
+                     self._scratch_ptr(2 * hidden + count * (4 * inter + hidden)))
         return out
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int,

@@ -194,3 +194,72 @@ void attend_one(int is_bf16, const void *q, const void *k, const void *v, void *
             for (int64_t d = 0; d < D; d++) store_elem(out, (g * group + i) * D + d, acc[i * D + d] / total[i], is_bf16);
     }
 }
+
+/* ---- the native decode step (runtime/native_decode.py): a layer's small operations fused per call ---- */
+
+/* These follow torch's elementwise rounding exactly (one rounding per torch op), so they are compiled for the
+ * baseline instruction set, where there is no FMA to contract a product and a sum into one rounding; the
+ * attribute and pragma keep it so where a compiler is told otherwise. */
+#if defined(__clang__)
+#define NO_CONTRACT
+#define NO_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define NO_CONTRACT_BODY
+#else
+#define NO_CONTRACT
+#define NO_CONTRACT_BODY
+#endif
+
+static inline float rounded(float v, int is_bf16) { return is_bf16 ? round_bf16(v) : v; }
+
+/* The residual add and the next RMSNorm of a decoder layer, as transformers writes them:
+ *   s = a + b  (torch's add in the dtype);  y = RMSNorm(s)  (rms_norm above, on s)
+ * All [H] contiguous in one dtype; s may be a or b (the sum is taken element by element first). */
+NO_CONTRACT
+void add_rms_norm(int is_bf16, const void *a, const void *b, void *s, const void *weight, void *y, int64_t H,
+                  float eps) {
+    NO_CONTRACT_BODY
+    for (int64_t k = 0; k < H; k++)
+        store_elem(s, k, load_elem(a, k, is_bf16) + load_elem(b, k, is_bf16), is_bf16);
+    rms_norm(is_bf16, s, weight, y, 1, H, eps);
+}
+
+/* transformers' apply_rotary_pos_emb on one token's heads, in place: x[h] = x[h] * cos + rotate_half(x[h]) * sin,
+ * rotate_half(x) = cat(-x[D/2:], x[:D/2]), each product and the sum rounded to the dtype as torch's ops round
+ * them. x is [heads, D] contiguous; cos and sin [D] in x's dtype (the model's rotary module's output). */
+NO_CONTRACT
+static void rope_heads(int is_bf16, void *x, int64_t heads, int64_t D, const void *cos, const void *sin) {
+    NO_CONTRACT_BODY
+    const int64_t half = D / 2;
+    float row[D];
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t d = 0; d < D; d++) row[d] = load_elem(x, h * D + d, is_bf16);
+        for (int64_t d = 0; d < D; d++) {
+            const float turned = d < half ? -row[d + half] : row[d - half];
+            const float a = rounded(row[d] * load_elem(cos, d, is_bf16), is_bf16);
+            const float b = rounded(turned * load_elem(sin, d, is_bf16), is_bf16);
+            store_elem(x, h * D + d, a + b, is_bf16);
+        }
+    }
+}
+
+/* One decode token's attention after its projections, in one call: rotary embedding of q [Hq, D] and k [Hkv, D]
+ * (in place), k and v [Hkv, D] written into the KV cache at position L (buffers with head and position
+ * strides, room for L + 1 positions), then attend_one over the L + 1 positions into out [Hq, D]: what
+ * transformers' attention forward does between the projections and o_proj with moeplan's cache and
+ * attention (runtime/kv_cache.py, runtime/decode_attention.py), the same arithmetic. */
+void rope_append_attend(int is_bf16, void *q, void *k, const void *v, const void *cos, const void *sin,
+                        void *k_cache, void *v_cache, int64_t Hq, int64_t Hkv, int64_t L, int64_t D,
+                        int64_t k_head, int64_t k_pos, int64_t v_head, int64_t v_pos, float scale, int threads,
+                        float *scratch, void *out) {
+    rope_heads(is_bf16, q, Hq, D, cos, sin);
+    rope_heads(is_bf16, k, Hkv, D, cos, sin);
+    const size_t elem = is_bf16 ? 2 : 4;
+    for (int64_t h = 0; h < Hkv; h++) {
+        memcpy((char *)k_cache + (h * k_head + L * k_pos) * elem, (const char *)k + h * D * elem, D * elem);
+        memcpy((char *)v_cache + (h * v_head + L * v_pos) * elem, (const char *)v + h * D * elem, D * elem);
+    }
+    attend_one(is_bf16, q, k_cache, v_cache, out, Hq, Hkv, L + 1, D, D, k_head, k_pos, v_head, v_pos, scale, threads,
+               scratch);
+}

@@ -21,15 +21,55 @@ class DecodeOps:
         self._attend.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  *[ctypes.c_int64] * 9, ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
         self._attend.restype = None
+        # the native decode step's calls (runtime/native_decode.py binds them with its own buffers' addresses)
+        self.add_rms_norm_raw = lib.add_rms_norm
+        self.add_rms_norm_raw.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, ctypes.c_int64, ctypes.c_float]
+        self.add_rms_norm_raw.restype = None
+        self.rope_append_attend_raw = lib.rope_append_attend
+        self.rope_append_attend_raw.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 7, *[ctypes.c_int64] * 8,
+                                                ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.rope_append_attend_raw.restype = None
         self._scratch_ptr = Scratch().ptr
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """transformers' Llama-style RMSNorm of x over its last dimension; x contiguous, weight in x's dtype."""
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """transformers' Llama-style RMSNorm of x over its last dimension; x contiguous, weight in x's dtype.
+        `out`: where to write it (x's shape, contiguous; x itself is fine), else a new tensor."""
         hidden = x.shape[-1]
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if out is None else out
         self._norm(int(x.dtype == torch.bfloat16), x.data_ptr(), weight.data_ptr(), y.data_ptr(),
                    x.numel() // hidden, hidden, eps)
         return y
+
+    def add_rms_norm(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float,
+                     total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a + b, RMSNorm(a + b)) as torch's add and `rms_norm` give them: a decoder layer's residual add and
+        the norm after it. All [..., H] contiguous in one dtype; `total` (a or b is fine) receives the sum."""
+        total = torch.empty_like(a) if total is None else total
+        y = torch.empty_like(a)
+        self.add_rms_norm_raw(int(a.dtype == torch.bfloat16), a.data_ptr(), b.data_ptr(), total.data_ptr(),
+                              weight.data_ptr(), y.data_ptr(), a.shape[-1], eps)
+        return total, y
+
+    def rope_append_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, length: int,
+                           scale: float, threads: int) -> torch.Tensor:
+        """One token's attention after its projections: q [Hq, D] and k [Hkv, D] rotated in place (transformers'
+        apply_rotary_pos_emb with cos, sin [D]), k and v [Hkv, D] written at position `length` of the caches
+        [1, Hkv, capacity, D] (D contiguous, capacity > length), then attention of q over the first
+        length + 1 positions: [1, 1, Hq, D], as `attend_one` gives it."""
+        heads, dim = q.shape
+        kv_heads = k.shape[0]
+        out = torch.empty((1, 1, heads, dim), dtype=q.dtype)
+        self.rope_append_attend_raw(int(q.dtype == torch.bfloat16), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                    cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                                    heads, kv_heads, length, dim, key_cache.stride(1), key_cache.stride(2),
+                                    value_cache.stride(1), value_cache.stride(2), scale, threads,
+                                    self.scratch(heads * (length + 1 + dim)), out.data_ptr())
+        return out
+
+    def scratch(self, floats: int) -> int:
+        """The address of the shared fp32 scratch, at least `floats` long (attention's working memory)."""
+        return self._scratch_ptr(floats)
 
     def attend_one(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                    threads: int) -> torch.Tensor:

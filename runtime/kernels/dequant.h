@@ -1,7 +1,8 @@
 /* AVX2 dequantization of int8 and int4 expert weights (the layout of runtime/contracts/expert_format.py):
  * w = float(scale) * q, and, for a bf16 model, rounded to bf16 as the reference's dequantized weights are
  * (bf16(float(scale) * q)), so that the kernels multiply exactly the reference's weights and differ from
- * its matmul only in the order of the fp32 sums. */
+ * its matmul only in the order of the fp32 sums; and, for scales where that product is a bf16 already,
+ * the scale taken out of a group's sum instead (the same weights, less work per weight). */
 #ifndef MOEPLAN_DEQUANT_H
 #define MOEPLAN_DEQUANT_H
 #include <immintrin.h>
@@ -31,6 +32,26 @@ AVX2_INLINE __m128 round_bf16_sse(__m128 v) {
 AVX2_INLINE __m256 dequant_i8(const int8_t *q, __m256 s, const int to_bf16) {
     const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), s);
     return to_bf16 ? round_bf16_avx2(v) : v;
+}
+
+/* ---- int8 with the scale factored out of a group --------------------------------------------------------
+ * sum_k bf16(s * q_k) x_k equals s * sum_k q_k x_k, bar the order and place of the fp32 roundings, exactly
+ * when every s * q_k is a bf16 already: always for an fp32 model (s * q has at most 11 + 7 significant bits,
+ * fp32 keeps 24), and for a bf16 model when s is zero or plus or minus a power of two (q has at most 7
+ * significant bits, bf16 keeps 8). Then a group costs a widening, a conversion and an FMA per 8 weights
+ * (q_k x_k is exact in fp32 for a bf16 input) and one FMA by s per group, where the per-weight
+ * dequantization costs a multiply and the four-operation bf16 rounding more: the kernels take it group by
+ * group wherever it holds, so a checkpoint whose scales are powers of two (runtime/quant_format.py's int8
+ * rule) runs fast and any other one runs the per-weight path, with no flag in the format. */
+
+/* Whether each of these fp32 scales (widened float16s) is zero or +-2^e: no mantissa bits. */
+AVX2_INLINE int scales_factor_exactly(__m256 s) {
+    return _mm256_testz_si256(_mm256_castps_si256(s), _mm256_set1_epi32(0x007FFFFF));
+}
+
+/* Eight consecutive int8 codes as fp32 (exact). */
+AVX2_INLINE __m256 codes_i8(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
 }
 
 /* Sixteen int4 weights (eight bytes) of one scale s: the eight even inputs (low nibbles) into *even and the
@@ -79,8 +100,8 @@ AVX2_INLINE __m256 load_scales8(const uint16_t *sc, int64_t count) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)part));
 }
 
-AVX2_INLINE void q4_scales8(const uint16_t *sc, int64_t count, int32_t *offset, float *mult) {
-    const __m256i bits = _mm256_castps_si256(load_scales8(sc, count));
+AVX2_INLINE void q4_scales8(__m256 scales, int32_t *offset, float *mult) {
+    const __m256i bits = _mm256_castps_si256(scales);
     const __m256i mant = _mm256_and_si256(_mm256_srli_epi32(bits, 13), _mm256_set1_epi32(1023));
     _mm256_storeu_si256((__m256i *)offset, _mm256_slli_epi32(mant, 6));
     _mm256_storeu_ps(mult, _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32((int)0xFF800000u))));
@@ -88,7 +109,7 @@ AVX2_INLINE void q4_scales8(const uint16_t *sc, int64_t count, int32_t *offset, 
 
 /* The 32 inputs of a 32-input block of codes q (16 bytes), against the input block x laid out as
  * q4tab_slot says, added into ge and go (fp32, unscaled: the caller multiplies by sign * 2^e). */
-AVX2_INLINE void q4tab_block(const uint8_t *q, const uint8_t *table, const float *x, __m256 *ge, __m256 *go) {
+AVX2_INLINE void q4tab_weights(const uint8_t *q, const uint8_t *table, __m256 w[4]) {
     const __m128i b = _mm_loadu_si128((const __m128i *)q);
     const __m256i codes = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
                                            _mm256_set1_epi8(15)); /* lane 0: inputs 0, 2, .., 30; lane 1: 1, 3, .., 31 */
@@ -96,10 +117,59 @@ AVX2_INLINE void q4tab_block(const uint8_t *q, const uint8_t *table, const float
     const __m256i hi = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(table + 32)), codes);
     const __m256i u0 = _mm256_unpacklo_epi8(lo, hi), u1 = _mm256_unpackhi_epi8(lo, hi); /* the bf16s */
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    *ge = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u0, 16)), _mm256_loadu_ps(x), *ge);
-    *go = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u0, high)), _mm256_loadu_ps(x + 8), *go);
-    *ge = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u1, 16)), _mm256_loadu_ps(x + 16), *ge);
-    *go = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u1, high)), _mm256_loadu_ps(x + 24), *go);
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(u0, 16));
+    w[1] = _mm256_castsi256_ps(_mm256_and_si256(u0, high));
+    w[2] = _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16));
+    w[3] = _mm256_castsi256_ps(_mm256_and_si256(u1, high));
+}
+
+AVX2_INLINE void q4tab_block(const uint8_t *q, const uint8_t *table, const float *x, __m256 *ge, __m256 *go) {
+    __m256 w[4];
+    q4tab_weights(q, table, w);
+    *ge = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), *ge);
+    *go = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), *go);
+    *ge = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), *ge);
+    *go = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), *go);
+}
+
+/* One 32-input group's unscaled sum, for a group of exactly one block (G = 32): no zeroed accumulators. */
+AVX2_INLINE __m256 q4tab_group32(const uint8_t *q, const uint8_t *table, const float *x) {
+    __m256 w[4];
+    q4tab_weights(q, table, w);
+    const __m256 e = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), _mm256_mul_ps(w[0], _mm256_loadu_ps(x)));
+    const __m256 o = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(w[1], _mm256_loadu_ps(x + 8)));
+    return _mm256_add_ps(e, o);
+}
+
+/* ---- int4 with the whole scale factored out of a 32-input group ----------------------------------------
+ * s * q is a bf16 already when s has at most 5 significant bits (|q| <= 8 has at most 3; bf16 keeps 8):
+ * runtime/quant_format.py's int4 rule rounds its scales so. Then a group is s * sum_k q_k x_k (q_k x_k exact
+ * in fp32 for a bf16 input), and its codes are widened, converted and multiplied without the table's byte
+ * shuffles, which are the table path's bottleneck on AMD Zen 3 (two pipes do every shuffle and shift). */
+
+/* Whether each of these fp32 scales (widened float16s) has at most 5 significant bits (or is zero). */
+AVX2_INLINE int scales_5_bits(__m256 s) {
+    return _mm256_testz_si256(_mm256_castps_si256(s), _mm256_set1_epi32(0x0007FFFF));
+}
+
+/* The 32 codes of one group (16 bytes) times their inputs x, laid out as q4half_slot says, summed unscaled:
+ * the bytes widened to 32-bit lanes (lane l of each half: byte l, inputs 2l and 2l + 1), q = nibble - 8. */
+AVX2_INLINE __m256 q4half_group32(const uint8_t *q, const float *x) {
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
+    const __m256i nib = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    const __m256 e0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b0, nib), eight));
+    const __m256 o0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b0, 4), eight));
+    const __m256 e1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b1, nib), eight));
+    const __m256 o1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b1, 4), eight));
+    const __m256 e = _mm256_fmadd_ps(e1, _mm256_loadu_ps(x + 16), _mm256_mul_ps(e0, _mm256_loadu_ps(x)));
+    const __m256 o = _mm256_fmadd_ps(o1, _mm256_loadu_ps(x + 24), _mm256_mul_ps(o0, _mm256_loadu_ps(x + 8)));
+    return _mm256_add_ps(e, o);
+}
+
+/* Where input i of a 32-input block goes for q4half_group32: per 16 inputs, the 8 even ones then the 8 odd. */
+static inline int q4half_slot(int i) {
+    return 16 * (i >> 4) + 8 * (i & 1) + ((i & 15) >> 1);
 }
 
 /* Where input i of a 32-input block goes in the block's prepared inputs, for q4tab_block: its four vectors

@@ -6,7 +6,10 @@
  * rounded to bf16 for a bf16 model, dequant.h) and multiplied by the fp32 input with fp32 sums, so the
  * kernel differs from "dequantize, then torch's matmul" only in the order of its fp32 additions, as the
  * bf16 kernel of gemv.c does (bench/results/cpu_kernel_int_avx2.md has the measurements that chose this
- * over integer dot products with the input quantized to 8 bits, llama.cpp's Q8 way).
+ * over integer dot products with the input quantized to 8 bits, llama.cpp's Q8 way). Where a group's
+ * scale makes every float(scale) * q a bf16 already (int8: a power of two; int4: at most 5 significant
+ * bits, as runtime/quant_format.py's rule stores them), the scale comes out of the group's sum instead:
+ * the same weights at a fraction of the per-weight work (dequant.h), chosen eight groups at a time.
  *
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
@@ -64,6 +67,7 @@ static inline int64_t input_slot(int layout, int64_t K, int64_t k) {
 typedef struct {
     int fmt, to_bf16, out_bf16; /* to_bf16: a bf16 model (weights rounded as the reference's are) */
     int layout;                 /* input_layout(fmt, to_bf16, G): which path reads the rows */
+    int halves;                 /* LAYOUT_TABLE only: x[i] + K holds the inputs again as q4half_slot lays them */
     int64_t count, N, K, G;
     const void *const *W;      /* qweight of each matrix */
     const uint16_t *const *S;  /* float16 scales of each matrix, [N, K/G] */
@@ -79,8 +83,10 @@ AVX2_INLINE float hsum128(__m128 s) {
 
 /* ---- one token: n rows read side by side (far-apart streams), one dot product each ------------------ */
 
-AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb) {
-    const int64_t K = set->K, G = set->G, groups = K / G;
+/* G: set->G, passed as the constant 32 for the default group size so that a group's loop unrolls. */
+AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
+                          const int64_t G) {
+    const int64_t K = set->K, groups = K / G;
     const int8_t *w[STREAMS];
     const uint16_t *sc[STREAMS];
     const float *x[STREAMS];
@@ -99,9 +105,22 @@ AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, 
             if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
             _mm256_storeu_ps(s[r], load_scales8(sc[r] + g0, gn));
         }
+        int factored = 1; /* dequant.h: the scales of these groups come out of the sums exactly */
+        for (int r = 0; r < n && rb && factored; r++) factored = scales_factor_exactly(_mm256_loadu_ps(s[r]));
         for (int64_t gi = 0; gi < gn; gi++) {
             __m256 sv[STREAMS];
             for (int r = 0; r < n; r++) sv[r] = _mm256_broadcast_ss(&s[r][gi]);
+            if (factored) {
+                __m256 t[STREAMS];
+                for (int r = 0; r < n; r++) t[r] = _mm256_setzero_ps();
+                for (int64_t k = (g0 + gi) * G; k < (g0 + gi + 1) * G; k += 8)
+                    for (int r = 0; r < n; r++) {
+                        if (!(k & 63)) _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+                        t[r] = _mm256_fmadd_ps(codes_i8(w[r] + k), _mm256_loadu_ps(x[r] + k), t[r]);
+                    }
+                for (int r = 0; r < n; r++) a[r] = _mm256_fmadd_ps(t[r], sv[r], a[r]);
+                continue;
+            }
             for (int64_t k = (g0 + gi) * G; k < (g0 + gi + 1) * G; k += 8)
                 for (int r = 0; r < n; r++) {
                     if (!(k & 63)) _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
@@ -164,8 +183,8 @@ AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, 
 
 /* int4 of a bf16 model by table (dequant.h): per group, the unscaled sums of each row, then times the
  * group's sign * 2^e. */
-AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n) {
-    const int64_t K = set->K, G = set->G, groups = K / G, group_bytes = G / 2;
+AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int64_t G) {
+    const int64_t K = set->K, groups = K / G, group_bytes = G / 2;
     const uint8_t *w[STREAMS];
     const uint16_t *sc[STREAMS];
     const float *x[STREAMS];
@@ -181,13 +200,36 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
         const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
         int32_t offset[STREAMS][8];
         float mult[STREAMS][8];
+        __m256 full[STREAMS];
+        int factored = G == 32 && set->halves; /* dequant.h: every scale of these groups has <= 5 bits */
         for (int r = 0; r < n; r++) {
             if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
-            q4_scales8(sc[r] + g0, gn, offset[r], mult[r]);
+            full[r] = load_scales8(sc[r] + g0, gn);
+            factored = factored && scales_5_bits(full[r]);
         }
+        if (factored) {
+            float s[STREAMS][8];
+            for (int r = 0; r < n; r++) _mm256_storeu_ps(s[r], full[r]);
+            for (int64_t gi = 0; gi < gn; gi++)
+                for (int r = 0; r < n; r++) {
+                    const int64_t j = (g0 + gi) * group_bytes;
+                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    a[r] = _mm256_fmadd_ps(q4half_group32(w[r] + j, x[r] + K + 2 * j), _mm256_broadcast_ss(&s[r][gi]),
+                                           a[r]);
+                }
+            continue;
+        }
+        for (int r = 0; r < n; r++) q4_scales8(full[r], offset[r], mult[r]);
         for (int64_t gi = 0; gi < gn; gi++)
             for (int r = 0; r < n; r++) {
                 const uint8_t *table = &q4_bf16_tables[0][0] + offset[r][gi];
+                if (G == 32) {
+                    const int64_t j = (g0 + gi) * group_bytes;
+                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                    a[r] = _mm256_fmadd_ps(q4tab_group32(w[r] + j, table, x[r] + 2 * j),
+                                           _mm256_broadcast_ss(&mult[r][gi]), a[r]);
+                    continue;
+                }
                 __m256 ge = _mm256_setzero_ps(), go = _mm256_setzero_ps();
                 for (int64_t j = (g0 + gi) * group_bytes; j < (g0 + gi + 1) * group_bytes; j += 16) {
                     if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
@@ -205,10 +247,13 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
     __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const int64_t *rows, \
                                                               float *sums) {                      \
         if (set->fmt == FMT_INT8) {                                                              \
-            if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1);                                  \
-            else qdots_i8(set, rows, sums, N_, 0);                                               \
+            if (set->G == 32 && set->to_bf16) qdots_i8(set, rows, sums, N_, 1, 32);             \
+            else if (set->G == 32) qdots_i8(set, rows, sums, N_, 0, 32);                         \
+            else if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1, set->G);                     \
+            else qdots_i8(set, rows, sums, N_, 0, set->G);                                       \
         } else if (set->layout == LAYOUT_TABLE) {                                                \
-            qdots_q4tab(set, rows, sums, N_);                                                    \
+            if (set->G == 32) qdots_q4tab(set, rows, sums, N_, 32);                              \
+            else qdots_q4tab(set, rows, sums, N_, set->G);                                       \
         } else if (set->G % 16 == 0) {                                                           \
             if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 1);                               \
             else qdots_i4(set, rows, sums, N_, 0, 1);                                            \
@@ -248,6 +293,16 @@ AVX2_INLINE void qrow_i8(const int8_t *w, const uint16_t *sc, const float *x, fl
     for (int t = 0; t < T; t++) a[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / G; g++) {
         const __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[g]));
+        if (!rb || scales_factor_exactly(s)) { /* dequant.h */
+            __m256 part[4];
+            for (int t = 0; t < T; t++) part[t] = _mm256_setzero_ps();
+            for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+                const __m256 qv = codes_i8(w + k);
+                for (int t = 0; t < T; t++) part[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(x + t * K + k), part[t]);
+            }
+            for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(part[t], s, a[t]);
+            continue;
+        }
         for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
             const __m256 wv = dequant_i8(w + k, s, rb);
             for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k), a[t]);
@@ -302,7 +357,7 @@ AVX2_INLINE void qrow_q4tab(const uint8_t *w, const uint16_t *sc, const float *x
         const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
         int32_t offset[8];
         float mult[8];
-        q4_scales8(sc + g0, gn, offset, mult);
+        q4_scales8(load_scales8(sc + g0, gn), offset, mult);
         for (int64_t gi = 0; gi < gn; gi++) {
             const uint8_t *table = &q4_bf16_tables[0][0] + offset[gi];
             __m256 ge[4], go[4];
@@ -343,30 +398,40 @@ static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc,
     }
 }
 
+/* Whether one-token inputs of `layout` carry the second copy for the factored int4 groups (dequant.h), and
+ * how many floats an input row of K then takes. */
+static inline int input_halves(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
+
+/* Input k of a row of K as the kernels read it: at input_slot, and with `halves` again at K + q4half_slot. */
+static inline void place_input(int layout, int halves, float *xs, int64_t K, int64_t k, float v) {
+    xs[input_slot(layout, K, k)] = v;
+    if (halves) xs[K + (k & ~(int64_t)31) + q4half_slot((int)(k & 31))] = v;
+}
+
 /* An input row of K values (bf16 or fp32) as the kernels read it: fp32, placed as `layout` says. */
-static void prepare_input(int layout, int is_bf16, const void *x, float *xs, int64_t K) {
+static void prepare_input(int layout, int halves, int is_bf16, const void *x, float *xs, int64_t K) {
     for (int64_t k = 0; k < K; k++)
-        xs[input_slot(layout, K, k)] = is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+        place_input(layout, halves, xs, K, k, is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k]);
 }
 
 /* For each of `count` matrices i (qweight W[i], scales S[i], all [N, K] with group size G): y[i] = x[i] @
  * dequantized(W[i])^T for T[i] <= QMAXT tokens; x[i] [T[i], K] in the model's dtype (bf16 when is_bf16,
  * else fp32); y[i] [T[i], N] fp32 or, with out_bf16, rounded to bf16 as torch's bf16 matmul output is.
- * scratch holds count * max(T) * K floats. */
+ * scratch holds count * max(T, 2) * K floats. */
 void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t **S, const void **x, void **y,
                  const int64_t *T, int64_t N, int64_t K, int64_t G, int threads, float *scratch, int out_bf16) {
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
-    const int64_t stride = tmax * K;
     const size_t elem = is_bf16 ? 2 : 4;
-    const int layout = input_layout(fmt, is_bf16, G);
+    const int layout = input_layout(fmt, is_bf16, G), halves = tmax == 1 && input_halves(layout, G);
+    const int64_t stride = (halves ? 2 : tmax) * K;
     for (int i = 0; i < count; i++)
         for (int64_t t = 0; t < T[i]; t++)
-            prepare_input(layout, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
+            prepare_input(layout, halves, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
     if (tmax == 1) {
         const float *xs[count];
         for (int i = 0; i < count; i++) xs[i] = scratch + i * stride;
-        const QRowSet set = {fmt, is_bf16, out_bf16, layout, count, N, K, G, W, S, xs, y};
+        const QRowSet set = {fmt, is_bf16, out_bf16, layout, halves, count, N, K, G, W, S, xs, y};
 #pragma omp parallel num_threads(threads)
         qstream_rows(&set);
         return;
@@ -396,23 +461,24 @@ void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t
  * For each expert i (W_in[i]/S_in[i] [2I, H] holding gate then up, W_out[i]/S_out[i] [H, I]):
  *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
  * rounded to bf16 where the reference's bf16 ops round, in one parallel region. out [H] has x's dtype;
- * scratch holds H + count * (3I + H) floats. */
+ * scratch holds 2H + count * (4I + H) floats. */
 void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
                 const uint16_t **S_out, const void *x, const float *weights, void *out, int64_t H, int64_t I,
                 int64_t G, int threads, float *scratch) {
-    float *xs = scratch, *h = xs + H, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * I;
-    const int layout = input_layout(fmt, is_bf16, G);
-    prepare_input(layout, is_bf16, x, xs, H);
+    const int layout = input_layout(fmt, is_bf16, G), halves = input_halves(layout, G);
+    const int64_t in_row = (halves ? 2 : 1) * H, m_row = (halves ? 2 : 1) * I; /* floats per prepared input */
+    float *xs = scratch, *h = xs + in_row, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * m_row;
+    prepare_input(layout, halves, is_bf16, x, xs, H);
     const float *x_in[count], *m_in[count];
     void *h_out[count], *y_out[count];
     for (int i = 0; i < count; i++) {
         x_in[i] = xs;
-        m_in[i] = m + i * I;
+        m_in[i] = m + i * m_row;
         h_out[i] = h + i * 2 * I;
         y_out[i] = y + i * H;
     }
-    const QRowSet in = {fmt, is_bf16, 0, layout, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
-    const QRowSet down = {fmt, is_bf16, 0, layout, count, H, I, G, W_out, S_out, m_in, y_out};
+    const QRowSet in = {fmt, is_bf16, 0, layout, halves, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
+    const QRowSet down = {fmt, is_bf16, 0, layout, halves, count, H, I, G, W_out, S_out, m_in, y_out};
 #pragma omp parallel num_threads(threads)
     {
         qstream_rows(&in);
@@ -421,7 +487,7 @@ void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
             const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
-            m[i * I + input_slot(layout, I, j)] = v; /* laid out as prepare_input lays an input out */
+            place_input(layout, halves, m + i * m_row, I, j, v); /* laid out as prepare_input lays an input out */
         }
         qstream_rows(&down);
 #pragma omp barrier

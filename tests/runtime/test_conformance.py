@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model_factory import FAMILIES, num_experts
+from runtime.kernels import load as load_kernel
 from runtime.plan import Plan
 from runtime.session import Session
 
@@ -15,6 +16,15 @@ from runtime.session import Session
 ACCELERATOR = os.environ.get("MOEPLAN_TEST_ACCELERATOR", "cpu")
 PROMPT = "def main(argv):\n    for name in"
 TOL = 1e-3
+# with the CPU as the accelerator and the C kernels built, decode tokens go through the native decode step
+NATIVE = ACCELERATOR == "cpu" and load_kernel() is not None
+
+
+def assert_native_ran(session: Session, generated: list[int], where: str) -> None:
+    """Every decode token of a CPU plan ran through the native step (its counter), where it can run here."""
+    if NATIVE:
+        native = session.engine.native
+        assert native is not None and native.tokens == len(generated) - 1, f"{where}: the native step did not run"
 
 # name -> plan fields (slots, policy, preload, compute, transfer_min_tokens, promote, threads, lookahead)
 PLANS = {
@@ -72,6 +82,7 @@ def test_every_plan_matches_transformers(family, checkpoint, tmp_path):
         session = Session.load(plan, folder)
         trace = tmp_path / f"{name}.jsonl"
         result = session.generate(PROMPT, max_new_tokens=8, trace_out=trace)
+        assert_native_ran(session, result.generated_ids, f"{family}/{name}")
         gaps = reference_gaps(folder, list(session.loaded.tokenizer(PROMPT)["input_ids"]), result.generated_ids)
         assert max(gaps) <= TOL, f"{family}/{name}: token off the reference argmax by {max(gaps):.3g}"
 
@@ -104,6 +115,7 @@ def test_bf16_cpu_decode_matches_transformers_bf16(family, checkpoint):
                               .replace("dtype: float32", "dtype: bfloat16"))
         session = Session.load(plan, folder)
         result = session.generate(PROMPT, max_new_tokens=8)
+        assert_native_ran(session, result.generated_ids, f"{family}/{name} bf16")
         prompt_ids = list(session.loaded.tokenizer(PROMPT)["input_ids"])
         with torch.no_grad():
             logits = reference(torch.tensor([prompt_ids + result.generated_ids])).logits[0].float()

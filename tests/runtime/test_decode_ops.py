@@ -111,3 +111,31 @@ def test_cpu_sessions_put_the_decode_ops_in_place(family, checkpoint):
     else:  # two per layer and the final norm (Qwen3-MoE adds the per-head q and k norms)
         assert len(norms) == config.num_hidden_layers * (4 if family == "qwen3_moe" else 2) + 1
     assert model.config._attn_implementation == "moeplan_cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,length", [(16, 8, 64, 37), (4, 2, 16, 1), (4, 4, 12, 70)])
+def test_native_step_ops_equal_torch_bit_for_bit(dtype, heads, kv_heads, dim, length):
+    """The native decode step's fused calls: the residual add and RMSNorm, and rotary embedding + KV-cache
+    append + attention, give the bits of torch's ops and of `rms_norm` / `attend_one` (runtime/native_decode.py)."""
+    from transformers.models.mixtral.modeling_mixtral import apply_rotary_pos_emb
+
+    torch.manual_seed(length)
+    freqs = length * (1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim))
+    emb = torch.cat((freqs, freqs))
+    cos, sin = emb.cos().to(dtype).view(1, 1, dim), emb.sin().to(dtype).view(1, 1, dim)
+    q, k, v = (torch.randn(1, 1, h, dim).to(dtype) for h in (heads, kv_heads, kv_heads))
+    q_rot, k_rot = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    key_cache, value_cache = (torch.randn(1, kv_heads, length + 5, dim).to(dtype) for _ in range(2))
+    keys = torch.cat([key_cache[:, :, :length], k_rot], 2)
+    values = torch.cat([value_cache[:, :, :length], v.transpose(1, 2)], 2)
+    expected = ops.attend_one(q_rot, keys, values, dim ** -0.5, 2)
+    q2, k2 = q.reshape(heads, dim).clone(), k.reshape(kv_heads, dim).clone()
+    out = ops.rope_append_attend(q2, k2, v.reshape(kv_heads, dim), cos.view(dim), sin.view(dim), key_cache,
+                                 value_cache, length, dim ** -0.5, 2)
+    assert torch.equal(q2, q_rot.transpose(1, 2).reshape(heads, dim))
+    assert torch.equal(key_cache[:, :, :length + 1], keys) and torch.equal(value_cache[:, :, :length + 1], values)
+    assert torch.equal(out, expected)
+    a, b, weight = torch.randn(1, 1, 96).to(dtype), torch.randn(1, 1, 96).to(dtype), torch.randn(96).to(dtype)
+    total, normed = ops.add_rms_norm(a, b, weight, 1e-5)
+    assert torch.equal(total, a + b) and torch.equal(normed, ops.rms_norm(a + b, weight, 1e-5))

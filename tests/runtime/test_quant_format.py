@@ -40,24 +40,52 @@ def test_quantize_shapes_bytes_and_error(fmt):
     assert rel < (1e-4 if fmt == "int8" else 1.5e-2)
 
 
-def test_int8_rule_absmax_over_127():
+def test_int8_rule_absmax_over_127_rounded_up_to_a_power_of_two():
     w = torch.tensor([[0.5, -1.27, 0.01, 1.0] * 8], dtype=torch.float32)  # one group of 32
     q, s = quantize(w, "int8", 32)
-    assert float(s) == pytest.approx(1.27 / 127, rel=1e-3)
-    assert int(q.min()) == -127 and int(q.max()) <= 127
+    assert float(s) == 2.0 ** -6  # 1.27 / 127 = 0.01 -> 1/64
+    assert int(q.min()) == -81 and int(q.max()) == 64  # round(1.27 * 64), round(1.0 * 64)
+    # every group's scale is 0 or +-2^e, however the weights fall, and no code leaves [-127, 127]
+    torch.manual_seed(3)
+    w = torch.randn(64, 256) * torch.logspace(-9, 4, 64).unsqueeze(1)
+    w[0, :32] = 0.0
+    w[1, :32] = 127 * 2.0 ** -5  # absmax / 127 a power of two already: kept, q reaches 127
+    q, s = quantize(w, "int8", 32)
+    mantissa, _ = torch.frexp(s.float())
+    assert bool(((mantissa.abs() == 0.5) | (s == 0)).all()) and float(s[0, 0]) == 0.0
+    assert float(s[1, 0]) == 2.0 ** -5 and int(q[1, :32].max()) == 127
+    assert int(q.abs().max()) <= 127
+    big = s.float().abs() >= 2.0 ** -14  # a normal float16 scale: the codes use at least half the range
+    assert bool((q.reshape(64, 8, 32).abs().amax(-1)[big] >= 64).all())
 
 
 def test_int4_rule_q4_0_signed_max_maps_to_minus_8():
-    # the largest magnitude is negative: scale = max / -8 > 0 and it maps to -8
+    # the largest magnitude is negative: scale = max / -8 > 0, its magnitude rounded up to 5 significant
+    # bits (0.2 -> 26/128), and it maps to -8
     w = torch.linspace(-1.6, 1.0, 32).reshape(1, 32)
     q, s = quantize(w, "int4", 32)
     codes = unpack_int4(q)
-    assert float(s) == pytest.approx(0.2, rel=1e-3) and int(codes[0, 0]) == -8
+    assert float(s) == 26 / 128 and int(codes[0, 0]) == -8
     # the largest magnitude is positive: scale < 0, so the maximum maps to -8 and the range stays [-8, 7]
     q, s = quantize(-w, "int4", 32)
     codes = unpack_int4(q)
-    assert float(s) == pytest.approx(-0.2, rel=1e-3) and int(codes[0, 0]) == -8
+    assert float(s) == -26 / 128 and int(codes[0, 0]) == -8
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+
+
+def test_int4_scales_have_5_significant_bits_and_the_max_still_maps_to_minus_8():
+    """Every stored scale has at most 5 significant bits (so float(scale) * q is a bf16: the kernel's
+    factored groups), whatever the weights' magnitudes, and rounding up keeps each group's largest
+    magnitude at code -8."""
+    torch.manual_seed(4)
+    w = torch.randn(64, 256) * torch.logspace(-9, 4, 64).unsqueeze(1)
+    w[0, :32] = 0.0
+    q, s = quantize(w, "int4", 32)
+    bits = s.float().view(torch.int32)
+    assert bool(((bits & 0x7FFFF) == 0).all()) and float(s[0, 0]) == 0.0
+    codes = unpack_int4(q).reshape(64, 8, 32)
+    normal = s.float().abs() >= 2.0 ** -20  # above float16's subnormal rounding
+    assert bool((codes.amin(-1)[normal] == -8).all())
 
 
 def test_dequantize_is_scale_times_code_rounded_once_to_the_dtype():

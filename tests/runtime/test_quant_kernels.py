@@ -44,10 +44,15 @@ def kernel():
     return k
 
 
-def quantized(n: int, k: int, group: int, fmt: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
+def quantized(n: int, k: int, group: int, fmt: str, gen: torch.Generator, powers_of_two: str = "none",
+              bits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qweight, scales, q): random codes over the whole range and scales of both signs, with zero and
-    subnormal float16 scales among them, packed as runtime/contracts/expert_format.py says."""
+    subnormal float16 scales among them, packed as runtime/contracts/expert_format.py says.
+    powers_of_two "all": every scale rounded to +-2^e (runtime/quant_format.py's int8 rule; 2^-20 is a
+    float16 subnormal), the case where the kernel takes the scale out of each group's sum; "mixed": only
+    the scales of every third row and of every other block of eight groups, so that a row and the rows
+    read side by side switch between the two paths. bits 5: rounded to 5 significant bits instead
+    (runtime/quant_format.py's int4 rule; the int4 kernel's factored groups)."""
     lo, hi = (-127, 128) if fmt == "int8" else (-8, 8)
     q = torch.randint(lo, hi, (n, k), generator=gen, dtype=torch.int8)
     scales = (torch.randn(n, k // group, generator=gen) * 0.02).to(torch.float16)
@@ -55,6 +60,19 @@ def quantized(n: int, k: int, group: int, fmt: str, gen: torch.Generator) -> tup
     flat[::7] = 3e-7  # subnormal in float16
     flat[::11] = 0.0
     flat[::13] = -5e-6
+    if powers_of_two != "none":
+        mantissa, exponent = torch.frexp(scales.float())
+        top = torch.trunc(torch.ldexp(mantissa, torch.full_like(exponent, bits))) if bits > 1 else torch.sign(mantissa)
+        rounded = torch.ldexp(top * 2.0 ** -bits if bits > 1 else top * 0.5, exponent).to(torch.float16)
+        rounded.view(-1)[::17] = 2.0 ** -20
+        if bits == 5:
+            rounded.view(-1)[::19] = -(2.0 ** -17) * 19 / 16  # a float16 subnormal with 5 significant bits
+        pick = torch.ones_like(scales, dtype=torch.bool)
+        if powers_of_two == "mixed":
+            rows = torch.arange(n).unsqueeze(1) % 3 == 0
+            blocks = (torch.arange(k // group).unsqueeze(0) // 8) % 2 == 0
+            pick = rows | blocks
+        scales = torch.where(pick, rounded, scales)
     if fmt == "int8":
         return q, scales, q
     codes = (q + 8).to(torch.uint8)
@@ -179,6 +197,81 @@ def test_qmoe_token(kernel, fmt, dtype, dims, threads):
     ref = reference_moe_token(x, experts, gate_weights, group)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("powers_of_two", ["all", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(37, 512, 32), (70, 1024, 64), (9, 48, 24)], ids=["37x512g32", "70x1024g64", "9x48g24"])
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_power_of_two_scales_factor_out_exactly(kernel, powers_of_two, dtype, shape, tokens, threads):
+    """int8 groups whose scale is 0 or +-2^e (dequant.h: the kernel then sums q * x and multiplies by the
+    scale once per group): still the reference's bf16-rounded weights up to the order of the sums, alone
+    and mixed with groups of other scales in the same rows and in the rows read beside them. (Were the
+    scale factored out of the other groups too, the bf16 rounding of their weights would be missed, which
+    test_tolerance_sees_missing_bf16_rounding shows the tolerance sees.)"""
+    n, k, group = shape
+    gen = torch.Generator().manual_seed(n + k + tokens)
+    mats = [quantized(n, k, group, "int8", gen, powers_of_two) for _ in range(3)]
+    xs = [torch.randn(max(1, tokens - i), k, generator=gen).to(dtype) for i in range(3)]
+    for (_, s, q), x, y in zip(mats, xs, kernel.qmulti([(qw, s) for qw, s, _ in mats], xs, threads)):
+        assert_close(y, dequantized(q, s, group, dtype), x)
+
+
+@pytest.mark.parametrize("powers_of_two", ["all", "mixed"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_qmoe_token_int8_power_of_two_scales(kernel, powers_of_two, threads):
+    """The fused one-token path with factored int8 groups: torch's on the dequantized weights, within the
+    bf16 rounding of its steps (as test_qmoe_token)."""
+    hidden, inter, group = 128, 256, 32
+    gen = torch.Generator().manual_seed(threads)
+    experts = [(quantized(2 * inter, hidden, group, "int8", gen, powers_of_two),
+                quantized(hidden, inter, group, "int8", gen, powers_of_two)) for _ in range(2)]
+    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    got = kernel.qmoe_token([(i[0], i[1]) for i, _ in experts], [(o[0], o[1]) for _, o in experts], x,
+                            [0.6, 0.4], threads)
+    ref = reference_moe_token(x, experts, [0.6, 0.4], group)
+    assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("scales", ["all", "mixed"])
+@pytest.mark.parametrize("shape", [(37, 512, 32), (70, 1024, 32), (130, 512, 64), (5, 96, 32)],
+                         ids=["37x512g32", "70x1024g32", "130x512g64", "5x96g32"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_5_bit_scales_factor_out_exactly(kernel, scales, shape, tokens, threads):
+    """int4 groups of 32 of a bf16 model whose scales have at most 5 significant bits (dequant.h: summed as
+    codes times inputs and multiplied by the scale once): still the reference's bf16 weights up to the
+    order of the sums, alone and mixed with table groups in the same rows and the rows read beside them."""
+    n, k, group = shape
+    gen = torch.Generator().manual_seed(n + k + tokens + 1)
+    mats = [quantized(n, k, group, "int4", gen, scales, bits=5) for _ in range(3)]
+    xs = [torch.randn(max(1, tokens - i), k, generator=gen).to(torch.bfloat16) for i in range(3)]
+    for (_, s, q), x, y in zip(mats, xs, kernel.qmulti([(qw, s) for qw, s, _ in mats], xs, threads)):
+        assert_close(y, dequantized(q, s, group, torch.bfloat16), x)
+
+
+@pytest.mark.parametrize("scales", ["all", "mixed"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_qmoe_token_int4_5_bit_scales(kernel, scales, threads):
+    """The fused one-token path with factored int4 groups, both projections (the down projection reads the
+    SiLU product in both input layouts): torch's on the dequantized weights, within its bf16 steps."""
+    hidden, inter, group = 128, 256, 32
+    gen = torch.Generator().manual_seed(threads + 10)
+    experts = [(quantized(2 * inter, hidden, group, "int4", gen, scales, bits=5),
+                quantized(hidden, inter, group, "int4", gen, scales, bits=5)) for _ in range(2)]
+    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    got = kernel.qmoe_token([(i[0], i[1]) for i, _ in experts], [(o[0], o[1]) for _, o in experts], x,
+                            [0.6, 0.4], threads)
+    ref = reference_moe_token(x, experts, [0.6, 0.4], group)
+    assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+    steps = torch.zeros(hidden, dtype=torch.float32)  # the same rows through qmulti: bit for bit
+    for (w_in, w_out), weight in zip(experts, [0.6, 0.4]):
+        h = kernel.qmulti([(w_in[0], w_in[1])], [x], threads, out_dtype=torch.bfloat16)[0]
+        g, u = h.chunk(2, dim=-1)
+        y = kernel.qmulti([(w_out[0], w_out[1])], [(F.silu(g) * u).contiguous()], threads, out_dtype=torch.bfloat16)[0]
+        steps += weight * y.float().reshape(-1)
+    assert torch.equal(got.reshape(-1), steps.to(torch.bfloat16))
 
 
 def test_token_limit_and_bad_layouts(kernel):
