@@ -88,17 +88,14 @@ def main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model).expanduser()
     if args.measure and not model_dir.is_dir():
         raise UserError(f"--measure: needs --model to be a checkpoint folder, got {args.model!r}")
+    vram_budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else None
 
     profile, profile_path = _load_profile(args.profile)
     shape = load_model_shape(args.model, experts=args.experts)
     work = workload.resolve_workload(shape, args.trace, args.prompt_tokens, seed=args.seed)
     trace, trace_source = work.trace, work.source
     log.info("trace: %s", trace_source)
-    routing_lines = routing_report(work)
-    for line in routing_lines:
-        print(f"moeplan tune: {line}", file=sys.stderr)
     accelerator = "cuda:0" if profile.has_accelerator else "cpu"
-    vram_budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else None
     if args.expert_budget_fraction is not None:
         fixed = cache_capacity(profile, shape, accelerator, args.context, args.prompt_tokens, None).fixed_bytes
         if accelerator == "cpu":  # the cache side of a CPU plan: dense + KV + workspace (not all experts)
@@ -129,6 +126,9 @@ def main(args: argparse.Namespace) -> int:
     storage = open_storage(args.storage)
     seed = sampler_seed(storage, args.seed)
     study = create_study(storage, study_name if args.storage else args.study, seed, fingerprint)
+    # printed only now: every argument is checked, so a mistake still gets its one-line error
+    for line in routing_report(work):
+        print(f"moeplan tune: {line}", file=sys.stderr)
     if capacity.device == "host":
         log.info("tuning %s on %s (cpu): no cache slots (%s), %d more trials", shape.name, profile.name,
                  NO_SLOTS_ON_CPU, args.trials)
