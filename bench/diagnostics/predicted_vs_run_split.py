@@ -15,7 +15,7 @@ was layers x (dense + MoE) + step before, and is now layers x max(dense + MoE, t
 Per round it reports the fastest and the median token, both sides; the table gives the median over
 rounds. On a shared machine the fastest tokens describe the host, the medians the load of the moment.
 
-    .venv/bin/python bench/diagnostics/decode_split.py [--model models/tiny-moe] [--threads 1] [--rounds 7]
+    .venv/bin/python bench/diagnostics/predicted_vs_run_split.py [--model models/tiny-moe] [--threads 1] [--rounds 7]
 """
 from __future__ import annotations
 
