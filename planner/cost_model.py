@@ -228,8 +228,10 @@ class _Rates:
         """What one decoder layer of a CPU plan's decode step takes in the runtime's decode loop beyond its
         parts timed alone: the profile's `cpu.decode_layer` row (the layer, dense part and top-k experts on
         the fused path, inside the runtime's generation loop) less the same run's `dense_layer` row at its
-        context and `moe_layer` token row, per thread count (this plan's cache state, else what was timed),
-        never below 0. 0 on a GPU, without such rows, or where the parts were not timed."""
+        context and `moe_layer` token row, per thread count (this plan's cache state, else what was timed).
+        Negative where the loop runs the layer faster than its parts alone (the runtime's native decode step
+        against the dense part timed through transformers' modules), but never below minus the dense part.
+        0 on a GPU, without such rows, or where the parts were not timed."""
         s = self.shape
         if self.on_gpu:
             return 0.0
@@ -244,7 +246,7 @@ class _Rates:
             experts = self.profile.cpu_moe_seconds(s.hidden, s.expert_intermediate, s.dtype, "token", r.experts, 1,
                                                    r.threads, r.cache)
             if dense is not None and experts is not None:
-                extra[r.threads] = max(0.0, r.median_s - dense - experts)
+                extra[r.threads] = max(-dense, r.median_s - dense - experts)
         return interpolate(extra, self.threads) if extra else 0.0
 
     def layer_overhead_s(self) -> float:

@@ -48,6 +48,9 @@ class NativeDecode:
         self.enabled = True
         self.tokens = 0  # decode tokens this step has run (the tests read it: proof that it ran)
         self.declined = 0  # decode tokens it handed back to transformers
+        # When set, each layer runs as `around_layer(index, run)`, `run()` being the layer: the profiler's
+        # seam to time a layer inside the step (wrapping a decoder layer module would make the step decline)
+        self.around_layer: Callable[[int, Callable[[], tuple[Tensor, Tensor]]], tuple[Tensor, Tensor]] | None = None
         self._declined_reasons: set[str] = set()
         self._embedding = inner.embed_tokens.weight
         dtype = self._embedding.dtype
@@ -101,8 +104,13 @@ class NativeDecode:
             cos, sin = self._rotary(hidden, torch.tensor([[length]]))
             cos_ptr, sin_ptr = cos.data_ptr(), sin.data_ptr()
             delta = None
+            around = self.around_layer
             for layer, cache_layer in zip(self._layers, layers):
-                hidden, delta = layer(hidden, delta, cos_ptr, sin_ptr, length, cache_layer, threads)
+                if around is None:
+                    hidden, delta = layer(hidden, delta, cos_ptr, sin_ptr, length, cache_layer, threads)
+                else:
+                    hidden, delta = around(layer.index, lambda: layer(hidden, delta, cos_ptr, sin_ptr, length,
+                                                                      cache_layer, threads))
             _, normed = self._final_norm(hidden, delta)
             logits = self._lm_head(normed)
         finally:

@@ -129,15 +129,21 @@ def test_quantized_moe_layer_paths_run_the_int_experts(fmt):
 
 def test_decode_step_timing():
     """The runtime's own generation loop on a one-layer model of the shape: the step outside the layer, the
-    layer inside the loop (the flush after it, inside its share, counted in neither)."""
+    layer inside the loop (the flush after it, inside its share, counted in neither), both on the native
+    decode step the runtime runs."""
     torch.set_num_threads(1)
     bench = DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4, 2, 300), "float32", "cpu")
     buf = StreamBuffer(8 << 20)
     for flush in (None, buf.flush, lambda: buf.evict(1 << 20)):
         assert 0 < bench.time(16, warmup=1, repeats=3, flush=flush).median_s < 1
-    flushed = []
+    native = bench._session(1)[0].engine.native
+    assert native is not None
+    flushed, before = [], native.tokens
     step, layer, context = bench.time_in_loop(16, warmup=1, repeats=4, flush=lambda: flushed.append(1))
-    assert step.repeats == layer.repeats == 4 and len(flushed) == 1 + 4 + 1  # the prompt's pass, then each token
+    # each decode token's layer, run by the runtime's native decode step as in a run (the prompt's pass runs
+    # on transformers, untimed and unflushed)
+    assert step.repeats == layer.repeats == 4 and len(flushed) == 1 + 4
+    assert native.tokens - before == 1 + 4 and native.declined == 0
     assert 0 < step.median_s < 1 and 0 < layer.median_s < 1 and context == 16 + 1 + 2.5
     with pytest.raises(ValueError, match="no vocabulary size"):
         DecodeStepBench(LayerShape("t", 64, 128, 4, 2, 16, 4), "float32", "cpu")
