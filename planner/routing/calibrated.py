@@ -13,6 +13,8 @@ from runtime.contracts.traces import Trace
 
 from .published import STATISTICS, LayerTarget, RoutingTargets
 from .statistics import trace_stats
+
+GROUP_STATISTIC = "reuse_by_popularity_q"  # + group index (0: the most popular quarter)
 from .synthetic import LayerRouting, fit_layer, synthesize_layers
 
 
@@ -71,15 +73,20 @@ class Calibration:
 
 @lru_cache(maxsize=4096)
 def _fit(skew: float, reuse: float, num_experts: int, top_k: int, first: float | None,
-         either: float | None, popularity: tuple[float, ...] | None) -> LayerRouting:
-    return fit_layer(skew, reuse, num_experts, top_k, first, either, popularity)
+         either: float | None, popularity: tuple[float, ...] | None,
+         groups: tuple[float | None, ...] | None, second: float | None, exact: bool) -> LayerRouting:
+    return fit_layer(skew, reuse, num_experts, top_k, first, either, popularity, groups, second, exact)
 
 
 def parameters(layers: tuple[LayerTarget, ...], num_experts: int, top_k: int) -> tuple[LayerRouting, ...]:
     return tuple(_fit(round(t.skew, 6), round(t.next_token_reuse, 6), num_experts, top_k,
                       None if t.first_choice_repeat is None else round(t.first_choice_repeat, 6),
                       None if t.first_or_second_repeat is None else round(t.first_or_second_repeat, 6),
-                      t.popularity) for t in layers)
+                      t.popularity,
+                      None if t.reuse_by_popularity is None else
+                      tuple(None if g is None else round(g, 6) for g in t.reuse_by_popularity),
+                      None if t.second_token_reuse is None else round(t.second_token_reuse, 6),
+                      not t.profile_assumed) for t in layers)
 
 
 def calibrate(targets: RoutingTargets, layers: tuple[LayerTarget, ...] | None, num_experts: int, top_k: int,
@@ -100,4 +107,7 @@ def compare(layers: tuple[LayerTarget, ...], trace: Trace) -> tuple[FitCheck, ..
             want, got = getattr(t, name), getattr(s, name)
             if want is not None and got is not None:
                 checks.append(FitCheck(name, s.layer, want, got))
+        for g, (want, got) in enumerate(zip(t.reuse_by_popularity or (), s.reuse_by_popularity)):
+            if want is not None and got is not None:
+                checks.append(FitCheck(f"{GROUP_STATISTIC}{g}", s.layer, want, got))
     return tuple(checks)

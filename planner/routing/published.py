@@ -51,7 +51,7 @@ MIXTRAL_TABLE5: dict[str, tuple[float, float, float, float, float, float]] = {
     "Wikipedia (en)": (14.4, 23.6, 25.3, 49.8, 62.1, 51.8),
 }
 MIXTRAL_FAMILY = {"mixtral-8x7b": "published", "mixtral-8x22b": "family"}
-STATISTICS = ("skew", "next_token_reuse", "first_choice_repeat", "first_or_second_repeat")
+STATISTICS = ("skew", "next_token_reuse", "first_choice_repeat", "first_or_second_repeat", "second_token_reuse")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ class LayerTarget:
     first_choice_repeat: float | None = None
     first_or_second_repeat: float | None = None
     popularity: tuple[float, ...] | None = None  # sorted expert shares (recorded only); None: a Zipf law
+    second_token_reuse: float | None = None  # reuse against the token two before; None: what the chain gives
+    # reuse_by_popularity and second_token_reuse carried from another model's profile: fitted roughly (no
+    # per-layer correction runs, so that layers share calibration runs and `tune` stays fast)
+    profile_assumed: bool = False
+    # next-token reuse per popularity group, most popular first (statistics.py); None: every expert alike
+    reuse_by_popularity: tuple[float | None, ...] | None = None
     interpolated: bool = False  # between published layers, not at one
 
 
@@ -143,7 +149,8 @@ def reuse_from_first_or_second(share: float) -> float:
     return 1.0 - math.sqrt(max(0.0, 1.0 - share))
 
 
-def _mixtral_layers(shape: ModelShape, how: str, skews: Sequence[float]) -> tuple[LayerTarget, ...]:
+def _mixtral_layers(shape: ModelShape, how: str, skews: Sequence[float],
+                    profile: "LocalityProfile | None" = None) -> tuple[LayerTarget, ...]:
     L = shape.num_moe_layers
     first, either = mixtral_anchor(0, how), mixtral_anchor(3, how)
     depth = [a / (MIXTRAL_MOE_LAYERS - 1) for a in MIXTRAL_LAYERS]
@@ -153,9 +160,49 @@ def _mixtral_layers(shape: ModelShape, how: str, skews: Sequence[float]) -> tupl
         f = interpolate(list(zip(depth, first)), x)
         a = interpolate(list(zip(depth, either)), x)
         at_anchor = any(abs(x - d) < 1e-9 for d in depth)
-        out.append(LayerTarget(skew=skews[l], next_token_reuse=reuse_from_first_or_second(a),
-                               first_choice_repeat=f, first_or_second_repeat=a, interpolated=not at_anchor))
+        reuse = reuse_from_first_or_second(a)
+        extra = {} if profile is None else profile.targets(reuse, shape.num_experts, shape.top_k)
+        out.append(LayerTarget(skew=skews[l], next_token_reuse=reuse, first_choice_repeat=f,
+                               first_or_second_repeat=a, interpolated=not at_anchor, **extra))
     return tuple(out)
+
+
+def _odds(p: float) -> float:
+    p = min(0.98, max(0.02, p))
+    return p / (1 - p)
+
+
+@dataclass(frozen=True)
+class LocalityProfile:
+    """What one next-token reuse figure leaves open, as a recorded trace shows it, in a form that carries to
+    another model: each popularity group's odds of reuse against the layer's (reuse_by_popularity), and the
+    second-token reuse's position between uniform routing (k/E) and the next-token reuse; geometric and
+    arithmetic means over the recorded layers."""
+
+    group_odds_ratio: tuple[float, ...]
+    second_position: float
+
+    def targets(self, reuse: float, num_experts: int, top_k: int) -> dict:
+        groups = tuple(o * _odds(reuse) / (1 + o * _odds(reuse)) for o in self.group_odds_ratio)
+        base = top_k / num_experts
+        # the second-token reuse is not carried: on the recorded OLMoE trace the one-step chain with this
+        # profile already lands on it (bench/results/routing_calibration.md), and fitting it per layer would
+        # cost `tune` seconds per catalog model
+        return {"reuse_by_popularity": groups, "profile_assumed": True}
+
+
+def locality_profile(stats: TraceStats) -> LocalityProfile:
+    """The recorded trace's locality profile (LocalityProfile), from its layers' statistics."""
+    base = stats.top_k / stats.num_experts
+    logs: list[list[float]] = []
+    positions = []
+    for s in stats.layers:
+        if s.reuse_by_popularity and all(g is not None for g in s.reuse_by_popularity):
+            logs.append([math.log(_odds(g) / _odds(s.next_token_reuse)) for g in s.reuse_by_popularity])
+        if s.second_token_reuse is not None and s.next_token_reuse > base:
+            positions.append((s.second_token_reuse - base) / (s.next_token_reuse - base))
+    ratios = tuple(math.exp(sum(col) / len(col)) for col in zip(*logs)) if logs else ()
+    return LocalityProfile(ratios, sum(positions) / len(positions) if positions else 1.0)
 
 
 def _olmoe_carried(shape: ModelShape, olmoe: TraceStats, kind: str) -> list[float]:
@@ -188,16 +235,23 @@ def routing_targets(shape: ModelShape, olmoe: TraceStats, olmoe_file: str) -> Ro
                  + ("" if status == "published" else ", taken at the same relative depth for this model of the "
                     "same family (nothing published for it)")
                  + "; layers between interpolated linearly")
+        profile = locality_profile(olmoe)
+        profile_source = (f"assumed (no published figure): the recorded {olmoe_file}'s profile (each popularity "
+                          f"quarter's odds of reuse against its layer's, geometric mean over its layers), applied "
+                          f"to the derived next-token reuse")
         return RoutingTargets(
-            model=shape.name, status=status, layers=_mixtral_layers(shape, "mean", olmoe_skew),
+            model=shape.name, status=status, layers=_mixtral_layers(shape, "mean", olmoe_skew, profile),
             sources={"first_choice_repeat": where, "first_or_second_repeat": where,
                      "next_token_reuse": "derived from first_or_second_repeat assuming independent keeps "
                                          "(reuse = 1 - sqrt(1 - share))",
                      "skew": skew_source,
-                     "spread": "low: the domains' minimum repetitions and uniform popularity; high: their "
-                               "maximum and the assumed skew"},
+                     "reuse_by_popularity": profile_source,
+                     "spread": "low: the domains' minimum repetitions, uniform popularity and the assumed "
+                               "reuse profile; high: their maximum, the assumed skew and no reuse profile (every "
+                               "expert kept alike, the one-step chain: more locality a cache can use)"},
             published_layers=published if status == "published" else (),
-            spread={"low": _mixtral_layers(shape, "min", uniform), "high": _mixtral_layers(shape, "max", olmoe_skew)})
+            spread={"low": _mixtral_layers(shape, "min", uniform, profile),
+                    "high": _mixtral_layers(shape, "max", olmoe_skew)})
     olmoe_reuse = _olmoe_carried(shape, olmoe, "reuse")
     base = k / E
     low_reuse = [base + _mixtral_reuse_position(l, L) * (1 - base) for l in range(L)]
@@ -220,11 +274,15 @@ def recorded_targets(stats: TraceStats, source: str) -> RoutingTargets:
     """A model's statistics measured on its own recorded trace (nothing assumed, no spread)."""
     layers = tuple(LayerTarget(skew=s.skew, next_token_reuse=s.next_token_reuse,
                                first_choice_repeat=s.first_choice_repeat,
-                               first_or_second_repeat=s.first_or_second_repeat, popularity=s.popularity)
+                               first_or_second_repeat=s.first_or_second_repeat, popularity=s.popularity,
+                               reuse_by_popularity=s.reuse_by_popularity or None,
+                               second_token_reuse=s.second_token_reuse)
                    for s in stats.layers)
     where = f"measured on the recorded trace {source}"
     sources = {name: where for name in ("skew", "next_token_reuse")}
     sources["popularity"] = f"{where}: each layer's sorted expert shares (no ids), the shape the draws follow"
+    sources["reuse_by_popularity"] = f"{where}: each layer's next-token reuse per popularity quarter"
+    sources["second_token_reuse"] = where
     if stats.mean_first_choice_repeat is not None:
         sources["first_choice_repeat"] = where
     else:

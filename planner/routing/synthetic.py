@@ -11,7 +11,19 @@ The generator, per MoE layer (`E` experts, top-`k`), keeps the router's rank ord
   repetition) is 1 - (1 - keep)^2;
 - rank order: when token t's first choice is kept, it is token t+1's first choice with probability
   `stay_first` (else it takes one of the other ranks, uniformly), so the first-choice repetition is
-  keep * stay_first; stay_first = 1/k is no preference (a shuffled order).
+  keep * stay_first; stay_first = 1/k is no preference (a shuffled order);
+- stickiness by popularity (where the targets give reuse by popularity group, statistics.py): which m of
+  token t's experts are kept is drawn by weight, without replacement, the weight of popularity rank r
+  being `stickiness[r]` (the kept count m, hence the mean reuse and the first-or-second repetition, is
+  unchanged); the first choice then repeats by error diffusion (it stays first whenever it was kept and the
+  repeats so far are below the target rate), since which experts are kept no longer decides it at m / k.
+  The weights start at each group's odds of reuse against the mean's and are corrected on seeded
+  calibration runs (_STICKY_ROUNDS) until the generator's reuse by group lands on the targets;
+- recall (where the targets give the second-token reuse, statistics.py, above what the one-step chain
+  gives): each expert of token t-1 that token t dropped comes back at t+1, in one of the slots not kept
+  from t, with probability `recall` (bisected on calibration runs); the other fresh slots are drawn by
+  popularity as before. Where that is not enough (the embedded model's trace repeats its tokens' experts
+  two tokens apart), recall above 1 also favours keeping token t's experts that token t-1 chose.
 The outcome of each token (m, first choice kept or not, first again or not) is drawn by stratified sampling
 (one seeded uniform per token from each of `tokens` equal strata, shuffled), so that a trace of a few hundred
 tokens already lands within a few percent of the rates it was fitted to; the expert ids are drawn freely.
@@ -28,10 +40,10 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from .statistics import top_share, trace_stats
+from .statistics import POPULARITY_GROUPS, reuse_by_popularity, top_share, trace_stats
 from runtime.contracts.traces import PHASES, Trace, TraceHeader, TracePass
 
 GENERATOR = "moeplan.synthetic/2"
@@ -40,6 +52,10 @@ _CALIBRATION_TOKENS = 1000
 _CALIBRATION_SEED = 12345
 _GRID_POINTS = 24  # exponents 0, 1/6, ... 4 measured per shape and keep
 _KEEP_STEP = 0.1  # layers whose keep rounds alike share one calibration curve
+_STICKY_ROUNDS = 3  # corrections of the stickiness weights on calibration runs
+_RECALL_STEPS = 6  # bisection steps fitting the recall to the second-token reuse
+_RECALL_KEEP_BOOST = 20.0  # recall 2: an expert of token t-1 is 21 times likelier to be kept, stickiness alike
+_RECALL_GRID = 0.05  # an assumed profile's recall, rounded (layers share calibration curves)
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,12 @@ class LayerRouting:
     first_or_second: float | None = None  # top-2 only: target share of pairs sharing an expert (None: binomial)
     # sorted popularity shares to draw by (weight of rank r: popularity[r] ** zipf_exponent); None: the Zipf law
     popularity: tuple[float, ...] | None = None
+    # per popularity rank: weight of being among the kept experts (None: every expert alike)
+    stickiness: tuple[float, ...] | None = None
+    # up to 1: probability that each expert of token t-1 dropped at t comes back at t+1 in a fresh slot;
+    # 1 to 2 (with stickiness): every one comes back, and token t's experts that token t-1 also chose are
+    # likelier to be kept (weight times 1 + _RECALL_KEEP_BOOST * (recall - 1))
+    recall: float = 0.0
 
     def kept_distribution(self, top_k: int) -> list[float]:
         """P(m experts of the previous token kept), m = 0..k: Binomial(k, keep), or for top-2 with a
@@ -84,10 +106,16 @@ def fit_routing_stats(trace: Trace, phases: tuple[str, ...] = PHASES) -> Routing
 
 def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
               first_choice: float | None = None, first_or_second: float | None = None,
-              popularity: tuple[float, ...] | None = None) -> LayerRouting:
+              popularity: tuple[float, ...] | None = None,
+              reuse_groups: tuple[float | None, ...] | None = None,
+              second_reuse: float | None = None, exact: bool = True) -> LayerRouting:
     """The generator's parameters for one layer's targets (first_choice None: no rank preference;
     popularity None: a Zipf law, else weights shaped like these sorted shares, sharpened or flattened by
-    the fitted exponent until the top-10% share is `skew`)."""
+    the fitted exponent until the top-10% share is `skew`; reuse_groups: reuse by popularity group, most
+    popular first, or None: every expert kept alike; second_reuse: reuse against the token two before, or
+    None: what the one-step chain gives; exact False: the stickiness weights are the groups' odds ratios
+    uncorrected and the recall is rounded to _RECALL_GRID, so that layers of an assumed profile share their
+    calibration runs)."""
     keep = min(1.0, max(0.0, reuse))
     stay = None
     if first_choice is not None:
@@ -96,16 +124,72 @@ def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
         # a floor so that an expert never seen in the recording stays possible
         floor = 0.5 / max(1, len(popularity)) * min((p for p in popularity if p > 0), default=1.0)
         popularity = tuple(max(p, floor) for p in popularity)
-    return LayerRouting(skew, reuse, _fit_exponent(skew, keep, num_experts, top_k, popularity), keep, first_choice,
-                        stay, first_or_second if top_k == 2 else None, popularity)
+    either = first_or_second if top_k == 2 else None
+    base = LayerRouting(skew, reuse, 0.0, keep, first_choice, stay, either, popularity)
+    if keep <= 0 or keep >= 1:
+        return replace(base, zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity))
+    weights = None
+    if reuse_groups and any(g is not None for g in reuse_groups):
+        weights = _group_weights([_odds(g) / _odds(keep) if g is not None else 1.0 for g in reuse_groups],
+                                 num_experts)
+        exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
+        for _ in range(_STICKY_ROUNDS if exact else 0):
+            rows = _calibration_rows(replace(base, zipf_exponent=exponent, stickiness=weights), num_experts, top_k)
+            got = reuse_by_popularity([rows], _counts(rows, num_experts), POPULARITY_GROUPS)
+            ratios = [1.0 if want is None or have is None else _odds(want) / _odds(have)
+                      for want, have in zip(reuse_groups, got)]
+            weights = tuple(w * ratios[r * len(ratios) // num_experts] for r, w in enumerate(weights))
+    exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
+    fitted = replace(base, zipf_exponent=exponent, stickiness=weights)
+    if second_reuse is None or _second_reuse(fitted, num_experts, top_k) >= second_reuse:
+        return fitted
+    lo, hi = 0.0, 2.0 if weights is not None else 1.0  # the recall reaching `second_reuse` (monotone in it)
+    for _ in range(_RECALL_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _second_reuse(replace(fitted, recall=mid), num_experts, top_k) < second_reuse else (lo, mid)
+    recall = (lo + hi) / 2 if exact else round((lo + hi) / 2 / _RECALL_GRID) * _RECALL_GRID
+    return replace(fitted, recall=recall,
+                   zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity, weights, recall))
+
+
+def _counts(rows: list[tuple[int, ...]], num_experts: int) -> list[int]:
+    counts = [0] * num_experts
+    for row in rows:
+        for e in row:
+            counts[e] += 1
+    return counts
+
+
+def _second_reuse(p: LayerRouting, num_experts: int, top_k: int) -> float:
+    rows = _calibration_rows(p, num_experts, top_k)
+    return sum(len(set(a) & set(b)) for a, b in zip(rows, rows[2:])) / (top_k * max(1, len(rows) - 2))
+
+
+def _odds(p: float) -> float:
+    p = min(0.98, max(0.02, p))
+    return p / (1 - p)
+
+
+def _group_weights(per_group: list[float], num_experts: int) -> tuple[float, ...]:
+    """Per popularity rank, its group's weight (ranks cut into len(per_group) equal groups, as statistics.py)."""
+    return tuple(per_group[r * len(per_group) // num_experts] for r in range(num_experts))
+
+
+def _calibration_rows(p: LayerRouting, num_experts: int, top_k: int) -> list[tuple[int, ...]]:
+    """A seeded calibration run of `p` (ids = popularity ranks)."""
+    return _layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, _CALIBRATION_TOKENS,
+                       random.Random(_CALIBRATION_SEED), list(range(num_experts)), p.stay_first,
+                       p.kept_distribution(top_k), p.popularity, p.stickiness, p.first_choice, p.recall)
 
 
 def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int,
-                  popularity: tuple[float, ...] | None = None) -> float:
+                  popularity: tuple[float, ...] | None = None, stickiness: tuple[float, ...] | None = None,
+                  recall: float = 0.0) -> float:
     """The exponent whose calibration run gives `target_skew`: interpolated on the generator's skew over a
     grid of exponents, measured once per shape and `keep` rounded to _KEEP_STEP (layers share it)."""
     bucket = round(round(keep / _KEEP_STEP) * _KEEP_STEP, 6)
-    curve = _skew_curve(num_experts, top_k, bucket, popularity)
+    curve = _skew_curve(num_experts, top_k, bucket, popularity,
+                        None if stickiness is None else tuple(round(w, 4) for w in stickiness), round(recall, 4))
     if target_skew <= curve[0][1]:
         return 0.0
     for (s0, k0), (s1, k1) in zip(curve, curve[1:]):
@@ -115,8 +199,8 @@ def _fit_exponent(target_skew: float, keep: float, num_experts: int, top_k: int,
 
 
 @lru_cache(maxsize=256)
-def _skew_curve(num_experts: int, top_k: int, keep: float,
-                popularity: tuple[float, ...] | None = None) -> tuple[tuple[float, float], ...]:
+def _skew_curve(num_experts: int, top_k: int, keep: float, popularity: tuple[float, ...] | None = None,
+                stickiness: tuple[float, ...] | None = None, recall: float = 0.0) -> tuple[tuple[float, float], ...]:
     """(exponent, top-10% share of a seeded calibration run) on a grid, made non-decreasing (sampling noise)."""
     out: list[tuple[float, float]] = []
     best = 0.0
@@ -124,7 +208,7 @@ def _skew_curve(num_experts: int, top_k: int, keep: float,
         s = _MAX_EXPONENT * i / _GRID_POINTS
         rng = random.Random(_CALIBRATION_SEED)
         rows = _layer_rows(num_experts, top_k, s, keep, _CALIBRATION_TOKENS, rng, list(range(num_experts)),
-                           popularity=popularity)
+                           popularity=popularity, stickiness=stickiness, recall=recall)
         counts = [0] * num_experts
         for row in rows:
             for e in row:
@@ -137,8 +221,11 @@ def _skew_curve(num_experts: int, top_k: int, keep: float,
 def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, tokens: int,
                 rng: random.Random, ids: list[int], stay_first: float | None = None,
                 kept: list[float] | None = None,
-                popularity: tuple[float, ...] | None = None) -> list[tuple[int, ...]]:
-    """`tokens` rows of `top_k` distinct expert ids in rank order; popularity rank r is expert ids[r]."""
+                popularity: tuple[float, ...] | None = None, stickiness: tuple[float, ...] | None = None,
+                first_choice: float | None = None, recall: float = 0.0) -> list[tuple[int, ...]]:
+    """`tokens` rows of `top_k` distinct expert ids in rank order; popularity rank r is expert ids[r]
+    (`stickiness`: the kept experts drawn by these weights per rank, the first choice repeating at the rate
+    `first_choice`, or 1 / top_k of kept first choices where it is None)."""
     weights = [(r + 1) ** -exponent if popularity is None else popularity[r] ** exponent for r in range(num_experts)]
     cumulative, total = [], 0.0
     for r in range(num_experts):
@@ -168,16 +255,41 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
     outcomes = _stratified_outcomes(top_k, kept, 1.0 / top_k if stay_first is None else stay_first, tokens, rng)
     rows: list[tuple[int, ...]] = []
     prev: list[int] = []
-    for m, first_kept, stays in outcomes:
+    before: list[int] = []  # token t-1's experts, for the recall
+    repeats = 0
+    for t, (m, first_kept, stays) in enumerate(outcomes):
         if not prev:
             order = draw(set(), top_k)
         else:
             others = prev[1:]
-            held = ([prev[0]] + rng.sample(others, m - 1)) if first_kept else rng.sample(others, min(m, len(others)))
+            if stickiness is not None:
+                keep_weights = stickiness
+                if recall > 1:  # beyond every dropped expert coming back: keep the ones token t-1 also chose
+                    boost = 1 + _RECALL_KEEP_BOOST * (recall - 1)
+                    keep_weights = {r: stickiness[r] * (boost if r in before else 1.0) for r in prev}
+                held = _weighted_sample(prev, m, keep_weights, rng)
+                if first_choice is not None and held and prev[0] not in held and repeats < first_choice * t:
+                    held[-1] = prev[0]  # behind the first-choice rate: the first choice takes the last kept place
+                first_kept = prev[0] in held
+                if first_choice is None:
+                    stays = rng.random() < 1.0 / top_k
+                else:  # error diffusion: repeat whenever the repeats so far fall short of the target rate
+                    stays = first_kept and repeats < first_choice * t
+                repeats += first_kept and stays
+            else:
+                held = ([prev[0]] + rng.sample(others, m - 1)) if first_kept else rng.sample(others, min(m, len(others)))
             exclude = set(prev)
             if num_experts - len(exclude) < top_k - len(held):
                 exclude = set(held)  # too few experts outside the previous token's: allow its dropped ones
-            rest = [r for r in held if r != prev[0]] + draw(exclude, top_k - len(held))
+            fresh: list[int] = []
+            if recall > 0:  # the previous token's dropped experts come back, each with probability `recall`
+                back = [r for r in before if r not in exclude]
+                rng.shuffle(back)
+                for r in back:
+                    if len(fresh) < top_k - len(held) and rng.random() < recall:
+                        fresh.append(r)
+                        exclude.add(r)
+            rest = [r for r in held if r != prev[0]] + fresh + draw(exclude, top_k - len(held) - len(fresh))
             rng.shuffle(rest)
             if first_kept and stays:
                 order = [prev[0]] + rest
@@ -186,9 +298,23 @@ def _layer_rows(num_experts: int, top_k: int, exponent: float, keep: float, toke
                 order = rest
             else:
                 order = rest
-        prev = order
+        before, prev = prev, order
         rows.append(tuple(ids[r] for r in order))
     return rows
+
+
+def _weighted_sample(items: list[int], n: int, weights, rng: random.Random) -> list[int]:
+    """`n` of `items` (popularity ranks) without replacement, each pick by weights[item] among those left."""
+    pool, picked = list(items), []
+    for _ in range(min(n, len(pool))):
+        total = sum(weights[r] for r in pool)
+        u, acc = rng.random() * total, 0.0
+        for i, r in enumerate(pool):
+            acc += weights[r]
+            if u <= acc:
+                break
+        picked.append(pool.pop(i))
+    return picked
 
 
 def _stratified_outcomes(top_k: int, kept: list[float], stay_first: float, tokens: int,
@@ -268,7 +394,8 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
         ids = list(range(num_experts))
         rng.shuffle(ids)
         per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first,
-                                     p.kept_distribution(top_k), p.popularity))
+                                     p.kept_distribution(top_k), p.popularity, p.stickiness, p.first_choice,
+                                     p.recall))
     passes = tuple(TracePass(t, "decode", 1, tuple((per_layer[l][t],) for l in range(num_layers)))
                    for t in range(tokens))
     header = TraceHeader(
@@ -280,6 +407,8 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
                            "zipf_exponent": round(p.zipf_exponent, 4), "keep": round(p.keep, 4),
                            **({} if p.stay_first is None else {"stay_first": round(p.stay_first, 4)}),
                            **({} if p.first_or_second is None else {"first_or_second": round(p.first_or_second, 4)}),
-                           **({} if p.popularity is None else {"popularity": [round(x, 5) for x in p.popularity]})}
+                           **({} if p.popularity is None else {"popularity": [round(x, 5) for x in p.popularity]}),
+                           **({} if p.stickiness is None else {"stickiness": [round(x, 4) for x in p.stickiness]}),
+                           **({} if not p.recall else {"recall": round(p.recall, 4)})}
                           for p in params]})
     return Trace(header, passes)
