@@ -108,3 +108,43 @@ def test_explain_json_names_the_statistics_their_sources_and_the_spread(capsys):
     assert len(fit["target"]) == len(fit["synthetic"]) == 32 and fit["max_relative_error"] <= 0.10
     lo, hi = out["decode_tokens_per_s_range"]
     assert lo <= out["decode_tokens_per_s"] <= hi and set(out["spread"]) == {"low", "high"}
+
+
+def test_reuse_by_popularity_and_second_token_reuse_by_hand():
+    # 8 experts, top-2; expert 0 in every token (the most popular), the partner alternates 1, 2, 1, 3
+    t = make_trace([("decode", [[[0, 1]]]), ("decode", [[[0, 2]]]), ("decode", [[[0, 1]]]),
+                    ("decode", [[[0, 3]]])], num_experts=8, top_k=2)
+    s = trace_stats(t).layers[0]
+    # distance 2: {0,1} vs {0,1} shares 2 of 2, {0,2} vs {0,3} shares 1 of 2
+    assert s.second_token_reuse == pytest.approx((1.0 + 0.5) / 2)
+    # quarters by popularity (2 experts each): {0, 1} kept 3 of 5 selections before a next token (0 thrice,
+    # 1 never); {2, 3} (2 is tied with 3 at one use, id order) 0 of 1; the unused experts: no selection
+    assert s.reuse_by_popularity == (pytest.approx(3 / 5), 0.0, None, None)
+
+
+def test_generator_keeps_popular_experts_stickier_and_recalls_to_the_second_token_reuse():
+    """Reuse by popularity quarter and the second-token reuse are what one next-token reuse figure leaves
+    open; the generator lands on them (a uniform keep does not), at an unchanged mean reuse and skew."""
+    from planner.routing.synthetic import fit_layer, synthesize_layers
+
+    groups = (0.55, 0.33, 0.2, 0.1)
+    p = fit_layer(0.3, 0.4, 16, 4, reuse_groups=groups, second_reuse=0.45)
+    assert p.stickiness is not None and p.recall > 0
+    s = trace_stats(synthesize_layers((p,), 16, 4, 2000, 3, fitted_from="test")).layers[0]
+    assert s.next_token_reuse == pytest.approx(0.4, rel=0.02) and s.skew == pytest.approx(0.3, rel=0.05)
+    assert s.second_token_reuse == pytest.approx(0.45, rel=0.05)
+    for want, got in zip(groups, s.reuse_by_popularity):
+        assert got == pytest.approx(want, abs=0.06)
+    flat = trace_stats(synthesize_layers((fit_layer(0.3, 0.4, 16, 4),), 16, 4, 2000, 3, fitted_from="test")).layers[0]
+    assert max(flat.reuse_by_popularity) - min(flat.reuse_by_popularity) < 0.05
+
+
+def test_mixtral_assumes_the_recorded_reuse_profile_and_spreads_to_none():
+    shape = load_model_shape("mixtral-8x7b")
+    cal, _, _ = calibrated_trace(shape, TRACES, seed=0)
+    t = cal.targets
+    assert "olmoe" in t.sources["reuse_by_popularity"] and "assumed" in t.sources["reuse_by_popularity"]
+    assert all(l.reuse_by_popularity is not None and l.reuse_by_popularity[0] > l.next_token_reuse
+               > l.reuse_by_popularity[-1] for l in t.layers)
+    assert all(l.reuse_by_popularity is not None for l in t.spread["low"])
+    assert all(l.reuse_by_popularity is None for l in t.spread["high"])  # the one-step chain: more locality
