@@ -175,34 +175,23 @@ def _odds(p: float) -> float:
 @dataclass(frozen=True)
 class LocalityProfile:
     """What one next-token reuse figure leaves open, as a recorded trace shows it, in a form that carries to
-    another model: each popularity group's odds of reuse against the layer's (reuse_by_popularity), and the
-    second-token reuse's position between uniform routing (k/E) and the next-token reuse; geometric and
-    arithmetic means over the recorded layers."""
+    another model: each popularity group's odds of reuse against its layer's next-token reuse
+    (reuse_by_popularity), geometric mean over the recorded layers."""
 
     group_odds_ratio: tuple[float, ...]
-    second_position: float
 
     def targets(self, reuse: float, num_experts: int, top_k: int) -> dict:
         groups = tuple(o * _odds(reuse) / (1 + o * _odds(reuse)) for o in self.group_odds_ratio)
-        base = top_k / num_experts
         # the second-token reuse is not carried: on the recorded OLMoE trace the one-step chain with this
-        # profile already lands on it (bench/results/routing_calibration.md), and fitting it per layer would
-        # cost `tune` seconds per catalog model
-        return {"reuse_by_popularity": groups, "profile_assumed": True}
+        # profile already lands on it (docs/traces.md), and fitting it per layer would cost `tune` seconds
+        return {"reuse_by_popularity": groups or None, "profile_assumed": True}
 
 
 def locality_profile(stats: TraceStats) -> LocalityProfile:
     """The recorded trace's locality profile (LocalityProfile), from its layers' statistics."""
-    base = stats.top_k / stats.num_experts
-    logs: list[list[float]] = []
-    positions = []
-    for s in stats.layers:
-        if s.reuse_by_popularity and all(g is not None for g in s.reuse_by_popularity):
-            logs.append([math.log(_odds(g) / _odds(s.next_token_reuse)) for g in s.reuse_by_popularity])
-        if s.second_token_reuse is not None and s.next_token_reuse > base:
-            positions.append((s.second_token_reuse - base) / (s.next_token_reuse - base))
-    ratios = tuple(math.exp(sum(col) / len(col)) for col in zip(*logs)) if logs else ()
-    return LocalityProfile(ratios, sum(positions) / len(positions) if positions else 1.0)
+    logs = [[math.log(_odds(g) / _odds(s.next_token_reuse)) for g in s.reuse_by_popularity]
+            for s in stats.layers if s.reuse_by_popularity and all(g is not None for g in s.reuse_by_popularity)]
+    return LocalityProfile(tuple(math.exp(sum(col) / len(col)) for col in zip(*logs)) if logs else ())
 
 
 def _olmoe_carried(shape: ModelShape, olmoe: TraceStats, kind: str) -> list[float]:
