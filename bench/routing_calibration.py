@@ -101,8 +101,9 @@ def main() -> int:
     lines += ["## (b) Hit rate from a model's statistics alone against its recorded routing", "",
               f"Profile `{Path(args.profile).name}`, memory budgets for "
               f"{', '.join(f'{f:.0%}' for f in args.expert_fractions)} of the experts. "
-              "The synthetic trace keeps only the recorded trace's per-layer skew, next-token reuse and (where "
-              "the trace keeps rank order) first-choice and first-or-second repetition; its expert ids are a "
+              "The synthetic trace keeps only the recorded trace's per-layer skew, popularity shape, next-token "
+              "reuse, reuse by popularity quarter, second-token reuse and (where the trace keeps rank order) "
+              "first-choice and first-or-second repetition (docs/traces.md); its expert ids are a "
               "random labelling, so the tuner offers no static set on it and predicts a preload with arbitrary ids.", ""]
     for model, trace in RECORDED:
         for fraction in args.expert_fractions:
