@@ -53,6 +53,7 @@ _CALIBRATION_SEED = 12345
 _GRID_POINTS = 24  # exponents 0, 1/6, ... 4 measured per shape and keep
 _KEEP_STEP = 0.1  # layers whose keep rounds alike share one calibration curve
 _STICKY_ROUNDS = 3  # corrections of the stickiness weights on calibration runs
+_SHAPE_ROUNDS_AFTER_RECALL = 2  # corrections of a recorded shape once the recall is set
 _RECALL_STEPS = 6  # bisection steps fitting the recall to the second-token reuse
 _RECALL_KEEP_BOOST = 20.0  # recall 2: an expert of token t-1 is 21 times likelier to be kept, stickiness alike
 _RECALL_GRID = 0.05  # an assumed profile's recall, rounded (layers share calibration curves)
@@ -132,24 +133,67 @@ def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
     if reuse_groups and any(g is not None for g in reuse_groups):
         weights = _group_weights([_odds(g) / _odds(keep) if g is not None else 1.0 for g in reuse_groups],
                                  num_experts)
+        if exact and popularity is not None:
+            return _fit_shape(base, reuse_groups, weights, second_reuse, num_experts, top_k)
         exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
         for _ in range(_STICKY_ROUNDS if exact else 0):
             rows = _calibration_rows(replace(base, zipf_exponent=exponent, stickiness=weights), num_experts, top_k)
             got = reuse_by_popularity([rows], _counts(rows, num_experts), POPULARITY_GROUPS)
-            ratios = [1.0 if want is None or have is None else _odds(want) / _odds(have)
-                      for want, have in zip(reuse_groups, got)]
-            weights = tuple(w * ratios[r * len(ratios) // num_experts] for r, w in enumerate(weights))
+            weights = _corrected(weights, reuse_groups, got, num_experts)
     exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
     fitted = replace(base, zipf_exponent=exponent, stickiness=weights)
     if second_reuse is None or _second_reuse(fitted, num_experts, top_k) >= second_reuse:
         return fitted
-    lo, hi = 0.0, 2.0 if weights is not None else 1.0  # the recall reaching `second_reuse` (monotone in it)
-    for _ in range(_RECALL_STEPS):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _second_reuse(replace(fitted, recall=mid), num_experts, top_k) < second_reuse else (lo, mid)
-    recall = (lo + hi) / 2 if exact else round((lo + hi) / 2 / _RECALL_GRID) * _RECALL_GRID
+    recall = _fit_recall(fitted, second_reuse, num_experts, top_k)
+    if exact:
+        return replace(fitted, recall=recall,
+                       zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity, weights, recall))
+    recall = round(recall / _RECALL_GRID) * _RECALL_GRID
     return replace(fitted, recall=recall,
                    zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity, weights, recall))
+
+
+def _fit_recall(p: LayerRouting, second_reuse: float, num_experts: int, top_k: int) -> float:
+    """The recall whose calibration run reaches `second_reuse` (bisected: the reuse grows with it)."""
+    lo, hi = 0.0, 2.0 if p.stickiness is not None else 1.0
+    for _ in range(_RECALL_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _second_reuse(replace(p, recall=mid), num_experts, top_k) < second_reuse else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _corrected(weights: tuple[float, ...], want: tuple[float | None, ...], got: tuple[float | None, ...],
+               num_experts: int) -> tuple[float, ...]:
+    """Stickiness weights times each group's odds of reuse wanted against those of the calibration run."""
+    ratios = [1.0 if w is None or h is None else _odds(w) / _odds(h) for w, h in zip(want, got)]
+    return tuple(x * ratios[r * len(ratios) // num_experts] for r, x in enumerate(weights))
+
+
+def _fit_shape(base: LayerRouting, reuse_groups: tuple[float | None, ...], weights: tuple[float, ...],
+               second_reuse: float | None, num_experts: int, top_k: int) -> LayerRouting:
+    """A recorded layer's whole popularity shape, not only its top-10% share: with stickiness the experts
+    kept longer are drawn more often than their weight says, so both the draw weights per rank (exponent 1)
+    and the stickiness are corrected on calibration runs, rank by rank and group by group, before and after
+    the recall is fitted to the second-token reuse."""
+    assert base.popularity is not None
+    target = [x / sum(base.popularity) for x in base.popularity]
+    p = replace(base, zipf_exponent=1.0, stickiness=weights)
+
+    def rounds(p: LayerRouting, n: int) -> LayerRouting:
+        for _ in range(n):
+            rows = _calibration_rows(p, num_experts, top_k)
+            counts = _counts(rows, num_experts)  # ids are popularity ranks in a calibration run
+            total = sum(counts)
+            shape = tuple(w * min(4.0, max(0.25, t / max(c / total, 0.25 / total)))
+                          for w, t, c in zip(p.popularity, target, counts))
+            got = reuse_by_popularity([rows], counts, POPULARITY_GROUPS)
+            p = replace(p, popularity=shape, stickiness=_corrected(p.stickiness, reuse_groups, got, num_experts))
+        return p
+
+    p = rounds(p, _STICKY_ROUNDS)
+    if second_reuse is not None and _second_reuse(p, num_experts, top_k) < second_reuse:
+        p = rounds(replace(p, recall=_fit_recall(p, second_reuse, num_experts, top_k)), _SHAPE_ROUNDS_AFTER_RECALL)
+    return p
 
 
 def _counts(rows: list[tuple[int, ...]], num_experts: int) -> list[int]:
