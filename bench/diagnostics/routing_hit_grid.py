@@ -4,7 +4,8 @@ slots at all, where the cost model finds CPU misses as fast), and one plan says 
 
 Per recorded trace and memory budget (a fraction of all experts, profile rtx4070): the synthetic traces of
 planner/tune/routing_check.py (the recorded trace's statistics alone; 3 draws), and per plan of the grid
-(the whole budget, misses on CPU, transfer_min_tokens 32, no prefetch; policy x promote) the slots split
+(the whole budget, misses on CPU, transfer_min_tokens 32; policy x promote x lookahead, prefetch replayed at
+accuracy 0 on both traces as routing_check.py replays it) the slots split
 across layers as the tuner splits them on the synthetic trace; the decode hit rate on the synthetic draws
 (mean) against the recorded trace's.
 
@@ -39,11 +40,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--expert-fractions", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--profile", default=str(ROOT / "profiles/rtx4070.yaml"))
+    ap.add_argument("--lookahead", type=int, nargs="+", default=[0], help="prefetch lookahead of the plans (0, 1)")
+    ap.add_argument("--only", default=None, help="only the recorded traces whose file name contains this")
     args = ap.parse_args()
     profile = Profile.load(args.profile)
     print("| trace | budget | plan | slots | synthetic (mean of 3) | recorded | relative difference |")
     print("|---|---|---|---|---|---|---|")
     for model, path in RECORDED:
+        if args.only and args.only not in path:
+            continue
         shape = load_model_shape(str(ROOT / model) if model.startswith("models/") else model)
         E, k = shape.num_experts, shape.top_k
         recorded = load_trace(ROOT / path, num_experts=E, top_k=k, model=shape.name)
@@ -58,12 +63,12 @@ def main() -> int:
             capacity = cache_capacity(profile, shape, "cuda:0", CONTEXT, PROMPT, budget)
             ev = Evaluator(profile, shape, synthetic[0], accelerator="cuda:0", context=CONTEXT, prompt_tokens=PROMPT,
                            capacity=capacity, vram_budget=budget)
-            for policy, promote in GRID:
-                choice = Choice(capacity.max_slots, policy, False, 1, "cpu", 32, promote, 0)
+            for (policy, promote), lookahead in ((g, a) for g in GRID for a in args.lookahead):
+                choice = Choice(capacity.max_slots, policy, False, 1, "cpu", 32, promote, lookahead)
                 plan = ev.plan(choice, ev.allocation(choice).slots)
                 syn = sum(decode_hit_rate(replay(t, plan, shape, 0.0)) for t in synthetic) / DRAWS
                 rec = decode_hit_rate(replay(recorded_full, plan, shape, 0.0))
-                print(f"| {Path(path).name} | {fraction:.0%} | {policy}, promote {promote} | {sum(plan.cache.slots)} | "
+                print(f"| {Path(path).name} | {fraction:.0%} | {policy}, promote {promote}, lookahead {lookahead} | {sum(plan.cache.slots)} | "
                       f"{syn:.4f} | {rec:.4f} | {100 * relative(syn, rec):.1f}% |", flush=True)
     return 0
 
