@@ -1,10 +1,13 @@
 """Each policy's eviction order on scripted sequences, static never evicting, and the pass accounting."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from runtime.contracts.adaptive_scores import DECAYS
 from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
+from runtime.contracts.markov_scores import NEIGHBOUR_WINDOW, MarkovScores
 
 PROMOTE = MissRule(compute="cpu", promote=True)
 
@@ -159,3 +162,37 @@ def test_hit_slots_are_taken_before_entries_reuse_them():
 def test_bad_construction(slots, policy, preload):
     with pytest.raises(ValueError):
         LayerCachePolicy(slots, policy, preload)
+
+
+def _scores_after(scores: MarkovScores, passes: list[tuple[int, ...]]) -> MarkovScores:
+    for needed in passes:
+        scores.observe(needed)
+    return scores
+
+
+def test_markov_neighbours_tell_apart_what_follows_a_whole_set():
+    # {1, 2} and {3, 4} are followed by 5, {1, 3} and {2, 4} by 6: every single expert is followed by 5 and 6
+    # alike, so the transitions cannot tell; the passes most like the current one (its neighbours) can.
+    phrases = [((1, 2), (5,)), ((3, 4), (5,)), ((1, 3), (6,)), ((2, 4), (6,))]
+    rng = random.Random(0)
+    history = [p for _ in range(40) for p in rng.choice(phrases)]
+    for current, follows, other in (((1, 2), 5, 6), ((1, 3), 6, 5), ((2, 4), 6, 5)):
+        scores = _scores_after(MarkovScores(), [*history, current])
+        assert scores.score(follows) > 2 * scores.score(other)
+        alone = _scores_after(MarkovScores(neighbour_weight=0.0), [*history, current])
+        assert alone.score(follows) < 1.5 * alone.score(other)  # transitions alone: about a tie
+
+
+def test_markov_neighbours_use_the_pass_before_as_context():
+    # {2} is followed by 5 after {1} and by 6 after {3}: only the pass before tells which.
+    history = [p for _ in range(20) for p in ((1,), (2,), (5,), (3,), (2,), (6,))]
+    for before, follows, other in ((1, 5, 6), (3, 6, 5)):
+        scores = _scores_after(MarkovScores(), [*history, (before,), (2,)])
+        assert scores.score(follows) > 2 * scores.score(other)
+        blind = _scores_after(MarkovScores(neighbour_context=0.0), [*history, (before,), (2,)])
+        assert blind.score(follows) < 1.5 * blind.score(other)
+
+
+def test_markov_neighbour_bookkeeping_is_bounded():
+    scores = _scores_after(MarkovScores(), [tuple(sorted({i % 64, (i * 7 + 1) % 64})) for i in range(NEIGHBOUR_WINDOW + 50)])
+    assert len(scores._neighbours._masks) == NEIGHBOUR_WINDOW + 1  # the window and the current pass
