@@ -7,7 +7,7 @@ import pytest
 
 from runtime.contracts.adaptive_scores import DECAYS
 from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
-from runtime.contracts.markov_scores import NEIGHBOUR_WINDOW, MarkovScores
+from runtime.contracts.markov_scores import NEIGHBOUR_WINDOW, MarkovScores, _Neighbours
 
 PROMOTE = MissRule(compute="cpu", promote=True)
 
@@ -196,3 +196,31 @@ def test_markov_neighbours_use_the_pass_before_as_context():
 def test_markov_neighbour_bookkeeping_is_bounded():
     scores = _scores_after(MarkovScores(), [tuple(sorted({i % 64, (i * 7 + 1) % 64})) for i in range(NEIGHBOUR_WINDOW + 50)])
     assert len(scores._neighbours._masks) == NEIGHBOUR_WINDOW + 1  # the window and the current pass
+
+
+def test_markov_neighbour_shares_equal_a_plain_recomputation_once_the_window_is_full():
+    # _Neighbours keeps a bounded window and carries the previous pass's overlaps over (shifted as the window
+    # drops its oldest pass); recomputing every share from the whole history gives the same numbers.
+    window, count, power, horizon, discount, context = 12, 3, 2.0, 2, 0.5, 0.5
+    rng = random.Random(1)
+    history = [tuple(sorted(rng.sample(range(10), 3))) for _ in range(40)]
+    kept = _Neighbours(window, count, power, horizon, discount, context)
+    for t, needed in enumerate(history):
+        kept.observe(needed)
+        first = max(0, t - window)  # the passes the window holds besides the current one
+        similarity = {j: len(set(history[j]) & set(needed))
+                      + context * (len(set(history[j - 1]) & set(history[t - 1])) if j > first else 0)
+                      for j in range(first, t)}
+        ranked = sorted((s, j) for j, s in similarity.items())[-count:]
+        expected: dict[int, float] = {}
+        total = sum(s ** power for s, _ in ranked if s ** power > 0)
+        for s, j in ranked:
+            weight = s ** power
+            if weight <= 0:
+                continue
+            for h in range(1, min(horizon, t - j) + 1):
+                for e in history[j + h]:
+                    expected[e] = expected.get(e, 0.0) + weight / total
+                weight *= discount
+        assert kept.shares.keys() == expected.keys()
+        assert all(abs(kept.shares[e] - expected[e]) < 1e-9 for e in expected), t
