@@ -29,6 +29,7 @@ Pure Python: the runtime and the simulator run this same code, so they agree exa
 from __future__ import annotations
 
 from collections import deque
+from operator import add
 from collections.abc import Sequence
 
 from .adaptive_scores import DecayedCounts
@@ -101,33 +102,50 @@ class _Neighbours:
         mask = 0
         for e in needed:
             mask |= 1 << e
-        full = len(self._masks) == self._masks.maxlen
-        self._masks.append(mask)
+        masks = self._masks
+        full = len(masks) == masks.maxlen
+        # overlaps of every kept pass with this one (map over C-level calls: this is the per-pass cost)
+        overlaps = list(map(int.bit_count, map(mask.__and__, masks)))
+        if full:
+            del overlaps[0]  # the oldest pass leaves the window as this one enters
+        masks.append(mask)
         self._sets.append(needed)
-        n = len(self._masks)
-        # every earlier pass is a candidate: its successors (up to this pass) are known
-        overlaps = [(self._masks[j] & mask).bit_count() for j in range(n - 1)]
         keyed = overlaps
-        if self.context:
-            prev = self._previous[1:] if full else self._previous  # shifted as the deque dropped one
-            keyed = [o + self.context * (prev[j - 1] if 0 < j <= len(prev) else 0) for j, o in enumerate(overlaps)]
+        if self.context and overlaps:
+            # the last pass's overlaps, aligned with the kept passes (shifted as the window dropped one); the
+            # oldest kept pass has no pass before it in the window and gets no context
+            prev = self._previous[1:] if full else self._previous  # len(overlaps) - 1 entries
+            keyed = [overlaps[0], *map(add, overlaps[1:], map(self.context.__mul__, prev))]
         self._previous = overlaps
-        ranked = sorted((k, j) for j, k in enumerate(keyed))[-self.count:]
+        self.shares = self._vote(keyed)
+
+    def _vote(self, keyed: list[float]) -> dict[int, float]:
+        """The neighbours' weighted mean of what followed them; `keyed[j]` is kept pass j's similarity."""
+        n = len(keyed)
+        if n == 0:
+            return {}
+        # the `count` most similar passes, ties to the most recent: all above the count-th largest value, then
+        # the latest of those equal to it
+        threshold = sorted(keyed)[-self.count] if n > self.count else min(keyed)
+        above = [j for j, k in enumerate(keyed) if k > threshold]
+        equal = [j for j, k in enumerate(keyed) if k == threshold]
+        chosen = above + equal[len(equal) - (self.count - len(above)):] if len(above) < self.count else above
         shares: dict[int, float] = {}
         total = 0.0
-        for similarity, j in ranked:
-            weight = similarity ** self.power
+        sets = self._sets
+        for j in chosen:
+            weight = keyed[j] ** self.power
             if weight <= 0.0:
                 continue
             total += weight
-            for h in range(1, min(self.horizon, n - 1 - j) + 1):
-                for e in self._sets[j + h]:
+            for h in range(j + 1, min(j + self.horizon, n) + 1):
+                for e in sets[h]:
                     shares[e] = shares.get(e, 0.0) + weight
                 weight *= self.discount
         if total > 0.0:
             for e in shares:
                 shares[e] /= total
-        self.shares = shares
+        return shares
 
 
 class MarkovScores:
