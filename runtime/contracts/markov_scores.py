@@ -129,7 +129,7 @@ class _Neighbours:
         threshold = sorted(keyed)[-self.count] if n > self.count else min(keyed)
         above = [j for j, k in enumerate(keyed) if k > threshold]
         equal = [j for j, k in enumerate(keyed) if k == threshold]
-        chosen = above + equal[len(equal) - (self.count - len(above)):] if len(above) < self.count else above
+        chosen = above + equal[max(0, len(equal) - (self.count - len(above))):] if len(above) < self.count else above
         shares: dict[int, float] = {}
         total = 0.0
         sets = self._sets

@@ -201,9 +201,9 @@ def test_markov_neighbour_bookkeeping_is_bounded():
 def test_markov_neighbour_shares_equal_a_plain_recomputation_once_the_window_is_full():
     # _Neighbours keeps a bounded window and carries the previous pass's overlaps over (shifted as the window
     # drops its oldest pass); recomputing every share from the whole history gives the same numbers.
-    window, count, power, horizon, discount, context = 12, 3, 2.0, 2, 0.5, 0.5
+    window, count, power, horizon, discount, context = 12, 8, 2.0, 2, 0.5, 0.5
     rng = random.Random(1)
-    history = [tuple(sorted(rng.sample(range(10), 3))) for _ in range(40)]
+    history = [tuple(sorted(rng.sample(range(6), 3))) for _ in range(40)]  # many ties
     kept = _Neighbours(window, count, power, horizon, discount, context)
     for t, needed in enumerate(history):
         kept.observe(needed)
@@ -224,3 +224,11 @@ def test_markov_neighbour_shares_equal_a_plain_recomputation_once_the_window_is_
                 weight *= discount
         assert kept.shares.keys() == expected.keys()
         assert all(abs(kept.shares[e] - expected[e]) < 1e-9 for e in expected), t
+
+
+def test_markov_neighbours_take_every_earlier_pass_while_fewer_than_count():
+    kept = _Neighbours(window=10, count=4, power=1.0, horizon=1, discount=1.0, context=0.0)
+    for needed in ((1, 2, 3), (1, 2), (1, 4), (1, 5)):  # at (1, 5) the 3 earlier passes tie at overlap 1
+        kept.observe(needed)
+    # each earlier pass votes 1/3 for what followed it: (1, 2) and (1, 4) after the first two, (1, 5) after the third
+    assert kept.shares == pytest.approx({1: 1.0, 2: 1 / 3, 4: 1 / 3, 5: 1 / 3})
