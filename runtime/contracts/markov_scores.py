@@ -21,18 +21,17 @@ horizon 1-12, discount 0.5-0.9, weight 1-16, context 0-1, frequency weight 0-0.4
 half of the recorded OLMoE trace's decode passes alone, summed over 6 and 16 slots per layer (10 and 25 %
 cached); the second half is what bench/results/simulate_olmoe.md reports.
 
-Bookkeeping per pass: one popcount per kept pass, one sort of the kept passes, and about 8 x 5 x top-k dict
-updates (bench/results/policy_overhead.md).
+Bookkeeping per pass: the neighbour search is bit-sliced (runtime/contracts/neighbour_votes.py), then about
+8 x 5 x top-k dict updates collect the votes (bench/results/policy_overhead.md).
 
 Pure Python: the runtime and the simulator run this same code, so they agree exactly.
 """
 from __future__ import annotations
 
-from collections import deque
-from operator import add
 from collections.abc import Sequence
 
 from .adaptive_scores import DecayedCounts
+from .neighbour_votes import NeighbourVotes
 
 FREQUENCY_DECAY = 0.9  # per pass: a half-life of about 6.6 passes
 FREQUENCY_WEIGHT = 0.0  # off: with the neighbours it no longer adds hits (module docstring)
@@ -78,76 +77,6 @@ class _TransitionRow:
         return value * weight / (self.total * weight + PRIOR)
 
 
-class _Neighbours:
-    """What followed the past passes whose experts overlap the current pass's most (nearest neighbours).
-
-    The layer's last `window` expert sets are kept as bitmasks. A past pass's similarity to the current one
-    is the experts they share plus `context` times the experts the passes just before each share (a second
-    pass of context tells apart passes that look alike alone). Each pass, the `count` most similar earlier
-    passes (ties: the most recent) are its neighbours, each weighted by its similarity to the `power`; an
-    expert's share is the weighted mean over neighbours of whether it was needed 1, 2, ...
-    `horizon` passes after the neighbour, each pass further counting `discount` times the one before. The
-    bookkeeping is bounded: `window` popcounts and one sort of `window` pairs per pass."""
-
-    def __init__(self, window: int, count: int, power: float, horizon: int, discount: float,
-                 context: float = 0.0) -> None:
-        self.count, self.power, self.horizon, self.discount = count, power, horizon, discount
-        self.context = context
-        self._previous: list[int] = []  # last pass's overlaps with the passes before it
-        self._masks: deque[int] = deque(maxlen=window + 1)  # the last passes, the current one last
-        self._sets: deque[tuple[int, ...]] = deque(maxlen=window + 1)
-        self.shares: dict[int, float] = {}
-
-    def observe(self, needed: tuple[int, ...]) -> None:
-        mask = 0
-        for e in needed:
-            mask |= 1 << e
-        masks = self._masks
-        full = len(masks) == masks.maxlen
-        # overlaps of every kept pass with this one (map over C-level calls: this is the per-pass cost)
-        overlaps = list(map(int.bit_count, map(mask.__and__, masks)))
-        if full:
-            del overlaps[0]  # the oldest pass leaves the window as this one enters
-        masks.append(mask)
-        self._sets.append(needed)
-        keyed = overlaps
-        if self.context and overlaps:
-            # the last pass's overlaps, aligned with the kept passes (shifted as the window dropped one); the
-            # oldest kept pass has no pass before it in the window and gets no context
-            prev = self._previous[1:] if full else self._previous  # len(overlaps) - 1 entries
-            keyed = [overlaps[0], *map(add, overlaps[1:], map(self.context.__mul__, prev))]
-        self._previous = overlaps
-        self.shares = self._vote(keyed)
-
-    def _vote(self, keyed: list[float]) -> dict[int, float]:
-        """The neighbours' weighted mean of what followed them; `keyed[j]` is kept pass j's similarity."""
-        n = len(keyed)
-        if n == 0:
-            return {}
-        # the `count` most similar passes, ties to the most recent: all above the count-th largest value, then
-        # the latest of those equal to it
-        threshold = sorted(keyed)[-self.count] if n > self.count else min(keyed)
-        above = [j for j, k in enumerate(keyed) if k > threshold]
-        equal = [j for j, k in enumerate(keyed) if k == threshold]
-        chosen = above + equal[max(0, len(equal) - (self.count - len(above))):] if len(above) < self.count else above
-        shares: dict[int, float] = {}
-        total = 0.0
-        sets = self._sets
-        for j in chosen:
-            weight = keyed[j] ** self.power
-            if weight <= 0.0:
-                continue
-            total += weight
-            for h in range(j + 1, min(j + self.horizon, n) + 1):
-                for e in sets[h]:
-                    shares[e] = shares.get(e, 0.0) + weight
-                weight *= self.discount
-        if total > 0.0:
-            for e in shares:
-                shares[e] /= total
-        return shares
-
-
 class MarkovScores:
     """Scores of one layer's experts for the pass now running (`observe` it first)."""
 
@@ -160,7 +89,7 @@ class MarkovScores:
         self._frequency_weight = frequency_weight
         self._frequency = DecayedCounts(frequency_decay)
         self._neighbour_weight = neighbour_weight
-        self._neighbours = _Neighbours(neighbour_window, neighbour_count, neighbour_power, neighbour_horizon,
+        self._neighbours = NeighbourVotes(neighbour_window, neighbour_count, neighbour_power, neighbour_horizon,
                                        neighbour_discount, neighbour_context) if neighbour_weight else None
         self._rows: dict[int, _TransitionRow] = {}
         self._current: tuple[int, ...] = ()

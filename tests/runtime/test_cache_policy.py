@@ -7,7 +7,8 @@ import pytest
 
 from runtime.contracts.adaptive_scores import DECAYS
 from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
-from runtime.contracts.markov_scores import NEIGHBOUR_WINDOW, MarkovScores, _Neighbours
+from runtime.contracts.markov_scores import NEIGHBOUR_WINDOW, MarkovScores
+from runtime.contracts.neighbour_votes import NeighbourVotes
 
 PROMOTE = MissRule(compute="cpu", promote=True)
 
@@ -194,17 +195,22 @@ def test_markov_neighbours_use_the_pass_before_as_context():
 
 
 def test_markov_neighbour_bookkeeping_is_bounded():
-    scores = _scores_after(MarkovScores(), [tuple(sorted({i % 64, (i * 7 + 1) % 64})) for i in range(NEIGHBOUR_WINDOW + 50)])
-    assert len(scores._neighbours._masks) == NEIGHBOUR_WINDOW + 1  # the window and the current pass
+    votes = NeighbourVotes(window=NEIGHBOUR_WINDOW, count=8, power=8.0, horizon=5, discount=0.7, context=0.5)
+    for i in range(10 * NEIGHBOUR_WINDOW):
+        votes.observe(tuple(sorted({i % 64, (i * 7 + 1) % 64})))
+    assert len(votes._sets) == NEIGHBOUR_WINDOW + 1  # the window and the current pass
+    # the lanes are rebased: no bitmap grows past a few windows of passes
+    assert max(lanes.bit_length() for lanes in votes._columns.values()) <= 4 * NEIGHBOUR_WINDOW + 1
 
 
 def test_markov_neighbour_shares_equal_a_plain_recomputation_once_the_window_is_full():
-    # _Neighbours keeps a bounded window and carries the previous pass's overlaps over (shifted as the window
-    # drops its oldest pass); recomputing every share from the whole history gives the same numbers.
+    # NeighbourVotes keeps a bounded window, bit-sliced, and carries the previous pass's overlaps over (shifted
+    # as the window drops its oldest pass and as its lanes are rebased); recomputing every share from the whole
+    # history gives the same numbers.
     window, count, power, horizon, discount, context = 12, 8, 2.0, 2, 0.5, 0.5
     rng = random.Random(1)
-    history = [tuple(sorted(rng.sample(range(6), 3))) for _ in range(40)]  # many ties
-    kept = _Neighbours(window, count, power, horizon, discount, context)
+    history = [tuple(sorted(rng.sample(range(6), 3))) for _ in range(120)]  # many ties; rebased after 48
+    kept = NeighbourVotes(window, count, power, horizon, discount, context)
     for t, needed in enumerate(history):
         kept.observe(needed)
         first = max(0, t - window)  # the passes the window holds besides the current one
@@ -227,7 +233,7 @@ def test_markov_neighbour_shares_equal_a_plain_recomputation_once_the_window_is_
 
 
 def test_markov_neighbours_take_every_earlier_pass_while_fewer_than_count():
-    kept = _Neighbours(window=10, count=4, power=1.0, horizon=1, discount=1.0, context=0.0)
+    kept = NeighbourVotes(window=10, count=4, power=1.0, horizon=1, discount=1.0, context=0.0)
     for needed in ((1, 2, 3), (1, 2), (1, 4), (1, 5)):  # at (1, 5) the 3 earlier passes tie at overlap 1
         kept.observe(needed)
     # each earlier pass votes 1/3 for what followed it: (1, 2) and (1, 4) after the first two, (1, 5) after the third
