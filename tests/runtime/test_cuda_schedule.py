@@ -17,6 +17,7 @@ only after the compute that last read it (`assert_transfers_double_buffered`).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -48,7 +49,8 @@ def cuda_plan(spec: dict, config, accelerator: str = "cuda:0") -> object:
 
 
 def recorded_run(folder, config, spec: dict, replay: RoutingReplay | None = None, trace=None,
-                 seam: RecordingDevice | None = None):
+                 seam: RecordingDevice | None = None, outputs: list | None = None):
+    """A CUDA plan's generation through a recording seam; `outputs` collects every MoE layer's output."""
     seam = seam if seam is not None else RecordingDevice()
     loaded = load_model(folder, "float32", "cpu")  # the stand-in's "device" memory is host memory
     session = Session(loaded, cuda_plan(spec, config), replay, seam=seam)
@@ -61,15 +63,17 @@ def recorded_run(folder, config, spec: dict, replay: RoutingReplay | None = None
 
     session.engine.begin_pass = begin_and_mark
     for layer in session.engine.layers:  # where the compute stream lags, it catches up as each layer returns
-        layer.forward = _settling(layer.forward, seam)
+        layer.forward = _settling(layer.forward, seam, outputs)
     result = session.generate(PROMPT, max_new_tokens=NEW_TOKENS, trace_out=trace)
     return session, seam, result, marks
 
 
-def _settling(forward, seam: RecordingDevice):
+def _settling(forward, seam: RecordingDevice, outputs: list | None):
     def settled(*args):
         out = forward(*args)
         seam.settle()
+        if outputs is not None:
+            outputs.append(out.clone())
         return out
     return settled
 
@@ -243,3 +247,62 @@ def test_replayed_routing_adds_no_sync(checkpoint, tmp_path):
     assert all(c.what == "2 tensors" for c in fetches)
     assert result.stats["cache"]["hits"] + result.stats["cache"]["misses"] > 0
     assert result.generated_ids == first.generated_ids  # the trace is this model's own routing
+
+
+def _largest_difference(outputs: list, reference: list) -> float:
+    """The largest difference between two runs' MoE layer outputs, relative to the output (inf where an
+    output is not finite: weights read from a buffer never written can be anything)."""
+    assert len(outputs) == len(reference)
+    worst = 0.0
+    for a, b in zip(outputs, reference):
+        gap = float((a - b).abs().max() / b.abs().max())
+        worst = max(worst, gap if math.isfinite(gap) else math.inf)
+    return worst
+
+
+@pytest.mark.parametrize("name", ["transfers-static", "transfers-zero-slots", "accelerator-misses"])
+def test_transfers_conform_where_the_compute_stream_lags(name, checkpoint):
+    """With copies landing as soon as they are issued and the launches held back (the other way the two
+    streams can drift apart), the transfers' events alone keep each buffer's weights until its compute ran:
+    the tokens are transformers', every MoE layer's output the one of the run where copies lag."""
+    folder, config = checkpoint("mixtral")
+    lagging: list = []
+    session, seam, result, _ = recorded_run(folder, config, PLANS[name], seam=RecordingDevice(copies_land="early"),
+                                            outputs=lagging)
+    gaps = reference_gaps(folder, list(session.loaded.tokenizer(PROMPT)["input_ids"]), result.generated_ids)
+    assert max(gaps) <= TOL, f"{name}: token off the reference argmax by {max(gaps):.3g}"
+    reference: list = []
+    recorded_run(folder, config, PLANS[name], outputs=reference)
+    assert _largest_difference(lagging, reference) < 1e-5
+    assert assert_transfers_double_buffered(seam.calls) > 0 or name == "accelerator-misses"
+
+
+class _WithoutTransferWaits(RecordingDevice):
+    """The schedule with one kind of wait removed: each compute's wait for its own transfer copy."""
+
+    def wait(self, layer, event):
+        if self.calls[event].kind == "transfer":
+            return
+        super().wait(layer, event)
+
+
+class _WithoutBufferEvents(RecordingDevice):
+    """The schedule with the other kind removed: a transfer copy's wait for its buffer's last reader."""
+
+    def transfer_copy(self, layer, what, pairs, after=None):
+        return super().transfer_copy(layer, what, pairs, None)
+
+
+@pytest.mark.parametrize("broken, copies_land", [(_WithoutTransferWaits, "late"), (_WithoutBufferEvents, "early")])
+def test_removing_a_transfer_wait_breaks_conformance(broken, copies_land, checkpoint):
+    """Each wait of the double-buffered transfers is needed: without it the stand-in computes with weights
+    that are not yet, or no longer, the expert's, and the MoE layers' outputs leave the conforming run's
+    (by far more than rounding; the tokens of this small random model may or may not change with them).
+    The checks above would pass a schedule that needed no wait: this shows they can fail."""
+    folder, config = checkpoint("mixtral")
+    spec = PLANS["transfers-zero-slots"]
+    reference: list = []
+    recorded_run(folder, config, spec, outputs=reference)
+    outputs: list = []
+    recorded_run(folder, config, spec, seam=broken(copies_land=copies_land), outputs=outputs)
+    assert _largest_difference(outputs, reference) > 1e-2, f"{broken.__name__}: the outputs still conform"
