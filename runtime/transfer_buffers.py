@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-BUFFERS = 2  # double-buffered: one being copied into while the other is read
+from .contracts.schedule import TRANSFER_BUFFERS as BUFFERS  # one copied into while the other is read
 
 
 class TransferBuffers:
@@ -44,3 +44,7 @@ class TransferBuffers:
             pair = self._pairs[key] = [[torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in like]
                                        for _ in range(BUFFERS)]
         return pair[buffer]
+
+    def allocated_bytes(self) -> int:
+        """The bytes of every buffer allocated so far (the accounting's `transfer_scratch` promises them)."""
+        return sum(t.numel() * t.element_size() for pair in self._pairs.values() for buf in pair for t in buf)

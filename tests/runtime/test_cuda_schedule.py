@@ -20,6 +20,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from model_factory import num_experts
 from test_conformance import TOL, make_plan, reference_gaps
@@ -306,3 +307,34 @@ def test_removing_a_transfer_wait_breaks_conformance(broken, copies_land, checkp
     outputs: list = []
     recorded_run(folder, config, spec, seam=broken(copies_land=copies_land), outputs=outputs)
     assert _largest_difference(outputs, reference) > 1e-2, f"{broken.__name__}: the outputs still conform"
+
+
+@pytest.mark.parametrize("name", ["transfers-zero-slots", "zero-slots"])
+def test_the_transfer_buffers_are_what_tune_promises_and_run_guards(name, checkpoint):
+    """One accounting (runtime/contracts/memory.py): the bytes the transfer buffers take once a transfer plan
+    has run are the `transfer_scratch` that the runtime's guard checks and the planner's memory plan (what
+    `tune` promises) counts, two experts, one pair for all layers; a plan that transfers nothing allocates
+    none and is charged none."""
+    from planner.cost_model import memory_plan as planned_memory
+    from planner.paths import PROFILES
+    from planner.profile import Profile
+    from runtime.contracts.memory import plan_transfers
+    from runtime.contracts.schedule import TRANSFER_BUFFERS
+    from runtime.loader import inspect_model
+    from runtime.memory_guard import memory_plan as guarded_memory
+
+    folder, config = checkpoint("mixtral")
+    session, _, _, _ = recorded_run(folder, config, PLANS[name])
+    plan, layers = session.plan, session.engine.layers
+    buffers = layers[0].store.transfer
+    assert all(layer.store.transfer is buffers for layer in layers)
+    shape = inspect_model(folder, "float32")
+    transfers = plan_transfers(plan.miss.compute, plan.miss.transfer_min_tokens)
+    slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
+    # the guard's items for these slots, on the host here (the stand-in's device memory is host memory)
+    guarded = guarded_memory(shape, slots, torch.device("cpu"), 64, host_available=lambda: None,
+                             host_total=lambda: None, transfers=transfers)[0].items
+    promised, _ = planned_memory(Profile.load(PROFILES / "rtx4070.yaml"), shape, plan, context=64, prompt_tokens=16)
+    expected = TRANSFER_BUFFERS * shape.expert_bytes if name.startswith("transfers") else 0
+    assert buffers.allocated_bytes() == guarded["transfer_scratch"] == expected
+    assert promised["accelerator"]["transfer_scratch"] == expected
