@@ -66,7 +66,8 @@ def plans(experts: int, layers: int) -> list[tuple[str, dict, dict]]:
              {"slots": max(1, experts // 4), "policy": "lru", "preload": "none"},
              {"compute": "cpu", "transfer_min_tokens": 0, "promote": True}),
             ("transfers (static cache, misses on the GPU, double-buffered)",
-             {"slots": max(1, experts // 4), "policy": "static", "preload": [list(range(max(1, experts // 4)))] * layers},
+             {"slots": max(1, experts // 4), "policy": "static",
+              "preload": [list(range(max(1, experts // 4)))] * layers},
              {"compute": "accelerator", "transfer_min_tokens": 0, "promote": False})]
 
 
