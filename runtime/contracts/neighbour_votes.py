@@ -133,19 +133,23 @@ class NeighbourVotes:
             equal ^= 1 << lane
         chosen += reversed(tail)
         shares: dict[int, float] = {}
+        get = shares.get
         total = 0.0
         sets, first = self._sets, t - len(self._sets) + 1  # pass number of sets[0]
+        discount, horizon, base = self.discount, self.horizon, self._base
         for lane in chosen:
-            key = sum(((plane >> lane) & 1) << i for i, plane in enumerate(keys))
+            key = 0
+            for i, plane in enumerate(keys):
+                key |= ((plane >> lane) & 1) << i
             weight = (key / self._den) ** self.power
             if weight <= 0.0:
                 continue
             total += weight
-            j = lane + self._base
-            for h in range(j + 1, min(j + self.horizon, t) + 1):
-                for e in sets[h - first]:
-                    shares[e] = shares.get(e, 0.0) + weight
-                weight *= self.discount
+            j = lane + base
+            for h in range(j + 1 - first, min(j + horizon, t) + 1 - first):
+                for e in sets[h]:
+                    shares[e] = get(e, 0.0) + weight
+                weight *= discount
         if total > 0.0:
             for e in shares:
                 shares[e] /= total
