@@ -26,10 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import emit  # noqa: E402
 from planner.routing.simulator import belady, popular_preload, simulate  # noqa: E402
 from planner.routing.synthetic import fit_routing_stats, synthesize  # noqa: E402
-from runtime.atomic import write_atomic  # noqa: E402
 from runtime.contracts.cache_policy import MissRule  # noqa: E402
 from runtime.contracts.traces import Trace, load_trace  # noqa: E402
 
@@ -102,10 +103,7 @@ def main() -> int:
                         "first half)", synthetic, start)
         lines += body
     lines += ["Reproduce: `.venv/bin/python bench/simulate_olmoe.py --out bench/results/simulate_olmoe.md`", ""]
-    text = "\n".join(lines)
-    write_atomic(args.out, text)
-    print(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":
