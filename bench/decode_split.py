@@ -35,6 +35,7 @@ import runtime.kernels as kernels  # noqa: E402
 from decode_breakdown import KernelClock  # noqa: E402  times every GEMV kernel entry point
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
+from decode_args import add_decode_args  # noqa: E402
 from report import emit  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
@@ -67,12 +68,7 @@ def measure(session: Session, clock: KernelClock, prompt: str, tokens: int) -> t
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    add_decode_args(ap, repeats=5)
     ap.add_argument("--note", default="", help="a line for the report (say, how busy the machine was)")
     ap.add_argument("--out")
     args = ap.parse_args()

@@ -4,7 +4,8 @@
 # skipped, saying so, when less time is left than it needs):
 #  0. the Python environment (a carried .venv, or scripts/setup.sh where the registry can be reached);
 #  1. host syncs of CUDA decode tokens under torch.cuda.set_sync_debug_mode("warn"), beside the seam's
-#     own count (one per MoE layer per pass): bench/cuda_syncs.py;
+#     own count (one per MoE layer per pass), for a plan with hits, CPU misses, promotions and prefetch
+#     and for one whose misses are double-buffered transfers: bench/cuda_syncs.py;
 #  2. the conformance tests with accelerator cuda:0 (tokens equal plain transformers) and the recorded
 #     schedule test;
 #  3. moeplan profile --quick on the GPU host (PCIe next to the published PCIe 5.0 rates, host sync round
@@ -64,8 +65,11 @@ environment() {
 }
 
 conformance() {
+  # the schedule tests that drive the recording stand-in with its streams drifted apart, or check the
+  # memory accounting, run on the CPU whatever the machine: the CPU suite has them, they are left out here
   MOEPLAN_TEST_ACCELERATOR=cuda:0 "$py" -m pytest -q -x tests/runtime/test_conformance.py \
-    tests/runtime/test_cuda_schedule.py 2>&1 | tail -5 | tee "$out/conformance.txt"
+    tests/runtime/test_cuda_schedule.py -k "not lags and not removing and not promises" 2>&1 | tail -5 \
+    | tee "$out/conformance.txt"
 }
 
 profile() {

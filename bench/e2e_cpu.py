@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from predict_vs_measure import build_model  # noqa: E402  the shared benchmark checkpoint
+from decode_args import add_decode_args  # noqa: E402
 from report import emit  # noqa: E402
 
 # moeplan's all-CPU plan; the engines compared run in their own processes
@@ -50,13 +51,8 @@ def run_json(cmd: list[str]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_decode_args(ap, repeats=3)
     ap.add_argument("--impls", default="eager,batched_mm,grouped_mm")
-    ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed (bench/llama_cpp/README.md)")
     ap.add_argument("--gguf", help="the same checkpoint converted to GGUF in --dtype (bench/llama_cpp/convert_gguf.py)")

@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runtime.atomic import write_atomic  # noqa: E402
+from report import emit  # noqa: E402
 from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass  # noqa: E402
 from runtime.contracts.traces import Trace, load_trace  # noqa: E402
 
@@ -66,10 +67,7 @@ def main() -> int:
                      + " | ".join(f"{ratios[p]:.2f}" for p in POLICIES[1:]) + " |")
     lines += ["", f"Reproduce: `.venv/bin/python bench/policy_overhead.py --slots {' '.join(map(str, args.slots))} "
               f"--repeats {args.repeats} --out {args.out}`", ""]
-    text = "\n".join(lines)
-    write_atomic(args.out, text)
-    print(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import emit  # noqa: E402
 from planner.catalog import load_model_shape  # noqa: E402
 from planner.cost_model import predict  # noqa: E402
 from planner.profile import Profile  # noqa: E402
 from planner.routing.simulator import simulate  # noqa: E402
 from planner.routing.statistics import measure_guess_accuracy  # noqa: E402
-from runtime.atomic import write_atomic  # noqa: E402
 from runtime.contracts.traces import load_trace  # noqa: E402
 from runtime.plan import CacheSpec, HardwareSpec, MissSpec, ModelSpec, Plan, PrefetchSpec  # noqa: E402
 
@@ -100,10 +101,7 @@ def main() -> int:
     within = sum(1 for r in ratios if abs(r - 1) <= 0.10)
     lines += ["", f"Benefit in hits predicted within 10 % of the exact replay: {within} of {len(ratios)} rows.", "",
               "Reproduce: `.venv/bin/python bench/prefetch_predict.py --out bench/results/prefetch_predict.md`", ""]
-    text = "\n".join(lines)
-    write_atomic(args.out, text)
-    print(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

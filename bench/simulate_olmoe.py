@@ -3,9 +3,10 @@
 Honest evaluation: every trace is replayed whole, but hits are counted on the second half of its decode
 passes only; the first half warms the caches, and anything fitted to a trace (the static policy's preload)
 is fitted on the first half alone. Decode passes, `miss: {compute: cpu, promote: true}` (every CPU miss is
-offered to the cache), caches empty at the start except static's preload. markov's constants (the decay and
-weight of its frequency term) were picked on the first half of the OLMoE trace alone
-(runtime/contracts/markov_scores.py).
+offered to the cache), caches empty at the start except static's preload. markov's constants (those of its
+nearest-neighbour term and its frequency weight) were picked on the first half of the OLMoE trace alone, by
+the hits at 6 and 16 slots per layer summed (runtime/contracts/markov_scores.py). Rates to two decimals and
+ratios to three, so that a ratio near a goal is not rounded onto it.
 
 Traces: the recorded OLMoE decode trace, and synthetic traces of the same shape from the generator the
 tuner uses when a model has no recorded trace (fitted to the first half of the OLMoE trace).
@@ -25,10 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import emit  # noqa: E402
 from planner.routing.simulator import belady, popular_preload, simulate  # noqa: E402
 from planner.routing.synthetic import fit_routing_stats, synthesize  # noqa: E402
-from runtime.atomic import write_atomic  # noqa: E402
 from runtime.contracts.cache_policy import MissRule  # noqa: E402
 from runtime.contracts.traces import Trace, load_trace  # noqa: E402
 
@@ -68,8 +70,8 @@ def table(title: str, trace: Trace, start: float) -> tuple[list[str], list[tuple
         r = rates(trace, fraction)
         best = max(ONLINE, key=lambda p: r[p])
         lines.append(f"| {fraction:.0%} | {round(fraction * trace.header.num_experts)} | "
-                     + " | ".join(f"{r[p]:.1%}" for p in (*ONLINE, "static", "belady", "bypass"))
-                     + f" | {r[best] / r['belady']:.2f} ({best}) | {r[best] / r['bypass']:.2f} |")
+                     + " | ".join(f"{r[p]:.2%}" for p in (*ONLINE, "static", "belady", "bypass"))
+                     + f" | {r[best] / r['belady']:.3f} ({best}) | {r[best] / r['bypass']:.3f} |")
         rows.append((fraction, r))
     lines += ["", f"({time.perf_counter() - start:.1f} s so far)", ""]
     return lines, rows
@@ -101,10 +103,7 @@ def main() -> int:
                         "first half)", synthetic, start)
         lines += body
     lines += ["Reproduce: `.venv/bin/python bench/simulate_olmoe.py --out bench/results/simulate_olmoe.md`", ""]
-    text = "\n".join(lines)
-    write_atomic(args.out, text)
-    print(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

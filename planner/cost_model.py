@@ -10,7 +10,8 @@ The critical path of one forward pass, per decoder layer:
   cache once: bytes / memory bandwidth + the profile's fixed per-layer overhead;
 - then the MoE part: experts that hit are computed from their slots on the accelerator while the CPU
   threads compute the CPU misses one after another; experts copied to be computed on the accelerator
-  (transfers) wait for their copy. Where the runtime's schedule overlaps the two sides
+  (transfers) wait for their copy; on a CUDA plan the copy of the next transfer runs while this one is
+  computed (double-buffered, `pipelined_transfers_s`). Where the runtime's schedule overlaps the two sides
   (`runtime.contracts.schedule.CPU_OVERLAPS_ACCELERATOR`, true since the CUDA execution order of
   DESIGN.md), the layer costs max(accelerator side, CPU side); where it did not, they added up. With
   `accelerator: cpu` everything runs on the CPU, one after another, and a "copy" is a host memory copy.
@@ -30,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.contracts.expert_format import is_quantized
-from runtime.contracts.memory import memory_items
+from runtime.contracts.memory import memory_items, plan_transfers
 from runtime.contracts.model_shape import ModelShape
 from runtime.contracts.schedule import (COPIES_SHARE_DRAM_WITH_CPU_MISSES, CPU_OVERLAPS_ACCELERATOR,
-                                        HOST_SYNCS_PER_MOE_LAYER)
+                                        HOST_SYNCS_PER_MOE_LAYER, TRANSFER_BUFFERS)
 from runtime.plan import Plan
 
 from .profile import ProfileError, interpolate
@@ -414,8 +415,11 @@ def _layer_experts_s(rates: _Rates, layer: LayerWork, tokens: int) -> tuple[floa
         # through `CpuExecutor.run`, one call for all of a pass's.
         cpu = (sum(rates.run_s(n, t) for t, n in layer.cpu_misses.items() if n) if moe_rows
                else _group_s(layer.cpu_misses, rates.cpu_expert_s))
-        return (_group_s(layer.hits, rates.slot_expert_s), cpu,
-                _group_s(layer.transfers, rates.slot_expert_s) + copies)
+        computes = _group_s(layer.transfers, rates.slot_expert_s)
+        moved = sum(layer.transfers.values())
+        transfer = (pipelined_transfers_s(moved, copies, computes) if rates.on_gpu and TRANSFER_BUFFERS >= 2
+                    else copies + computes)
+        return _group_s(layer.hits, rates.slot_expert_s), cpu, transfer
     # A CPU plan. Several tokens: `MoeLayer._pass`, hits and transfers by torch from their slots, the CPU
     # misses in one `CpuExecutor.run`.
     if tokens > 1:
@@ -445,6 +449,19 @@ def _layer_experts_s(rates: _Rates, layer: LayerWork, tokens: int) -> tuple[floa
     return hit, cpu, moved * rates.torch_s(1) + copies
 
 
+def pipelined_transfers_s(count: float, copies_s: float, computes_s: float) -> float:
+    """A CUDA plan's layer of `count` transfers, double-buffered (`MoeLayer._transfers`): the copy of the
+    next runs on the copy stream while this one is computed, so they cost the first copy, then for each
+    further transfer the larger of a copy and a compute, then the last compute: c + k + (n - 1) max(c, k)
+    for n transfers of mean copy c and compute k, about max(copies, computes) plus the first copy, where
+    copy-then-compute would cost copies + computes. At most one transfer (the decode mean of passes with
+    none or one): nothing overlaps."""
+    if count <= 1:
+        return copies_s + computes_s
+    copy, compute = copies_s / count, computes_s / count
+    return copy + compute + (count - 1) * max(copy, compute)
+
+
 def _sum_breakdowns(parts: Sequence[Breakdown]) -> Breakdown:
     keys = Breakdown.__dataclass_fields__
     return Breakdown(**{k: sum(getattr(b, k) for b in parts) for k in keys})
@@ -458,7 +475,8 @@ def memory_plan(profile: Any, shape: ModelShape, plan: Plan, context: int, promp
     prompt and `context` tokens; the workspace is sized for the prompt's prefill."""
     on_gpu = plan.hardware.accelerator != "cpu"
     slots = sum(plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts))
-    items = memory_items(shape, slots, on_gpu, kv_tokens=context + prompt_tokens, pass_tokens=prompt_tokens)
+    items = memory_items(shape, slots, on_gpu, kv_tokens=context + prompt_tokens, pass_tokens=prompt_tokens,
+                         transfers=plan_transfers(plan.miss.compute, plan.miss.transfer_min_tokens))
     limits = {"host": int(profile.host_memory_bytes)}
     if on_gpu:
         if vram_budget is not None:

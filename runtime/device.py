@@ -21,9 +21,12 @@ The methods, in the words of the execution order:
 - `launch`: a kernel (a hit's or an accelerator miss's expert) queued on the compute stream;
 - `send`: step (4), a host tensor copied into a pinned staging buffer, then to the device without
   blocking the host; the compute stream orders it before the work queued after it;
-- `copy_now`: an accelerator miss's weights copied on the compute stream (it is computed right after);
 - `background_copies`: steps (3) and (5), promotion and prefetch copies on the copy stream, after the
-  reads already queued on the compute stream; returns the event a layer later waits for (`wait`).
+  reads already queued on the compute stream; returns the event a layer later waits for (`wait`);
+- `transfer_copy`: an accelerator miss's weights (a transfer) copied on the copy stream after one compute
+  event only (the last reader of its destination), so that it runs while the compute stream computes the
+  transfer before it (double-buffered, `MoeLayer._transfers`); returns the event its compute waits for;
+- `record`: an event on the compute stream after the work queued so far (a transfer buffer's last reader).
 
 Pinned staging buffers are reused from layer to layer: a buffer that `send` filled is written again only
 after the next `fetch`, whose event comes after that copy on the same stream; one that `fetch` filled is
@@ -59,11 +62,15 @@ class DeviceSeam:
     def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def copy_now(self, layer: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        raise NotImplementedError
-
     def background_copies(self, layer: int, what: str,
                           pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def transfer_copy(self, layer: int, what: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      after: Any = None) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def record(self, layer: int, what: str) -> Any:
         raise NotImplementedError
 
     def wait(self, layer: int, event: Any) -> None:
@@ -138,13 +145,6 @@ class CudaDevice(DeviceSeam):
     def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         return fn(*args)  # queued on the current (compute) stream
 
-    def copy_now(self, layer: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        copied = 0
-        for dst, src in pairs:
-            dst.copy_(src, non_blocking=True)
-            copied += tensor_bytes(src)
-        return copied
-
     def background_copies(self, layer: int, what: str,
                           pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
         # after the reads already queued on the compute stream: a slot is never overwritten while read
@@ -157,6 +157,26 @@ class CudaDevice(DeviceSeam):
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return event, copied
+
+    def transfer_copy(self, layer: int, what: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      after: Any = None) -> tuple[Any, int]:
+        # NOT after everything queued on the compute stream (that would wait for the transfer computed
+        # before this one, and nothing would overlap): after the last reader of the destination only
+        if after is not None:
+            self.copy_stream.wait_event(after)
+        copied = 0
+        with torch.cuda.stream(self.copy_stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+                copied += tensor_bytes(src)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event, copied
+
+    def record(self, layer: int, what: str) -> Any:
+        event = torch.cuda.Event()
+        event.record(self.compute)
+        return event
 
     def wait(self, layer: int, event: Any) -> None:
         self.compute.wait_event(event)
@@ -199,60 +219,112 @@ def _unregister(locked: list[int]) -> None:
 @dataclass(frozen=True)
 class Call:
     """One call through the recording seam."""
-    kind: str  # fetch | send | launch | copy | background | wait | synchronize | lock
+    kind: str  # fetch | send | launch | background | transfer | record | wait | synchronize | lock
     layer: int  # the MoE layer that made it (-1: none)
-    what: str  # e.g. "hit 3", "promote", "prefetch for 2", "cpu sum"
+    what: str  # e.g. "hit 3", "promote", "prefetch for 2", "cpu sum", "transfer 5", "read 5"
     nbytes: int  # bytes moved (0 for a launch or a wait)
     blocks_host: bool  # whether the host waits for the device in this call
+    after: int | None = None  # a transfer copy: the compute event (a `record` call's index) it waits for
 
 
 class RecordingDevice(DeviceSeam):
     """A stand-in for `CudaDevice` on a machine without a GPU: computes on CPU tensors, records each call.
 
     It checks the schedule (which calls, in what order, which of them block the host), not that CUDA ran.
-    Events are the index of the call that made them. Background copies are held back, as a copy stream
-    would hold them from the compute stream's view, until a `wait` for their event (or a later one: the
-    copy stream runs in order) or a `synchronize`: a layer that read its slots without waiting for the
-    copies into them would compute with the old weights, and the tokens would show it.
+    Events are the index of the call that made them. Two ways the two streams can drift apart, each the
+    one that shows a missing wait in the tokens:
+
+    - `copies_land="late"` (the default): the copy stream lags. Copies on it (background and transfer) are
+      held back until a `wait` for their event (or a later one: the copy stream runs in order) or a
+      `synchronize`; launches compute at once. A layer that read a slot or a transfer buffer without
+      waiting for the copy into it would compute with the old weights, and the tokens would show it.
+    - `copies_land="early"`: the compute stream lags. Launches are held back (`record` marks where each
+      compute event falls among them) and run at the next call that needs the compute stream to have
+      caught up: a transfer copy that waits for a compute event runs the launches up to that event first;
+      `fetch`, `send`, `background_copies` and `synchronize` run them all; so does `settle`,
+      which a test calls when a layer returns (the dense part after it reads the layer's output on the
+      host here, where on a GPU it would queue behind the launches). Copies land as soon as they are
+      issued. A transfer buffer written before the compute that reads it had run would hand that compute
+      the next expert's weights, and the tokens would show it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, copies_land: str = "late") -> None:
+        if copies_land not in ("late", "early"):
+            raise ValueError(f"copies_land: 'late' or 'early', not {copies_land!r}")
         self.device = torch.device("cpu")
         self.calls: list[Call] = []
         self.locked_bytes = 0
+        self._early = copies_land == "early"
         self._pending: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []  # (event, copies)
+        # early: the compute stream's work not run yet, in order: (None, fn, args) or (event, None, None)
+        self._lagging: list[tuple[int | None, Callable[..., torch.Tensor] | None, tuple]] = []
 
-    def _log(self, kind: str, layer: int, what: str, nbytes: int = 0, blocks_host: bool = False) -> None:
-        self.calls.append(Call(kind, layer, what, nbytes, blocks_host))
+    def _log(self, kind: str, layer: int, what: str, nbytes: int = 0, blocks_host: bool = False,
+             after: int | None = None) -> None:
+        self.calls.append(Call(kind, layer, what, nbytes, blocks_host, after))
+
+    def _catch_up(self, event: int | None = None) -> None:
+        """Early: run the held-back launches, all of them or those before compute event `event` (none if
+        the compute stream is past that event already)."""
+        if event is not None and all(mark != event for mark, _, _ in self._lagging):
+            return
+        while self._lagging:
+            mark, fn, args = self._lagging.pop(0)
+            if fn is not None:
+                fn(*args)
+            elif event is not None and mark == event:
+                return
+
+    def settle(self) -> None:
+        """Early: the compute stream catches up (a layer's output is read on the host next)."""
+        self._catch_up()
 
     def fetch(self, layer: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._catch_up()
         self._log("fetch", layer, f"{len(tensors)} tensors", sum(tensor_bytes(t) for t in tensors), True)
         return [t.clone() for t in tensors]
 
     def send(self, layer: int, what: str, host: torch.Tensor) -> torch.Tensor:
+        self._catch_up()
         self._log("send", layer, what, tensor_bytes(host))
         return host.clone()
 
-    def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    def launch(self, layer: int, what: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor | None:
         self._log("launch", layer, what)
+        if self._early:
+            self._lagging.append((None, fn, args))
+            return None
         return fn(*args)
 
-    def copy_now(self, layer: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        copied = 0
-        for dst, src in pairs:
-            dst.copy_(src)
-            copied += tensor_bytes(src)
-        self._log("copy", layer, "accelerator miss", copied)
-        return copied
+    def _copy_stream(self, kind: str, layer: int, what: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     after: int | None = None) -> tuple[Any, int]:
+        copied = sum(tensor_bytes(src) for _, src in pairs)
+        self._log(kind, layer, what, copied, after=after)
+        event = len(self.calls) - 1
+        if self._early:  # lands now, once the compute it waits for has run
+            for dst, src in pairs:
+                dst.copy_(src)
+        else:  # the sources are host memory that does not change; the destinations see them at the wait
+            self._pending.append((event, list(pairs)))
+        return event, copied
 
     def background_copies(self, layer: int, what: str,
                           pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
-        copied = sum(tensor_bytes(src) for _, src in pairs)
-        self._log("background", layer, what, copied)
+        self._catch_up()  # after every read already queued on the compute stream
+        return self._copy_stream("background", layer, what, pairs)
+
+    def transfer_copy(self, layer: int, what: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      after: Any = None) -> tuple[Any, int]:
+        if after is not None:
+            self._catch_up(after)  # after that compute event only
+        return self._copy_stream("transfer", layer, what, pairs, after)
+
+    def record(self, layer: int, what: str) -> Any:
+        self._log("record", layer, what)
         event = len(self.calls) - 1
-        # the sources are host memory that does not change; the destinations see them at the wait
-        self._pending.append((event, list(pairs)))
-        return event, copied
+        if self._early:
+            self._lagging.append((event, None, ()))
+        return event
 
     def _complete(self, event: int) -> None:
         """Apply the held-back copies up to `event`, in the order they were queued."""
@@ -265,6 +337,7 @@ class RecordingDevice(DeviceSeam):
         self._complete(event)
 
     def synchronize(self) -> None:
+        self._catch_up()
         self._log("synchronize", -1, "device", 0, True)
         self._complete(len(self.calls))
 

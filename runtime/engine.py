@@ -29,6 +29,7 @@ from .quant_experts import DequantScratch
 from .plan import Plan
 from .prefetch import Prefetcher
 from .replay import RoutingReplay
+from .transfer_buffers import TransferBuffers
 
 
 class Engine:
@@ -61,8 +62,9 @@ class Engine:
         self.layers: list[MoeLayer] = []
         self.locked_host_bytes = 0  # expert host memory page-locked for the accelerator's copies
         scratch = DequantScratch()  # one for every layer: quantized experts dequantize into it
+        transfer = TransferBuffers(self.device)  # one pair for every layer: transfers that take no slot
         for i, module in enumerate(experts):
-            store = ExpertStore(module, slots[i], self.device, scratch, DTYPES[plan.model.dtype])
+            store = ExpertStore(module, slots[i], self.device, scratch, DTYPES[plan.model.dtype], transfer)
             if seam is not None:  # before the first copy from it: in place, no copy, no rounding up
                 self.locked_host_bytes += seam.lock_host(store.host)
             policy = LayerCachePolicy(slots[i], plan.cache.policy, preload[i])

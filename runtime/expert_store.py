@@ -15,12 +15,15 @@ import torch
 
 from .expert_math import in_proj_name
 from .quant_experts import DequantScratch, quantized_of
+from .transfer_buffers import TransferBuffers
 
 
 class ExpertStore:
     def __init__(self, module: torch.nn.Module, slots: int, device: torch.device,
-                 scratch: DequantScratch | None = None, dtype: torch.dtype | None = None) -> None:
-        """`scratch` and `dtype` (the model's): where quantized experts dequantize to, and in what."""
+                 scratch: DequantScratch | None = None, dtype: torch.dtype | None = None,
+                 transfer: TransferBuffers | None = None) -> None:
+        """`scratch` and `dtype` (the model's): where quantized experts dequantize to, and in what;
+        `transfer`: the two buffers transfers that take no slot are copied into (the engine's one pair)."""
         self.module = module
         self.device = device
         self.quantized = quantized_of(module)
@@ -43,7 +46,8 @@ class ExpertStore:
         # (bench/predict_vs_measure.py, AVX2 VM): the first promotions would cost what no profile row says.
         self.slots = [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.host]
         self.expert_bytes = sum(t[0].numel() * t.element_size() for t in self.host)
-        self._scratch: list[torch.Tensor] | None = None  # for accelerator misses that do not enter the cache
+        # where accelerator misses that do not enter the cache are copied (two buffers, shared by the layers)
+        self.transfer = transfer if transfer is not None else TransferBuffers(device)
         # each expert's and each slot's views, made once: a decode token asks for them in every layer
         self._host_views = [[t[e] for t in self.host] for e in range(self.host[0].shape[0])]
         self._slot_views = [[t[s] for t in self.slots] for s in range(slots)]
@@ -65,19 +69,20 @@ class ExpertStore:
         copies on a CUDA plan)."""
         return list(zip(self._slot_views[slot], self._host_views[expert]))
 
-    def scratch_copies(self, expert: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(destination, source) pairs that put an expert's weights in the transfer scratch buffer, on the
+    def scratch_copies(self, expert: int, buffer: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) pairs that put an expert's weights in transfer buffer `buffer`, on the
         accelerator outside the cache (static policy, zero slots). Counted by the memory accounting
-        (`transfer_scratch`) before it is allocated here, on first use."""
-        if self._scratch is None:
-            self._scratch = [torch.empty(t.shape[1:], dtype=t.dtype, device=self.device) for t in self.host]
-        return list(zip(self._scratch, self._host_views[expert]))
+        (`transfer_scratch`, both buffers) before they are allocated, on first use."""
+        src = self._host_views[expert]
+        return list(zip(self.transfer.tensors(buffer, src), src))
 
     def copy_to_scratch(self, expert: int) -> list[torch.Tensor]:
-        """An expert's weights on the accelerator outside the cache (static policy, zero slots)."""
-        for dst, src in self.scratch_copies(expert):
+        """An expert's weights on the accelerator outside the cache, in buffer 0: the path of a plan whose
+        accelerator is the CPU, where copy and compute run one after the other."""
+        pairs = self.scratch_copies(expert)
+        for dst, src in pairs:
             dst.copy_(src, non_blocking=True)
-        return self._scratch
+        return [dst for dst, _ in pairs]
 
     def weights_args(self, weights: list[torch.Tensor]) -> tuple:
         """(w_in, w_out, b_in, b_out) for `module_expert_ffn`; a quantized expert's matrices are dequantized

@@ -71,12 +71,14 @@ def lock_plan(shape: ModelShape, on_accelerator: bool,
 
 def memory_plan(shape: ModelShape, slots: list[int], device: torch.device, context_tokens: int,
                 host_available: Callable[[], int | None] = host_available_bytes,
-                host_total: Callable[[], int | None] = host_total_bytes) -> list[DeviceNeed]:
+                host_total: Callable[[], int | None] = host_total_bytes,
+                transfers: bool = True) -> list[DeviceNeed]:
     """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure).
 
-    `context_tokens` (prompt and new tokens) bounds both the KV cache and the tokens of one pass."""
+    `context_tokens` (prompt and new tokens) bounds both the KV cache and the tokens of one pass;
+    `transfers`: whether the plan computes misses on the accelerator (`plan_transfers` of its `miss:`)."""
     items = memory_items(shape, sum(slots), device.type != "cpu", kv_tokens=context_tokens,
-                         pass_tokens=context_tokens)
+                         pass_tokens=context_tokens, transfers=transfers)
     needs = []
     if ACCELERATOR in items:
         free, _total = torch.cuda.mem_get_info(device)

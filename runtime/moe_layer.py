@@ -18,7 +18,9 @@ seam (runtime/device.py), `_forward_accelerated`:
   1. ONE blocking host sync brings the router's ids (none when routing is replayed: those are on the host
      already), its gate weights and the hidden states to pinned host buffers together;
   2. hits and accelerator misses are queued on the compute stream (a decode token needs no index copy;
-     a longer pass sends all its token indices in one pinned copy);
+     a longer pass sends all its token indices in one pinned copy); an accelerator miss's copy goes on
+     the copy stream, double-buffered: the next one's copy is queued before this one's compute
+     (`_transfers`);
   5. the next layer's guesses, made on the host from the host copy of the hidden states (no sync), and
      its prefetch copies, queued on the copy stream BEFORE this layer's promotions;
   3. promotions queued on the copy stream; then the CPU misses run on the CPU threads while the device
@@ -175,11 +177,8 @@ class MoeLayer:
             for e in outcome.hits:
                 seam.launch(self.index, f"hit {e}", self._device_expert, out, x, top_k_weights, where[e],
                             self.store.slot_weights(outcome.hit_slots[e]))
-            entered = {entry.expert: entry for entry in outcome.entries}
-            for e in outcome.accelerator_misses:
-                weights = self._bring_in_accelerated(e, entered)
-                seam.launch(self.index, f"accelerator miss {e}", self._device_expert, out, x, top_k_weights,
-                            where[e], weights)
+            if outcome.accelerator_misses:
+                self._transfers(outcome, out, x, top_k_weights, where)
         # 5. the next layer's guesses from the host copy of x, its prefetch queued before our promotions
         if self.prefetch_into is not None or context.recorder is not None:
             self._guess_next(x_host)
@@ -225,15 +224,51 @@ class MoeLayer:
         add_weighted(out, tokens, ranks, y, top_k_weights)
         return out
 
-    def _bring_in_accelerated(self, expert: int, entered: dict) -> list[torch.Tensor]:
-        """`_bring_in` through the seam: the copy queued on the compute stream, right before its use."""
-        entry = entered.get(expert)
-        if entry is not None:
-            self.stats.bytes_to_accelerator += self._seam.copy_now(self.index, self.store.slot_copies(expert, entry.slot))
-            return self.store.slot_weights(entry.slot)
-        pairs = self.store.scratch_copies(expert)
-        self.stats.bytes_to_accelerator += self._seam.copy_now(self.index, pairs)
-        return [dst for dst, _ in pairs]
+    def _transfers(self, outcome: PassOutcome, out: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor,
+                   where: dict) -> None:
+        """The accelerator misses (transfers), double-buffered: each copied on the copy stream into its new
+        slot or into one of the two transfer buffers, the copy of the next one queued BEFORE this one's
+        compute, so that the copy engine moves transfer i+1 while the compute stream computes transfer i.
+        Each compute waits only for its own copy's event. A destination is written only after the compute
+        that last read it: an event recorded after that compute, which the copy into it waits for (a
+        transfer buffer's across layers and passes, `TransferBuffers.last_read`; a slot's within the pass:
+        the hits that read it, or an earlier transfer of this pass that entered it and was evicted again).
+        """
+        seam, store, buffers = self._seam, self.store, self.store.transfer
+        entered = {entry.expert: entry.slot for entry in outcome.entries}
+        # (expert, destination, copies): ("slot", s) or ("buffer", b)
+        todo = []
+        for e in outcome.accelerator_misses:
+            if e in entered:
+                todo.append((e, ("slot", entered[e]), store.slot_copies(e, entered[e])))
+            else:
+                b = buffers.take()
+                todo.append((e, ("buffer", b), store.scratch_copies(e, b)))
+        readers: dict[tuple[str, int], object] = {}  # a slot -> the event after its last reader this pass
+        slots_entered = {dest for _, dest, _ in todo if dest[0] == "slot"}
+        hit_slots = {("slot", s) for s in outcome.hit_slots.values()}
+        if slots_entered & hit_slots:  # a transfer evicts a hit of this very pass: after the hits' reads
+            read = seam.record(self.index, "read by the hits")
+            readers.update({dest: read for dest in slots_entered & hit_slots})
+
+        def issue(i: int) -> object:
+            e, dest, pairs = todo[i]
+            after = buffers.last_read[dest[1]] if dest[0] == "buffer" else readers.get(dest)
+            event, copied = seam.transfer_copy(self.index, f"transfer {e} into {dest[0]} {dest[1]}", pairs, after)
+            self.stats.bytes_to_accelerator += copied
+            return event
+
+        copied = issue(0)
+        for i, (e, dest, pairs) in enumerate(todo):
+            following = issue(i + 1) if i + 1 < len(todo) else None  # queued before this compute
+            seam.wait(self.index, copied)
+            seam.launch(self.index, f"accelerator miss {e}", self._device_expert, out, x, top_k_weights,
+                        where[e], [dst for dst, _ in pairs])
+            if dest[0] == "buffer":
+                buffers.last_read[dest[1]] = seam.record(self.index, f"read buffer {dest[1]}")
+            elif any(d == dest for _, d, _ in todo[i + 1:]):  # this slot is entered again later in the pass
+                readers[dest] = seam.record(self.index, f"read slot {dest[1]}")
+            copied = following
 
     # ---- deciding ---------------------------------------------------------------------------
     def _decide(self, ranked: list[int] | None, rows: dict | None) -> PassOutcome:

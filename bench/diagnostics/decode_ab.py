@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
+from decode_args import add_decode_args  # noqa: E402
 from report import emit  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
 from runtime.kernels import GemvKernel, load  # noqa: E402
@@ -119,12 +120,7 @@ def main() -> int:
     ap.add_argument("--piece", choices=["kernel", "runtime"], required=True)
     ap.add_argument("--base", default="725d231",
                     help="--piece kernel or runtime: the git revision whose kernel or runtime is 'off'")
-    ap.add_argument("--model", default=str(ROOT / "bench/models/mixtral-bench"))
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--prompt", default="def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    add_decode_args(ap, repeats=8, repeats_flag="--pairs")
     ap.add_argument("--no-huge-pages", action="store_true", help="load as `moeplan run --no-huge-pages` does")
     ap.add_argument("--out")
     args = ap.parse_args()

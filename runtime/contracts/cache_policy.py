@@ -10,7 +10,7 @@ The accounting rules (docs/run.md, "Cache accounting"):
 - an entering expert takes a free slot, else evicts by policy: lru the least recently used, fifo the
   oldest entry, lfu the fewest uses since it entered (ties: least recently used), adaptive the lowest
   decayed use count with the decay chosen online (runtime/contracts/adaptive_scores.py; ties: least
-  recently used), markov the lowest predicted chance of being needed by the next pass
+  recently used), markov the lowest predicted chance of being needed by the next passes
   (runtime/contracts/markov_scores.py; ties: least recently used). The victim is never
   an expert this pass needs unless every resident one is needed, and then the least recently
   touched goes, so that the last ones to enter stay (adaptive and markov: the lowest score goes);

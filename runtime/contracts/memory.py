@@ -12,8 +12,11 @@ Items (bytes):
 - `workspace`: the largest activations of one forward pass of `pass_tokens` tokens held at once, in
   the activation dtype: hidden states and residual (2 x T x H), q/k/v/o (4 x T x H), the gate/up
   output of one expert call (2 x T x I of the widest MLP), float32 logits of the last token (V x 4);
-- `transfer_scratch`: one expert, where a miss computed on the accelerator outside the cache is copied
-  (runtime/expert_store.py allocates it on first use: counted before, as everything else is);
+- `transfer_scratch`: `TRANSFER_BUFFERS` experts (two), where a miss computed on the accelerator outside the
+  cache is copied, the next one's copy running while this one is computed (runtime/transfer_buffers.py
+  allocates them on the first such miss, one pair for all layers: counted before, as everything else is);
+  none for a plan that computes no miss on the accelerator (`miss.compute: cpu`, `transfer_min_tokens: 0`),
+  which never allocates them;
 - `dequant_scratch` (int8/int4 experts only): one expert in the activation dtype, which a quantized
   expert is dequantized into before its matmuls (on the accelerator for hits and accelerator misses; on
   the host as well on an accelerator plan, for CPU misses computed through torch);
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 from .expert_format import is_quantized
 from .model_shape import ModelShape
+from .schedule import TRANSFER_BUFFERS
 
 HOST = "host"
 ACCELERATOR = "accelerator"
@@ -55,16 +59,22 @@ def workspace_bytes(shape: ModelShape, pass_tokens: int) -> int:
     return int(tokens * (6 * shape.hidden + 2 * widest) * shape.dtype_bytes + shape.vocab * 4)
 
 
+def plan_transfers(compute: str, transfer_min_tokens: int) -> bool:
+    """Whether a plan's miss rule (its `miss:` section) ever computes a miss on the accelerator (a transfer)."""
+    return compute == "accelerator" or transfer_min_tokens > 0
+
+
 def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens: int,
-                 pass_tokens: int) -> dict[str, dict[str, int]]:
+                 pass_tokens: int, transfers: bool = True) -> dict[str, dict[str, int]]:
     """Bytes per device ("accelerator", "host"), item by item, for a plan with `slots` cache slots in all.
 
     `kv_tokens`: the most tokens the KV cache holds; `pass_tokens`: the most tokens of one forward pass
-    (the prompt's prefill).
+    (the prompt's prefill); `transfers`: whether the plan computes misses on the accelerator
+    (`plan_transfers`), which needs the transfer buffers.
     """
     side = {"dense_weights": shape.dense_bytes, "kv_cache": shape.kv_bytes_per_token * kv_tokens,
             "expert_slots": slots * shape.expert_bytes, "workspace": workspace_bytes(shape, pass_tokens),
-            "transfer_scratch": shape.expert_bytes}
+            "transfer_scratch": TRANSFER_BUFFERS * shape.expert_bytes if transfers else 0}
     # expert bytes are those of the stored format (runtime/contracts/expert_format.py)
     host = {"experts": shape.expert_bytes_total}
     quantized = is_quantized(shape.expert_format)

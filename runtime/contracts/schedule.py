@@ -19,3 +19,10 @@ HOST_SYNCS_PER_MOE_LAYER = 1
 # Whether promotion and prefetch copies read host memory while the CPU threads stream the CPU misses from
 # it: yes, on a CUDA plan they are queued before the CPU work starts (they share the DRAM bandwidth).
 COPIES_SHARE_DRAM_WITH_CPU_MISSES = True
+
+# How many buffers a CUDA plan's transfers (accelerator misses that take no slot) are copied into, in turn
+# (runtime/transfer_buffers.py; the memory accounting's `transfer_scratch` counts them all). Two: the copy
+# of transfer i+1 runs on the copy stream while transfer i is computed (`MoeLayer._transfers`), so a
+# layer's transfers cost about the first copy, then the larger of each copy and each compute, then the last
+# compute, rather than every copy plus every compute.
+TRANSFER_BUFFERS = 2

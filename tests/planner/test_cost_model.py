@@ -415,3 +415,33 @@ def test_int8_and_int4_shrink_what_a_miss_reads_and_a_slot_holds() -> None:
     assert int8.expert_bytes == 3 * 4096 * 14336 + 2 * 3 * 4096 * 14336 // 32
     assert int4.expert_bytes == 3 * 4096 * 14336 // 2 + 2 * 3 * 4096 * 14336 // 32
     assert decode_bytes(int4, 512) < decode_bytes(int8, 512) < decode_bytes(bf16, 512)
+
+
+def test_a_gpu_plans_transfers_overlap_their_copies_and_computes(profile, olmoe_trace, monkeypatch) -> None:
+    """The runtime double-buffers a CUDA plan's transfers (the next copy runs while this one is computed):
+    a layer's transfers cost the first copy, then the larger of each copy and each compute, then the last
+    compute; never less than the larger of all copies and all computes, never more than their sum, which is
+    what one buffer (copy, then compute) would cost."""
+    import planner.cost_model as cost_model
+    from planner.cost_model import pipelined_transfers_s
+
+    assert pipelined_transfers_s(4, 4.0, 2.0) == pytest.approx(1.0 + 0.5 + 3 * 1.0)  # copies dominate
+    assert pipelined_transfers_s(3, 1.5, 3.0) == pytest.approx(0.5 + 1.0 + 2 * 1.0)  # computes dominate
+    assert pipelined_transfers_s(1, 1.0, 2.0) == 3.0  # one transfer: nothing to overlap
+    assert pipelined_transfers_s(0.4, 0.4, 0.8) == pytest.approx(1.2)  # a mean of passes with none or one
+    for n, c, k in [(2, 1.0, 1.0), (8, 5.0, 0.3), (16, 0.2, 4.0)]:
+        assert max(c, k) <= pipelined_transfers_s(n, c, k) <= c + k
+    shape, trace = olmoe_trace
+    plan = _plan(transfer=2, promote=False)  # prefill misses of 2 tokens or more are computed on the GPU
+    sim = replay(trace, plan, shape)
+    double = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    monkeypatch.setattr(cost_model, "TRANSFER_BUFFERS", 1)
+    single = predict(profile, shape, plan, sim, context=512, prompt_tokens=64)
+    assert 0 < double.prefill.transfer_s < single.prefill.transfer_s
+    assert double.prefill.total_s < single.prefill.total_s
+    cpu = _plan("cpu", transfer=2, promote=False)  # on the CPU copy and compute run one after the other
+    cpu_sim = replay(trace, cpu, shape)
+    monkeypatch.setattr(cost_model, "TRANSFER_BUFFERS", 2)
+    a = predict(profile, shape, cpu, cpu_sim, context=512, prompt_tokens=64).prefill.transfer_s
+    monkeypatch.setattr(cost_model, "TRANSFER_BUFFERS", 1)
+    assert predict(profile, shape, cpu, cpu_sim, context=512, prompt_tokens=64).prefill.transfer_s == a

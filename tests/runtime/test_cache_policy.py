@@ -1,10 +1,14 @@
 """Each policy's eviction order on scripted sequences, static never evicting, and the pass accounting."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from runtime.contracts.adaptive_scores import DECAYS
 from runtime.contracts.cache_policy import LayerCachePolicy, MissRule, route_pass
+from runtime.contracts.markov_scores import NEIGHBOUR_WINDOW, MarkovScores
+from runtime.contracts.neighbour_votes import NeighbourVotes
 
 PROMOTE = MissRule(compute="cpu", promote=True)
 
@@ -159,3 +163,78 @@ def test_hit_slots_are_taken_before_entries_reuse_them():
 def test_bad_construction(slots, policy, preload):
     with pytest.raises(ValueError):
         LayerCachePolicy(slots, policy, preload)
+
+
+def _scores_after(scores: MarkovScores, passes: list[tuple[int, ...]]) -> MarkovScores:
+    for needed in passes:
+        scores.observe(needed)
+    return scores
+
+
+def test_markov_neighbours_tell_apart_what_follows_a_whole_set():
+    # {1, 2} and {3, 4} are followed by 5, {1, 3} and {2, 4} by 6: every single expert is followed by 5 and 6
+    # alike, so the transitions cannot tell; the passes most like the current one (its neighbours) can.
+    phrases = [((1, 2), (5,)), ((3, 4), (5,)), ((1, 3), (6,)), ((2, 4), (6,))]
+    rng = random.Random(0)
+    history = [p for _ in range(40) for p in rng.choice(phrases)]
+    for current, follows, other in (((1, 2), 5, 6), ((1, 3), 6, 5), ((2, 4), 6, 5)):
+        scores = _scores_after(MarkovScores(), [*history, current])
+        assert scores.score(follows) > 2 * scores.score(other)
+        alone = _scores_after(MarkovScores(neighbour_weight=0.0), [*history, current])
+        assert alone.score(follows) < 1.5 * alone.score(other)  # transitions alone: about a tie
+
+
+def test_markov_neighbours_use_the_pass_before_as_context():
+    # {2} is followed by 5 after {1} and by 6 after {3}: only the pass before tells which.
+    history = [p for _ in range(20) for p in ((1,), (2,), (5,), (3,), (2,), (6,))]
+    for before, follows, other in ((1, 5, 6), (3, 6, 5)):
+        scores = _scores_after(MarkovScores(), [*history, (before,), (2,)])
+        assert scores.score(follows) > 2 * scores.score(other)
+        blind = _scores_after(MarkovScores(neighbour_context=0.0), [*history, (before,), (2,)])
+        assert blind.score(follows) < 1.5 * blind.score(other)
+
+
+def test_markov_neighbour_bookkeeping_is_bounded():
+    votes = NeighbourVotes(window=NEIGHBOUR_WINDOW, count=8, power=8.0, horizon=5, discount=0.7, context=0.5)
+    for i in range(10 * NEIGHBOUR_WINDOW):
+        votes.observe(tuple(sorted({i % 64, (i * 7 + 1) % 64})))
+    assert len(votes._sets) == NEIGHBOUR_WINDOW + 1  # the window and the current pass
+    # the lanes are rebased: no bitmap grows past a few windows of passes
+    assert max(lanes.bit_length() for lanes in votes._columns.values()) <= 4 * NEIGHBOUR_WINDOW + 1
+
+
+def test_markov_neighbour_shares_equal_a_plain_recomputation_once_the_window_is_full():
+    # NeighbourVotes keeps a bounded window, bit-sliced, and carries the previous pass's overlaps over (shifted
+    # as the window drops its oldest pass and as its lanes are rebased); recomputing every share from the whole
+    # history gives the same numbers.
+    window, count, power, horizon, discount, context = 12, 8, 2.0, 2, 0.5, 0.5
+    rng = random.Random(1)
+    history = [tuple(sorted(rng.sample(range(6), 3))) for _ in range(120)]  # many ties; rebased after 48
+    kept = NeighbourVotes(window, count, power, horizon, discount, context)
+    for t, needed in enumerate(history):
+        kept.observe(needed)
+        first = max(0, t - window)  # the passes the window holds besides the current one
+        similarity = {j: len(set(history[j]) & set(needed))
+                      + context * (len(set(history[j - 1]) & set(history[t - 1])) if j > first else 0)
+                      for j in range(first, t)}
+        ranked = sorted((s, j) for j, s in similarity.items())[-count:]
+        expected: dict[int, float] = {}
+        total = sum(s ** power for s, _ in ranked if s ** power > 0)
+        for s, j in ranked:
+            weight = s ** power
+            if weight <= 0:
+                continue
+            for h in range(1, min(horizon, t - j) + 1):
+                for e in history[j + h]:
+                    expected[e] = expected.get(e, 0.0) + weight / total
+                weight *= discount
+        assert kept.shares.keys() == expected.keys()
+        assert all(abs(kept.shares[e] - expected[e]) < 1e-9 for e in expected), t
+
+
+def test_markov_neighbours_take_every_earlier_pass_while_fewer_than_count():
+    kept = NeighbourVotes(window=10, count=4, power=1.0, horizon=1, discount=1.0, context=0.0)
+    for needed in ((1, 2, 3), (1, 2), (1, 4), (1, 5)):  # at (1, 5) the 3 earlier passes tie at overlap 1
+        kept.observe(needed)
+    # each earlier pass votes 1/3 for what followed it: (1, 2) and (1, 4) after the first two, (1, 5) after the third
+    assert kept.shares == pytest.approx({1: 1.0, 2: 1 / 3, 4: 1 / 3, 5: 1 / 3})
