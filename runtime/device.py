@@ -149,14 +149,7 @@ class CudaDevice(DeviceSeam):
                           pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
         # after the reads already queued on the compute stream: a slot is never overwritten while read
         self.copy_stream.wait_stream(self.compute)
-        copied = 0
-        with torch.cuda.stream(self.copy_stream):
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-                copied += tensor_bytes(src)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        return event, copied
+        return self._copy_on_copy_stream(pairs)
 
     def transfer_copy(self, layer: int, what: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
                       after: Any = None) -> tuple[Any, int]:
@@ -164,6 +157,10 @@ class CudaDevice(DeviceSeam):
         # before this one, and nothing would overlap): after the last reader of the destination only
         if after is not None:
             self.copy_stream.wait_event(after)
+        return self._copy_on_copy_stream(pairs)
+
+    def _copy_on_copy_stream(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, int]:
+        """Queue the copies on the copy stream (after whatever it was told to wait for); their event, bytes."""
         copied = 0
         with torch.cuda.stream(self.copy_stream):
             for dst, src in pairs:

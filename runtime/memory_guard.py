@@ -34,28 +34,26 @@ class DeviceNeed:
         return f"{self.device}: needs {self.needed / GB:.2f} GB ({parts}); {have}"
 
 
-def host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+def _meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (Linux); None where it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    return _meminfo_bytes("MemAvailable")
 
 
 def host_total_bytes() -> int | None:
     """MemTotal from /proc/meminfo (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _meminfo_bytes("MemTotal")
 
 
 def lock_plan(shape: ModelShape, on_accelerator: bool,
