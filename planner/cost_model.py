@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.contracts.expert_format import is_quantized
-from runtime.contracts.memory import memory_items, plan_transfers
+from runtime.contracts.memory import memory_items
 from runtime.contracts.model_shape import ModelShape
 from runtime.contracts.schedule import (COPIES_SHARE_DRAM_WITH_CPU_MISSES, CPU_OVERLAPS_ACCELERATOR,
                                         HOST_SYNCS_PER_MOE_LAYER, TRANSFER_BUFFERS)
@@ -476,7 +476,7 @@ def memory_plan(profile: Any, shape: ModelShape, plan: Plan, context: int, promp
     on_gpu = plan.hardware.accelerator != "cpu"
     slots = sum(plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts))
     items = memory_items(shape, slots, on_gpu, kv_tokens=context + prompt_tokens, pass_tokens=prompt_tokens,
-                         transfers=plan_transfers(plan.miss.compute, plan.miss.transfer_min_tokens))
+                         transfers=plan.miss.rule.ever_on_accelerator)
     limits = {"host": int(profile.host_memory_bytes)}
     if on_gpu:
         if vram_budget is not None:

@@ -74,7 +74,7 @@ def memory_plan(shape: ModelShape, slots: list[int], device: torch.device, conte
     """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure).
 
     `context_tokens` (prompt and new tokens) bounds both the KV cache and the tokens of one pass;
-    `transfers`: whether the plan computes misses on the accelerator (`plan_transfers` of its `miss:`)."""
+    `transfers`: whether the plan computes misses on the accelerator (`MissRule.ever_on_accelerator` of its `miss:`)."""
     items = memory_items(shape, sum(slots), device.type != "cpu", kv_tokens=context_tokens,
                          pass_tokens=context_tokens, transfers=transfers)
     needs = []

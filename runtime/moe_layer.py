@@ -245,7 +245,8 @@ class MoeLayer:
                 b = buffers.take()
                 todo.append((e, ("buffer", b), store.scratch_copies(e, b)))
         readers: dict[tuple[str, int], object] = {}  # a slot -> the event after its last reader this pass
-        slots_entered = {dest for _, dest, _ in todo if dest[0] == "slot"}
+        last_use = {dest: i for i, (_, dest, _) in enumerate(todo)}  # the last transfer into each destination
+        slots_entered = {dest for dest in last_use if dest[0] == "slot"}
         hit_slots = {("slot", s) for s in outcome.hit_slots.values()}
         if slots_entered & hit_slots:  # a transfer evicts a hit of this very pass: after the hits' reads
             read = seam.record(self.index, "read by the hits")
@@ -266,7 +267,7 @@ class MoeLayer:
                         where[e], [dst for dst, _ in pairs])
             if dest[0] == "buffer":
                 buffers.last_read[dest[1]] = seam.record(self.index, f"read buffer {dest[1]}")
-            elif any(d == dest for _, d, _ in todo[i + 1:]):  # this slot is entered again later in the pass
+            elif last_use[dest] > i:  # this slot is entered again later in the pass
                 readers[dest] = seam.record(self.index, f"read slot {dest[1]}")
             copied = following
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from .contracts.memory import plan_transfers
 from .contracts.traces import header_record
 from .device import DeviceSeam
 from .engine import Engine
@@ -85,8 +84,7 @@ class Session:
         shape = inspect_model(folder, plan.model.dtype, plan.model.experts)  # check the plan before reading any weight
         slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
         plan.cache.preload_per_layer(shape.num_moe_layers, shape.num_experts)
-        transfers = plan_transfers(plan.miss.compute, plan.miss.transfer_min_tokens)
-        check_fits(memory_plan(shape, slots, device, context_tokens, transfers=transfers))
+        check_fits(memory_plan(shape, slots, device, context_tokens, transfers=plan.miss.rule.ever_on_accelerator))
         loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator, plan.model.experts)
         replay = None
         if replay_trace is not None:

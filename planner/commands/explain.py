@@ -53,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
     spread = {name: predict(profile, shape, plan, workload.replay(t, plan, shape, accuracy), context=args.context,
                             prompt_tokens=args.prompt_tokens, vram_budget=args.vram_budget)
               for name, t in work.scenarios.items()}
+    decodes = [prediction.decode_tokens_per_s, *(p.decode_tokens_per_s for p in spread.values())]
     if args.json:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
                "accelerator": plan.hardware.accelerator, "context": args.context,
@@ -63,8 +64,7 @@ def main(args: argparse.Namespace) -> int:
         if spread:
             out["spread"] = {name: {"decode_tokens_per_s": p.decode_tokens_per_s, "hit_rate": p.hit_rate}
                              for name, p in spread.items()}
-            values = [prediction.decode_tokens_per_s, *(p.decode_tokens_per_s for p in spread.values())]
-            out["decode_tokens_per_s_range"] = [min(values), max(values)]
+            out["decode_tokens_per_s_range"] = [min(decodes), max(decodes)]
         print(json.dumps(out))
     else:
         from .tune import routing_report
@@ -72,8 +72,7 @@ def main(args: argparse.Namespace) -> int:
         text = render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source)
         extra = routing_report(work)
         if spread:
-            values = [prediction.decode_tokens_per_s, *(p.decode_tokens_per_s for p in spread.values())]
-            extra.append(f"routing assumed: decode {min(values):.2f} to {max(values):.2f} tokens/s over the plausible "
+            extra.append(f"routing assumed: decode {min(decodes):.2f} to {max(decodes):.2f} tokens/s over the plausible "
                          f"spread (" + ", ".join(f"{n} {p.decode_tokens_per_s:.2f} at hit rate {p.hit_rate:.3f}"
                                                  for n, p in spread.items()) + ")")
         print(text + ("\nrouting    " + "\n           ".join(extra) if extra else ""))

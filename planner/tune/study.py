@@ -196,12 +196,12 @@ def choose(front: Sequence[Candidate], prefill_slack: float) -> tuple[Candidate 
     """The fastest-decode plan of the front whose prefill is within `prefill_slack` of the front's fastest."""
     if prefill_slack < 0:
         raise UserError(f"--prefill-slack: must be >= 0, got {prefill_slack}")
-    rule = (f"highest predicted decode tokens/s among the feasible Pareto plans whose prefill time is within "
-            f"{prefill_slack:.0%} of the fastest feasible prefill")
+    decode = "highest predicted decode tokens/s"
     if front and front[0].spread_decode:
-        rule = rule.replace("highest predicted decode tokens/s", "highest worst-case predicted decode tokens/s over "
-                            "the routing's plausible spread (" + ", ".join(n for n, _ in front[0].spread_decode)
-                            + " and central)")
+        decode = ("highest worst-case predicted decode tokens/s over the routing's plausible spread ("
+                  + ", ".join(n for n, _ in front[0].spread_decode) + " and central)")
+    rule = (f"{decode} among the feasible Pareto plans whose prefill time is within {prefill_slack:.0%} of the "
+            f"fastest feasible prefill")
     if not front:
         return None, rule
     fastest = min(c.prefill_s for c in front)

@@ -166,6 +166,11 @@ class MissRule:
     def on_accelerator(self, tokens: int) -> bool:
         return self.compute == "accelerator" or 0 < self.transfer_min_tokens <= tokens
 
+    @property
+    def ever_on_accelerator(self) -> bool:
+        """Whether some pass computes a miss on the accelerator (a transfer): the transfer buffers are needed."""
+        return self.compute == "accelerator" or self.transfer_min_tokens > 0
+
 
 @dataclass(frozen=True)
 class Entry:

@@ -59,18 +59,13 @@ def workspace_bytes(shape: ModelShape, pass_tokens: int) -> int:
     return int(tokens * (6 * shape.hidden + 2 * widest) * shape.dtype_bytes + shape.vocab * 4)
 
 
-def plan_transfers(compute: str, transfer_min_tokens: int) -> bool:
-    """Whether a plan's miss rule (its `miss:` section) ever computes a miss on the accelerator (a transfer)."""
-    return compute == "accelerator" or transfer_min_tokens > 0
-
-
 def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens: int,
                  pass_tokens: int, transfers: bool = True) -> dict[str, dict[str, int]]:
     """Bytes per device ("accelerator", "host"), item by item, for a plan with `slots` cache slots in all.
 
     `kv_tokens`: the most tokens the KV cache holds; `pass_tokens`: the most tokens of one forward pass
     (the prompt's prefill); `transfers`: whether the plan computes misses on the accelerator
-    (`plan_transfers`), which needs the transfer buffers.
+    (`MissRule.ever_on_accelerator`), which needs the transfer buffers.
     """
     side = {"dense_weights": shape.dense_bytes, "kv_cache": shape.kv_bytes_per_token * kv_tokens,
             "expert_slots": slots * shape.expert_bytes, "workspace": workspace_bytes(shape, pass_tokens),

@@ -318,7 +318,6 @@ def test_the_transfer_buffers_are_what_tune_promises_and_run_guards(name, checkp
     from planner.cost_model import memory_plan as planned_memory
     from planner.paths import PROFILES
     from planner.profile import Profile
-    from runtime.contracts.memory import plan_transfers
     from runtime.contracts.schedule import TRANSFER_BUFFERS
     from runtime.loader import inspect_model
     from runtime.memory_guard import memory_plan as guarded_memory
@@ -329,7 +328,7 @@ def test_the_transfer_buffers_are_what_tune_promises_and_run_guards(name, checkp
     buffers = layers[0].store.transfer
     assert all(layer.store.transfer is buffers for layer in layers)
     shape = inspect_model(folder, "float32")
-    transfers = plan_transfers(plan.miss.compute, plan.miss.transfer_min_tokens)
+    transfers = plan.miss.rule.ever_on_accelerator
     slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
     # the guard's items for these slots, on the host here (the stand-in's device memory is host memory)
     guarded = guarded_memory(shape, slots, torch.device("cpu"), 64, host_available=lambda: None,
