@@ -117,9 +117,11 @@ def test_two_workers_share_one_study(postgres_url, model_dir, tmp_path) -> None:
     assert proc.returncode == 0, err[-2000:]
     best = Plan.load(final)
     assert best.provenance["trials"] == 2 * TRIALS
-    # The worker that finished last saw every trial, so it wrote the study's best too.
-    last = max(outs, key=lambda p: p.stat().st_mtime)
-    written = Plan.load(last)
+    # The worker that read the study last saw every trial (by then both workers' trial loops had
+    # ended), so it wrote the study's best too. Which worker that was is a race: the later file
+    # is not necessarily the later read, so pick the plan by the trials it saw.
+    plans = [Plan.load(out) for out in outs]
+    written = max(plans, key=lambda plan: plan.provenance["trials"])
     assert written.provenance["trials"] == 2 * TRIALS
     # the plan itself, not the notes beside it (provenance holds the worker's own seed and date)
     assert replace(written, provenance=None) == replace(best, provenance=None)
