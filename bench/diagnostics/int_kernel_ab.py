@@ -46,6 +46,11 @@ def revision_sources(rev: str, folder: Path) -> list[Path]:
             text = subprocess.run(["git", "show", f"{rev}:runtime/kernels/{name}"], cwd=ROOT, check=True,
                                   capture_output=True).stdout
             (folder / name).write_bytes(text)
+    qgemv = folder / "qgemv.c"
+    if qgemv.exists() and b"qgemv_row_floats" not in qgemv.read_bytes():
+        # revisions before the int4 byte planes: a one-token prepared input row took 2K floats, and
+        # GemvKernel asks the library for that size
+        qgemv.write_bytes(qgemv.read_bytes() + b"\nint64_t qgemv_row_floats(int64_t K) { return 2 * K; }\n")
     return [folder / p.name for p in SOURCES if (folder / p.name).exists()]
 
 

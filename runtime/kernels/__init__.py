@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "decode_ops.c"]
-HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "silu_gate.h"]
+HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
 INT_MODEL_DTYPES = (torch.bfloat16, torch.float32)  # the model dtypes (inputs, outputs) the int kernels take
@@ -161,6 +161,9 @@ class GemvKernel:
         self._qtoken.restype = None
         self.int_isa = int_isa  # the int8/int4 kernels' instruction set, None where they cannot run
         self.int_max_tokens = int(lib.qgemv_max_tokens())
+        lib.qgemv_row_floats.argtypes = [ctypes.c_int64]
+        lib.qgemv_row_floats.restype = ctypes.c_int64
+        self._qrow_floats = lib.qgemv_row_floats  # scratch floats of one prepared one-token input row
 
     def isa_names(self) -> dict[torch.dtype, str]:
         return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}
@@ -206,7 +209,7 @@ class GemvKernel:
         self._qmulti(INT_FORMATS[fmt], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w, _ in weights]),
                      ptrs(*[s.data_ptr() for _, s in weights]), ptrs(*[x.data_ptr() for x in inputs]),
                      ptrs(*[y.data_ptr() for y in outs]), (ctypes.c_int64 * count)(*tokens), n, k, group, threads,
-                     self._scratch_ptr(count * max(*tokens, 2) * k), int(out_bf16))
+                     self._scratch_ptr(count * max(max(tokens) * k, self._qrow_floats(k))), int(out_bf16))
         return outs
 
     def qmoe_token(self, w_in: list[tuple[torch.Tensor, torch.Tensor]], w_out: list[tuple[torch.Tensor, torch.Tensor]],
@@ -225,7 +228,8 @@ class GemvKernel:
                      ptrs(*[s.data_ptr() for _, s in w_in]), ptrs(*[w.data_ptr() for w, _ in w_out]),
                      ptrs(*[s.data_ptr() for _, s in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
                      out.data_ptr(), hidden, inter, group, threads,
-                     self._scratch_ptr(2 * hidden + count * (4 * inter + hidden)))
+                     self._scratch_ptr(self._qrow_floats(hidden)
+                                       + count * (2 * inter + self._qrow_floats(inter) + hidden)))
         return out
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int,

@@ -144,32 +144,12 @@ AVX2_INLINE __m256 q4tab_group32(const uint8_t *q, const uint8_t *table, const f
 /* ---- int4 with the whole scale factored out of a 32-input group ----------------------------------------
  * s * q is a bf16 already when s has at most 5 significant bits (|q| <= 8 has at most 3; bf16 keeps 8):
  * runtime/quant_format.py's int4 rule rounds its scales so. Then a group is s * sum_k q_k x_k (q_k x_k exact
- * in fp32 for a bf16 input), and its codes are widened, converted and multiplied without the table's byte
+ * in fp32 for a bf16 input), summed by q4planes.h with integer multiply-adds, without the table's byte
  * shuffles, which are the table path's bottleneck on AMD Zen 3 (two pipes do every shuffle and shift). */
 
 /* Whether each of these fp32 scales (widened float16s) has at most 5 significant bits (or is zero). */
 AVX2_INLINE int scales_5_bits(__m256 s) {
     return _mm256_testz_si256(_mm256_castps_si256(s), _mm256_set1_epi32(0x0007FFFF));
-}
-
-/* The 32 codes of one group (16 bytes) times their inputs x, laid out as q4half_slot says, summed unscaled:
- * the bytes widened to 32-bit lanes (lane l of each half: byte l, inputs 2l and 2l + 1), q = nibble - 8. */
-AVX2_INLINE __m256 q4half_group32(const uint8_t *q, const float *x) {
-    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
-    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
-    const __m256i nib = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-    const __m256 e0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b0, nib), eight));
-    const __m256 o0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b0, 4), eight));
-    const __m256 e1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b1, nib), eight));
-    const __m256 o1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b1, 4), eight));
-    const __m256 e = _mm256_fmadd_ps(e1, _mm256_loadu_ps(x + 16), _mm256_mul_ps(e0, _mm256_loadu_ps(x)));
-    const __m256 o = _mm256_fmadd_ps(o1, _mm256_loadu_ps(x + 24), _mm256_mul_ps(o0, _mm256_loadu_ps(x + 8)));
-    return _mm256_add_ps(e, o);
-}
-
-/* Where input i of a 32-input block goes for q4half_group32: per 16 inputs, the 8 even ones then the 8 odd. */
-static inline int q4half_slot(int i) {
-    return 16 * (i >> 4) + 8 * (i & 1) + ((i & 15) >> 1);
 }
 
 /* Where input i of a 32-input block goes in the block's prepared inputs, for q4tab_block: its four vectors

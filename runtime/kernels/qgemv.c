@@ -9,14 +9,17 @@
  * over integer dot products with the input quantized to 8 bits, llama.cpp's Q8 way). Where a group's
  * scale makes every float(scale) * q a bf16 already (int8: a power of two; int4: at most 5 significant
  * bits, as runtime/quant_format.py's rule stores them), the scale comes out of the group's sum instead:
- * the same weights at a fraction of the per-weight work (dequant.h), chosen eight groups at a time.
+ * the same weights at a fraction of the per-weight work (dequant.h), chosen eight groups at a time; one
+ * token's int4 groups of 32 are then summed with integer multiply-adds against the input held as 22-bit
+ * fixed point per group (q4planes.h), within the same summation-order tolerance.
  *
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
  * and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
  * these AVX2 paths.
  * Inputs are first widened to fp32 into scratch, one row of K floats per token: for int4 split into the
- * K/2 even elements then the K/2 odd ones (the low and high nibbles of the weights' bytes).
+ * K/2 even elements then the K/2 odd ones (the low and high nibbles of the weights' bytes), or permuted in
+ * blocks of 32 for the table path, which one token's rows follow with their byte planes (q4planes.h).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -25,6 +28,7 @@
 #include "bf16.h"
 #include "dequant.h"
 #include "hsum.h"
+#include "q4planes.h"
 #include "silu_gate.h"
 #include "stream_access.h" /* PREFETCH_BYTES, STREAMS */
 
@@ -67,13 +71,18 @@ static inline int64_t input_slot(int layout, int64_t K, int64_t k) {
 typedef struct {
     int fmt, to_bf16, out_bf16; /* to_bf16: a bf16 model (weights rounded as the reference's are) */
     int layout;                 /* input_layout(fmt, to_bf16, G): which path reads the rows */
-    int halves;                 /* LAYOUT_TABLE only: x[i] + K holds the inputs again as q4half_slot lays them */
+    int planes;                 /* LAYOUT_TABLE, G 32, one token: x[i] + K holds the input as q4planes.h lays it out */
     int64_t count, N, K, G;
     const void *const *W;      /* qweight of each matrix */
     const uint16_t *const *S;  /* float16 scales of each matrix, [N, K/G] */
     const float *const *x;
     void *const *y;            /* [N] per matrix, fp32 or bf16 */
 } QRowSet;
+
+/* A row of the set: matrix mat, its row `row`. */
+typedef struct {
+    int64_t mat, row;
+} RowAt;
 
 AVX2_INLINE float hsum128(__m128 s) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -84,7 +93,7 @@ AVX2_INLINE float hsum128(__m128 s) {
 /* ---- one token: n rows read side by side (far-apart streams), one dot product each ------------------ */
 
 /* G: set->G, passed as the constant 32 for the default group size so that a group's loop unrolls. */
-AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
+AVX2_INLINE void qdots_i8(const QRowSet *set, const RowAt *at, float *sums, const int n, const int rb,
                           const int64_t G) {
     const int64_t K = set->K, groups = K / G;
     const int8_t *w[STREAMS];
@@ -92,7 +101,7 @@ AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, 
     const float *x[STREAMS];
     __m256 a[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+        const int64_t i = at[r].mat, row = at[r].row;
         w[r] = (const int8_t *)set->W[i] + row * K;
         sc[r] = set->S[i] + row * groups;
         x[r] = set->x[i];
@@ -132,7 +141,7 @@ AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, 
 }
 
 /* wide: G a multiple of 16, so that sixteen inputs (eight bytes) share a scale; else eight at a time. */
-AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
+AVX2_INLINE void qdots_i4(const QRowSet *set, const RowAt *at, float *sums, const int n, const int rb,
                           const int wide) {
     const int64_t K = set->K, half = K / 2, groups = K / set->G, group_bytes = set->G / 2;
     const uint8_t *w[STREAMS];
@@ -141,7 +150,7 @@ AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, 
     __m256 ae[STREAMS], ao[STREAMS];
     __m128 be[STREAMS], bo[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+        const int64_t i = at[r].mat, row = at[r].row;
         w[r] = (const uint8_t *)set->W[i] + row * half;
         sc[r] = set->S[i] + row * groups;
         xe[r] = set->x[i];
@@ -183,40 +192,58 @@ AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, 
 
 /* int4 of a bf16 model by table (dequant.h): per group, the unscaled sums of each row, then times the
  * group's sign * 2^e. */
-AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int64_t G) {
+AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, const int n, const int64_t G) {
     const int64_t K = set->K, groups = K / G, group_bytes = G / 2;
     const uint8_t *w[STREAMS];
     const uint16_t *sc[STREAMS];
-    const float *x[STREAMS];
-    __m256 a[STREAMS];
+    const float *x[STREAMS], *pscale[STREAMS], *poffset[STREAMS];
+    const int8_t *planes[STREAMS];
+    __m256 a[STREAMS], b[STREAMS]; /* b: the offsets' sum, 8 * sum_k x_k * scale, taken off at the end */
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+        const int64_t i = at[r].mat, row = at[r].row;
         w[r] = (const uint8_t *)set->W[i] + row * (K / 2);
         sc[r] = set->S[i] + row * groups;
         x[r] = set->x[i];
-        a[r] = _mm256_setzero_ps();
+        planes[r] = (const int8_t *)(x[r] + K);
+        pscale[r] = (const float *)(planes[r] + (K / 64 + (K % 64 != 0)) * Q4P_PAIR_BYTES);
+        poffset[r] = pscale[r] + q4p_groups8(K);
+        a[r] = b[r] = _mm256_setzero_ps();
     }
     for (int64_t g0 = 0; g0 < groups; g0 += 8) { /* eight groups' scales at a time */
         const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
         int32_t offset[STREAMS][8];
         float mult[STREAMS][8];
         __m256 full[STREAMS];
-        int factored = G == 32 && set->halves; /* dequant.h: every scale of these groups has <= 5 bits */
+        int factored = G == 32 && set->planes; /* dequant.h: every scale of these groups has <= 5 bits */
         for (int r = 0; r < n; r++) {
             if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
             full[r] = load_scales8(sc[r] + g0, gn);
             factored = factored && scales_5_bits(full[r]);
         }
-        if (factored) {
-            float s[STREAMS][8];
-            for (int r = 0; r < n; r++) _mm256_storeu_ps(s[r], full[r]);
-            for (int64_t gi = 0; gi < gn; gi++)
-                for (int r = 0; r < n; r++) {
-                    const int64_t j = (g0 + gi) * group_bytes;
-                    if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
-                    a[r] = _mm256_fmadd_ps(q4half_group32(w[r] + j, x[r] + K + 2 * j), _mm256_broadcast_ss(&s[r][gi]),
-                                           a[r]);
+        if (factored) { /* q4planes.h: per pair of groups, integer sums scaled by scale * 2^-e_g */
+            __m256 sv[STREAMS];
+            for (int r = 0; r < n; r++) {
+                sv[r] = _mm256_mul_ps(full[r], _mm256_loadu_ps(pscale[r] + g0));
+                b[r] = _mm256_fmadd_ps(full[r], _mm256_loadu_ps(poffset[r] + g0), b[r]);
+            }
+            for (int64_t gi = 0; gi < gn; gi += 2) {
+                const int64_t j = (g0 + gi) * group_bytes, at = ((g0 + gi) / 2) * Q4P_PAIR_BYTES;
+                if (gi + 1 < gn) {
+                    const __m256i idx = _mm256_setr_epi32((int)gi, (int)gi, (int)gi, (int)gi, (int)gi + 1, (int)gi + 1,
+                                                          (int)gi + 1, (int)gi + 1);
+                    for (int r = 0; r < n; r++) {
+                        if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+                        a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4p_pair(w[r] + j, planes[r] + at)),
+                                               _mm256_permutevar8x32_ps(sv[r], idx), a[r]);
+                    }
+                } else { /* the row's last group, without a partner */
+                    for (int r = 0; r < n; r++) {
+                        const __m128 part = _mm_mul_ps(_mm_cvtepi32_ps(q4p_single(w[r] + j, planes[r] + at)),
+                                                       _mm_set1_ps(((const float *)&sv[r])[gi]));
+                        a[r] = _mm256_add_ps(a[r], _mm256_insertf128_ps(_mm256_setzero_ps(), part, 0));
+                    }
                 }
+            }
             continue;
         }
         for (int r = 0; r < n; r++) q4_scales8(full[r], offset[r], mult[r]);
@@ -238,48 +265,54 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
                 a[r] = _mm256_fmadd_ps(_mm256_add_ps(ge, go), _mm256_broadcast_ss(&mult[r][gi]), a[r]);
             }
     }
-    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]);
+    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]) - hsum256(b[r]);
 }
 
 /* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
  * registers. */
 #define QDOTS_DISPATCH(name, N_)                                                                 \
-    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const int64_t *rows, \
+    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const RowAt *at, \
                                                               float *sums) {                      \
         if (set->fmt == FMT_INT8) {                                                              \
-            if (set->G == 32 && set->to_bf16) qdots_i8(set, rows, sums, N_, 1, 32);             \
-            else if (set->G == 32) qdots_i8(set, rows, sums, N_, 0, 32);                         \
-            else if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1, set->G);                     \
-            else qdots_i8(set, rows, sums, N_, 0, set->G);                                       \
+            if (set->G == 32 && set->to_bf16) qdots_i8(set, at, sums, N_, 1, 32);             \
+            else if (set->G == 32) qdots_i8(set, at, sums, N_, 0, 32);                         \
+            else if (set->to_bf16) qdots_i8(set, at, sums, N_, 1, set->G);                     \
+            else qdots_i8(set, at, sums, N_, 0, set->G);                                       \
         } else if (set->layout == LAYOUT_TABLE) {                                                \
-            if (set->G == 32) qdots_q4tab(set, rows, sums, N_, 32);                              \
-            else qdots_q4tab(set, rows, sums, N_, set->G);                                       \
+            if (set->G == 32) qdots_q4tab(set, at, sums, N_, 32);                              \
+            else qdots_q4tab(set, at, sums, N_, set->G);                                       \
         } else if (set->G % 16 == 0) {                                                           \
-            if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 1);                               \
-            else qdots_i4(set, rows, sums, N_, 0, 1);                                            \
+            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 1);                               \
+            else qdots_i4(set, at, sums, N_, 0, 1);                                            \
         } else {                                                                                 \
-            if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 0);                               \
-            else qdots_i4(set, rows, sums, N_, 0, 0);                                            \
+            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 0);                               \
+            else qdots_i4(set, at, sums, N_, 0, 0);                                            \
         }                                                                                        \
     }
 QDOTS_DISPATCH(qdots_streams, STREAMS)
 QDOTS_DISPATCH(qdots_single, 1)
 
 /* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams
- * (as stream_rows_avx2 in gemv.c). */
+ * (as stream_rows_avx2 in gemv.c). Each stream's matrix and row advance by one per step, counted rather than
+ * divided out of the row number: at K = 1024 two 64-bit divisions per row cost a sixth of the row's time. */
 static void qstream_rows(const QRowSet *set) {
     const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
+    RowAt at[STREAMS];
+    for (int r = 0; r < STREAMS; r++) {
+        const int64_t first = share.lo + r * share.segment;
+        at[r] = (RowAt){first / set->N, first % set->N};
+    }
     for (int64_t step = 0; step < share.segment; step++) {
         int64_t rows[STREAMS];
         float sums[STREAMS];
-        const int n = stream_rows_at(&share, step, rows);
-        if (n == STREAMS) qdots_streams(set, rows, sums);
+        const int n = stream_rows_at(&share, step, rows); /* streams 0 .. n - 1 */
+        if (n == STREAMS) qdots_streams(set, at, sums);
         else
-            for (int r = 0; r < n; r++) qdots_single(set, rows + r, sums + r);
+            for (int r = 0; r < n; r++) qdots_single(set, at + r, sums + r);
         for (int r = 0; r < n; r++) {
-            const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
-            if (set->out_bf16) ((uint16_t *)set->y[i])[row] = f32_to_bf16(sums[r]);
-            else ((float *)set->y[i])[row] = sums[r];
+            if (set->out_bf16) ((uint16_t *)set->y[at[r].mat])[at[r].row] = f32_to_bf16(sums[r]);
+            else ((float *)set->y[at[r].mat])[at[r].row] = sums[r];
+            if (++at[r].row == set->N) at[r] = (RowAt){at[r].mat + 1, 0};
         }
     }
 }
@@ -398,20 +431,32 @@ static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc,
     }
 }
 
-/* Whether one-token inputs of `layout` carry the second copy for the factored int4 groups (dequant.h), and
- * how many floats an input row of K then takes. */
-static inline int input_halves(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
+/* Whether one-token inputs of `layout` carry the planes of the factored int4 groups (q4planes.h), and how
+ * many floats a prepared input row of K then takes. */
+static inline int input_planes(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
 
-/* Input k of a row of K as the kernels read it: at input_slot, and with `halves` again at K + q4half_slot. */
-static inline void place_input(int layout, int halves, float *xs, int64_t K, int64_t k, float v) {
-    xs[input_slot(layout, K, k)] = v;
-    if (halves) xs[K + (k & ~(int64_t)31) + q4half_slot((int)(k & 31))] = v;
-}
+static inline int64_t input_row_floats(int planes, int64_t K) { return K + (planes ? q4p_floats(K) : 0); }
 
-/* An input row of K values (bf16 or fp32) as the kernels read it: fp32, placed as `layout` says. */
-static void prepare_input(int layout, int halves, int is_bf16, const void *x, float *xs, int64_t K) {
-    for (int64_t k = 0; k < K; k++)
-        place_input(layout, halves, xs, K, k, is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k]);
+/* Floats of scratch a one-token prepared input row of K takes at most (runtime/kernels/__init__.py sizes
+ * the scratch with it). */
+int64_t qgemv_row_floats(int64_t K) { return input_row_floats(1, K); }
+
+/* Input k of a row of K at the slot its layout reads. */
+static inline void place_input(int layout, float *xs, int64_t K, int64_t k, float v) { xs[input_slot(layout, K, k)] = v; }
+
+/* An input row of K values (bf16 or fp32) as the kernels read it: fp32, placed as `layout` says, and with
+ * `planes` the planes after them. */
+static void prepare_input(int layout, int planes, int is_bf16, const void *x, float *xs, int64_t K) {
+    float group[32];
+    for (int64_t k = 0; k < K; k++) {
+        const float v = is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+        place_input(layout, xs, K, k, v);
+        if (planes) {
+            group[k & 31] = v;
+            if ((k & 31) == 31) q4p_prepare_group(group, k / 32, K, (int8_t *)(xs + K));
+        }
+    }
+    if (planes) q4p_pad(K, (int8_t *)(xs + K));
 }
 
 /* For each of `count` matrices i (qweight W[i], scales S[i], all [N, K] with group size G): y[i] = x[i] @
@@ -423,15 +468,15 @@ void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
     const size_t elem = is_bf16 ? 2 : 4;
-    const int layout = input_layout(fmt, is_bf16, G), halves = tmax == 1 && input_halves(layout, G);
-    const int64_t stride = (halves ? 2 : tmax) * K;
+    const int layout = input_layout(fmt, is_bf16, G), planes = tmax == 1 && input_planes(layout, G);
+    const int64_t stride = tmax == 1 ? input_row_floats(planes, K) : tmax * K;
     for (int i = 0; i < count; i++)
         for (int64_t t = 0; t < T[i]; t++)
-            prepare_input(layout, halves, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
+            prepare_input(layout, planes, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
     if (tmax == 1) {
         const float *xs[count];
         for (int i = 0; i < count; i++) xs[i] = scratch + i * stride;
-        const QRowSet set = {fmt, is_bf16, out_bf16, layout, halves, count, N, K, G, W, S, xs, y};
+        const QRowSet set = {fmt, is_bf16, out_bf16, layout, planes, count, N, K, G, W, S, xs, y};
 #pragma omp parallel num_threads(threads)
         qstream_rows(&set);
         return;
@@ -461,14 +506,14 @@ void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t
  * For each expert i (W_in[i]/S_in[i] [2I, H] holding gate then up, W_out[i]/S_out[i] [H, I]):
  *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
  * rounded to bf16 where the reference's bf16 ops round, in one parallel region. out [H] has x's dtype;
- * scratch holds 2H + count * (4I + H) floats. */
+ * scratch holds qgemv_row_floats(H) + count * (2I + qgemv_row_floats(I) + H) floats. */
 void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
                 const uint16_t **S_out, const void *x, const float *weights, void *out, int64_t H, int64_t I,
                 int64_t G, int threads, float *scratch) {
-    const int layout = input_layout(fmt, is_bf16, G), halves = input_halves(layout, G);
-    const int64_t in_row = (halves ? 2 : 1) * H, m_row = (halves ? 2 : 1) * I; /* floats per prepared input */
+    const int layout = input_layout(fmt, is_bf16, G), planes = input_planes(layout, G);
+    const int64_t in_row = input_row_floats(planes, H), m_row = input_row_floats(planes, I); /* prepared inputs */
     float *xs = scratch, *h = xs + in_row, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * m_row;
-    prepare_input(layout, halves, is_bf16, x, xs, H);
+    prepare_input(layout, planes, is_bf16, x, xs, H);
     const float *x_in[count], *m_in[count];
     void *h_out[count], *y_out[count];
     for (int i = 0; i < count; i++) {
@@ -477,8 +522,8 @@ void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16
         h_out[i] = h + i * 2 * I;
         y_out[i] = y + i * H;
     }
-    const QRowSet in = {fmt, is_bf16, 0, layout, halves, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
-    const QRowSet down = {fmt, is_bf16, 0, layout, halves, count, H, I, G, W_out, S_out, m_in, y_out};
+    const QRowSet in = {fmt, is_bf16, 0, layout, planes, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
+    const QRowSet down = {fmt, is_bf16, 0, layout, planes, count, H, I, G, W_out, S_out, m_in, y_out};
 #pragma omp parallel num_threads(threads)
     {
         qstream_rows(&in);
@@ -487,7 +532,17 @@ void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
             const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
-            place_input(layout, halves, m + i * m_row, I, j, v); /* laid out as prepare_input lays an input out */
+            place_input(layout, m + i * m_row, I, j, v); /* laid out as prepare_input lays an input out */
+            h[i * 2 * I + j] = v; /* in order, for the planes: only this item reads the gate's j */
+        }
+        if (planes) {
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < (int64_t)count * (I / 32); item++) {
+                const int64_t i = item / (I / 32), g = item % (I / 32);
+                q4p_prepare_group(h + i * 2 * I + 32 * g, g, I, (int8_t *)(m + i * m_row + I));
+            }
+#pragma omp for schedule(static)
+            for (int i = 0; i < count; i++) q4p_pad(I, (int8_t *)(m + i * m_row + I));
         }
         qstream_rows(&down);
 #pragma omp barrier

@@ -251,6 +251,26 @@ def test_int4_5_bit_scales_factor_out_exactly(kernel, scales, shape, tokens, thr
         assert_close(y, dequantized(q, s, group, torch.bfloat16), x)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_factored_groups_hold_wide_inputs(kernel, threads):
+    """The factored int4 groups hold one token's inputs as 22-bit fixed point below each group's largest
+    (runtime/kernels/q4planes.h): inputs spread over 2^-30 .. 2^10 inside every group, an all-zero group,
+    a tiny group (2^-80) and one below the fixed point's smallest scale (2^-120) stay within the
+    summation-order tolerance; an inf input makes every output non-finite, as torch's sums do."""
+    n, k, group = 37, 256, 32
+    gen = torch.Generator().manual_seed(threads + 20)
+    qw, s, q = quantized(n, k, group, "int4", gen, "all", bits=5)
+    x = torch.randn(1, k, generator=gen) * 2.0 ** torch.randint(-30, 11, (1, k), generator=gen).float()
+    x[0, 32:64] = 0.0
+    x[0, 64:96] *= 2.0 ** -80
+    x[0, 96:128] = torch.randn(32, generator=gen) * 2.0 ** -120
+    x = x.to(torch.bfloat16)
+    w = dequantized(q, s, group, torch.bfloat16)
+    assert_close(kernel.qmulti([(qw, s)], [x], threads)[0], w, x)
+    x[0, 100] = float("inf")
+    assert not torch.isfinite(kernel.qmulti([(qw, s)], [x], threads)[0]).any()
+
+
 @pytest.mark.parametrize("scales", ["all", "mixed"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_qmoe_token_int4_5_bit_scales(kernel, scales, threads):
