@@ -190,6 +190,17 @@ AVX2_INLINE void qdots_i4(const QRowSet *set, const RowAt *at, float *sums, cons
     for (int r = 0; r < n; r++) sums[r] = hsum256(_mm256_add_ps(ae[r], ao[r])) + hsum128(_mm_add_ps(be[r], bo[r]));
 }
 
+/* One pair of factored int4 groups (bytes j.. of each row, planes at byte `at`) for each of n rows, added into
+ * a[r] times the pair's scales: lanes `idx` of sv[r]. */
+AVX2_INLINE void q4p_pair_rows(const uint8_t *const *w, const int8_t *const *planes, const __m256 *sv, __m256 *a,
+                               const int n, int64_t j, int64_t at, __m256i idx) {
+    for (int r = 0; r < n; r++) {
+        if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
+        a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4p_pair(w[r] + j, planes[r] + at)), _mm256_permutevar8x32_ps(sv[r], idx),
+                               a[r]);
+    }
+}
+
 /* int4 of a bf16 model by table (dequant.h): per group, the unscaled sums of each row, then times the
  * group's sign * 2^e. */
 AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, const int n, const int64_t G) {
@@ -198,7 +209,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
     const uint16_t *sc[STREAMS];
     const float *x[STREAMS], *pscale[STREAMS], *poffset[STREAMS];
     const int8_t *planes[STREAMS];
-    __m256 a[STREAMS], b[STREAMS]; /* b: the offsets' sum, 8 * sum_k x_k * scale, taken off at the end */
+    __m256 a[STREAMS];
     for (int r = 0; r < n; r++) {
         const int64_t i = at[r].mat, row = at[r].row;
         w[r] = (const uint8_t *)set->W[i] + row * (K / 2);
@@ -207,7 +218,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
         planes[r] = (const int8_t *)(x[r] + K);
         pscale[r] = (const float *)(planes[r] + (K / 64 + (K % 64 != 0)) * Q4P_PAIR_BYTES);
         poffset[r] = pscale[r] + q4p_groups8(K);
-        a[r] = b[r] = _mm256_setzero_ps();
+        a[r] = _mm256_setzero_ps();
     }
     for (int64_t g0 = 0; g0 < groups; g0 += 8) { /* eight groups' scales at a time */
         const int64_t gn = groups - g0 < 8 ? groups - g0 : 8;
@@ -222,20 +233,22 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
         }
         if (factored) { /* q4planes.h: per pair of groups, integer sums scaled by scale * 2^-e_g */
             __m256 sv[STREAMS];
-            for (int r = 0; r < n; r++) {
+            for (int r = 0; r < n; r++) { /* the offsets come off the same sums: a's lanes are added at the end */
                 sv[r] = _mm256_mul_ps(full[r], _mm256_loadu_ps(pscale[r] + g0));
-                b[r] = _mm256_fmadd_ps(full[r], _mm256_loadu_ps(poffset[r] + g0), b[r]);
+                a[r] = _mm256_fnmadd_ps(full[r], _mm256_loadu_ps(poffset[r] + g0), a[r]);
+            }
+            if (gn == 8) { /* a constant count, so that each pair's lane pattern is a constant */
+                for (int p = 0; p < 4; p++)
+                    q4p_pair_rows(w, planes, sv, a, n, (g0 + 2 * p) * group_bytes, (g0 / 2 + p) * Q4P_PAIR_BYTES,
+                                  _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
+                continue;
             }
             for (int64_t gi = 0; gi < gn; gi += 2) {
                 const int64_t j = (g0 + gi) * group_bytes, at = ((g0 + gi) / 2) * Q4P_PAIR_BYTES;
+                const int lane = (int)gi;
                 if (gi + 1 < gn) {
-                    const __m256i idx = _mm256_setr_epi32((int)gi, (int)gi, (int)gi, (int)gi, (int)gi + 1, (int)gi + 1,
-                                                          (int)gi + 1, (int)gi + 1);
-                    for (int r = 0; r < n; r++) {
-                        if (!(j & 63)) _mm_prefetch((const char *)(w[r] + j) + PREFETCH_BYTES, _MM_HINT_NTA);
-                        a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4p_pair(w[r] + j, planes[r] + at)),
-                                               _mm256_permutevar8x32_ps(sv[r], idx), a[r]);
-                    }
+                    q4p_pair_rows(w, planes, sv, a, n, j, at,
+                                  _mm256_setr_epi32(lane, lane, lane, lane, lane + 1, lane + 1, lane + 1, lane + 1));
                 } else { /* the row's last group, without a partner */
                     for (int r = 0; r < n; r++) {
                         const __m128 part = _mm_mul_ps(_mm_cvtepi32_ps(q4p_single(w[r] + j, planes[r] + at)),
@@ -265,7 +278,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
                 a[r] = _mm256_fmadd_ps(_mm256_add_ps(ge, go), _mm256_broadcast_ss(&mult[r][gi]), a[r]);
             }
     }
-    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]) - hsum256(b[r]);
+    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]);
 }
 
 /* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
