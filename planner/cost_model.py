@@ -118,10 +118,12 @@ class ExpertTiming:
 
     Float experts: the rows of the model's dtype. Integer experts (int8, int4): the profile's rows of that
     format where it timed this expert shape in it; where it did not, the rows of the model's dtype as they
-    are. Not scaled by bytes: the int kernels dequantize every weight exactly as the reference does, and on
-    the AVX2 machine that is bound by arithmetic, not memory (an int4 expert layer ran at 0.74-0.81x the
-    bf16 kernel's speed, int8 at 0.54-0.56x: bench/results/cpu_kernel_int_avx2.md), so fewer bytes are no
-    faster there. `note` says which rows, for `explain`.
+    are. Not scaled by bytes: the int kernels multiply exactly the reference's dequantized weights, and on
+    the AVX2 machine that is bound by arithmetic, not memory (one token's expert layer, benchmark shape: int4
+    1.2x the bf16 kernel's speed on one thread and 1.6-1.7x on two for 3.6x fewer bytes, int8 1.1-1.2x for
+    1.9x fewer: bench/results/cpu_kernel_int_avx2.md). The dtype's rows are then on the slow side for int
+    experts; a profile measured with int rows (`moeplan profile` times them) replaces them. `note` says
+    which rows, for `explain`.
     """
 
     cpu_key: str  # the `dtype` of the CPU rows used (cpu.expert_ffn, cpu.moe_layer, cpu.expert_gbps)
@@ -153,7 +155,7 @@ def expert_timing(profile: Any, shape: ModelShape) -> ExpertTiming:
     return ExpertTiming(dtype, 1.0, acc_key,
                         f"{fmt} experts: the profile has no {fmt} CPU rows for this expert shape, so CPU expert times "
                         f"are its {dtype} rows, not scaled by bytes (the exact int kernels are bound by arithmetic: "
-                        f"on AVX2 they measured 0.54-0.81x the {dtype} kernel's speed, bench/results/"
+                        f"on AVX2 they measured 1.1-1.7x the {dtype} kernel's speed for 1.9-3.6x fewer bytes, bench/results/"
                         f"cpu_kernel_int_avx2.md)" + acc_note)
 
 
