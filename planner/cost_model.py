@@ -23,6 +23,9 @@ The critical path of one forward pass, per decoder layer:
   during a layer's CPU work (at most its CPU time times the copy rate) cost that work their time at the
   DRAM read rate (`copy_contention_s`, on the CPU side of the layer). On the CPU they are memory copies
   done by the same threads, so they count in full.
+- each MoE layer whose cache can change (slots, or misses sent to the accelerator) runs the policy's
+  bookkeeping (`route_pass`) on the host CPU once a pass, between the router and the experts: the
+  profile's `cpu.policy_step` rows for the plan's policy at the model's width (`policy_s`).
 """
 from __future__ import annotations
 
@@ -75,9 +78,10 @@ class Breakdown:
     background_copy_s: float  # promotion + prefetch copy time (runs beside the compute on a GPU)
     copy_excess_s: float  # part of the background copies that does not fit beside the compute
     overlap_s: float  # time saved by running the accelerator side and the CPU side at once (<= 0)
-    total_s: float  # dense + hit + cpu_miss + transfer + copy_excess + overlap + host_sync + copy_contention
+    total_s: float  # dense + hit + cpu_miss + transfer + copy_excess + overlap + host_sync + copy_contention + policy
     host_sync_s: float = 0.0  # blocking host syncs of the MoE layers (CUDA plans)
     copy_contention_s: float = 0.0  # CPU-miss time lost to background copies reading the same DRAM
+    policy_s: float = 0.0  # the MoE layers' cache bookkeeping (`route_pass`) on the host CPU
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -364,7 +368,9 @@ def _group_s(group: Mapping[int, float], seconds_per_expert) -> float:
     return sum(count * seconds_per_expert(tokens) for tokens, count in group.items() if count)
 
 
-def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
+def _pass_breakdown(rates: _Rates, work: PassWork, context: int, books: float = 0.0) -> Breakdown:
+    """One pass's seconds; `books` is the pass's cache bookkeeping (`policy_books_s`), none in a pass of no
+    tokens."""
     shape = rates.shape
     lm_head = shape.vocab * shape.hidden * shape.dtype_bytes
     measured = rates.measured_layer_s(work.tokens, context)
@@ -398,12 +404,40 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int) -> Breakdown:
         if rates.on_gpu and CPU_OVERLAPS_ACCELERATOR:  # accelerator side (hits, transfers) beside the CPU side
             overlap -= (h + t + c + k) - max(h + t, c + k)
     sync = rates.host_sync_s() * HOST_SYNCS_PER_MOE_LAYER * len(work.layers)
-    busy = dense + hit + cpu + transfer + overlap + sync + contention
+    books = books if work.tokens else 0.0
+    busy = dense + hit + cpu + transfer + overlap + sync + contention + books
     # On a GPU background copies share the pass's time with the compute; on the CPU they are serial work.
     excess = max(0.0, background - busy) if rates.on_gpu else background
     return Breakdown(dense_s=dense, hit_s=hit, cpu_miss_s=cpu, transfer_s=transfer, background_copy_s=background,
                      copy_excess_s=excess, overlap_s=overlap, total_s=busy + excess, host_sync_s=sync,
-                     copy_contention_s=contention)
+                     copy_contention_s=contention, policy_s=books)
+
+
+def policy_books_s(profile: Any, shape: ModelShape, plan: Plan) -> tuple[float, float, str | None]:
+    """Seconds a decode pass and a prefill pass spend in the MoE layers' cache bookkeeping, and a note where
+    the profile cannot say.
+
+    The runtime calls `route_pass` once a pass in a MoE layer (runtime/moe_layer.py): for a decode token
+    unless the layer `caches_nothing` at one token (no slots, and the miss rule sends no one-token miss to
+    the accelerator); for a prefill pass always, where a layer without slots and without transfers has next
+    to nothing to keep, so only layers with slots or transfers are charged. Each costs the profile's
+    `cpu.policy_step` time for the plan's policy at the model's expert count and top-k, interpolated over
+    the layer's slots (timed with promotion on: an upper bound for plans that do not promote)."""
+    policy, rule = plan.cache.policy, plan.miss.rule
+    per_layer = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
+    decode = [n for n in per_layer if n > 0 or rule.on_accelerator(1)]
+    prefill = [n for n in per_layer if n > 0 or rule.ever_on_accelerator]
+    if not prefill:
+        return 0.0, 0.0, None
+    rows = {r.slots: r.median_s for r in profile.cpu.policy_step
+            if (r.policy, r.experts, r.top_k) == (policy, shape.num_experts, shape.top_k)}
+    if not rows:
+        return 0.0, 0.0, (f"the profile has no cpu.policy_step rows for policy {policy} at {shape.num_experts} "
+                          f"experts, top-{shape.top_k}: the cache's bookkeeping ({len(decode)} MoE layers a decode "
+                          f"token, {len(prefill)} a prefill pass) is not charged (`moeplan profile --model` of "
+                          "this model times it)")
+    return (sum(interpolate(rows, max(n, 1)) for n in decode), sum(interpolate(rows, max(n, 1)) for n in prefill),
+            None)
 
 
 def _layer_experts_s(rates: _Rates, layer: LayerWork, tokens: int) -> tuple[float, float, float]:
@@ -515,9 +549,12 @@ def predict(profile: Any, shape: ModelShape, plan: Plan, sim: Any, context: int,
         notes.append(f"CPU timings {rates.cache}: a decode token reads {decode_bytes(shape, context) / 2**20:.1f} MiB, "
                      f"the last-level cache holds {profile.llc_bytes / 2**20:.1f} MiB")
     decode_work, prefill_work = replay_work(sim, shape.num_moe_layers)
-    decode = _pass_breakdown(rates, decode_work, context)
+    decode_books, prefill_books, books_note = policy_books_s(profile, shape, plan)
+    if books_note:
+        notes.append(books_note)
+    decode = _pass_breakdown(rates, decode_work, context, decode_books)
     # Prefill passes: each reads the weights once; its KV cache grows from 0 to the pass's tokens.
-    prefill_parts = [_pass_breakdown(rates, w, w.tokens // 2) for w in prefill_work]
+    prefill_parts = [_pass_breakdown(rates, w, w.tokens // 2, prefill_books) for w in prefill_work]
     prefill = _sum_breakdowns(prefill_parts) if prefill_parts else _pass_breakdown(rates, PassWork(0, ()), 0)
     prefill_tokens = sum(w.tokens for w in prefill_work)
     if not prefill_parts:

@@ -112,7 +112,7 @@ def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, 
     labels = [("dense_s", "dense + KV + overhead"), ("hit_s", "hits (cache slots)"),
               ("cpu_miss_s", "misses on CPU"), ("copy_contention_s", "  + DRAM shared with copies"),
               ("transfer_s", "transfers (copy+compute)"), ("host_sync_s", "host syncs (MoE layers)"),
-              ("background_copy_s", "background copies"), ("copy_excess_s", "  of which on the path"),
+              ("policy_s", "cache bookkeeping"), ("background_copy_s", "background copies"), ("copy_excess_s", "  of which on the path"),
               ("overlap_s", "overlap (saved)"), ("total_s", "total")]
     for key, label in labels:
         lines.append(f"  {label:26s}{getattr(d, key) * 1e3:18.3f}{getattr(f, key) * 1e3:20.3f}")

@@ -145,6 +145,18 @@ class HostInfo:
 
 
 @dataclass(frozen=True)
+class PolicyRow:
+    """One cache policy's bookkeeping per MoE layer and pass (`route_pass`, promotion on) for a layer of
+    `experts` routed experts, `top_k` chosen per token and `slots` cached, on a seeded random routing."""
+    policy: str
+    experts: int
+    top_k: int
+    slots: int
+    median_s: float
+    spread: float
+
+
+@dataclass(frozen=True)
 class CpuProfile:
     memory_read_gbps: dict[int, float]  # thread count -> DRAM read rate
     # dtype -> thread count -> rate of the expert kernel: bandwidth-bound (1 token), compute-bound (many)
@@ -158,6 +170,7 @@ class CpuProfile:
     moe_layer: tuple[MoeRow, ...] = ()
     model_step: tuple[StepRow, ...] = ()
     decode_layer: tuple[LoopLayerRow, ...] = ()
+    policy_step: tuple[PolicyRow, ...] = ()
 
 
 @dataclass(frozen=True)

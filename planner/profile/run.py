@@ -21,6 +21,7 @@ from .fit import dense_layer_bytes, fit_copy_rate, fit_expert_rates, fit_layer_o
 from .measure import ExpertPool, StreamBuffer, Timing, host_facts, thread_counts, time_cpu_expert
 from .measure_dense import DecodeStepBench, DenseLayerBench, LayerShape
 from .measure_moe import MoeLayerBench
+from .measure_policy import time_policies
 from .settings import OVERHEAD_SHAPE, Results, Settings, dense_row, router_width, significant
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,11 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
                         jobs.append((f"MoE layer {what}, {path} path, {n} threads", moe_job(shape, fmt, n, path)))
                 jobs.append((f"free {what}", free(f"moe {what}")))
 
+    for experts, top_k in dict.fromkeys((sh.num_experts, sh.experts_per_token) for sh in shapes):
+        def policy_job(experts: int = experts, top_k: int = top_k) -> None:
+            r.policy_rows.extend(time_policies(experts, top_k, s.repeats))
+        jobs.append((f"cache policy bookkeeping, {experts} experts, top-{top_k}", policy_job))
+
     if accelerator is not None:
         from .run_cuda import accelerator_jobs
         jobs.append(("free host buffers", lambda: (state.clear(), gc.collect(), None)[-1]))
@@ -273,6 +279,7 @@ def _assemble(r: Results, shapes: Sequence[LayerShape], name: str) -> dict[str, 
         "moe_layer": [_row(x) for x in r.moe_rows],
         "model_step": [_row(x) for x in r.step_rows],
         "decode_layer": [_row(x) for x in r.loop_rows],
+        "policy_step": [_row(x) for x in r.policy_rows],
     }
     return {
         "version": 1,

@@ -11,15 +11,16 @@ from typing import Any
 
 import yaml
 
+from runtime.contracts.cache_policy import POLICIES
 from runtime.contracts.fields import FieldChecker, join
 from .records import (CACHE_STATES, DTYPE_BYTES, EXPERT_FORMATS, MOE_PATHS, SCHEMA_VERSION, SOURCES, AcceleratorProfile, CpuProfile,
-                      DenseRow, ExpertRow, HostInfo, LoopLayerRow, MoeRow, ProfileError, StepRow, TransferRow)
+                      DenseRow, ExpertRow, HostInfo, LoopLayerRow, MoeRow, PolicyRow, ProfileError, StepRow, TransferRow)
 
 _TOP = ("version", "name", "source", "date", "host", "cpu", "accelerator")
 _HOST = ("cpu_model", "physical_cores", "logical_cores", "isa", "memory_bytes", "available_memory_bytes",
          "llc_bytes", "os", "torch")
 _CPU = ("memory_read_gbps", "memory_copy_gbps", "expert_gbps", "expert_gflops", "expert_overhead_s",
-        "layer_overhead_s", "expert_ffn", "dense_layer", "moe_layer", "model_step", "decode_layer")
+        "layer_overhead_s", "expert_ffn", "dense_layer", "moe_layer", "model_step", "decode_layer", "policy_step")
 _ACC = ("name", "memory_bytes", "free_memory_bytes", "driver", "pcie_gen", "pcie_width", "h2d_pinned_gbps",
         "h2d_pageable_gbps", "d2h_pinned_gbps", "d2h_pageable_gbps", "transfers", "memory_bandwidth_gbps",
         "matmul_tflops", "kernel_overhead_s", "layer_overhead_s", "expert_ffn", "dense_layer", "host_sync_s",
@@ -32,6 +33,7 @@ _STEP_ROW = ("hidden", "vocab", "dtype", "threads", "cache", "median_s", "spread
 _LOOP_ROW = ("hidden", "intermediate", "heads", "kv_heads", "head_dim", "dtype", "threads", "experts", "context",
              "cache", "median_s", "spread")
 _TRANSFER_ROW = ("direction", "pinned", "bytes", "median_s", "spread")
+_POLICY_ROW = ("policy", "experts", "top_k", "slots", "median_s", "spread")
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -89,6 +91,7 @@ def _cpu(c: dict[str, Any]) -> CpuProfile:
         moe_layer=_rows(c.get("moe_layer"), "cpu.moe_layer", _MOE_ROW, _moe_row),
         model_step=_rows(c.get("model_step"), "cpu.model_step", _STEP_ROW, _step_row),
         decode_layer=_rows(c.get("decode_layer"), "cpu.decode_layer", _LOOP_ROW, _loop_row),
+        policy_step=_rows(c.get("policy_step"), "cpu.policy_step", _POLICY_ROW, _policy_row),
     )
 
 
@@ -201,6 +204,21 @@ def _loop_row(r: dict[str, Any], p: str) -> LoopLayerRow:
     return row
 
 
+def _policy_row(r: dict[str, Any], p: str) -> PolicyRow:
+    _require(r, p, _POLICY_ROW)
+    row = PolicyRow(policy=_str(r["policy"], f"{p}.policy", POLICIES),
+                    experts=_positive_int(r["experts"], f"{p}.experts"),
+                    top_k=_positive_int(r["top_k"], f"{p}.top_k"),
+                    slots=_positive_int(r["slots"], f"{p}.slots"),
+                    median_s=_positive_number(r["median_s"], f"{p}.median_s"),
+                    spread=_nonneg_number(r["spread"], f"{p}.spread"))
+    if row.top_k > row.experts:
+        raise ProfileError(f"{p}.top_k: {row.top_k} exceeds experts {row.experts}")
+    if row.slots > row.experts:
+        raise ProfileError(f"{p}.slots: {row.slots} exceeds experts {row.experts}")
+    return row
+
+
 def _transfer_row(r: dict[str, Any], p: str) -> TransferRow:
     _require(r, p, _TRANSFER_ROW)
     return TransferRow(direction=_str(r["direction"], f"{p}.direction", ("h2d", "d2h")),
@@ -292,6 +310,7 @@ def profile_to_dict(p: Any) -> dict[str, Any]:
         "moe_layer": [_row_dict(r, _MOE_ROW) for r in c.moe_layer],
         "model_step": [_row_dict(r, _STEP_ROW) for r in c.model_step],
         "decode_layer": [_row_dict(r, _LOOP_ROW) for r in c.decode_layer],
+        "policy_step": [_row_dict(r, _POLICY_ROW) for r in c.policy_step],
     })
     out: dict[str, Any] = _drop_none({"version": p.version, "name": p.name, "source": p.source, "date": p.date,
                                       "host": host, "cpu": cpu})

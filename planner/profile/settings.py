@@ -9,7 +9,7 @@ from runtime.contracts.expert_format import INT_FORMATS
 
 from .measure import Timing
 from .measure_dense import LayerShape
-from .records import DenseRow, ExpertRow, LoopLayerRow, MoeRow, StepRow
+from .records import DenseRow, ExpertRow, LoopLayerRow, MoeRow, PolicyRow, StepRow
 
 # The expert that times the fixed cost of an expert call: small enough that its arithmetic and bytes vanish.
 OVERHEAD_SHAPE = (64, 64)
@@ -54,6 +54,7 @@ class Results:
     moe_rows: list[MoeRow] = field(default_factory=list)
     step_rows: list[StepRow] = field(default_factory=list)
     loop_rows: list[LoopLayerRow] = field(default_factory=list)
+    policy_rows: list[PolicyRow] = field(default_factory=list)
     copies: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # threads -> (bytes, seconds) each
     accelerator: dict[str, object] | None = None
 

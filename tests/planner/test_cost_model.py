@@ -445,3 +445,42 @@ def test_a_gpu_plans_transfers_overlap_their_copies_and_computes(profile, olmoe_
     a = predict(profile, shape, cpu, cpu_sim, context=512, prompt_tokens=64).prefill.transfer_s
     monkeypatch.setattr(cost_model, "TRANSFER_BUFFERS", 1)
     assert predict(profile, shape, cpu, cpu_sim, context=512, prompt_tokens=64).prefill.transfer_s == a
+
+
+def test_cache_bookkeeping_is_charged_per_layer_from_the_profile(olmoe_trace) -> None:
+    """Each MoE layer that can change its cache runs `route_pass` once a pass on the host CPU: the profile's
+    `cpu.policy_step` rows for the plan's policy at the model's width, interpolated over the layer's slots,
+    times the layers, in every pass that has tokens. A profile without rows for that policy and width charges
+    nothing and says so; a plan whose layers cache nothing has no bookkeeping to charge, and a layer
+    without slots whose rule transfers only prefill misses skips it for a decode token, as the runtime does."""
+    shape, trace = olmoe_trace
+    rows = [{"policy": "lru", "experts": shape.num_experts, "top_k": shape.top_k, "slots": n, "median_s": t,
+             "spread": 0.0} for n, t in ((1, 40e-6), (16, 30e-6), (32, 20e-6))]
+    measured = Profile.from_dict({**PUBLISHED, "cpu": {**PUBLISHED["cpu"], "policy_step": rows}})
+    plan = _plan(slots=24)
+    sim = replay(trace, plan, shape)
+    without = predict(Profile.from_dict(PUBLISHED), shape, plan, sim, context=512, prompt_tokens=64)
+    charged = predict(measured, shape, plan, sim, context=512, prompt_tokens=64)
+    per_pass = shape.num_moe_layers * 25e-6  # 24 slots: halfway between the rows at 16 and 32
+    assert without.decode.policy_s == 0 and any("policy_step" in n for n in without.notes)
+    assert charged.decode.policy_s == pytest.approx(per_pass)
+    assert not any("policy_step" in n for n in charged.notes)
+    # on the critical path (the background copies beyond the pass's time shrink by as much, if any)
+    assert (charged.decode.total_s - charged.decode.copy_excess_s
+            == pytest.approx(without.decode.total_s - without.decode.copy_excess_s + per_pass))
+    assert charged.prefill.policy_s == pytest.approx(per_pass * len(trace.prefill_passes()))
+
+    markov = dataclasses.replace(plan, cache=dataclasses.replace(plan.cache, policy="markov"))
+    other = predict(measured, shape, markov, replay(trace, markov, shape), context=512, prompt_tokens=64)
+    assert other.decode.policy_s == 0 and any("policy markov" in n for n in other.notes)  # rows are per policy
+
+    nothing = _plan(accelerator="cpu", slots=0, promote=False, transfer=0)
+    assert nothing.miss.rule.ever_on_accelerator is False
+    idle = predict(measured, shape, nothing, replay(trace, nothing, shape), context=512, prompt_tokens=64)
+    assert idle.decode.policy_s == 0 and not any("policy_step" in n for n in idle.notes)
+
+    prefill_only = _plan(slots=0, promote=False, transfer=32)  # transfers prefill misses of 32+ tokens
+    assert not prefill_only.miss.rule.on_accelerator(1) and prefill_only.miss.rule.ever_on_accelerator
+    split = predict(measured, shape, prefill_only, replay(trace, prefill_only, shape), context=512, prompt_tokens=64)
+    assert split.decode.policy_s == 0
+    assert split.prefill.policy_s == pytest.approx(shape.num_moe_layers * 40e-6 * len(trace.prefill_passes()))

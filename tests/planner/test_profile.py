@@ -82,6 +82,10 @@ def with_runtime_paths() -> dict:
         {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "dtype": "bfloat16",
          "threads": 1, "experts": 2, "context": 40, "cache": "cold", "median_s": 9e-4, "spread": 0.1},
     ]
+    cpu["policy_step"] = [
+        {"policy": "lru", "experts": 8, "top_k": 2, "slots": 2, "median_s": 9e-6, "spread": 0.05},
+        {"policy": "markov", "experts": 8, "top_k": 2, "slots": 2, "median_s": 5e-5, "spread": 0.05},
+    ]
     return d
 
 
@@ -199,6 +203,10 @@ BAD = [
     (("cpu", "decode_layer", 0, "cache"), "hot", "cpu.decode_layer[0].cache"),
     (("cpu", "model_step", 1, "threads"), 1.5, "cpu.model_step[1].threads: must be an integer, got a number 1.5"),
     (("cpu", "model_step", 0, "cache"), None, "cpu.model_step[0].cache: missing (required)"),
+    (("cpu", "policy_step", 0, "policy"), "mru", "cpu.policy_step[0].policy: must be one of lru, lfu, fifo, adaptive,"),
+    (("cpu", "policy_step", 1, "top_k"), 9, "cpu.policy_step[1].top_k: 9 exceeds experts 8"),
+    (("cpu", "policy_step", 0, "slots"), 0, "cpu.policy_step[0].slots: must be a positive integer, got 0"),
+    (("cpu", "policy_step", 1, "median_s"), _DELETE, "cpu.policy_step[1].median_s: missing (required)"),
 ]
 
 

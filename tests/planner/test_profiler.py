@@ -18,6 +18,7 @@ from planner.profile import Profile
 from planner.profile.measure import ExpertPool, StreamBuffer, summarize, thread_counts, time_call, time_cpu_expert
 from planner.profile.measure_dense import DecodeStepBench, DenseLayerBench, LayerShape
 from planner.profile.measure_moe import MoeLayerBench
+from runtime.contracts.cache_policy import POLICIES
 
 
 def test_summarize_median_and_spread():
@@ -189,6 +190,10 @@ def test_profile_command_writes_a_valid_measured_profile(tmp_path, capsys):
             assert 0 < p.cpu_expert_seconds(128, 256, fmt, 4, n) < 1
     assert p.cpu.expert_overhead_s is not None and p.cpu.expert_overhead_s > 0
     assert p.cpu.layer_overhead_s is not None and p.cpu.layer_overhead_s >= 0
+    # each cache policy's bookkeeping at the shape's width (4 experts, top-2): 1 and 2 slots
+    assert {(r.policy, r.experts, r.top_k, r.slots) for r in p.cpu.policy_step} == {
+        (policy, 4, 2, n) for policy in POLICIES for n in (1, 2)}
+    assert all(0 < r.median_s < 0.01 for r in p.cpu.policy_step)
 
 
 @pytest.mark.parametrize("argv,message", [
