@@ -37,8 +37,14 @@
 
 static inline int64_t q4p_groups8(int64_t K) { return ((K / 32 + 7) / 8) * 8; }
 
+/* Bytes of the planes of an input row of K (a last lone group takes a whole pair's room). */
+static inline int64_t q4p_plane_bytes(int64_t K) { return (K / 64 + (K % 64 != 0)) * Q4P_PAIR_BYTES; }
+
 /* Floats the planes, scales and offsets of an input row of K take (after its K table-layout floats). */
-static inline int64_t q4p_floats(int64_t K) { return (K / 64 + (K % 64 != 0)) * (Q4P_PAIR_BYTES / 4) + 2 * q4p_groups8(K); }
+static inline int64_t q4p_floats(int64_t K) { return q4p_plane_bytes(K) / 4 + 2 * q4p_groups8(K); }
+
+/* The per-group scales 2^-e_g of a row's plane region `row` (the offsets follow, q4p_groups8(K) later). */
+static inline float *q4p_scales(int64_t K, const int8_t *row) { return (float *)(row + q4p_plane_bytes(K)); }
 
 /* Codes of one weight byte vector as the unsigned operands: the even inputs (low nibbles), the odd ones. */
 AVX2_INLINE void q4p_nibbles(__m256i v, __m256i *even, __m256i *odd) {
@@ -79,7 +85,7 @@ AVX2_INLINE __m128i q4p_single(const uint8_t *q, const int8_t *xp) {
  * A group whose largest |x| is below 2^-104 is held at 2^-126 granularity (fp32 has no smaller normal scale). */
 static inline void q4p_prepare_group(const float *v, int64_t g, int64_t K, int8_t *row) {
     int8_t *planes = row + (g / 2) * Q4P_PAIR_BYTES + (g & 1) * 16;
-    float *scale = (float *)(row + (K / 64 + (K % 64 != 0)) * Q4P_PAIR_BYTES), *offset = scale + q4p_groups8(K);
+    float *scale = q4p_scales(K, row), *offset = scale + q4p_groups8(K);
     float top = 0.0f;
     int finite = 1;
     for (int i = 0; i < 32; i++) {
@@ -113,7 +119,7 @@ static inline void q4p_prepare_group(const float *v, int64_t g, int64_t K, int8_
 
 /* Zero scales and offsets of the padding groups, so that eight groups at a time read no garbage. */
 static inline void q4p_pad(int64_t K, int8_t *row) {
-    float *scale = (float *)(row + (K / 64 + (K % 64 != 0)) * Q4P_PAIR_BYTES), *offset = scale + q4p_groups8(K);
+    float *scale = q4p_scales(K, row), *offset = scale + q4p_groups8(K);
     for (int64_t g = K / 32; g < q4p_groups8(K); g++) scale[g] = offset[g] = 0.0f;
 }
 

@@ -216,7 +216,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
         sc[r] = set->S[i] + row * groups;
         x[r] = set->x[i];
         planes[r] = (const int8_t *)(x[r] + K);
-        pscale[r] = (const float *)(planes[r] + (K / 64 + (K % 64 != 0)) * Q4P_PAIR_BYTES);
+        pscale[r] = q4p_scales(K, planes[r]);
         poffset[r] = pscale[r] + q4p_groups8(K);
         a[r] = _mm256_setzero_ps();
     }
@@ -283,31 +283,31 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
 
 /* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
  * registers. */
-#define QDOTS_DISPATCH(name, N_)                                                                 \
-    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const RowAt *at, \
-                                                              float *sums) {                      \
-        if (set->fmt == FMT_INT8) {                                                              \
-            if (set->G == 32 && set->to_bf16) qdots_i8(set, at, sums, N_, 1, 32);             \
-            else if (set->G == 32) qdots_i8(set, at, sums, N_, 0, 32);                         \
-            else if (set->to_bf16) qdots_i8(set, at, sums, N_, 1, set->G);                     \
-            else qdots_i8(set, at, sums, N_, 0, set->G);                                       \
-        } else if (set->layout == LAYOUT_TABLE) {                                                \
-            if (set->G == 32) qdots_q4tab(set, at, sums, N_, 32);                              \
-            else qdots_q4tab(set, at, sums, N_, set->G);                                       \
-        } else if (set->G % 16 == 0) {                                                           \
-            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 1);                               \
-            else qdots_i4(set, at, sums, N_, 0, 1);                                            \
-        } else {                                                                                 \
-            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 0);                               \
-            else qdots_i4(set, at, sums, N_, 0, 0);                                            \
-        }                                                                                        \
+#define QDOTS_DISPATCH(name, N_)                                                                         \
+    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const RowAt *at,       \
+                                                              float *sums) {                             \
+        if (set->fmt == FMT_INT8) {                                                                      \
+            if (set->G == 32 && set->to_bf16) qdots_i8(set, at, sums, N_, 1, 32);                        \
+            else if (set->G == 32) qdots_i8(set, at, sums, N_, 0, 32);                                   \
+            else if (set->to_bf16) qdots_i8(set, at, sums, N_, 1, set->G);                               \
+            else qdots_i8(set, at, sums, N_, 0, set->G);                                                 \
+        } else if (set->layout == LAYOUT_TABLE) {                                                        \
+            if (set->G == 32) qdots_q4tab(set, at, sums, N_, 32);                                        \
+            else qdots_q4tab(set, at, sums, N_, set->G);                                                 \
+        } else if (set->G % 16 == 0) {                                                                   \
+            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 1);                                         \
+            else qdots_i4(set, at, sums, N_, 0, 1);                                                      \
+        } else {                                                                                         \
+            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 0);                                         \
+            else qdots_i4(set, at, sums, N_, 0, 0);                                                      \
+        }                                                                                                \
     }
 QDOTS_DISPATCH(qdots_streams, STREAMS)
 QDOTS_DISPATCH(qdots_single, 1)
 
 /* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams
- * (as stream_rows_avx2 in gemv.c). Each stream's matrix and row advance by one per step, counted rather than
- * divided out of the row number: at K = 1024 two 64-bit divisions per row cost a sixth of the row's time. */
+ * (as stream_rows_avx2 in gemv.c). Each stream's matrix and row advance by one per step: counted, not
+ * divided out of the row number (bench/results/cpu_kernel_int_avx2.md: no measurable change alone). */
 static void qstream_rows(const QRowSet *set) {
     const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
     RowAt at[STREAMS];
