@@ -8,9 +8,9 @@
  *
  * Exactness: each 32-input group g of a prepared input is x_k = X_k * 2^-e_g with X_k an integer of at most
  * 22 bits and sign, e_g chosen from the group's largest |x| (its top bit lands on bit 21), X_k the nearest
- * integer to x_k * 2^e_g. A bf16 input within 2^-14 of its group's largest is held exactly (8 significant
- * bits); a smaller one is rounded at 2^-22 of the largest, below the fp32 sums' own rounding of the same
- * group (bench/results/cpu_kernel_int_avx2.md). Then sum_k q_k x_k = 2^-e_g (sum_k c_k X_k - 8 sum_k X_k) with
+ * integer to x_k * 2^e_g. A bf16 input of at least 2^-14 times its group's largest magnitude is held
+ * exactly (8 significant bits); a smaller one is rounded to a multiple of about 2^-22 of the largest, an
+ * error of the order of the fp32 sums' own rounding of the same group (bench/results/cpu_kernel_int_avx2.md). Then sum_k q_k x_k = 2^-e_g (sum_k c_k X_k - 8 sum_k X_k) with
  * c_k = q_k + 8 the stored code, computed in 32-bit integers without overflow (below) and scaled once per
  * group: the kernels multiply the reference's weights, as before, and differ from its sums by less than the
  * summation-order tolerance the tests hold every path to.
@@ -105,7 +105,7 @@ static inline void q4p_prepare_group(const float *v, int64_t g, int64_t K, int8_
     const float up = ldexpf(1.0f, e);
     int64_t sum = 0;
     for (int i = 0; i < 32; i++) {
-        const int32_t X = (int32_t)lrintf(v[i] * up); /* exact for a bf16 within 2^-14 of the top */
+        const int32_t X = (int32_t)lrintf(v[i] * up); /* exact for a bf16 of at least 2^-14 times the top */
         const int32_t lo = (int8_t)(X & 0xFF), x1 = (X - lo) >> 8, mid = (int8_t)(x1 & 0xFF), hi = (x1 - mid) >> 8;
         const int at = (i & 1) * 32 + (i >> 1);
         planes[at] = (int8_t)lo;
