@@ -231,30 +231,32 @@ class MoeLayer:
         compute, so that the copy engine moves transfer i+1 while the compute stream computes transfer i.
         Each compute waits only for its own copy's event. A destination is written only after the compute
         that last read it: an event recorded after that compute, which the copy into it waits for (a
-        transfer buffer's across layers and passes, `TransferBuffers.last_read`; a slot's within the pass:
-        the hits that read it, or an earlier transfer of this pass that entered it and was evicted again).
+        transfer buffer's across layers and passes, `TransferBuffers.last_read`; a slot's: the hits of this
+        pass that read it). Only the last entry of the pass into a slot is copied there (as `_promote`); an
+        earlier transfer whose slot a later entry takes is computed from a transfer buffer, so no slot is
+        written twice in a pass (the copy queued early would not wait for the compute reading it).
         """
         seam, store, buffers = self._seam, self.store, self.store.transfer
         entered = {entry.expert: entry.slot for entry in outcome.entries}
+        last_in_slot = {entry.slot: entry.expert for entry in outcome.entries}
         # (expert, destination, copies): ("slot", s) or ("buffer", b)
         todo = []
         for e in outcome.accelerator_misses:
-            if e in entered:
-                todo.append((e, ("slot", entered[e]), store.slot_copies(e, entered[e])))
+            slot = entered.get(e)
+            if slot is not None and last_in_slot[slot] == e:
+                todo.append((e, ("slot", slot), store.slot_copies(e, slot)))
             else:
                 b = buffers.take()
                 todo.append((e, ("buffer", b), store.scratch_copies(e, b)))
-        readers: dict[tuple[str, int], object] = {}  # a slot -> the event after its last reader this pass
-        last_use = {dest: i for i, (_, dest, _) in enumerate(todo)}  # the last transfer into each destination
-        slots_entered = {dest for dest in last_use if dest[0] == "slot"}
+        slots_entered = {dest for _, dest, _ in todo if dest[0] == "slot"}
         hit_slots = {("slot", s) for s in outcome.hit_slots.values()}
-        if slots_entered & hit_slots:  # a transfer evicts a hit of this very pass: after the hits' reads
-            read = seam.record(self.index, "read by the hits")
-            readers.update({dest: read for dest in slots_entered & hit_slots})
+        read_by_hits = slots_entered & hit_slots
+        # a transfer evicts a hit of this very pass: its copy waits for the hits' reads
+        hits_read = seam.record(self.index, "read by the hits") if read_by_hits else None
 
         def issue(i: int) -> object:
             e, dest, pairs = todo[i]
-            after = buffers.last_read[dest[1]] if dest[0] == "buffer" else readers.get(dest)
+            after = buffers.last_read[dest[1]] if dest[0] == "buffer" else (hits_read if dest in read_by_hits else None)
             event, copied = seam.transfer_copy(self.index, f"transfer {e} into {dest[0]} {dest[1]}", pairs, after)
             self.stats.bytes_to_accelerator += copied
             return event
@@ -267,8 +269,6 @@ class MoeLayer:
                         where[e], [dst for dst, _ in pairs])
             if dest[0] == "buffer":
                 buffers.last_read[dest[1]] = seam.record(self.index, f"read buffer {dest[1]}")
-            elif last_use[dest] > i:  # this slot is entered again later in the pass
-                readers[dest] = seam.record(self.index, f"read slot {dest[1]}")
             copied = following
 
     # ---- deciding ---------------------------------------------------------------------------

@@ -40,6 +40,8 @@ PLANS = {
     # transfers that take no slot: copied into the two transfer buffers in turn
     "transfers-static": dict(slots=2, policy="static", preload="popular", compute="accelerator"),
     "transfers-zero-slots": dict(slots=0, policy="lru", compute="accelerator"),
+    # fewer slots than top-k: two transfers of a pass can enter the same slot (only the last is copied there)
+    "one-slot-transfers": dict(slots=1, policy="lru", compute="accelerator"),
 }
 
 
@@ -261,7 +263,8 @@ def _largest_difference(outputs: list, reference: list) -> float:
     return worst
 
 
-@pytest.mark.parametrize("name", ["transfers-static", "transfers-zero-slots", "accelerator-misses"])
+@pytest.mark.parametrize("name", ["transfers-static", "transfers-zero-slots", "accelerator-misses",
+                                  "one-slot-transfers"])
 def test_transfers_conform_where_the_compute_stream_lags(name, checkpoint):
     """With copies landing as soon as they are issued and the launches held back (the other way the two
     streams can drift apart), the transfers' events alone keep each buffer's weights until its compute ran:
