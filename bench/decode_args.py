@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from predict_vs_measure import PROMPT  # the benchmark model's prompt, as every decode benchmark runs it
+
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 
 
 def add_decode_args(ap: argparse.ArgumentParser, *, repeats: int = 5, repeats_flag: str = "--repeats") -> None:

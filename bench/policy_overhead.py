@@ -66,7 +66,7 @@ def main() -> int:
         lines.append(f"| {slots} | " + " | ".join(f"{statistics.median(runs[p]) * 1e6:.1f}" for p in POLICIES) + " | "
                      + " | ".join(f"{ratios[p]:.2f}" for p in POLICIES[1:]) + " |")
     lines += ["", f"Reproduce: `.venv/bin/python bench/policy_overhead.py --slots {' '.join(map(str, args.slots))} "
-              f"--repeats {args.repeats} --out {args.out}`", ""]
+              f"--repeats {args.repeats} --out {args.out}`"]
     return emit(lines, args.out)
 
 

@@ -100,7 +100,7 @@ def main() -> int:
                 f"{statistics.median(flat) / gain_exact if gain_exact else float('nan'):.2f} |")
     within = sum(1 for r in ratios if abs(r - 1) <= 0.10)
     lines += ["", f"Benefit in hits predicted within 10 % of the exact replay: {within} of {len(ratios)} rows.", "",
-              "Reproduce: `.venv/bin/python bench/prefetch_predict.py --out bench/results/prefetch_predict.md`", ""]
+              "Reproduce: `.venv/bin/python bench/prefetch_predict.py --out bench/results/prefetch_predict.md`"]
     return emit(lines, args.out)
 
 

@@ -102,7 +102,7 @@ def main() -> int:
         body, _ = table(f"Synthetic trace, seed {seed} (same shape and length, fitted to the OLMoE trace's "
                         "first half)", synthetic, start)
         lines += body
-    lines += ["Reproduce: `.venv/bin/python bench/simulate_olmoe.py --out bench/results/simulate_olmoe.md`", ""]
+    lines += ["Reproduce: `.venv/bin/python bench/simulate_olmoe.py --out bench/results/simulate_olmoe.md`"]
     return emit(lines, args.out)
 
 

@@ -369,8 +369,7 @@ def _group_s(group: Mapping[int, float], seconds_per_expert) -> float:
 
 
 def _pass_breakdown(rates: _Rates, work: PassWork, context: int, books: float = 0.0) -> Breakdown:
-    """One pass's seconds; `books` is the pass's cache bookkeeping (`policy_books_s`), none in a pass of no
-    tokens."""
+    """One pass's seconds; `books` is the pass's cache bookkeeping (`policy_books_s`)."""
     shape = rates.shape
     lm_head = shape.vocab * shape.hidden * shape.dtype_bytes
     measured = rates.measured_layer_s(work.tokens, context)
@@ -404,7 +403,6 @@ def _pass_breakdown(rates: _Rates, work: PassWork, context: int, books: float = 
         if rates.on_gpu and CPU_OVERLAPS_ACCELERATOR:  # accelerator side (hits, transfers) beside the CPU side
             overlap -= (h + t + c + k) - max(h + t, c + k)
     sync = rates.host_sync_s() * HOST_SYNCS_PER_MOE_LAYER * len(work.layers)
-    books = books if work.tokens else 0.0
     busy = dense + hit + cpu + transfer + overlap + sync + contention + books
     # On a GPU background copies share the pass's time with the compute; on the CPU they are serial work.
     excess = max(0.0, background - busy) if rates.on_gpu else background

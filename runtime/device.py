@@ -218,7 +218,9 @@ class Call:
     """One call through the recording seam."""
     kind: str  # fetch | send | launch | background | transfer | record | wait | synchronize | lock
     layer: int  # the MoE layer that made it (-1: none)
-    what: str  # e.g. "hit 3", "promote", "prefetch for 2", "cpu sum", "transfer 5", "read 5"
+    # e.g. "hit 3", "promote", "prefetch for 2", "cpu sum", "transfer 5 into buffer 0", "read buffer 0",
+    # "read by the hits"
+    what: str
     nbytes: int  # bytes moved (0 for a launch or a wait)
     blocks_host: bool  # whether the host waits for the device in this call
     after: int | None = None  # a transfer copy: the compute event (a `record` call's index) it waits for

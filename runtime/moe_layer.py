@@ -249,8 +249,7 @@ class MoeLayer:
                 b = buffers.take()
                 todo.append((e, ("buffer", b), store.scratch_copies(e, b)))
         slots_entered = {dest for _, dest, _ in todo if dest[0] == "slot"}
-        hit_slots = {("slot", s) for s in outcome.hit_slots.values()}
-        read_by_hits = slots_entered & hit_slots
+        read_by_hits = slots_entered & {("slot", s) for s in outcome.hit_slots.values()} if slots_entered else set()
         # a transfer evicts a hit of this very pass: its copy waits for the hits' reads
         hits_read = seam.record(self.index, "read by the hits") if read_by_hits else None
 

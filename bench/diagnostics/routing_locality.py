@@ -23,25 +23,15 @@ sys.path.insert(0, str(ROOT))
 from planner.catalog import load_model_shape  # noqa: E402
 from planner.routing.calibrated import calibrate  # noqa: E402
 from planner.routing.published import recorded_targets  # noqa: E402
-from planner.routing.statistics import sequences, trace_stats  # noqa: E402
+from planner.routing.statistics import TraceStats, next_token_reuse, trace_stats  # noqa: E402
 from runtime.contracts.traces import Trace, load_trace  # noqa: E402
 
 RECORDED = (("models/tiny-moe", "traces/tiny-moe.jsonl"), ("olmoe-1b-7b", "traces/olmoe-1b-7b-decode-299.jsonl"))
 DISTANCES = 8
 
 
-def _rows(trace: Trace) -> list[list[tuple[int, ...]]]:
-    seqs = sequences(trace, ("decode",))
-    return [[r for seq in seqs for i in seq for r in trace.passes[i].experts[l]]
-            for l in range(trace.header.num_layers)]
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
-def reuse_at(rows: list[tuple[int, ...]], d: int, k: int) -> float:
-    return _mean([len(set(a) & set(b)) / k for a, b in zip(rows, rows[d:])])
 
 
 def recency(rows: list[tuple[int, ...]], longest: int) -> list[float]:
@@ -57,12 +47,13 @@ def recency(rows: list[tuple[int, ...]], longest: int) -> list[float]:
     return [h / total for h in hist]
 
 
-def describe(label: str, trace: Trace) -> list[str]:
+def describe(label: str, trace: Trace, stats: TraceStats | None = None) -> list[str]:
+    """One table row; `stats`: the trace's decode statistics where the caller has them already."""
     k = trace.header.top_k
-    rows = _rows(trace)
-    lag = [_mean([reuse_at(r, d, k) for r in rows]) for d in range(1, DISTANCES + 1)]
-    rec = [_mean([recency(r, DISTANCES)[i] for r in rows]) for i in range(DISTANCES + 1)]
-    stats = trace_stats(trace, phases=("decode",))
+    rows = [trace.token_rows(l, ("decode",)) for l in range(trace.header.num_layers)]
+    lag = [_mean([_mean(next_token_reuse(r, k, d)) for r in rows]) for d in range(1, DISTANCES + 1)]
+    rec = [_mean(column) for column in zip(*(recency(r, DISTANCES) for r in rows))]
+    stats = stats if stats is not None else trace_stats(trace, phases=("decode",))
     groups = [_mean([s.reuse_by_popularity[g] or 0.0 for s in stats.layers])
               for g in range(len(stats.layers[0].reuse_by_popularity))]
     return [f"| {label} | " + " ".join(f"{x:.3f}" for x in lag) + " | " + " ".join(f"{x:.3f}" for x in rec)
@@ -78,8 +69,9 @@ def main() -> int:
     for model, path in RECORDED:
         shape = load_model_shape(str(ROOT / model) if model.startswith("models/") else model)
         recorded = load_trace(ROOT / path, num_experts=shape.num_experts, top_k=shape.top_k, model=shape.name)
-        targets = recorded_targets(trace_stats(recorded, phases=("decode",)), Path(path).name)
-        lines += describe(f"{shape.name} recorded", recorded)
+        stats = trace_stats(recorded, phases=("decode",))
+        targets = recorded_targets(stats, Path(path).name)
+        lines += describe(f"{shape.name} recorded", recorded, stats)
         for seed in args.seeds:
             cal = calibrate(targets, None, shape.num_experts, shape.top_k, len(recorded.decode_passes()), seed,
                             fitted_from=f"statistics of {Path(path).name}")

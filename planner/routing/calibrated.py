@@ -13,9 +13,9 @@ from runtime.contracts.traces import Trace
 
 from .published import STATISTICS, LayerTarget, RoutingTargets
 from .statistics import trace_stats
+from .synthetic import LayerRouting, fit_layer, synthesize_layers
 
 GROUP_STATISTIC = "reuse_by_popularity_q"  # + group index (0: the most popular quarter)
-from .synthetic import LayerRouting, fit_layer, synthesize_layers
 
 
 @dataclass(frozen=True)

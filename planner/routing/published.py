@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from runtime.contracts.model_shape import ModelShape
 
-from .statistics import TraceStats
+from .statistics import TraceStats, odds
 
 MIXTRAL_SOURCE = ("Jiang et al. 2024, \"Mixtral of Experts\", Table 5 (expert assignment repetitions, "
                   "8 Pile subsets, layers 0, 15, 31)")
@@ -150,7 +150,7 @@ def reuse_from_first_or_second(share: float) -> float:
 
 
 def _mixtral_layers(shape: ModelShape, how: str, skews: Sequence[float],
-                    profile: "LocalityProfile | None" = None) -> tuple[LayerTarget, ...]:
+                    profile: LocalityProfile | None = None) -> tuple[LayerTarget, ...]:
     L = shape.num_moe_layers
     first, either = mixtral_anchor(0, how), mixtral_anchor(3, how)
     depth = [a / (MIXTRAL_MOE_LAYERS - 1) for a in MIXTRAL_LAYERS]
@@ -161,15 +161,10 @@ def _mixtral_layers(shape: ModelShape, how: str, skews: Sequence[float],
         a = interpolate(list(zip(depth, either)), x)
         at_anchor = any(abs(x - d) < 1e-9 for d in depth)
         reuse = reuse_from_first_or_second(a)
-        extra = {} if profile is None else profile.targets(reuse, shape.num_experts, shape.top_k)
+        extra = {} if profile is None else profile.targets(reuse)
         out.append(LayerTarget(skew=skews[l], next_token_reuse=reuse, first_choice_repeat=f,
                                first_or_second_repeat=a, interpolated=not at_anchor, **extra))
     return tuple(out)
-
-
-def _odds(p: float) -> float:
-    p = min(0.98, max(0.02, p))
-    return p / (1 - p)
 
 
 @dataclass(frozen=True)
@@ -180,8 +175,9 @@ class LocalityProfile:
 
     group_odds_ratio: tuple[float, ...]
 
-    def targets(self, reuse: float, num_experts: int, top_k: int) -> dict:
-        groups = tuple(o * _odds(reuse) / (1 + o * _odds(reuse)) for o in self.group_odds_ratio)
+    def targets(self, reuse: float) -> dict:
+        r = odds(reuse)
+        groups = tuple(o * r / (1 + o * r) for o in self.group_odds_ratio)
         # the second-token reuse is not carried: on the recorded OLMoE trace the one-step chain with this
         # profile already lands on it (docs/traces.md), and fitting it per layer would cost `tune` seconds
         return {"reuse_by_popularity": groups or None, "profile_assumed": True}
@@ -189,7 +185,7 @@ class LocalityProfile:
 
 def locality_profile(stats: TraceStats) -> LocalityProfile:
     """The recorded trace's locality profile (LocalityProfile), from its layers' statistics."""
-    logs = [[math.log(_odds(g) / _odds(s.next_token_reuse)) for g in s.reuse_by_popularity]
+    logs = [[math.log(odds(g) / odds(s.next_token_reuse)) for g in s.reuse_by_popularity]
             for s in stats.layers if s.reuse_by_popularity and all(g is not None for g in s.reuse_by_popularity)]
     return LocalityProfile(tuple(math.exp(sum(col) / len(col)) for col in zip(*logs)) if logs else ())
 

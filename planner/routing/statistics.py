@@ -112,6 +112,12 @@ def _avg(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def odds(p: float) -> float:
+    """p / (1 - p), with p held within [0.02, 0.98]: how the routing calibration compares reuse rates."""
+    p = min(0.98, max(0.02, p))
+    return p / (1 - p)
+
+
 def top_share(counts: Sequence[int], fraction: float = 0.1) -> float:
     """Share of the total held by the largest ceil(fraction * len(counts)) entries."""
     total = sum(counts)

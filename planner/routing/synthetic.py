@@ -43,7 +43,7 @@ import random
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from .statistics import POPULARITY_GROUPS, reuse_by_popularity, top_share, trace_stats
+from .statistics import POPULARITY_GROUPS, odds, reuse_by_popularity, top_share, trace_stats
 from runtime.contracts.traces import PHASES, Trace, TraceHeader, TracePass
 
 GENERATOR = "moeplan.synthetic/2"
@@ -131,24 +131,24 @@ def fit_layer(skew: float, reuse: float, num_experts: int, top_k: int,
         return replace(base, zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity))
     weights = None
     if reuse_groups and any(g is not None for g in reuse_groups):
-        weights = _group_weights([_odds(g) / _odds(keep) if g is not None else 1.0 for g in reuse_groups],
+        weights = _group_weights([odds(g) / odds(keep) if g is not None else 1.0 for g in reuse_groups],
                                  num_experts)
         if exact and popularity is not None:
             return _fit_shape(base, reuse_groups, weights, second_reuse, num_experts, top_k)
-        exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
-        for _ in range(_STICKY_ROUNDS if exact else 0):
-            rows = _calibration_rows(replace(base, zipf_exponent=exponent, stickiness=weights), num_experts, top_k)
-            got = reuse_by_popularity([rows], _counts(rows, num_experts), POPULARITY_GROUPS)
-            weights = _corrected(weights, reuse_groups, got, num_experts)
+        if exact:
+            exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
+            for _ in range(_STICKY_ROUNDS):
+                rows = _calibration_rows(replace(base, zipf_exponent=exponent, stickiness=weights), num_experts,
+                                         top_k)
+                got = reuse_by_popularity([rows], _counts(rows, num_experts), POPULARITY_GROUPS)
+                weights = _corrected(weights, reuse_groups, got, num_experts)
     exponent = _fit_exponent(skew, keep, num_experts, top_k, popularity, weights)
     fitted = replace(base, zipf_exponent=exponent, stickiness=weights)
     if second_reuse is None or _second_reuse(fitted, num_experts, top_k) >= second_reuse:
         return fitted
     recall = _fit_recall(fitted, second_reuse, num_experts, top_k)
-    if exact:
-        return replace(fitted, recall=recall,
-                       zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity, weights, recall))
-    recall = round(recall / _RECALL_GRID) * _RECALL_GRID
+    if not exact:
+        recall = round(recall / _RECALL_GRID) * _RECALL_GRID
     return replace(fitted, recall=recall,
                    zipf_exponent=_fit_exponent(skew, keep, num_experts, top_k, popularity, weights, recall))
 
@@ -165,8 +165,8 @@ def _fit_recall(p: LayerRouting, second_reuse: float, num_experts: int, top_k: i
 def _corrected(weights: tuple[float, ...], want: tuple[float | None, ...], got: tuple[float | None, ...],
                num_experts: int) -> tuple[float, ...]:
     """Stickiness weights times each group's odds of reuse wanted against those of the calibration run."""
-    ratios = [1.0 if w is None or h is None else _odds(w) / _odds(h) for w, h in zip(want, got)]
-    return tuple(x * ratios[r * len(ratios) // num_experts] for r, x in enumerate(weights))
+    ratios = [1.0 if w is None or h is None else odds(w) / odds(h) for w, h in zip(want, got)]
+    return tuple(x * r for x, r in zip(weights, _group_weights(ratios, num_experts)))
 
 
 def _fit_shape(base: LayerRouting, reuse_groups: tuple[float | None, ...], weights: tuple[float, ...],
@@ -209,11 +209,6 @@ def _second_reuse(p: LayerRouting, num_experts: int, top_k: int) -> float:
     return sum(len(set(a) & set(b)) for a, b in zip(rows, rows[2:])) / (top_k * max(1, len(rows) - 2))
 
 
-def _odds(p: float) -> float:
-    p = min(0.98, max(0.02, p))
-    return p / (1 - p)
-
-
 def _group_weights(per_group: list[float], num_experts: int) -> tuple[float, ...]:
     """Per popularity rank, its group's weight (ranks cut into len(per_group) equal groups, as statistics.py)."""
     return tuple(per_group[r * len(per_group) // num_experts] for r in range(num_experts))
@@ -221,8 +216,14 @@ def _group_weights(per_group: list[float], num_experts: int) -> tuple[float, ...
 
 def _calibration_rows(p: LayerRouting, num_experts: int, top_k: int) -> list[tuple[int, ...]]:
     """A seeded calibration run of `p` (ids = popularity ranks)."""
-    return _layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, _CALIBRATION_TOKENS,
-                       random.Random(_CALIBRATION_SEED), list(range(num_experts)), p.stay_first,
+    return _routing_rows(p, num_experts, top_k, _CALIBRATION_TOKENS, random.Random(_CALIBRATION_SEED),
+                         list(range(num_experts)))
+
+
+def _routing_rows(p: LayerRouting, num_experts: int, top_k: int, tokens: int, rng: random.Random,
+                  ids: list[int]) -> list[tuple[int, ...]]:
+    """`tokens` rows drawn with `p` (`_layer_rows`), expert id `ids[rank]` for each popularity rank."""
+    return _layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first,
                        p.kept_distribution(top_k), p.popularity, p.stickiness, p.first_choice, p.recall)
 
 
@@ -253,11 +254,7 @@ def _skew_curve(num_experts: int, top_k: int, keep: float, popularity: tuple[flo
         rng = random.Random(_CALIBRATION_SEED)
         rows = _layer_rows(num_experts, top_k, s, keep, _CALIBRATION_TOKENS, rng, list(range(num_experts)),
                            popularity=popularity, stickiness=stickiness, recall=recall)
-        counts = [0] * num_experts
-        for row in rows:
-            for e in row:
-                counts[e] += 1
-        best = max(best, top_share(counts))
+        best = max(best, top_share(_counts(rows, num_experts)))
         out.append((s, best))
     return tuple(out)
 
@@ -437,9 +434,7 @@ def synthesize_layers(params: tuple[LayerRouting, ...], num_experts: int, top_k:
     for p in params:
         ids = list(range(num_experts))
         rng.shuffle(ids)
-        per_layer.append(_layer_rows(num_experts, top_k, p.zipf_exponent, p.keep, tokens, rng, ids, p.stay_first,
-                                     p.kept_distribution(top_k), p.popularity, p.stickiness, p.first_choice,
-                                     p.recall))
+        per_layer.append(_routing_rows(p, num_experts, top_k, tokens, rng, ids))
     passes = tuple(TracePass(t, "decode", 1, tuple((per_layer[l][t],) for l in range(num_layers)))
                    for t in range(tokens))
     header = TraceHeader(

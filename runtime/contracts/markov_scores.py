@@ -80,17 +80,15 @@ class _TransitionRow:
 class MarkovScores:
     """Scores of one layer's experts for the pass now running (`observe` it first)."""
 
-    def __init__(self, frequency_decay: float = FREQUENCY_DECAY, frequency_weight: float = FREQUENCY_WEIGHT,
-                 neighbour_weight: float = NEIGHBOUR_WEIGHT, neighbour_window: int = NEIGHBOUR_WINDOW,
-                 neighbour_count: int = NEIGHBOUR_COUNT, neighbour_power: float = NEIGHBOUR_POWER,
-                 neighbour_horizon: int = NEIGHBOUR_HORIZON,
-                 neighbour_discount: float = NEIGHBOUR_DISCOUNT,
+    def __init__(self, frequency_weight: float = FREQUENCY_WEIGHT, neighbour_weight: float = NEIGHBOUR_WEIGHT,
                  neighbour_context: float = NEIGHBOUR_CONTEXT) -> None:
+        """The module's constants; the weights and the neighbours' context can be set apart to measure
+        what each part adds (tests, bench/diagnostics/markov_neighbour_cost.py)."""
         self._frequency_weight = frequency_weight
-        self._frequency = DecayedCounts(frequency_decay)
+        self._frequency = DecayedCounts(FREQUENCY_DECAY) if frequency_weight else None
         self._neighbour_weight = neighbour_weight
-        self._neighbours = NeighbourVotes(neighbour_window, neighbour_count, neighbour_power, neighbour_horizon,
-                                       neighbour_discount, neighbour_context) if neighbour_weight else None
+        self._neighbours = NeighbourVotes(NEIGHBOUR_WINDOW, NEIGHBOUR_COUNT, NEIGHBOUR_POWER, NEIGHBOUR_HORIZON,
+                                          NEIGHBOUR_DISCOUNT, neighbour_context) if neighbour_weight else None
         self._rows: dict[int, _TransitionRow] = {}
         self._current: tuple[int, ...] = ()
         self._now = 0
@@ -106,7 +104,7 @@ class MarkovScores:
             if row is None:
                 row = self._rows[a] = _TransitionRow()
             row.add(needed, self._now)
-        if self._frequency_weight:
+        if self._frequency is not None:
             for e in needed:
                 self._frequency.use(e, self._now)
         self._current = needed
@@ -119,7 +117,7 @@ class MarkovScores:
         value = self._memo.get(expert)
         if value is None:
             now = self._now
-            value = self._frequency_weight * self._frequency.score(expert, now) if self._frequency_weight else 0.0
+            value = self._frequency_weight * self._frequency.score(expert, now) if self._frequency is not None else 0.0
             if self._neighbours is not None:
                 value += self._neighbour_weight * self._neighbours.shares.get(expert, 0.0)
             for a in self._current:

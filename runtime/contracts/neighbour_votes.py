@@ -50,7 +50,7 @@ def _times(planes: list[int], factor: int) -> list[int]:
     shift = 0
     while factor:
         if factor & 1:
-            out = _sum(out, [0] * shift + planes)
+            out = _sum(out, [0] * shift + planes) if out else [0] * shift + planes
         factor >>= 1
         shift += 1
     return out
@@ -66,7 +66,9 @@ def _bits_ascending(lanes: int) -> list[int]:
 
 
 class NeighbourVotes:
-    """The neighbours' shares for the pass just observed (`shares`: expert -> weighted mean vote)."""
+    """The neighbours' shares for the pass just observed (`shares`: expert -> weighted mean vote). The vote
+    is counted when `shares` is first read after a pass: a pass whose cache admits and evicts nothing (all
+    hits, free slots, no promotion) never reads it."""
 
     def __init__(self, window: int, count: int, power: float, horizon: int, discount: float,
                  context: float = 0.0) -> None:
@@ -80,7 +82,8 @@ class NeighbourVotes:
         self._sets: deque[tuple[int, ...]] = deque(maxlen=window + 1)  # the kept passes, the current one last
         self._pass = -1  # the current pass's number
         self._base = 0  # the pass number of lane 0
-        self.shares: dict[int, float] = {}
+        self._shares: dict[int, float] | None = {}
+        self._ballot: tuple[list[int], int, int] | None = None  # the last pass's (keys, window, t) to vote on
 
     def observe(self, needed: tuple[int, ...]) -> None:
         t = self._pass = self._pass + 1
@@ -102,7 +105,13 @@ class NeighbourVotes:
             context = window & ~(1 << (lo - self._base))
             keys = _sum(keys, _times([(p << 1) & context for p in self._previous], self._num))
         self._previous = overlaps
-        self.shares = self._vote(keys, window, t)
+        self._ballot, self._shares = (keys, window, t), None
+
+    @property
+    def shares(self) -> dict[int, float]:
+        if self._shares is None:  # the kept passes and lanes are those of the last `observe` until the next
+            self._shares = self._vote(*self._ballot)
+        return self._shares
 
     def _rebase(self, t: int) -> None:
         """Drop the lanes of passes no longer kept (nor needed as the oldest kept pass's context)."""

@@ -163,7 +163,9 @@ class GemvKernel:
         self.int_max_tokens = int(lib.qgemv_max_tokens())
         lib.qgemv_row_floats.argtypes = [ctypes.c_int64]
         lib.qgemv_row_floats.restype = ctypes.c_int64
-        self._qrow_floats = lib.qgemv_row_floats  # scratch floats of one prepared one-token input row
+        # scratch floats of one prepared one-token input row, asked once per input size (a call per layer
+        # and token would be a ctypes round trip on the decode path)
+        self._qrow_floats = lru_cache(maxsize=None)(lib.qgemv_row_floats)
 
     def isa_names(self) -> dict[torch.dtype, str]:
         return {dtype: {ISA_AVX2: "avx2", ISA_AVX512: "avx512"}[isa] for dtype, isa in self.isa.items()}

@@ -79,11 +79,6 @@ typedef struct {
     void *const *y;            /* [N] per matrix, fp32 or bf16 */
 } QRowSet;
 
-/* A row of the set: matrix mat, its row `row`. */
-typedef struct {
-    int64_t mat, row;
-} RowAt;
-
 AVX2_INLINE float hsum128(__m128 s) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -93,7 +88,7 @@ AVX2_INLINE float hsum128(__m128 s) {
 /* ---- one token: n rows read side by side (far-apart streams), one dot product each ------------------ */
 
 /* G: set->G, passed as the constant 32 for the default group size so that a group's loop unrolls. */
-AVX2_INLINE void qdots_i8(const QRowSet *set, const RowAt *at, float *sums, const int n, const int rb,
+AVX2_INLINE void qdots_i8(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
                           const int64_t G) {
     const int64_t K = set->K, groups = K / G;
     const int8_t *w[STREAMS];
@@ -101,7 +96,7 @@ AVX2_INLINE void qdots_i8(const QRowSet *set, const RowAt *at, float *sums, cons
     const float *x[STREAMS];
     __m256 a[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = at[r].mat, row = at[r].row;
+        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
         w[r] = (const int8_t *)set->W[i] + row * K;
         sc[r] = set->S[i] + row * groups;
         x[r] = set->x[i];
@@ -141,7 +136,7 @@ AVX2_INLINE void qdots_i8(const QRowSet *set, const RowAt *at, float *sums, cons
 }
 
 /* wide: G a multiple of 16, so that sixteen inputs (eight bytes) share a scale; else eight at a time. */
-AVX2_INLINE void qdots_i4(const QRowSet *set, const RowAt *at, float *sums, const int n, const int rb,
+AVX2_INLINE void qdots_i4(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int rb,
                           const int wide) {
     const int64_t K = set->K, half = K / 2, groups = K / set->G, group_bytes = set->G / 2;
     const uint8_t *w[STREAMS];
@@ -150,7 +145,7 @@ AVX2_INLINE void qdots_i4(const QRowSet *set, const RowAt *at, float *sums, cons
     __m256 ae[STREAMS], ao[STREAMS];
     __m128 be[STREAMS], bo[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = at[r].mat, row = at[r].row;
+        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
         w[r] = (const uint8_t *)set->W[i] + row * half;
         sc[r] = set->S[i] + row * groups;
         xe[r] = set->x[i];
@@ -203,7 +198,7 @@ AVX2_INLINE void q4p_pair_rows(const uint8_t *const *w, const int8_t *const *pla
 
 /* int4 of a bf16 model by table (dequant.h): per group, the unscaled sums of each row, then times the
  * group's sign * 2^e. */
-AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, const int n, const int64_t G) {
+AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sums, const int n, const int64_t G) {
     const int64_t K = set->K, groups = K / G, group_bytes = G / 2;
     const uint8_t *w[STREAMS];
     const uint16_t *sc[STREAMS];
@@ -211,7 +206,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
     const int8_t *planes[STREAMS];
     __m256 a[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = at[r].mat, row = at[r].row;
+        const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
         w[r] = (const uint8_t *)set->W[i] + row * (K / 2);
         sc[r] = set->S[i] + row * groups;
         x[r] = set->x[i];
@@ -283,49 +278,43 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const RowAt *at, float *sums, c
 
 /* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
  * registers. */
-#define QDOTS_DISPATCH(name, N_)                                                                         \
-    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const RowAt *at,       \
-                                                              float *sums) {                             \
-        if (set->fmt == FMT_INT8) {                                                                      \
-            if (set->G == 32 && set->to_bf16) qdots_i8(set, at, sums, N_, 1, 32);                        \
-            else if (set->G == 32) qdots_i8(set, at, sums, N_, 0, 32);                                   \
-            else if (set->to_bf16) qdots_i8(set, at, sums, N_, 1, set->G);                               \
-            else qdots_i8(set, at, sums, N_, 0, set->G);                                                 \
-        } else if (set->layout == LAYOUT_TABLE) {                                                        \
-            if (set->G == 32) qdots_q4tab(set, at, sums, N_, 32);                                        \
-            else qdots_q4tab(set, at, sums, N_, set->G);                                                 \
-        } else if (set->G % 16 == 0) {                                                                   \
-            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 1);                                         \
-            else qdots_i4(set, at, sums, N_, 0, 1);                                                      \
-        } else {                                                                                         \
-            if (set->to_bf16) qdots_i4(set, at, sums, N_, 1, 0);                                         \
-            else qdots_i4(set, at, sums, N_, 0, 0);                                                      \
-        }                                                                                                \
+#define QDOTS_DISPATCH(name, N_)                                                                 \
+    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const int64_t *rows, \
+                                                              float *sums) {                      \
+        if (set->fmt == FMT_INT8) {                                                              \
+            if (set->G == 32 && set->to_bf16) qdots_i8(set, rows, sums, N_, 1, 32);             \
+            else if (set->G == 32) qdots_i8(set, rows, sums, N_, 0, 32);                         \
+            else if (set->to_bf16) qdots_i8(set, rows, sums, N_, 1, set->G);                     \
+            else qdots_i8(set, rows, sums, N_, 0, set->G);                                       \
+        } else if (set->layout == LAYOUT_TABLE) {                                                \
+            if (set->G == 32) qdots_q4tab(set, rows, sums, N_, 32);                              \
+            else qdots_q4tab(set, rows, sums, N_, set->G);                                       \
+        } else if (set->G % 16 == 0) {                                                           \
+            if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 1);                               \
+            else qdots_i4(set, rows, sums, N_, 0, 1);                                            \
+        } else {                                                                                 \
+            if (set->to_bf16) qdots_i4(set, rows, sums, N_, 1, 0);                               \
+            else qdots_i4(set, rows, sums, N_, 0, 0);                                            \
+        }                                                                                        \
     }
 QDOTS_DISPATCH(qdots_streams, STREAMS)
 QDOTS_DISPATCH(qdots_single, 1)
 
 /* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams
- * (as stream_rows_avx2 in gemv.c). Each stream's matrix and row advance by one per step: counted, not
- * divided out of the row number (bench/results/cpu_kernel_int_avx2.md: no measurable change alone). */
+ * (as stream_rows_avx2 in gemv.c). */
 static void qstream_rows(const QRowSet *set) {
     const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
-    RowAt at[STREAMS];
-    for (int r = 0; r < STREAMS; r++) {
-        const int64_t first = share.lo + r * share.segment;
-        at[r] = (RowAt){first / set->N, first % set->N};
-    }
     for (int64_t step = 0; step < share.segment; step++) {
         int64_t rows[STREAMS];
         float sums[STREAMS];
-        const int n = stream_rows_at(&share, step, rows); /* streams 0 .. n - 1 */
-        if (n == STREAMS) qdots_streams(set, at, sums);
+        const int n = stream_rows_at(&share, step, rows);
+        if (n == STREAMS) qdots_streams(set, rows, sums);
         else
-            for (int r = 0; r < n; r++) qdots_single(set, at + r, sums + r);
+            for (int r = 0; r < n; r++) qdots_single(set, rows + r, sums + r);
         for (int r = 0; r < n; r++) {
-            if (set->out_bf16) ((uint16_t *)set->y[at[r].mat])[at[r].row] = f32_to_bf16(sums[r]);
-            else ((float *)set->y[at[r].mat])[at[r].row] = sums[r];
-            if (++at[r].row == set->N) at[r] = (RowAt){at[r].mat + 1, 0};
+            const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
+            if (set->out_bf16) ((uint16_t *)set->y[i])[row] = f32_to_bf16(sums[r]);
+            else ((float *)set->y[i])[row] = sums[r];
         }
     }
 }

@@ -23,8 +23,7 @@ def test_shipped_gpu_plan_fits_with_the_reserve(name, capsys):
     # the two transfer buffers, where the plan computes misses on the GPU (transfers), else none
     plan = Plan.load(PLANS / f"{name}.yaml")
     buffers = TRANSFER_BUFFERS * load_model_shape(plan.model.name).expert_bytes
-    transfers = plan.miss.compute == "accelerator" or plan.miss.transfer_min_tokens > 0
-    assert accelerator["transfer_scratch"] == (buffers if transfers else 0)
+    assert accelerator["transfer_scratch"] == (buffers if plan.miss.rule.ever_on_accelerator else 0)
     assert out["memory_bytes"]["accelerator"] <= out["memory_limit_bytes"]["accelerator"]
 
 
