@@ -1,4 +1,5 @@
-"""The int8/int4 kernels of a git revision against the working tree's, in one process, turns alternating.
+"""The int8/int4 kernels of a git revision against the working tree's, in one process, turns alternating
+(--formats bfloat16,float32: the plain kernels of gemv.c, a few tokens).
 
 Both kernel libraries are built from source (the revision's runtime/kernels/*.c and *.h through `git show`)
 and called through the same GemvKernel wrapper on the same experts: a pool of --pool-gb of distinct experts
@@ -6,9 +7,12 @@ of the benchmark model's shape (hidden 1024, intermediate 3584, group 32, two ex
 fused one-token path), cycled so that the reads come from DRAM, with scales as runtime/quant_format.py's
 rule stores them (--any-scales: arbitrary float16 scales). Per repeat each side reads the whole pool once,
 the order of the two sides alternating between repeats; reported: GB/s of codes + scales from the median
-times, and the median of the repeats' time ratios (> 1: the working tree is faster).
+times, and the median of the repeats' time ratios (> 1: the working tree is faster). --tokens 2,8,64 times
+the few-token path instead (`qmulti`: both experts' input projections in one call, then both output
+projections, as the CPU executor calls it for a prefill chunk).
 
     .venv/bin/python bench/diagnostics/int_kernel_ab.py --rev a669fc4 --threads 1,2 --repeats 9
+    .venv/bin/python bench/diagnostics/int_kernel_ab.py --rev a669fc4 --threads 1,2 --tokens 2,4,8,64
 """
 from __future__ import annotations
 
@@ -54,12 +58,32 @@ def revision_sources(rev: str, folder: Path) -> list[Path]:
     return [folder / p.name for p in SOURCES if (folder / p.name).exists()]
 
 
+PLAIN = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def matrix(fmt: str, n: int, k: int, group: int, any_scales: bool, gen: torch.Generator):
+    if fmt in PLAIN:
+        return torch.randn(n, k, generator=gen).to(PLAIN[fmt])
     cols = k if fmt == "int8" else k // 2
     q = torch.randint(-127 if fmt == "int8" else 0, 128 if fmt == "int8" else 256, (n, cols), generator=gen,
                       dtype=torch.int8 if fmt == "int8" else torch.uint8)
     scales = torch.rand(n, k // group, generator=gen) * 2e-3 + 1e-4
     return q, (scales if any_scales else rule_scales(scales, fmt)).to(torch.float16)
+
+
+def call(kernel: GemvKernel, experts: list, x: torch.Tensor, x_tokens: tuple[torch.Tensor, torch.Tensor],
+         threads: int) -> None:
+    """Two experts' product: the fused one-token path, or, for more tokens, both input projections in one
+    qmulti call and both output projections in another."""
+    if not isinstance(experts[0][0], tuple):  # bf16 / fp32 weights: gemv.c's multi
+        kernel.multi([a for a, _ in experts], [x_tokens[0].to(experts[0][0].dtype)] * len(experts), threads)
+        kernel.multi([b for _, b in experts], [x_tokens[1].to(experts[0][0].dtype)] * len(experts), threads)
+        return
+    if x_tokens[0].shape[0] == 1:
+        kernel.qmoe_token([a for a, _ in experts], [b for _, b in experts], x, [0.5, 0.5], threads)
+        return
+    kernel.qmulti([a for a, _ in experts], [x_tokens[0]] * len(experts), threads)
+    kernel.qmulti([b for _, b in experts], [x_tokens[1]] * len(experts), threads)
 
 
 def main() -> int:
@@ -73,6 +97,7 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=3584)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--any-scales", action="store_true")
+    ap.add_argument("--tokens", default="1", help="tokens per call; more than 1 times qmulti")
     args = ap.parse_args()
     h, i, g = args.hidden, args.intermediate, args.group_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,26 +107,30 @@ def main() -> int:
                    "tree": build(SOURCES, Path(tmp) / "tree.so")}
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, h, generator=gen).to(torch.bfloat16)
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    xs = {t: (torch.randn(t, h, generator=gen).to(torch.bfloat16), torch.randn(t, i, generator=gen).to(torch.bfloat16))
+          for t in token_counts}
     print(f"base: {args.rev}; tree: the working tree; load average {os.getloadavg()[0]:.1f}; "
           f"{'arbitrary' if args.any_scales else 'rule'} scales; pool {args.pool_gb} GB; medians of {args.repeats}")
-    print("| format | threads | base GB/s | tree GB/s | time base / tree |")
-    print("|---|---|---|---|---|")
+    print("| format | tokens | threads | base GB/s | tree GB/s | time base / tree |")
+    print("|---|---|---|---|---|---|")
     for fmt in args.formats.split(","):
-        per_call = 2 * 3 * h * i * ((1 if fmt == "int8" else 0.5) + 2 / g)
+        per_call = 2 * 3 * h * i * (PLAIN[fmt].itemsize if fmt in PLAIN else (1 if fmt == "int8" else 0.5) + 2 / g)
         pool = [[(matrix(fmt, 2 * i, h, g, args.any_scales, gen), matrix(fmt, h, i, g, args.any_scales, gen))
                  for _ in range(2)] for _ in range(int(args.pool_gb * 1e9 // per_call) + 1)]
-        for threads in (int(t) for t in args.threads.split(",")):
-            seconds: dict[str, list[float]] = {"base": [], "tree": []}
-            for rep in range(args.repeats):
-                for name in ("base", "tree") if rep % 2 == 0 else ("tree", "base"):
-                    kernel = kernels[name]
-                    start = time.perf_counter()
-                    for experts in pool:
-                        kernel.qmoe_token([a for a, _ in experts], [b for _, b in experts], x, [0.5, 0.5], threads)
-                    seconds[name].append((time.perf_counter() - start) / len(pool))
-            rate = {name: per_call / statistics.median(v) / 1e9 for name, v in seconds.items()}
-            ratio = statistics.median(b / t for b, t in zip(seconds["base"], seconds["tree"]))
-            print(f"| {fmt} | {threads} | {rate['base']:.2f} | {rate['tree']:.2f} | {ratio:.2f} |", flush=True)
+        for tokens in token_counts:
+            for threads in (int(t) for t in args.threads.split(",")):
+                seconds: dict[str, list[float]] = {"base": [], "tree": []}
+                for rep in range(args.repeats):
+                    for name in ("base", "tree") if rep % 2 == 0 else ("tree", "base"):
+                        start = time.perf_counter()
+                        for experts in pool:
+                            call(kernels[name], experts, x, xs[tokens], threads)
+                        seconds[name].append((time.perf_counter() - start) / len(pool))
+                rate = {name: per_call / statistics.median(v) / 1e9 for name, v in seconds.items()}
+                ratio = statistics.median(b / t for b, t in zip(seconds["base"], seconds["tree"]))
+                print(f"| {fmt} | {tokens} | {threads} | {rate['base']:.2f} | {rate['tree']:.2f} | {ratio:.2f} |",
+                      flush=True)
     return 0
 
 

@@ -25,7 +25,8 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "decode_ops.c"]
-HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h"]
+HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h",
+           HERE / "row_f32.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
 INT_MODEL_DTYPES = (torch.bfloat16, torch.float32)  # the model dtypes (inputs, outputs) the int kernels take
@@ -43,7 +44,10 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     tokens, fp32 1.2-5x up to 32 on two threads). On one thread fp32 is close to even: at one token the
     four-stream kernel was 0.98-1.30x torch in ten cells of five runs, and 1.04-1.10x in the four cells of
     the two runs where they took turns repeat by repeat (_run2.md), so it is used; at 32 tokens 0.86-1.36x
-    across runs (0.86-0.98x where they took turns: noted, not yet acted on).
+    across runs (0.86-0.98x where they took turns: noted, not yet acted on). Those measurements predate the
+    L1-blocked product from eight tokens (gemv.c, BLOCK_TOKENS: 1.4-1.9x the old kernel at 16-64 tokens,
+    docs/benchmarks.md), which only widens the kernel's lead where it already won. More tokens than a call
+    holds (64) run in pieces, and the rule is asked about the largest piece (GemvKernel.handles).
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
@@ -70,6 +74,31 @@ def _int_kernel_wins(fmt: str, dtype: torch.dtype, tokens: int, threads: int) ->
     costs more than the kernel's whole product, and on AVX2 its bf16 matmul is slower than the bf16 kernel
     up to 64 tokens anyway (_kernel_wins). One rule for both formats, thread counts and model dtypes."""
     return True
+
+
+def _pieces(tokens: int, limit: int) -> list[tuple[int, int]]:
+    """[start, stop) token ranges of at most `limit` (the kernels' tokens per matrix and call), as even as
+    they can be: a prefill's popular expert takes more tokens than one call holds."""
+    count = -(-tokens // limit)
+    return [(tokens * i // count, tokens * (i + 1) // count) for i in range(count)]
+
+
+def _piece_tokens(tokens: int, limit: int) -> int:
+    """The largest piece `_pieces` cuts `tokens` into: the token count a rule is asked about."""
+    return -(-tokens // -(-tokens // limit))
+
+
+def _in_pieces(inputs: list[torch.Tensor], limit: int) -> list[tuple[int, int, int]]:
+    """(input index, start, stop) of every piece of every input."""
+    return [(i, a, b) for i, x in enumerate(inputs) for a, b in _pieces(x.shape[0], limit)]
+
+
+def _joined(pieces: list[tuple[int, int, int]], outs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The pieces' outputs put back together, one tensor per input."""
+    parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    for (i, _, _), y in zip(pieces, outs):
+        parts[i].append(y)
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
 
 
 def cpu_flags() -> set[str]:
@@ -174,10 +203,11 @@ class GemvKernel:
         return dtype in self.isa
 
     def handles(self, dtype: torch.dtype, tokens: int, threads: int) -> bool:
-        """Whether this kernel beats torch's matmul here (see _kernel_wins)."""
-        if dtype not in self.isa or not 1 <= tokens <= self.max_tokens:
+        """Whether this kernel beats torch's matmul here (see _kernel_wins): more tokens than one call holds
+        run in pieces (`multi`, `linear`), so the rule is asked about the largest piece."""
+        if dtype not in self.isa or tokens < 1:
             return False
-        return _kernel_wins(self.isa[dtype], dtype, tokens, threads)
+        return _kernel_wins(self.isa[dtype], dtype, _piece_tokens(tokens, self.max_tokens), threads)
 
     def supports_int(self, fmt: str, dtype: torch.dtype) -> bool:
         """Whether the int kernels run `fmt` experts in a model of `dtype` (inputs and outputs) here."""
@@ -185,9 +215,9 @@ class GemvKernel:
 
     def handles_int(self, fmt: str, dtype: torch.dtype, tokens: int, threads: int) -> bool:
         """Whether the int kernel beats torch's dequantize-then-matmul here (see _int_kernel_wins)."""
-        if not self.supports_int(fmt, dtype) or not 1 <= tokens <= self.int_max_tokens:
+        if not self.supports_int(fmt, dtype) or tokens < 1:
             return False
-        return _int_kernel_wins(fmt, dtype, tokens, threads)
+        return _int_kernel_wins(fmt, dtype, _piece_tokens(tokens, self.int_max_tokens), threads)
 
     def qmulti(self, weights: list[tuple[torch.Tensor, torch.Tensor]], inputs: list[torch.Tensor], threads: int,
                out_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -195,14 +225,17 @@ class GemvKernel:
         (qweight, scales) of one matrix (int_layout), all of the same shape and format, contiguous; x_i
         [T_i, K] contiguous in the model's dtype (bf16 or fp32): the weights are dequantized as the reference
         dequantizes them into that dtype. Sums in fp32; `out_dtype` bfloat16 rounds as torch's bf16 matmul."""
+        if max(x.shape[0] for x in inputs) > self.int_max_tokens:  # in pieces, all in one call
+            pieces = _in_pieces(inputs, self.int_max_tokens)
+            outs = self.qmulti([weights[i] for i, _, _ in pieces], [inputs[i][a:b] for i, a, b in pieces], threads,
+                               out_dtype)
+            return _joined(pieces, outs, len(inputs))
         count = len(weights)
         qweight, scales = weights[0]
         fmt, k, group = int_layout(qweight, scales)
         n = qweight.shape[0]
         dtype = inputs[0].dtype
         tokens = [x.shape[0] for x in inputs]
-        if max(tokens) > self.int_max_tokens:
-            raise ValueError(f"the int GEMV kernel takes at most {self.int_max_tokens} tokens per call")
         if not self.supports_int(fmt, dtype):
             raise ValueError(f"the int kernels do not run {fmt} experts with {dtype} inputs on this CPU")
         out_bf16 = out_dtype == torch.bfloat16
@@ -240,11 +273,14 @@ class GemvKernel:
 
         The products accumulate in fp32; `out_dtype` bfloat16 (with bf16 weights) rounds them as torch's
         bf16 matmul rounds its output."""
+        if max(x.shape[0] for x in inputs) > self.max_tokens:  # gemv.c's per-item buffer holds MAXT tokens
+            pieces = _in_pieces(inputs, self.max_tokens)
+            outs = self.multi([weights[i] for i, _, _ in pieces], [inputs[i][a:b] for i, a, b in pieces], threads,
+                              out_dtype)
+            return _joined(pieces, outs, len(inputs))
         count = len(weights)
         n, k = weights[0].shape
         dtype = weights[0].dtype
-        if max(x.shape[0] for x in inputs) > self.max_tokens:  # gemv.c's per-item buffer holds MAXT tokens
-            raise ValueError(f"the GEMV kernel takes at most {self.max_tokens} tokens per call")
         out_bf16 = out_dtype == torch.bfloat16
         outs = [torch.empty((x.shape[0], n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for x in inputs]
         isa = self.isa[dtype]
@@ -258,9 +294,12 @@ class GemvKernel:
 
     def linear(self, weight: torch.Tensor, x: torch.Tensor, threads: int, out_dtype: torch.dtype) -> torch.Tensor:
         """x @ weight^T for one matrix: `multi` with a single item, at less per-call cost (the dense
-        projections call it 30-odd times per token). weight [N, K] and x [T, K] contiguous, T <= max_tokens."""
+        projections call it 30-odd times per token). weight [N, K] and x [T, K] contiguous; more than
+        max_tokens run in pieces."""
         n, k = weight.shape
         tokens = x.shape[0]
+        if tokens > self.max_tokens:
+            return torch.cat([self.linear(weight, x[a:b], threads, out_dtype) for a, b in _pieces(tokens, self.max_tokens)])
         out_bf16 = out_dtype == torch.bfloat16
         out = torch.empty((tokens, n), dtype=torch.bfloat16 if out_bf16 else torch.float32)
         isa = self.isa[weight.dtype]

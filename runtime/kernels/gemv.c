@@ -19,6 +19,7 @@
 
 #include "bf16.h"
 #include "hsum.h"
+#include "row_f32.h"
 #include "silu_gate.h"
 #include "stream_access.h"  /* PREFETCH_BYTES, STREAMS: the AVX2 paths' reads */
 
@@ -138,44 +139,10 @@ static void rows_bf16_avx2(const uint16_t *W, const float *xe, const float *xo, 
     }
 }
 
-/* fp32: the same row-at-a-time stream, eight weights per FMA. */
-__attribute__((target("avx2,fma"), always_inline))
-static inline void row_f32_avx2(const float *w, const float *x, float *out, int64_t out_stride, int64_t K,
-                                const int G) {
-    __m256 a[4], b[4];
-    for (int g = 0; g < G; g++) a[g] = b[g] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_NTA);
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-        for (int g = 0; g < G; g++) {
-            a[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + g * K + k), a[g]);
-            b[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + g * K + k + 8), b[g]);
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        float s = hsum256(_mm256_add_ps(a[g], b[g]));
-        for (int64_t j = k; j < K; j++) s += w[j] * x[g * K + j];
-        out[g * out_stride] = s;
-    }
-}
-
 __attribute__((target("avx2,fma")))
 static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, int64_t rows, int64_t N, int64_t K,
                           int64_t T) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *w = W + (n0 + r) * K;
-        for (int64_t t = 0; t < T; t += 4) {
-            const float *xt = x + t * K;
-            float *out = y + t * N + n0 + r;
-            switch (T - t < 4 ? T - t : 4) {
-                case 1: row_f32_avx2(w, xt, out, N, K, 1); break;
-                case 2: row_f32_avx2(w, xt, out, N, K, 2); break;
-                case 3: row_f32_avx2(w, xt, out, N, K, 3); break;
-                default: row_f32_avx2(w, xt, out, N, K, 4); break;
-            }
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) row_f32_tokens(W + (n0 + r) * K, x, y + n0 + r, N, K, T, 1);
 }
 
 /* ---- one token, AVX2: a thread's rows as far-apart streams ------------------------------------
@@ -295,9 +262,71 @@ static void rows_block(int isa, int is_bf16, const void *W, const void *x, const
     }
 }
 
+/* AVX2 from BLOCK_TOKENS tokens: four rows against two tokens at a time over chunks of the inputs, so that
+ * the rows' chunk and the two tokens' stay in L1 (rows_* re-read four tokens' inputs from L2 for each row:
+ * half the FMA rate once they outgrow L1; measured in docs/benchmarks.md). fp32 rows go through row_f32.h;
+ * bf16 rows are widened in registers as row_bf16_avx2 does, against the split inputs. */
+#define BLOCK_TOKENS 8
+
+/* R bf16 rows (row r at w + r * K) against TT tokens (split inputs: token t's even elements at xe + t * half,
+ * odd ones at xo + t * half) over inputs [k0, k1), a multiple of 16; each sum added to out[t * R + r]. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void block_bf16_tile(const uint16_t *w, const float *xe, const float *xo, int64_t half, float *out,
+                                   int64_t K, int64_t k0, int64_t k1, const int R, const int TT) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 a[4][2];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) a[r][t] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16) {
+        __m256 ve[2], vo[2];
+        for (int t = 0; t < TT; t++) {
+            ve[t] = _mm256_loadu_ps(xe + t * half + k / 2);
+            vo[t] = _mm256_loadu_ps(xo + t * half + k / 2);
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+            const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+            for (int t = 0; t < TT; t++) a[r][t] = _mm256_fmadd_ps(wo, vo[t], _mm256_fmadd_ps(we, ve[t], a[r][t]));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) out[t * R + r] += hsum256(a[r][t]);
+}
+
+#define BLOCK_BF16_TILE(R_)                                                                                      \
+    do {                                                                                                         \
+        if (T - t >= 2) block_bf16_tile(w, xe + t * half, xo + t * half, half, out + t * R_, K, k0, k1, R_, 2);  \
+        else block_bf16_tile(w, xe + t * half, xo + t * half, half, out + t * R_, K, k0, k1, R_, 1);             \
+    } while (0)
+
+/* bf16 rows w [R, K] (R <= 4) against T tokens (split inputs, as rows_bf16_avx2 takes them): out [T, R]. */
+__attribute__((target("avx2,fma")))
+static void block_bf16_tokens(const uint16_t *w, int R, const float *xe, const float *xo, float *out, int64_t K,
+                              int64_t T) {
+    const int64_t half = (K + 1) / 2, K16 = K & ~(int64_t)15;
+    for (int64_t t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) {
+            float s = 0.0f;
+            for (int64_t j = K16; j < K; j++)
+                s += bf16_to_f32(w[r * K + j]) * ((j & 1) ? xo[t * half + j / 2] : xe[t * half + j / 2]);
+            out[t * R + r] = s;
+        }
+    for (int64_t k0 = 0; k0 < K16; k0 += ROWS_CHUNK) {
+        const int64_t k1 = K16 - k0 < ROWS_CHUNK ? K16 : k0 + ROWS_CHUNK;
+        for (int64_t t = 0; t < T; t += 2) switch (R) {
+                case 1: BLOCK_BF16_TILE(1); break;
+                case 2: BLOCK_BF16_TILE(2); break;
+                case 3: BLOCK_BF16_TILE(3); break;
+                default: BLOCK_BF16_TILE(4); break;
+            }
+    }
+}
+
 /* For each of `count` experts i: y[i] = x[i] @ W[i]^T, with T[i] tokens (<= MAXT), stored as fp32 or, with
  * out_bf16, rounded to bf16 as torch's bf16 matmul output is. For T > 1 the weight rows are read once
- * per token but stay in L1 between tokens (rows_*: up to four tokens per pass over a row).
+ * per token but stay in L1 between tokens (rows_*: up to four tokens per pass over a row; on AVX2 from
+ * BLOCK_TOKENS tokens four rows and two tokens at a time, block_*_tokens).
  * `scratch` (AVX2 bf16 only) holds count * 2 * max(T) * ceil(K / 2) floats for the split inputs. */
 void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x, void **y, const int64_t *T,
                 int64_t N, int64_t K, int threads, float *scratch, int out_bf16) {
@@ -326,8 +355,14 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
         const int64_t n0 = (item % blocks) * ROWS;
         const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
         float tmp[MAXT * ROWS];  /* [T, rows] */
-        rows_block(isa, is_bf16, W[i], x[i], split ? scratch + 2 * i * stride : NULL,
-                   split ? scratch + (2 * i + 1) * stride : NULL, tmp, n0, rows, K, T[i]);
+        if (isa == ISA_AVX2 && T[i] >= BLOCK_TOKENS && is_bf16)
+            block_bf16_tokens((const uint16_t *)W[i] + n0 * K, (int)rows, scratch + 2 * i * stride,
+                              scratch + (2 * i + 1) * stride, tmp, K, T[i]);
+        else if (isa == ISA_AVX2 && T[i] >= BLOCK_TOKENS)
+            block_f32_tokens((const float *)W[i] + n0 * K, (int)rows, (const float *)x[i], tmp, K, T[i]);
+        else
+            rows_block(isa, is_bf16, W[i], x[i], split ? scratch + 2 * i * stride : NULL,
+                       split ? scratch + (2 * i + 1) * stride : NULL, tmp, n0, rows, K, T[i]);
         for (int64_t t = 0; t < T[i]; t++)
             for (int64_t r = 0; r < rows; r++) {
                 if (out_bf16) ((uint16_t *)y[i])[t * N + n0 + r] = f32_to_bf16(tmp[t * rows + r]);

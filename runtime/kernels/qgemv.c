@@ -15,7 +15,8 @@
  *
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
- * and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
+ * more tokens (int4 from 5, int8 from 32) dequantize a block of four rows once into fp32 and multiply it
+ * by row_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
  * these AVX2 paths.
  * Inputs are first widened to fp32 into scratch, one row of K floats per token: for int4 split into the
  * K/2 even elements then the K/2 odd ones (the low and high nibbles of the weights' bytes), or permuted in
@@ -29,11 +30,17 @@
 #include "dequant.h"
 #include "hsum.h"
 #include "q4planes.h"
+#include "row_f32.h"
 #include "silu_gate.h"
 #include "stream_access.h" /* PREFETCH_BYTES, STREAMS */
 
 #define QMAXT 64    /* tokens per call, as gemv.c's MAXT */
 #define QROWS 4     /* rows per work item at two or more tokens */
+/* From this many tokens a block of rows is dequantized once (dequant_row) and multiplied as fp32 (row_f32.h),
+ * measured with bench/diagnostics/int_kernel_ab.py --tokens (docs/benchmarks.md): int4's table lookups
+ * cost more than one pass of four tokens' FMAs, int8's widening far less. */
+#define DEQUANT_ROW_TOKENS_INT4 5
+#define DEQUANT_ROW_TOKENS_INT8 32
 #define FMT_INT8 1  /* as runtime/kernels/__init__.py */
 #define FMT_INT4 2
 
@@ -433,6 +440,65 @@ static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc,
     }
 }
 
+/* ---- more than a few tokens: each row dequantized once, then multiplied as fp32 ----------------------
+ * Row w's weights exactly as the reference's (float(scale) * q, rounded to bf16 for a bf16 model: the
+ * helpers of dequant.h), into out[K] in the order the layout's prepared inputs are in, so that a plain fp32
+ * product of the two rows is the row's product. qrow redoes the dequantization for each four tokens. */
+__attribute__((target("avx2,fma,f16c")))
+static void dequant_row(int fmt, int rb, int layout, const void *w, const uint16_t *sc, float *out, int64_t K,
+                        int64_t G) {
+    if (fmt == FMT_INT8) {
+        const int8_t *q = (const int8_t *)w;
+        for (int64_t g = 0; g < K / G; g++) {
+            const __m256 s = _mm256_set1_ps(_cvtsh_ss(sc[g]));
+            const int round = rb && !scales_factor_exactly(s); /* s * q is a bf16 already where s is 2^e */
+            for (int64_t k = g * G; k < (g + 1) * G; k += 8) _mm256_storeu_ps(out + k, dequant_i8(q + k, s, round));
+        }
+        return;
+    }
+    const uint8_t *q = (const uint8_t *)w;
+    const int64_t group_bytes = G / 2, half = K / 2;
+    if (layout == LAYOUT_TABLE) { /* as qrow_q4tab: the table's bf16(m * (code - 8)) times sign * 2^e, exact */
+        for (int64_t g0 = 0; g0 < K / G; g0 += 8) {
+            const int64_t gn = K / G - g0 < 8 ? K / G - g0 : 8;
+            int32_t offset[8];
+            float mult[8];
+            q4_scales8(load_scales8(sc + g0, gn), offset, mult);
+            for (int64_t gi = 0; gi < gn; gi++) {
+                const uint8_t *table = &q4_bf16_tables[0][0] + offset[gi];
+                const __m256 m = _mm256_broadcast_ss(&mult[gi]);
+                for (int64_t j = (g0 + gi) * group_bytes; j < (g0 + gi + 1) * group_bytes; j += 16) {
+                    __m256 v[4];
+                    q4tab_weights(q + j, table, v);
+                    for (int b = 0; b < 4; b++) _mm256_storeu_ps(out + 2 * j + 8 * b, _mm256_mul_ps(v[b], m));
+                }
+            }
+        }
+        return;
+    }
+    for (int64_t g = 0; g < K / G; g++) { /* even inputs at j, odd ones at half + j (input_slot) */
+        const float sf = _cvtsh_ss(sc[g]);
+        const int64_t j0 = g * group_bytes;
+        if (G % 16 == 0) {
+            const __m256 s = _mm256_set1_ps(sf), m8 = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
+            for (int64_t j = j0; j < j0 + group_bytes; j += 8) {
+                __m256 e, o;
+                dequant_i4(q + j, s, m8, &e, &o, rb);
+                _mm256_storeu_ps(out + j, e);
+                _mm256_storeu_ps(out + half + j, o);
+            }
+        } else {
+            const __m128 s = _mm_set1_ps(sf), m8 = _mm_mul_ps(s, _mm_set1_ps(-8.0f));
+            for (int64_t j = j0; j < j0 + group_bytes; j += 4) {
+                __m128 e, o;
+                dequant_i4_half(q + j, s, m8, &e, &o, rb);
+                _mm_storeu_ps(out + j, e);
+                _mm_storeu_ps(out + half + j, o);
+            }
+        }
+    }
+}
+
 /* Whether one-token inputs of `layout` carry the planes of the factored int4 groups (q4planes.h), and how
  * many floats a prepared input row of K then takes. */
 static inline int input_planes(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
@@ -489,6 +555,13 @@ void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t
         const int i = (int)(item / blocks);
         const int64_t n0 = (item % blocks) * QROWS, rows = N - n0 < QROWS ? N - n0 : QROWS;
         float tmp[QMAXT * QROWS]; /* [T, rows] */
+        if (T[i] >= (fmt == FMT_INT4 ? DEQUANT_ROW_TOKENS_INT4 : DEQUANT_ROW_TOKENS_INT8)) {
+            float block[QROWS * K];
+            for (int64_t r = 0; r < rows; r++)
+                dequant_row(fmt, is_bf16, layout, (const char *)W[i] + (n0 + r) * row_bytes, S[i] + (n0 + r) * (K / G),
+                            block + r * K, K, G);
+            block_f32_tokens(block, (int)rows, scratch + i * stride, tmp, K, T[i]);
+        } else
         for (int64_t r = 0; r < rows; r++) {
             const char *w = (const char *)W[i] + (n0 + r) * row_bytes;
             const uint16_t *sc = S[i] + (n0 + r) * (K / G);

@@ -54,8 +54,12 @@ def _kernels_by_isa():
 @pytest.mark.parametrize("kernel", _kernels_by_isa())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # columns that are and are not multiples of the vector width (1027, 2056 and 4104 leave tails in bf16)
+# from eight tokens AVX2 sums four rows and two tokens at a time over chunks of 1024 columns: two chunks and
+# a tail, odd token counts, and a second matrix of one token in the same call; 130 tokens: more than a call
+# holds, run in three pieces
 @pytest.mark.parametrize("rows,cols,tokens", [(37, 1024, 1), (37, 1027, 3), (5, 33, 8), (9, 7, 2), (16, 48, 64),
-                                              (37, 4096, 1), (37, 2056, 1), (6, 4104, 1)])
+                                              (37, 4096, 1), (37, 2056, 1), (6, 4104, 1), (37, 2059, 9),
+                                              (6, 1027, 8), (13, 4104, 10), (5, 300, 130)])
 def test_multi_equals_fp32_matmul_on_odd_shapes(kernel, dtype, rows, cols, tokens):
     if not kernel.supports(dtype):
         pytest.skip(f"no {dtype} kernel for this instruction set")

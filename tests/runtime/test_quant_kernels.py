@@ -27,6 +27,8 @@ SHAPES = [  # (rows N, inputs K, group size G): odd row counts and every group-s
     (16, 8, 8),      # one group of eight
     (5, 96, 32),
     (300, 1024, 64),
+    (33, 2112, 32),  # from a few tokens (int4 5, int8 32) the rows are dequantized once and summed in
+    (7, 1096, 8),    # chunks of 1024 inputs: two chunks and a part
 ]
 
 
@@ -95,7 +97,7 @@ def assert_close(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}g{g}" for n, k, g in SHAPES])
-@pytest.mark.parametrize("tokens", [1, 3, 6])
+@pytest.mark.parametrize("tokens", [1, 3, 6, 7, 33])  # int4 from 5, int8 from 32: rows dequantized once
 @pytest.mark.parametrize("threads", [1, 2])
 def test_qmulti_equals_torch(kernel, fmt, dtype, shape, tokens, threads):
     n, k, group = shape
@@ -237,7 +239,7 @@ def test_qmoe_token_int8_power_of_two_scales(kernel, powers_of_two, threads):
 @pytest.mark.parametrize("scales", ["all", "mixed"])
 @pytest.mark.parametrize("shape", [(37, 512, 32), (70, 1024, 32), (130, 512, 64), (5, 96, 32)],
                          ids=["37x512g32", "70x1024g32", "130x512g64", "5x96g32"])
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 6])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int4_5_bit_scales_factor_out_exactly(kernel, scales, shape, tokens, threads):
     """int4 groups of 32 of a bf16 model whose scales have at most 5 significant bits (dequant.h: summed as
@@ -296,9 +298,13 @@ def test_qmoe_token_int4_5_bit_scales(kernel, scales, threads):
 
 def test_token_limit_and_bad_layouts(kernel):
     gen = torch.Generator().manual_seed(0)
-    qw, s, _ = quantized(8, 64, 32, "int8", gen)
-    with pytest.raises(ValueError, match="at most"):
-        kernel.qmulti([(qw, s)], [torch.randn(kernel.int_max_tokens + 1, 64)], 1)
+    qw, s, q = quantized(8, 64, 32, "int8", gen)
+    # more tokens than one call holds: in pieces (here 3 of 43-44), in one call, each input's rows in order
+    xs = [torch.randn(2 * kernel.int_max_tokens + 3, 64, generator=gen), torch.randn(2, 64, generator=gen)]
+    ys = kernel.qmulti([(qw, s), (qw, s)], xs, 1)
+    assert [y.shape[0] for y in ys] == [x.shape[0] for x in xs] and kernel.handles_int("int8", torch.float32, 131, 1)
+    for x, y in zip(xs, ys):
+        assert_close(y, dequantized(q, s, 32, torch.float32), x)
     with pytest.raises(ValueError, match="do not fit"):
         int_layout(qw, s[:, :1].contiguous().repeat(1, 3))  # 3 groups of 64 / 3 inputs
     with pytest.raises(ValueError, match="not an int8/int4 matrix"):
@@ -345,7 +351,7 @@ def test_executor_runs_int_experts_on_the_kernel(kernel, fmt, dtype):
     fast = CpuExecutor(2, kernel=counting)  # type: ignore[arg-type]
     plain = CpuExecutor(2, use_kernel=False)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    for tokens in (1, 4, 70):  # 70: expert 0 gets them all, above the kernel's 64: torch's path for it
+    for tokens in (1, 4, 70):  # 70: expert 0 gets them all, above the kernel's 64: two pieces in the same call
         x = torch.randn(tokens, config.hidden_size).to(dtype)
         idx = torch.stack([torch.randperm(module.num_experts - 1)[:2] + 1 for _ in range(tokens)])
         if tokens > kernel.int_max_tokens:
