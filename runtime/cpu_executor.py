@@ -10,14 +10,16 @@ Three paths:
 - token counts where the GEMV kernel of runtime/kernels beats torch (its measured rule, by instruction
   set), `run`: the input projections of all of the layer's missed experts in one parallel region, then
   all their output projections in another, so the experts run in parallel across the threads and each
-  weight byte is read once;
+  weight byte is read once (an expert with more tokens than one kernel call holds runs in even pieces in
+  the same call: GemvKernel.multi);
 - otherwise, or a layout the kernel does not cover (biases, transposed weights, a dtype or CPU it does
   not support): torch's matmul (oneDNN, AMX where the CPU has it), expert by expert.
 
 Quantized experts (int8/int4, runtime/quant_experts.py) take `_run_quantized`: the input projections of
 all the layer's missed experts, the gate, then all their output projections, each projection set through
 ONE seam, `quantized_multi`: the int kernels of runtime/kernels/qgemv.c where they run (AVX2 + FMA + F16C,
-a bf16 or fp32 model, up to their token limit; they multiply exactly the reference's dequantized weights),
+a bf16 or fp32 model, in pieces of at most their token limit; they multiply exactly the reference's
+dequantized weights),
 else each matrix dequantized into the shared scratch in the model dtype and multiplied with torch, the
 arithmetic a hit on the accelerator does. One decode token whose experts all run on the CPU takes the
 int kernels' fused path (`token_quantized`) where `fits_token_quantized` says so: the int kernels run, no biases, no
