@@ -45,7 +45,7 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     four-stream kernel was 0.98-1.30x torch in ten cells of five runs, and 1.04-1.10x in the four cells of
     the two runs where they took turns repeat by repeat (_run2.md), so it is used; at 32 tokens 0.86-1.36x
     across runs (0.86-0.98x where they took turns: noted, not yet acted on). Those measurements predate the
-    L1-blocked product from eight tokens (gemv.c, BLOCK_TOKENS: 1.4-1.9x the old kernel at 16-64 tokens,
+    L1-blocked product from eight tokens (gemv.c, BLOCK_TOKENS: 1.2-1.7x the old kernel at 16-96 tokens,
     docs/benchmarks.md), which only widens the kernel's lead where it already won. More tokens than a call
     holds (64) run in pieces, and the rule is asked about the largest piece (GemvKernel.handles).
     """
