@@ -88,14 +88,13 @@ def _piece_tokens(tokens: int, limit: int) -> int:
     return -(-tokens // -(-tokens // limit))
 
 
-def _in_pieces(inputs: list[torch.Tensor], limit: int) -> list[tuple[int, int, int]]:
-    """(input index, start, stop) of every piece of every input."""
-    return [(i, a, b) for i, x in enumerate(inputs) for a, b in _pieces(x.shape[0], limit)]
-
-
-def _joined(pieces: list[tuple[int, int, int]], outs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """The pieces' outputs put back together, one tensor per input."""
-    parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
+def _by_pieces(call: Callable[..., list[torch.Tensor]], weights: list, inputs: list[torch.Tensor], limit: int,
+               threads: int, out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """`call` (GemvKernel.multi or qmulti) on every input cut into `_pieces` of at most `limit` tokens, each
+    piece with its input's weights, all in one call; the pieces' outputs put back together per input."""
+    pieces = [(i, a, b) for i, x in enumerate(inputs) for a, b in _pieces(x.shape[0], limit)]
+    outs = call([weights[i] for i, _, _ in pieces], [inputs[i][a:b] for i, a, b in pieces], threads, out_dtype)
+    parts: list[list[torch.Tensor]] = [[] for _ in inputs]
     for (i, _, _), y in zip(pieces, outs):
         parts[i].append(y)
     return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
@@ -225,17 +224,14 @@ class GemvKernel:
         (qweight, scales) of one matrix (int_layout), all of the same shape and format, contiguous; x_i
         [T_i, K] contiguous in the model's dtype (bf16 or fp32): the weights are dequantized as the reference
         dequantizes them into that dtype. Sums in fp32; `out_dtype` bfloat16 rounds as torch's bf16 matmul."""
-        if max(x.shape[0] for x in inputs) > self.int_max_tokens:  # in pieces, all in one call
-            pieces = _in_pieces(inputs, self.int_max_tokens)
-            outs = self.qmulti([weights[i] for i, _, _ in pieces], [inputs[i][a:b] for i, a, b in pieces], threads,
-                               out_dtype)
-            return _joined(pieces, outs, len(inputs))
+        tokens = [x.shape[0] for x in inputs]
+        if max(tokens) > self.int_max_tokens:  # qgemv.c's per-item buffer holds QMAXT tokens
+            return _by_pieces(self.qmulti, weights, inputs, self.int_max_tokens, threads, out_dtype)
         count = len(weights)
         qweight, scales = weights[0]
         fmt, k, group = int_layout(qweight, scales)
         n = qweight.shape[0]
         dtype = inputs[0].dtype
-        tokens = [x.shape[0] for x in inputs]
         if not self.supports_int(fmt, dtype):
             raise ValueError(f"the int kernels do not run {fmt} experts with {dtype} inputs on this CPU")
         out_bf16 = out_dtype == torch.bfloat16
@@ -273,23 +269,21 @@ class GemvKernel:
 
         The products accumulate in fp32; `out_dtype` bfloat16 (with bf16 weights) rounds them as torch's
         bf16 matmul rounds its output."""
-        if max(x.shape[0] for x in inputs) > self.max_tokens:  # gemv.c's per-item buffer holds MAXT tokens
-            pieces = _in_pieces(inputs, self.max_tokens)
-            outs = self.multi([weights[i] for i, _, _ in pieces], [inputs[i][a:b] for i, a, b in pieces], threads,
-                              out_dtype)
-            return _joined(pieces, outs, len(inputs))
+        tokens = [x.shape[0] for x in inputs]
+        if max(tokens) > self.max_tokens:  # gemv.c's per-item buffer holds MAXT tokens
+            return _by_pieces(self.multi, weights, inputs, self.max_tokens, threads, out_dtype)
         count = len(weights)
         n, k = weights[0].shape
         dtype = weights[0].dtype
         out_bf16 = out_dtype == torch.bfloat16
-        outs = [torch.empty((x.shape[0], n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for x in inputs]
+        outs = [torch.empty((t, n), dtype=torch.bfloat16 if out_bf16 else torch.float32) for t in tokens]
         isa = self.isa[dtype]
         per_row = _split_input_floats(isa, dtype, k)
-        scratch = self._scratch_ptr(count * max(x.shape[0] for x in inputs) * per_row) if per_row else None
+        scratch = self._scratch_ptr(count * max(tokens) * per_row) if per_row else None
         ptrs = ctypes.c_void_p * count
         self._fn(isa, int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w in weights]),
                  ptrs(*[x.data_ptr() for x in inputs]), ptrs(*[y.data_ptr() for y in outs]),
-                 (ctypes.c_int64 * count)(*[x.shape[0] for x in inputs]), n, k, threads, scratch, int(out_bf16))
+                 (ctypes.c_int64 * count)(*tokens), n, k, threads, scratch, int(out_bf16))
         return outs
 
     def linear(self, weight: torch.Tensor, x: torch.Tensor, threads: int, out_dtype: torch.dtype) -> torch.Tensor:

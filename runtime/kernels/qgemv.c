@@ -476,25 +476,15 @@ static void dequant_row(int fmt, int rb, int layout, const void *w, const uint16
         }
         return;
     }
-    for (int64_t g = 0; g < K / G; g++) { /* even inputs at j, odd ones at half + j (input_slot) */
-        const float sf = _cvtsh_ss(sc[g]);
-        const int64_t j0 = g * group_bytes;
-        if (G % 16 == 0) {
-            const __m256 s = _mm256_set1_ps(sf), m8 = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
-            for (int64_t j = j0; j < j0 + group_bytes; j += 8) {
-                __m256 e, o;
-                dequant_i4(q + j, s, m8, &e, &o, rb);
-                _mm256_storeu_ps(out + j, e);
-                _mm256_storeu_ps(out + half + j, o);
-            }
-        } else {
-            const __m128 s = _mm_set1_ps(sf), m8 = _mm_mul_ps(s, _mm_set1_ps(-8.0f));
-            for (int64_t j = j0; j < j0 + group_bytes; j += 4) {
-                __m128 e, o;
-                dequant_i4_half(q + j, s, m8, &e, &o, rb);
-                _mm_storeu_ps(out + j, e);
-                _mm_storeu_ps(out + half + j, o);
-            }
+    /* even inputs at j, odd ones at half + j (input_slot); eight weights a step fit every group size (a
+     * multiple of 8), and the row is dequantized once for all its tokens */
+    for (int64_t g = 0; g < K / G; g++) {
+        const __m128 s = _mm_set1_ps(_cvtsh_ss(sc[g])), m8 = _mm_mul_ps(s, _mm_set1_ps(-8.0f));
+        for (int64_t j = g * group_bytes; j < (g + 1) * group_bytes; j += 4) {
+            __m128 e, o;
+            dequant_i4_half(q + j, s, m8, &e, &o, rb);
+            _mm_storeu_ps(out + j, e);
+            _mm_storeu_ps(out + half + j, o);
         }
     }
 }
