@@ -510,7 +510,7 @@ def memory_plan(profile: Any, shape: ModelShape, plan: Plan, context: int, promp
     on_gpu = plan.hardware.accelerator != "cpu"
     slots = sum(plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts))
     items = memory_items(shape, slots, on_gpu, kv_tokens=context + prompt_tokens, pass_tokens=prompt_tokens,
-                         transfers=plan.miss.rule.ever_on_accelerator)
+                         rule=plan.miss.rule)
     limits = {"host": int(profile.host_memory_bytes)}
     if on_gpu:
         if vram_budget is not None:

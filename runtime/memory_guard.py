@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .contracts.cache_policy import MissRule
 from .contracts.memory import ACCELERATOR, HOST, HOST_LOCK_MARGIN, locked_host_bytes, memory_items
 from .contracts.model_shape import ModelShape
 from .errors import HardwareError
@@ -70,13 +71,13 @@ def lock_plan(shape: ModelShape, on_accelerator: bool,
 def memory_plan(shape: ModelShape, slots: list[int], device: torch.device, context_tokens: int,
                 host_available: Callable[[], int | None] = host_available_bytes,
                 host_total: Callable[[], int | None] = host_total_bytes,
-                transfers: bool = True) -> list[DeviceNeed]:
+                rule: MissRule = MissRule()) -> list[DeviceNeed]:
     """What each device needs for this plan; `host_available` says the free host bytes (tests pass a figure).
 
     `context_tokens` (prompt and new tokens) bounds both the KV cache and the tokens of one pass;
-    `transfers`: whether the plan computes misses on the accelerator (`MissRule.ever_on_accelerator` of its `miss:`)."""
+    `rule`: the plan's miss rule (where misses are computed: the transfer buffers, the CPU experts' pass)."""
     items = memory_items(shape, sum(slots), device.type != "cpu", kv_tokens=context_tokens,
-                         pass_tokens=context_tokens, transfers=transfers)
+                         pass_tokens=context_tokens, rule=rule)
     needs = []
     if ACCELERATOR in items:
         free, _total = torch.cuda.mem_get_info(device)

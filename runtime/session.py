@@ -84,7 +84,7 @@ class Session:
         shape = inspect_model(folder, plan.model.dtype, plan.model.experts)  # check the plan before reading any weight
         slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
         plan.cache.preload_per_layer(shape.num_moe_layers, shape.num_experts)
-        check_fits(memory_plan(shape, slots, device, context_tokens, transfers=plan.miss.rule.ever_on_accelerator))
+        check_fits(memory_plan(shape, slots, device, context_tokens, rule=plan.miss.rule))
         loaded = load_model(folder, plan.model.dtype, plan.hardware.accelerator, plan.model.experts)
         replay = None
         if replay_trace is not None:

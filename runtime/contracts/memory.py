@@ -20,6 +20,14 @@ Items (bytes):
 - `dequant_scratch` (int8/int4 experts only): one expert in the activation dtype, which a quantized
   expert is dequantized into before its matmuls (on the accelerator for hits and accelerator misses; on
   the host as well on an accelerator plan, for CPU misses computed through torch);
+- `cpu_expert_pass` (host, where the plan computes misses on CPU threads): what one layer's CPU experts
+  hold at once for a pass, all its experts computed in one call (runtime/cpu_executor.py): each expert's
+  gathered inputs (H), its [gate; up] outputs (2I) and their gated product (I), and the outputs (H), in the
+  activation dtype, plus the kernels' float32 copy of the widest input row (max(H, I), runtime/kernels'
+  shared scratch, which keeps its largest size), per (token, chosen expert) pair the CPU computes; the
+  pairs are the pass's tokens times top-k, or fewer where larger misses go to the accelerator
+  (`cpu_expert_pairs`). For a 2,048-token Mixtral prompt that is about 0.6 GB against the `workspace`'s
+  0.2 GB;
 - `reserve` (accelerator only): room for the CUDA context's own allocations, the math libraries'
   workspaces, the caching allocator's rounding and the activations this accounting does not itemise.
 - `experts`: every routed expert, which lives in host memory whatever the plan;
@@ -29,6 +37,7 @@ With `accelerator: cpu` every item is host memory (a slot is then a second copy 
 """
 from __future__ import annotations
 
+from .cache_policy import MissRule
 from .expert_format import is_quantized
 from .model_shape import ModelShape
 from .schedule import TRANSFER_BUFFERS
@@ -59,19 +68,38 @@ def workspace_bytes(shape: ModelShape, pass_tokens: int) -> int:
     return int(tokens * (6 * shape.hidden + 2 * widest) * shape.dtype_bytes + shape.vocab * 4)
 
 
+def cpu_expert_pairs(shape: ModelShape, pass_tokens: int, rule: MissRule) -> int:
+    """The most (token, chosen expert) pairs one layer computes on CPU threads in a pass of `pass_tokens`:
+    none where every miss goes to the accelerator; where misses of `transfer_min_tokens` tokens or more do,
+    each CPU expert has fewer."""
+    if rule.compute == "accelerator":
+        return 0
+    pairs = max(pass_tokens, 1) * shape.top_k
+    if rule.transfer_min_tokens > 0:
+        pairs = min(pairs, shape.num_experts * (rule.transfer_min_tokens - 1))
+    return pairs
+
+
+def cpu_expert_pass_bytes(shape: ModelShape, pairs: int) -> int:
+    """`cpu_expert_pass` (module docstring) for `pairs` (token, expert) pairs."""
+    H, I = shape.hidden, shape.expert_intermediate
+    return int(pairs * ((2 * H + 3 * I) * shape.dtype_bytes + 4 * max(H, I)))
+
+
 def memory_items(shape: ModelShape, slots: int, on_accelerator: bool, kv_tokens: int,
-                 pass_tokens: int, transfers: bool = True) -> dict[str, dict[str, int]]:
+                 pass_tokens: int, rule: MissRule = MissRule()) -> dict[str, dict[str, int]]:
     """Bytes per device ("accelerator", "host"), item by item, for a plan with `slots` cache slots in all.
 
     `kv_tokens`: the most tokens the KV cache holds; `pass_tokens`: the most tokens of one forward pass
-    (the prompt's prefill); `transfers`: whether the plan computes misses on the accelerator
-    (`MissRule.ever_on_accelerator`), which needs the transfer buffers.
+    (the prompt's prefill); `rule`: the plan's miss rule, which says whether the transfer buffers are needed
+    (`MissRule.ever_on_accelerator`) and how many pairs the CPU computes per pass (`cpu_expert_pairs`).
     """
     side = {"dense_weights": shape.dense_bytes, "kv_cache": shape.kv_bytes_per_token * kv_tokens,
             "expert_slots": slots * shape.expert_bytes, "workspace": workspace_bytes(shape, pass_tokens),
-            "transfer_scratch": TRANSFER_BUFFERS * shape.expert_bytes if transfers else 0}
+            "transfer_scratch": TRANSFER_BUFFERS * shape.expert_bytes if rule.ever_on_accelerator else 0}
     # expert bytes are those of the stored format (runtime/contracts/expert_format.py)
-    host = {"experts": shape.expert_bytes_total}
+    host = {"experts": shape.expert_bytes_total,
+            "cpu_expert_pass": cpu_expert_pass_bytes(shape, cpu_expert_pairs(shape, pass_tokens, rule))}
     quantized = is_quantized(shape.expert_format)
     if quantized:
         side["dequant_scratch"] = shape.expert_bytes_in_dtype

@@ -331,11 +331,10 @@ def test_the_transfer_buffers_are_what_tune_promises_and_run_guards(name, checkp
     buffers = layers[0].store.transfer
     assert all(layer.store.transfer is buffers for layer in layers)
     shape = inspect_model(folder, "float32")
-    transfers = plan.miss.rule.ever_on_accelerator
     slots = plan.cache.slots_per_layer(shape.num_moe_layers, shape.num_experts)
     # the guard's items for these slots, on the host here (the stand-in's device memory is host memory)
     guarded = guarded_memory(shape, slots, torch.device("cpu"), 64, host_available=lambda: None,
-                             host_total=lambda: None, transfers=transfers)[0].items
+                             host_total=lambda: None, rule=plan.miss.rule)[0].items
     promised, _ = planned_memory(Profile.load(PROFILES / "rtx4070.yaml"), shape, plan, context=64, prompt_tokens=16)
     expected = TRANSFER_BUFFERS * shape.expert_bytes if name.startswith("transfers") else 0
     assert buffers.allocated_bytes() == guarded["transfer_scratch"] == expected

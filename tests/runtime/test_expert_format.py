@@ -67,3 +67,24 @@ def test_shape_and_memory_accounting_are_format_aware():
     assert "dequant_scratch" not in plain["accelerator"]
     cpu = memory_items(int4, slots=0, on_accelerator=False, kv_tokens=10, pass_tokens=10)
     assert set(cpu) == {HOST} and cpu[HOST]["dequant_scratch"] == MIXTRAL.expert_bytes
+
+
+def test_cpu_expert_pass_counts_what_the_cpu_experts_hold_for_a_prompt():
+    """A layer's CPU experts run in one call: per (token, expert) pair its input and output rows (H each),
+    its [gate; up] rows (2I) and gated rows (I) in bf16, plus the kernels' float32 copy of the widest input
+    row. A 2,048-token Mixtral prompt: 4,096 pairs of (2 x 4096 + 3 x 14336) x 2 + 4 x 14336 bytes."""
+    from runtime.contracts.cache_policy import MissRule
+
+    prompt = memory_items(MIXTRAL, slots=0, on_accelerator=False, kv_tokens=2048, pass_tokens=2048)
+    assert prompt[HOST]["cpu_expert_pass"] == 2048 * 2 * ((2 * 4096 + 3 * 14336) * 2 + 4 * 14336) == 654_311_424
+    assert prompt[HOST]["cpu_expert_pass"] > 2 * prompt[HOST]["workspace"]  # what the workspace missed
+    # every miss on the accelerator: the CPU computes none
+    gpu = memory_items(MIXTRAL, slots=4, on_accelerator=True, kv_tokens=2048, pass_tokens=2048,
+                       rule=MissRule(compute="accelerator"))
+    assert gpu[HOST]["cpu_expert_pass"] == 0 and gpu["accelerator"]["transfer_scratch"] > 0
+    # misses of 16 tokens or more go to the accelerator: each of the 8 CPU experts has at most 15 tokens
+    mixed = memory_items(MIXTRAL, slots=4, on_accelerator=True, kv_tokens=2048, pass_tokens=2048,
+                         rule=MissRule(transfer_min_tokens=16))
+    assert mixed[HOST]["cpu_expert_pass"] == prompt[HOST]["cpu_expert_pass"] // 4096 * 8 * 15
+    decode = memory_items(MIXTRAL, slots=0, on_accelerator=False, kv_tokens=2048, pass_tokens=1)
+    assert decode[HOST]["cpu_expert_pass"] == prompt[HOST]["cpu_expert_pass"] // 2048
