@@ -87,15 +87,20 @@ def test_a_synthetic_trace_offers_no_static_set():
     assert "static" in Space(max_budget=2, max_threads=1).policies
 
 
-def test_statistics_alone_predict_the_recorded_tiny_moe_hit_rate():
+@pytest.mark.parametrize("fraction,trials", [(0.25, 40), (0.5, 12)])
+def test_statistics_alone_predict_the_recorded_tiny_moe_hit_rate(fraction, trials):
     """The embedded model's recorded trace: a plan tuned (a real Optuna study) on a synthetic trace fitted to
-    its statistics alone hits within 10 % (relative) of what it hits on the recorded routing."""
+    its statistics alone hits within 10 % (relative) of what it hits on the recorded routing. At 25 % the
+    40-trial study chose a prefetching plan that hit nothing while the recorded prompts' prefetch guesses
+    leaked into the synthetic workload (the replays assume none): the check read 0 against 0."""
     shape = load_model_shape(str(ROOT / "models" / "tiny-moe"))
     recorded = load_trace(TRACES / "tiny-moe.jsonl")
     check = statistics_only_check(shape, recorded, "tiny-moe.jsonl", Profile.load(PROFILES / "rtx4070.yaml"),
-                                  expert_fraction=0.5, trials=12)
-    assert sum(check.plan.cache.slots) > 0 and check.recorded_decode_hit_rate > 0
-    assert check.decode_relative_error <= 0.10, (check.synthetic_decode_hit_rate, check.recorded_decode_hit_rate)
+                                  expert_fraction=fraction, trials=trials)
+    tuned = check.tuned
+    assert sum(tuned.plan.cache.slots) > 0 and tuned.recorded_decode_hit_rate > 0.1
+    assert tuned.decode_relative_error <= 0.10, (tuned.synthetic_decode_hit_rate, tuned.recorded_decode_hit_rate)
+    assert check.caching is tuned  # the tuned plan caches, so it is the plan the check holds to the statistics
 
 
 def test_explain_json_names_the_statistics_their_sources_and_the_spread(capsys):
