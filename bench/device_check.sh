@@ -2,7 +2,9 @@
 # The GPU checks, as one script for a CUDA machine: made to fit 12 of a 15-minute device lease on one
 # H100 (BUDGET_S, 660 s by default, split into steps that each have their own time limit, and a step is
 # skipped, saying so, when less time is left than it needs):
-#  0. the Python environment (a carried .venv, or scripts/setup.sh where the registry can be reached);
+#  0. the Python environment: the project's .venv where there is one, else the image's python3 (it holds
+#     torch and transformers) with the carried wheels of bench/device_wheels.sh (optuna) installed into
+#     /tmp/site; the versions it runs with go to $OUT/environment.txt;
 #  1. host syncs of CUDA decode tokens under torch.cuda.set_sync_debug_mode("warn"), beside the seam's
 #     own count (one per MoE layer per pass), for a plan with hits, CPU misses, promotions and prefetch
 #     and for one whose misses are double-buffered transfers: bench/cuda_syncs.py;
@@ -17,7 +19,8 @@
 #     (bench/mixtral_replay.py).
 # Results go to $OUT (or bench/results/device) as text.
 #
-#   bash bench/device_check.sh            # on the GPU machine
+#   bash bench/device_wheels.sh           # here, first: the wheels the device image lacks, into .whl/
+#   bash bench/device_check.sh            # on the GPU machine (device run with carry [".whl"])
 #   DRY_RUN=1 bash bench/device_check.sh  # anywhere: prints each step, its budget and command; runs nothing
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -27,9 +30,19 @@ vram_budget=${VRAM_BUDGET:-3GB}  # about the share of a 4-layer model's experts 
 trials=${TRIALS:-60}
 budget=${BUDGET_S:-660}
 dry=${DRY_RUN:-0}
-py=${PYTHON:-.venv/bin/python}
 start=$SECONDS
 mkdir -p "$out"
+# The interpreter: PYTHON, else the project's .venv, else the image's python3 with the carried wheels (the
+# device machines reach no package registry, so scripts/setup.sh cannot run there).
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+  if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+fi
+if [ "$dry" != 1 ] && [ -d .whl ] && ! "$py" -c 'import optuna' 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$out/wheels.log" 2>&1 || { echo "installing the carried wheels failed:"; tail -5 "$out/wheels.log"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 # step NAME SECONDS COMMAND...: run COMMAND under `timeout SECONDS` if the budget leaves that much
 step() {
@@ -57,11 +70,21 @@ step() {
 }
 
 environment() {
-  if [ ! -x "$py" ]; then
-    bash scripts/setup.sh test > "$out/setup.log" 2>&1 || { tail -20 "$out/setup.log"; return 1; }
-  fi
-  "$py" -c 'import sys, torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 1)'
+  "$py" - <<'PY' 2>&1 | tee "$out/environment.txt"
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "transformers", "tokenizers", "safetensors", "optuna", "yaml", "psutil", "pynvml", "pytest"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "present"))
+    except ImportError as exc:
+        print(name, "MISSING:", exc)
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
+sys.exit(0 if torch.cuda.is_available() else 1)
+PY
+  local rc=${PIPESTATUS[0]}
   nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+  return "$rc"
 }
 
 conformance() {

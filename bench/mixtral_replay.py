@@ -20,7 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-MOEPLAN = str(ROOT / ".venv/bin/moeplan")
+# the CLI through this interpreter, the checkout first on its path: on a device machine there is no .venv
+# (and no installed moeplan), only the image's python3
+MOEPLAN = [sys.executable, "-m", "planner.cli"]
+MOEPLAN_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 COMPLETE = ".complete"  # written into a checkpoint folder only once it is fully saved
@@ -63,7 +66,7 @@ def build_checkpoint(folder: Path, layers: int) -> None:
 
 
 def moeplan_json(*args: str) -> dict:
-    proc = subprocess.run([MOEPLAN, *args], capture_output=True, text=True)
+    proc = subprocess.run([*MOEPLAN, *args], capture_output=True, text=True, env=MOEPLAN_ENV)
     if proc.returncode != 0:
         raise SystemExit(f"moeplan {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -121,9 +124,9 @@ def main() -> int:
         "copy on miss (LRU)": plan_text("copy", args.accelerator, cores, per_layer, "lru", "accelerator", False),
     }
     tuned = out / "tuned.yaml"
-    subprocess.run([MOEPLAN, "tune", "--model", str(folder), "--profile", args.profile, "--trace", str(trace_path),
+    subprocess.run([*MOEPLAN, "tune", "--model", str(folder), "--profile", args.profile, "--trace", str(trace_path),
                     "--vram-budget", args.vram_budget, "--trials", str(args.trials), "--out", str(tuned),
-                    "--no-progress"], check=True)
+                    "--no-progress"], check=True, env=MOEPLAN_ENV)
     rows = []
     for name, text in plans.items():
         path = tuned if text is None else out / f"{name.split()[0]}.yaml"
