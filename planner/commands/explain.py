@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+from typing import TYPE_CHECKING, Any
 
 from runtime.errors import UserError
 
 from ..paths import PROFILES
+
+if TYPE_CHECKING:
+    from runtime.plan import Plan
 
 
 
@@ -41,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if args.vram_budget is not None and args.vram_budget < 0:
         raise UserError(f"--vram-budget: must be >= 0 bytes, got {args.vram_budget}")
     plan = Plan.load(args.plan)
-    profile = _load_profile(args.profile)
+    profile, profile_source = _load_profile(args.profile, plan)
     shape = workload.resolve_model(plan, args.model)
     work = workload.resolve_workload(shape, args.trace, args.prompt_tokens)
     trace, trace_source = work.trace, work.source
@@ -56,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
     decodes = [prediction.decode_tokens_per_s, *(p.decode_tokens_per_s for p in spread.values())]
     if args.json:
         out = {"plan": str(args.plan), "model": shape.name, "profile": getattr(profile, "name", ""),
+               "profile_source": profile_source,
                "accelerator": plan.hardware.accelerator, "context": args.context,
                "prompt_tokens": args.prompt_tokens, "trace_source": trace_source,
                "prefetch_accuracy": workload.overall_accuracy(accuracy), **prediction.as_dict()}
@@ -69,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         from .tune import routing_report
 
-        text = render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source)
+        text = render(plan, shape, prediction, trace_source, args.context, args.prompt_tokens, accuracy_source,
+                      profile_source)
         extra = routing_report(work)
         if spread:
             extra.append(f"routing assumed: decode {min(decodes):.2f} to {max(decodes):.2f} tokens/s over the plausible "
@@ -79,22 +85,29 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_profile(path: str | None):
+def _load_profile(path: str | None, plan: Plan) -> tuple[Any, str]:
+    """The profile to predict on, and a line saying which: `--profile`; else the one the plan was tuned on
+    where the project has it (`hardware.profile` names it: a shipped GPU plan is explained on its GPU host,
+    not on the laptop planning for it); else this host's."""
     from ..profile import Profile
 
     if path is not None:
-        return Profile.load(path)
+        return Profile.load(path), f"{path} (--profile)"
+    named = plan.hardware.profile
+    if named and (PROFILES / f"{named}.yaml").is_file():
+        return Profile.load(PROFILES / f"{named}.yaml"), f"profiles/{named}.yaml (the one the plan was tuned on)"
     default = PROFILES / f"{socket.gethostname()}.yaml"
     if not default.is_file():
         raise UserError(f"{default}: no profile for this host; run `moeplan profile` first or pass --profile FILE")
-    return Profile.load(default)
+    return Profile.load(default), f"profiles/{default.name} (this host's)"
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:8.2f} GiB"
 
 
-def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, prefetch_source: str) -> str:
+def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, prefetch_source: str,
+           profile_source: str) -> str:
     d, f = p.decode, p.prefill
     lines = [
         f"model      {shape.name}: {shape.num_layers} layers ({shape.num_moe_layers} MoE), {shape.num_experts} "
@@ -104,6 +117,7 @@ def render(plan, shape, p, trace_source: str, context: int, prompt_tokens: int, 
         f"slots {plan.cache.slots}, policy {plan.cache.policy}, miss on {plan.miss.compute}, "
         f"transfer_min_tokens {plan.miss.transfer_min_tokens}, promote {plan.miss.promote}, "
         f"lookahead {plan.prefetch.lookahead}",
+        f"profile    {profile_source}",
         f"workload   context {context}, prompt {prompt_tokens} tokens; trace: {trace_source}",
         f"prefetch   guess accuracy {prefetch_source}",
         "",

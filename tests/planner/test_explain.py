@@ -87,3 +87,24 @@ def test_user_errors_are_one_line(files, capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr("socket.gethostname", lambda: "no-such-host-xyz")
     code, _, err = _explain(capsys, str(plan))
     assert code == 1 and "no-such-host-xyz.yaml" in err and "moeplan profile" in err
+
+
+def test_without_profile_a_plan_is_explained_on_the_profile_it_was_tuned_on(capsys, tmp_path, monkeypatch) -> None:
+    """A shipped GPU plan names its profile (`hardware.profile`): without --profile, explain predicts on that
+    host (where the project has the profile), not on the machine it runs on; else on this host's."""
+    from planner.paths import PLANS
+
+    monkeypatch.setattr("socket.gethostname", lambda: "no-such-host-xyz")
+    code, out, _ = _explain(capsys, str(PLANS / "rtx4070-int4.yaml"), "--json")
+    d = json.loads(out)
+    assert code == 0 and d["profile"] == "rtx4070-64gb" and d["fits"] is True
+    assert d["profile_source"] == "profiles/rtx4070-64gb.yaml (the one the plan was tuned on)"
+    code, out, _ = _explain(capsys, str(PLANS / "rtx4070-int4.yaml"))
+    assert code == 0 and "profile    profiles/rtx4070-64gb.yaml (the one the plan was tuned on)" in out
+    # a profile the project does not have: this host's, and here there is none
+    plan = tmp_path / "elsewhere.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "model": {"name": "olmoe-1b-7b"},
+                                    "hardware": {"accelerator": "cuda:0", "cpu_threads": 8, "profile": "gone"},
+                                    "cache": {"slots": 8, "policy": "lru"}}))
+    code, _, err = _explain(capsys, str(plan))
+    assert code == 1 and "no-such-host-xyz.yaml: no profile for this host" in err
