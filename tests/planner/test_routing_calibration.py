@@ -103,6 +103,22 @@ def test_statistics_alone_predict_the_recorded_tiny_moe_hit_rate(fraction, trial
     assert check.caching is tuned  # the tuned plan caches, so it is the plan the check holds to the statistics
 
 
+def test_a_tuned_plan_without_a_cache_is_checked_through_the_studys_fastest_caching_plan():
+    """Where the study keeps no cache (its hits 0 against 0 say nothing), the check replays the study's fastest
+    plan whose slots take misses as it runs and that hits on the synthetic trace."""
+    from planner.tune.routing_check import learns_from_routing
+
+    shape = load_model_shape(str(ROOT / "models" / "tiny-moe"))
+    recorded = load_trace(TRACES / "tiny-moe.jsonl")
+    check = statistics_only_check(shape, recorded, "tiny-moe.jsonl", Profile.load(PROFILES / "rtx4090.yaml"),
+                                  expert_fraction=0.1, trials=12)
+    assert sum(check.tuned.plan.cache.slots) == 0 and check.tuned.recorded_decode_hit_rate == 0
+    caching = check.caching
+    assert caching is not None and caching is not check.tuned and learns_from_routing(caching.plan)
+    assert caching.synthetic_decode_hit_rate >= 0.01 and caching.recorded_decode_hit_rate > 0
+    assert caching.decode_relative_error <= 0.10
+
+
 def test_explain_json_names_the_statistics_their_sources_and_the_spread(capsys):
     assert cli_main(["explain", str(PLANS / "rtx4070.yaml"), "--profile", str(PROFILES / "rtx4070.yaml"),
                      "--json"]) == 0
