@@ -46,8 +46,11 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     the two runs where they took turns repeat by repeat (_run2.md), so it is used; at 32 tokens 0.86-1.36x
     across runs (0.86-0.98x where they took turns: noted, not yet acted on). Those measurements predate the
     L1-blocked product from eight tokens (gemv.c, BLOCK_TOKENS: 1.2-1.7x the old kernel at 16-96 tokens,
-    docs/benchmarks.md), which only widens the kernel's lead where it already won. More tokens than a call
-    holds (64) run in pieces, and the rule is asked about the largest piece (GemvKernel.handles).
+    docs/benchmarks.md), which only widens the kernel's lead where it already won. With it, fp32 at 48 and
+    64 tokens (bench/results/few_token_kernel_avx2.md, two runs): on two threads the kernel is 1.03-1.67x
+    torch in all eight cells, so it runs up to 64 tokens there; on one thread 0.89-1.07x, so torch keeps
+    them past 32. More tokens than a call holds (64) run in pieces, and the rule is asked about the largest
+    piece (GemvKernel.handles).
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
@@ -55,7 +58,7 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
         return threads == 1 and tokens <= 4
     if dtype == torch.bfloat16:
         return tokens <= 64
-    return tokens <= 32
+    return tokens <= (64 if threads > 1 else 32)
 
 
 def _split_input_floats(isa: int, dtype: torch.dtype, k: int) -> int:

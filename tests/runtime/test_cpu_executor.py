@@ -145,3 +145,17 @@ def test_fused_path_only_for_a_silu_gate():
     config.hidden_act = "gelu"
     gelu = MixtralExperts(config)
     assert not executor.fits_token(gelu, torch.bfloat16)
+
+
+def test_avx2_fp32_rule_takes_the_blocked_kernel_to_64_tokens_on_two_threads():
+    """The measured rule (runtime/kernels._kernel_wins, bench/results/few_token_kernel_avx2.md): on AVX2 the
+    fp32 kernel beats torch up to 64 tokens on two threads, up to 32 on one; bf16 up to 64 on both; an
+    input of more tokens runs in pieces, judged by its largest."""
+    from runtime.kernels import ISA_AVX2, _kernel_wins
+
+    assert _kernel_wins(ISA_AVX2, torch.float32, 48, 2) and _kernel_wins(ISA_AVX2, torch.float32, 64, 2)
+    assert _kernel_wins(ISA_AVX2, torch.float32, 32, 1) and not _kernel_wins(ISA_AVX2, torch.float32, 33, 1)
+    assert _kernel_wins(ISA_AVX2, torch.bfloat16, 64, 1) and not _kernel_wins(ISA_AVX2, torch.bfloat16, 65, 2)
+    k = load()
+    if k is not None and k.isa.get(torch.float32) == ISA_AVX2:
+        assert k.handles(torch.float32, 100, 2) and not k.handles(torch.float32, 100, 1)  # pieces of 50
