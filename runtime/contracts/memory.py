@@ -26,7 +26,7 @@ Items (bytes):
   activation dtype, plus the kernels' float32 copy of the widest input row (max(H, I), runtime/kernels'
   shared scratch, which keeps its largest size), per (token, chosen expert) pair the CPU computes; the
   pairs are the pass's tokens times top-k, or fewer where larger misses go to the accelerator
-  (`cpu_expert_pairs`). For a 2,048-token Mixtral prompt that is about 0.6 GB against the `workspace`'s
+  (`cpu_expert_pairs`). For a 2,048-token Mixtral prompt that is 0.65 GB against the `workspace`'s
   0.2 GB;
 - `reserve` (accelerator only): room for the CUDA context's own allocations, the math libraries'
   workspaces, the caching allocator's rounding and the activations this accounting does not itemise.
