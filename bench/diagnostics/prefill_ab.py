@@ -12,7 +12,6 @@ few-token kernels' range.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,20 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from ab_trees import run_once  # noqa: E402  `moeplan run --json` of one source tree, its own process
 from e2e_cpu import PLAN_V2  # noqa: E402  the all-CPU plan the end-to-end benchmark runs
 from predict_vs_measure import PROMPT, build_model  # noqa: E402
 
-RUN = "import sys; sys.argv[0] = 'moeplan'; from planner.cli import main; sys.exit(main())"
-
-
-def prefill_seconds(cwd: Path, plan: Path, model: Path, prompt: str) -> float:
-    cmd = [sys.executable, "-c", RUN, "run", str(plan), "--model", str(model), "--prompt", prompt,
-           "--max-new-tokens", "1", "--json"]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONPATH": str(cwd)})
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[3:])} in {cwd} failed:\n{proc.stderr[-2000:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["prefill_seconds"])
+def prefill_seconds(tree: Path, plan: Path, model: Path, prompt: str) -> float:
+    return float(run_once(tree, plan, model, 1, prompt)["prefill_seconds"])
 
 
 def main() -> int:

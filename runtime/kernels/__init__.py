@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "decode_ops.c"]
 HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h",
-           HERE / "row_f32.h"]
+           HERE / "block_f32.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
 INT_MODEL_DTYPES = (torch.bfloat16, torch.float32)  # the model dtypes (inputs, outputs) the int kernels take

@@ -18,8 +18,8 @@
 #include <omp.h>
 
 #include "bf16.h"
+#include "block_f32.h"
 #include "hsum.h"
-#include "row_f32.h"
 #include "silu_gate.h"
 #include "stream_access.h"  /* PREFETCH_BYTES, STREAMS: the AVX2 paths' reads */
 
@@ -139,10 +139,44 @@ static void rows_bf16_avx2(const uint16_t *W, const float *xe, const float *xo, 
     }
 }
 
+/* fp32: the same row-at-a-time stream, eight weights per FMA. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void row_f32_avx2(const float *w, const float *x, float *out, int64_t out_stride, int64_t K,
+                                const int G) {
+    __m256 a[4], b[4];
+    for (int g = 0; g < G; g++) a[g] = b[g] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        for (int g = 0; g < G; g++) {
+            a[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + g * K + k), a[g]);
+            b[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + g * K + k + 8), b[g]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float s = hsum256(_mm256_add_ps(a[g], b[g]));
+        for (int64_t j = k; j < K; j++) s += w[j] * x[g * K + j];
+        out[g * out_stride] = s;
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, int64_t rows, int64_t N, int64_t K,
                           int64_t T) {
-    for (int64_t r = 0; r < rows; r++) row_f32_tokens(W + (n0 + r) * K, x, y + n0 + r, N, K, T, 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *w = W + (n0 + r) * K;
+        for (int64_t t = 0; t < T; t += 4) {
+            const float *xt = x + t * K;
+            float *out = y + t * N + n0 + r;
+            switch (T - t < 4 ? T - t : 4) {
+                case 1: row_f32_avx2(w, xt, out, N, K, 1); break;
+                case 2: row_f32_avx2(w, xt, out, N, K, 2); break;
+                case 3: row_f32_avx2(w, xt, out, N, K, 3); break;
+                default: row_f32_avx2(w, xt, out, N, K, 4); break;
+            }
+        }
+    }
 }
 
 /* ---- one token, AVX2: a thread's rows as far-apart streams ------------------------------------
@@ -264,7 +298,7 @@ static void rows_block(int isa, int is_bf16, const void *W, const void *x, const
 
 /* AVX2 from BLOCK_TOKENS tokens: four rows against two tokens at a time over chunks of the inputs, so that
  * the rows' chunk and the two tokens' stay in L1 (rows_* re-read four tokens' inputs from L2 for each row:
- * half the FMA rate once they outgrow L1; measured in docs/benchmarks.md). fp32 rows go through row_f32.h;
+ * half the FMA rate once they outgrow L1; measured in docs/benchmarks.md). fp32 rows go through block_f32.h;
  * bf16 rows are widened in registers as row_bf16_avx2 does, against the split inputs. */
 #define BLOCK_TOKENS 8
 

@@ -16,7 +16,7 @@
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
  * more tokens (int4 from 5, int8 from 32) dequantize a block of four rows once into fp32 and multiply it
- * by row_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
+ * by block_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
  * these AVX2 paths.
  * Inputs are first widened to fp32 into scratch, one row of K floats per token: for int4 split into the
  * K/2 even elements then the K/2 odd ones (the low and high nibbles of the weights' bytes), or permuted in
@@ -30,13 +30,13 @@
 #include "dequant.h"
 #include "hsum.h"
 #include "q4planes.h"
-#include "row_f32.h"
+#include "block_f32.h"
 #include "silu_gate.h"
 #include "stream_access.h" /* PREFETCH_BYTES, STREAMS */
 
 #define QMAXT 64    /* tokens per call, as gemv.c's MAXT */
 #define QROWS 4     /* rows per work item at two or more tokens */
-/* From this many tokens a block of rows is dequantized once (dequant_row) and multiplied as fp32 (row_f32.h),
+/* From this many tokens a block of rows is dequantized once (dequant_row) and multiplied as fp32 (block_f32.h),
  * measured with bench/diagnostics/int_kernel_ab.py --tokens (docs/benchmarks.md): int4's table lookups
  * cost more than one pass of four tokens' FMAs, int8's widening far less. */
 #define DEQUANT_ROW_TOKENS_INT4 5
