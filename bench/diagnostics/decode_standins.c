@@ -8,7 +8,7 @@
  *           (the kernel reads four far-apart streams per thread with non-temporal prefetches);
  *   read4:  the kernel's own access pattern without its arithmetic: each thread's half as four far-apart
  *           streams advanced together, 32 bytes at a time, each with the non-temporal prefetch the kernel
- *           issues (runtime/kernels/gemv.c, stream_rows_avx2): the rate the kernel would reach if its
+ *           issues (runtime/kernels/gemv.c, stream_rows): the rate the kernel would reach if its
  *           arithmetic cost nothing.
  * Built by bench/diagnostics/decode_breakdown.py with the C compiler the runtime's kernels use.
  */

@@ -80,7 +80,7 @@ static void rows_f32_avx512(const float *W, const float *x, float *y, int64_t n0
 /* One weight row against G tokens (G <= 4), reading the row once, front to back: one sequential stream
  * per thread, which the hardware prefetcher follows (interleaving several adjacent short rows splits it
  * into short streams and, measured at K = 1024, halves the rate). Used for two or more tokens; one token
- * goes through stream_rows_avx2.
+ * goes through stream_rows.
  * The bf16 input is given split into its even and odd elements as fp32: a 32-bit lane of a bf16 vector
  * holds one even element (low half) and one odd element (high half), so shifting the lane left by 16
  * gives the even one as an fp32 and masking it gives the odd one: two FMAs per 16 weights, no unpacking.
@@ -179,7 +179,7 @@ static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, 
     }
 }
 
-/* ---- one token, AVX2: a thread's rows as far-apart streams ------------------------------------
+/* ---- one token: a thread's rows as far-apart streams (both instruction sets) -------------------
  * At one token a thread's time is the time its core takes to stream its share of the weights, and one
  * sequential stream per core leaves DRAM bandwidth unused: on two AMD EPYC vCPUs a plain read of 44 MB
  * took 15-17 GB/s as one stream per thread and 23-25 GB/s as four far-apart streams per thread. So a
@@ -190,12 +190,14 @@ static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, 
  * elements in two accumulators, 16 weights a step; fp32 one accumulator, 8 weights a step. */
 
 /* The rows of `count` matrices [N, K] (row j of the set: matrix j / N, its row j % N), each matrix against
- * its own input: x[i] (fp32 weights: fp32 [K]; bf16 weights: even elements, odd elements in xo[i]). */
+ * its own input x[i]: fp32 [K] for fp32 weights; for bf16 weights on AVX2 the even elements as fp32, the odd
+ * ones in xo[i], and on AVX-512 the bf16 row itself (the AVX512-BF16 dot products take bf16 pairs). */
 typedef struct {
     int is_bf16, out_bf16;  /* weights bf16; outputs rounded to bf16 (else fp32) */
     int64_t count, N, K;
     const void *const *W;
-    const float *const *x, *const *xo;
+    const void *const *x;
+    const float *const *xo;
     void *const *y;  /* [N] per matrix */
 } RowSet;
 
@@ -209,7 +211,7 @@ static inline void dots_bf16_avx2(const RowSet *set, const int64_t *rows, float 
     for (int r = 0; r < n; r++) {
         const int64_t i = rows[r] / set->N;
         w[r] = (const uint16_t *)set->W[i] + (rows[r] % set->N) * K;
-        xe[r] = set->x[i];
+        xe[r] = (const float *)set->x[i];
         xo[r] = set->xo[i];
         ae[r] = ao[r] = _mm256_setzero_ps();
     }
@@ -235,7 +237,7 @@ static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *
     for (int r = 0; r < n; r++) {
         const int64_t i = rows[r] / set->N;
         w[r] = (const float *)set->W[i] + (rows[r] % set->N) * K;
-        x[r] = set->x[i];
+        x[r] = (const float *)set->x[i];
         a[r] = _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < K8; k += 8)
@@ -250,23 +252,94 @@ static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *
     }
 }
 
-/* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams. */
+/* AVX-512: the same streams, one 64-byte line of each row a step (32 bf16 weights, one AVX512-BF16 dot
+ * product of pairs, or 16 fp32 weights, one FMA). */
+__attribute__((target("avx512f,avx512bf16"), always_inline))
+static inline void dots_bf16_avx512(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+    const int64_t K = set->K, K32 = K & ~(int64_t)31;
+    const uint16_t *w[STREAMS], *x[STREAMS];
+    __m512 a[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N;
+        w[r] = (const uint16_t *)set->W[i] + (rows[r] % set->N) * K;
+        x[r] = (const uint16_t *)set->x[i];
+        a[r] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K32; k += 32)
+        for (int r = 0; r < n; r++) {
+            _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512((const void *)(w[r] + k)),
+                                    (__m512bh)_mm512_loadu_si512((const void *)(x[r] + k)));
+        }
+    for (int r = 0; r < n; r++) {
+        float s = _mm512_reduce_add_ps(a[r]);
+        for (int64_t j = K32; j < K; j++) s += bf16_to_f32(w[r][j]) * bf16_to_f32(x[r][j]);
+        sums[r] = s;
+    }
+}
+
+__attribute__((target("avx512f"), always_inline))
+static inline void dots_f32_avx512(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+    const int64_t K = set->K, K16 = K & ~(int64_t)15;
+    const float *w[STREAMS], *x[STREAMS];
+    __m512 a[STREAMS];
+    for (int r = 0; r < n; r++) {
+        const int64_t i = rows[r] / set->N;
+        w[r] = (const float *)set->W[i] + (rows[r] % set->N) * K;
+        x[r] = (const float *)set->x[i];
+        a[r] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K16; k += 16)
+        for (int r = 0; r < n; r++) {
+            _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
+            a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + k), _mm512_loadu_ps(x[r] + k), a[r]);
+        }
+    for (int r = 0; r < n; r++) {
+        float s = _mm512_reduce_add_ps(a[r]);
+        for (int64_t j = K16; j < K; j++) s += w[r][j] * x[r][j];
+        sums[r] = s;
+    }
+}
+
+/* The n rows of one step of the streams into sums, per instruction set; a constant row count keeps the
+ * accumulators in registers. */
+typedef void (*StepDots)(const RowSet *set, const int64_t *rows, float *sums, int n);
+
 __attribute__((target("avx2,fma")))
-static void stream_rows_avx2(const RowSet *set) {
+static void step_dots_avx2(const RowSet *set, const int64_t *rows, float *sums, int n) {
+    if (n == STREAMS) {
+        if (set->is_bf16) dots_bf16_avx2(set, rows, sums, STREAMS);
+        else dots_f32_avx2(set, rows, sums, STREAMS);
+        return;
+    }
+    for (int r = 0; r < n; r++) {
+        if (set->is_bf16) dots_bf16_avx2(set, rows + r, sums + r, 1);
+        else dots_f32_avx2(set, rows + r, sums + r, 1);
+    }
+}
+
+__attribute__((target("avx512f,avx512bf16")))
+static void step_dots_avx512(const RowSet *set, const int64_t *rows, float *sums, int n) {
+    if (n == STREAMS) {
+        if (set->is_bf16) dots_bf16_avx512(set, rows, sums, STREAMS);
+        else dots_f32_avx512(set, rows, sums, STREAMS);
+        return;
+    }
+    for (int r = 0; r < n; r++) {
+        if (set->is_bf16) dots_bf16_avx512(set, rows + r, sums + r, 1);
+        else dots_f32_avx512(set, rows + r, sums + r, 1);
+    }
+}
+
+/* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams. */
+static void stream_rows(const RowSet *set, int isa) {
+    const StepDots dots = isa == ISA_AVX512 ? step_dots_avx512 : step_dots_avx2;
     const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
     for (int64_t step = 0; step < share.segment; step++) {
         int64_t rows[STREAMS];
         float sums[STREAMS];
         const int n = stream_rows_at(&share, step, rows);
-        if (n == STREAMS) {  /* a constant count lets the compiler keep the accumulators in registers */
-            if (set->is_bf16) dots_bf16_avx2(set, rows, sums, STREAMS);
-            else dots_f32_avx2(set, rows, sums, STREAMS);
-        } else {
-            for (int r = 0; r < n; r++) {
-                if (set->is_bf16) dots_bf16_avx2(set, rows + r, sums + r, 1);
-                else dots_f32_avx2(set, rows + r, sums + r, 1);
-            }
-        }
+        dots(set, rows, sums, n);
         for (int r = 0; r < n; r++) {
             const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
             if (set->out_bf16) ((uint16_t *)set->y[i])[row] = f32_to_bf16(sums[r]);
@@ -372,15 +445,16 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
     if (split)
         for (int i = 0; i < count; i++)
             split_bf16((const uint16_t *)x[i], scratch + 2 * i * stride, scratch + (2 * i + 1) * stride, K, T[i]);
-    if (isa == ISA_AVX2 && tmax == 1) {
-        const float *xs[count], *xo[count];
+    if (tmax == 1) {
+        const void *xs[count];
+        const float *xo[count];
         for (int i = 0; i < count; i++) {
-            xs[i] = split ? scratch + 2 * i * stride : (const float *)x[i];
+            xs[i] = split ? scratch + 2 * i * stride : x[i];
             xo[i] = split ? scratch + (2 * i + 1) * stride : NULL;
         }
         const RowSet set = {is_bf16, out_bf16, count, N, K, W, xs, xo, y};
 #pragma omp parallel num_threads(threads)
-        stream_rows_avx2(&set);
+        stream_rows(&set, isa);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -415,27 +489,29 @@ void gemv_one(int isa, int is_bf16, const void *W, const void *x, void *y, int64
  * For each expert i (weights W_in[i] [2I, H] holding gate then up, W_out[i] [H, I]):
  *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
  * with bf16 rounding where the reference's bf16 ops round (each matmul output, silu, the product), in
- * one parallel region of three work-shared loops: a layer's misses cost one thread wake-up and no
- * Python between the steps. The caller checks that the module's gate is this one (runtime/cpu_executor.py).
+ * one parallel region of four work-shared steps: the input projections of all the experts as one set of
+ * rows read as far-apart streams (stream_rows), the gate, the output projections likewise into per-expert
+ * sums, then their weighted sum: a layer's misses cost one thread wake-up and no Python between the
+ * steps. The caller checks that the module's gate is this one (runtime/cpu_executor.py).
  * out [H] has x's dtype (the fp32 sum rounded once, as the reference's output is); scratch holds
- * count * (4I + 2 + H) floats. On AVX2 both projections go through stream_rows_avx2 (moe_token_avx2). */
-
-/* AVX2: the input projections of all the experts as one set of rows, the gate, then the output projections
- * as one set into per-expert sums, then their weighted sum; scratch: h [count][2I], the gate output
- * [count][I (+1)] (bf16: split into even and odd halves), per-expert outputs [count][H]. */
-static void moe_token_avx2(int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
-                           const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
-    const int64_t halfH = (H + 1) / 2, halfI = (I + 1) / 2, m_stride = is_bf16 ? 2 * halfI : I;
+ * count * (4I + 2 + H) floats: h [count][2I], the gate output as the output projections read it
+ * ([count][I (+1)]: AVX2 bf16 split into even and odd halves as fp32, AVX-512 bf16 as bf16, fp32 as it is),
+ * per-expert outputs [count][H]. */
+void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
+               const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
+    const int split = isa == ISA_AVX2 && is_bf16;
+    const int64_t halfH = (H + 1) / 2, halfI = (I + 1) / 2, m_stride = split ? 2 * halfI : I;
     float *h = scratch, *m = scratch + (int64_t)count * 2 * I, *y = m + (int64_t)count * m_stride;
-    float xs[2 * halfH > 0 ? 2 * halfH : 1];  /* bf16: x split into even and odd elements */
-    if (is_bf16) split_bf16((const uint16_t *)x, xs, xs + halfH, H, 1);
-    const float *x_in[count], *xo_in[count], *m_in[count], *mo_in[count];
+    float xs[2 * halfH > 0 ? 2 * halfH : 1];  /* AVX2 bf16: x split into even and odd elements */
+    if (split) split_bf16((const uint16_t *)x, xs, xs + halfH, H, 1);
+    const void *x_in[count], *m_in[count];
+    const float *xo_in[count], *mo_in[count];
     void *h_out[count], *y_out[count];
     for (int i = 0; i < count; i++) {
-        x_in[i] = is_bf16 ? xs : (const float *)x;
-        xo_in[i] = is_bf16 ? xs + halfH : NULL;
-        m_in[i] = m + i * m_stride;
-        mo_in[i] = is_bf16 ? m + i * m_stride + halfI : NULL;
+        x_in[i] = split ? (const void *)xs : x;
+        xo_in[i] = split ? xs + halfH : NULL;
+        m_in[i] = split || !is_bf16 ? (const void *)(m + i * m_stride) : (const void *)((uint16_t *)m + i * I);
+        mo_in[i] = split ? m + i * m_stride + halfI : NULL;
         h_out[i] = h + i * 2 * I;
         y_out[i] = y + i * H;
     }
@@ -443,16 +519,17 @@ static void moe_token_avx2(int is_bf16, int count, const void **W_in, const void
     const RowSet down = {is_bf16, 0, count, H, I, W_out, m_in, mo_in, y_out};
 #pragma omp parallel num_threads(threads)
     {
-        stream_rows_avx2(&in);
+        stream_rows(&in, isa);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)count * I; item++) {
             const int64_t i = item / I, j = item % I;
             const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
-            if (is_bf16) m[i * m_stride + (j & 1) * halfI + j / 2] = v;  /* split for the down projection */
+            if (split) m[i * m_stride + (j & 1) * halfI + j / 2] = v;  /* split for the down projection */
+            else if (is_bf16) ((uint16_t *)m)[i * I + j] = f32_to_bf16(v);
             else m[i * I + j] = v;
         }
-        stream_rows_avx2(&down);
+        stream_rows(&down, isa);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < H; n++) {  /* the weighted sum is fp32; the layer's output has x's dtype */
@@ -460,51 +537,6 @@ static void moe_token_avx2(int is_bf16, int count, const void **W_in, const void
             for (int i = 0; i < count; i++) sum += weights[i] * (is_bf16 ? round_bf16(y[i * H + n]) : y[i * H + n]);
             if (is_bf16) ((uint16_t *)out)[n] = f32_to_bf16(sum);
             else ((float *)out)[n] = sum;
-        }
-    }
-}
-
-void moe_token(int isa, int is_bf16, int count, const void **W_in, const void **W_out, const void *x,
-               const float *weights, void *out, int64_t H, int64_t I, int threads, float *scratch) {
-    if (isa == ISA_AVX2) {
-        moe_token_avx2(is_bf16, count, W_in, W_out, x, weights, out, H, I, threads, scratch);
-        return;
-    }
-    /* AVX-512: scratch holds h [count][2I] fp32, then the gate output m [count][I] as the next matmul
-     * wants it: fp32, or bf16 for the AVX512-BF16 dot products */
-    float *h = scratch;
-    float *m = scratch + (int64_t)count * 2 * I;
-    const int64_t in_blocks = (2 * I + ROWS - 1) / ROWS, out_blocks = (H + ROWS - 1) / ROWS;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < (int64_t)count * in_blocks; item++) {
-            const int i = (int)(item / in_blocks);
-            const int64_t n0 = (item % in_blocks) * ROWS;
-            rows_block(isa, is_bf16, W_in[i], x, NULL, NULL, h + i * 2 * I + n0, n0,
-                       2 * I - n0 < ROWS ? 2 * I - n0 : ROWS, H, 1);
-        }
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < (int64_t)count * I; item++) {
-            const int64_t i = item / I, j = item % I;
-            const float v = silu_times(h[i * 2 * I + j], h[i * 2 * I + I + j], is_bf16);
-            if (is_bf16) ((uint16_t *)m)[i * I + j] = f32_to_bf16(v);
-            else m[i * I + j] = v;
-        }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < out_blocks; b++) {
-            const int64_t n0 = b * ROWS, rows = H - n0 < ROWS ? H - n0 : ROWS;
-            float y[ROWS];
-            float sum[ROWS] = {0};
-            for (int i = 0; i < count; i++) {
-                const void *mi = is_bf16 ? (const void *)((const uint16_t *)m + i * I) : (const void *)(m + i * I);
-                rows_block(isa, is_bf16, W_out[i], mi, NULL, NULL, y, n0, rows, I, 1);
-                for (int64_t r = 0; r < rows; r++) sum[r] += weights[i] * (is_bf16 ? round_bf16(y[r]) : y[r]);
-            }
-            for (int64_t r = 0; r < rows; r++) {  /* the weighted sum is fp32; the layer's output has x's dtype */
-                if (is_bf16) ((uint16_t *)out)[n0 + r] = f32_to_bf16(sum[r]);
-                else ((float *)out)[n0 + r] = sum[r];
-            }
         }
     }
 }

@@ -308,7 +308,7 @@ QDOTS_DISPATCH(qdots_streams, STREAMS)
 QDOTS_DISPATCH(qdots_single, 1)
 
 /* The calling thread's share of `set`, inside a parallel region: contiguous rows, read as STREAMS streams
- * (as stream_rows_avx2 in gemv.c). */
+ * (as stream_rows in gemv.c). */
 static void qstream_rows(const QRowSet *set) {
     const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
     for (int64_t step = 0; step < share.segment; step++) {
