@@ -253,7 +253,9 @@ static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *
 }
 
 /* AVX-512: the same streams, one 64-byte line of each row a step (32 bf16 weights, one AVX512-BF16 dot
- * product of pairs, or 16 fp32 weights, one FMA). */
+ * product of pairs, or 16 fp32 weights, one FMA), without the software prefetch: on the AMD Zen 4 VM the
+ * hardware prefetchers follow the four streams, and the NTA prefetch lowered moe_token from 0.87-0.95 to
+ * 0.72-0.94 of a plain read (bench/diagnostics/kernel_ab, 6 alternating runs, docs/benchmarks.md). */
 __attribute__((target("avx512f,avx512bf16"), always_inline))
 static inline void dots_bf16_avx512(const RowSet *set, const int64_t *rows, float *sums, const int n) {
     const int64_t K = set->K, K32 = K & ~(int64_t)31;
@@ -267,7 +269,6 @@ static inline void dots_bf16_avx512(const RowSet *set, const int64_t *rows, floa
     }
     for (int64_t k = 0; k < K32; k += 32)
         for (int r = 0; r < n; r++) {
-            _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
             a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512((const void *)(w[r] + k)),
                                     (__m512bh)_mm512_loadu_si512((const void *)(x[r] + k)));
         }
@@ -291,7 +292,6 @@ static inline void dots_f32_avx512(const RowSet *set, const int64_t *rows, float
     }
     for (int64_t k = 0; k < K16; k += 16)
         for (int r = 0; r < n; r++) {
-            _mm_prefetch((const char *)(w[r] + k) + PREFETCH_BYTES, _MM_HINT_NTA);
             a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + k), _mm512_loadu_ps(x[r] + k), a[r]);
         }
     for (int r = 0; r < n; r++) {

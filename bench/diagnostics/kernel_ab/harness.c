@@ -2,7 +2,8 @@
  * through gemv_one (a dense projection's call), each against a plain two-thread read of the same number of
  * bytes, alternating, over a pool of experts larger than the caches; prints the medians. Built twice by
  * run.sh, from a base revision's gemv.c and from the working tree's, to compare them on one machine.
- * Arguments: bf16 (0 or 1), repeats, hidden, intermediate, huge pages (0 or 1), threads.
+ * Arguments: bf16 (0 or 1), repeats, hidden, intermediate, huge pages (0 or 1), threads, and optionally the
+ * instruction set (gemv.c's ISA_AVX2 1, the default, or ISA_AVX512 2).
  * Output: moe GB/s, moe / read, projection GB/s, projection / read. */
 #include <immintrin.h>
 #include <stdint.h>
@@ -53,12 +54,12 @@ static double median(double *v, int n) {
 
 int main(int argc, char **argv) {
     if (argc < 7) {
-        fprintf(stderr, "usage: harness BF16 REPEATS HIDDEN INTERMEDIATE HUGE THREADS\n");
+        fprintf(stderr, "usage: harness BF16 REPEATS HIDDEN INTERMEDIATE HUGE THREADS [ISA]\n");
         return 1;
     }
     const int bf16 = atoi(argv[1]), repeats = atoi(argv[2]) > 200 ? 200 : atoi(argv[2]);
     const int64_t H = atoll(argv[3]), I = atoll(argv[4]);
-    const int huge = atoi(argv[5]), threads = atoi(argv[6]);
+    const int huge = atoi(argv[5]), threads = atoi(argv[6]), isa = argc > 7 ? atoi(argv[7]) : 1;
     const size_t size = bf16 ? 2 : 4, expert = (size_t)3 * H * I * size, proj = (size_t)2 * H * I * size;
     int count = (int)(3e9 / expert);
     count = count < 6 ? 6 : count;
@@ -83,7 +84,7 @@ int main(int argc, char **argv) {
             w_out[j] = base + proj;
         }
         double t0 = now();
-        moe_token(1, bf16, 2, w_in, w_out, bf16 ? (void *)xb : (void *)x, gates, out, H, I, threads, scratch);
+        moe_token(isa, bf16, 2, w_in, w_out, bf16 ? (void *)xb : (void *)x, gates, out, H, I, threads, scratch);
         moe_s[r] = now() - t0;
         e = (e + 2) % count;
         int first = e + 2 <= count ? e : 0;  /* two other experts' bytes, contiguous */
@@ -92,7 +93,7 @@ int main(int argc, char **argv) {
         moe_read_s[r] = now() - t0;
         e = (first + 2) % count;
         t0 = now();  /* one [2I, H] projection of another expert, then a read of as many bytes */
-        gemv_one(1, bf16, P + (size_t)e * expert, bf16 ? (void *)xb : (void *)x, y, 1, 2 * I, H, threads, scratch,
+        gemv_one(isa, bf16, P + (size_t)e * expert, bf16 ? (void *)xb : (void *)x, y, 1, 2 * I, H, threads, scratch,
                  bf16);
         proj_s[r] = now() - t0;
         e = (e + 1) % count;
