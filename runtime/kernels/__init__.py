@@ -36,9 +36,13 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     """Where the kernel beats torch's matmul, as measured with bench/cpu_kernel.py on a Mixtral-sized
     expert; the rule depends on the instruction set because torch's own matmul does.
 
-    AVX-512 with AVX512-BF16 and AMX (bench/results/cpu_kernel_avx512.md): bf16 wins at one token
+    AVX-512 with AVX512-BF16 and AMX (Intel, bench/results/cpu_kernel_avx512.md): bf16 wins at one token
     (1.5-1.7x) and loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across
-    tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but loses at one token on two (0.8x).
+    tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but lost at one token on two (0.8x)
+    before the one-token path read its rows as far-apart streams. AMD Zen 4 (AVX-512 with AVX512-BF16, no
+    AMX; bench/results/cpu_kernel_avx512_zen4.md) with those streams: bf16 1.4-1.6x torch at one token,
+    0.9-1.1x at two, 0.6-0.9x from eight; fp32 at one token 1.2x on one thread and 1.7x on two, so one token
+    runs on the kernel at any thread count (the Intel machine has not run the streams).
     AVX2 (bench/results/cpu_kernel_avx2_run2.md; earlier runs in docs/benchmarks.md): torch has no native bf16 and its fp32 GEMM reaches
     about 30 GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
     tokens, fp32 1.2-5x up to 32 on two threads). On one thread fp32 is close to even: at one token the
@@ -55,7 +59,7 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
             return tokens <= 1
-        return threads == 1 and tokens <= 4
+        return tokens <= 1 or (threads == 1 and tokens <= 4)
     if dtype == torch.bfloat16:
         return tokens <= 64
     return tokens <= (64 if threads > 1 else 32)

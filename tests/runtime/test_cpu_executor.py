@@ -159,3 +159,14 @@ def test_avx2_fp32_rule_takes_the_blocked_kernel_to_64_tokens_on_two_threads():
     k = load()
     if k is not None and k.isa.get(torch.float32) == ISA_AVX2:
         assert k.handles(torch.float32, 100, 2) and not k.handles(torch.float32, 100, 1)  # pieces of 50
+
+
+def test_avx512_rule_takes_one_token_on_any_thread_count():
+    """The measured rule on AVX-512 (runtime/kernels._kernel_wins, bench/results/cpu_kernel_avx512_zen4.md):
+    one token runs on the kernel in both dtypes whatever the threads (its rows read as far-apart streams);
+    bf16 from two tokens goes to torch, fp32 up to four tokens on one thread only."""
+    from runtime.kernels import ISA_AVX512, _kernel_wins
+
+    assert _kernel_wins(ISA_AVX512, torch.float32, 1, 2) and _kernel_wins(ISA_AVX512, torch.bfloat16, 1, 2)
+    assert _kernel_wins(ISA_AVX512, torch.float32, 4, 1) and not _kernel_wins(ISA_AVX512, torch.float32, 2, 2)
+    assert not _kernel_wins(ISA_AVX512, torch.bfloat16, 2, 1) and not _kernel_wins(ISA_AVX512, torch.float32, 5, 1)
