@@ -24,6 +24,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import cpu_line, emit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-moe"
 PROMPT = "def read_file(path):\n    with open("  # scripts/demo.sh's
@@ -75,7 +78,7 @@ def main() -> int:
                   flush=True)
     lines = [f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `.venv/bin/python "
              f"bench/demo_predict.py {' '.join(sys.argv[1:])}`. 1-minute load average {load_before:.1f} before, "
-             f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores).", "",
+             f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores).", "", cpu_line(), "",
              "| round | threads | predicted tok/s | measured tok/s (median; runs) | predicted / measured |",
              "|---|---|---|---|---|"]
     for r, threads, predicted, runs, measured, ratio in rows:
@@ -84,11 +87,7 @@ def main() -> int:
     ratios = [row[-1] for row in rows]
     lines += ["", f"Median predicted / measured: {statistics.median(ratios):.3f}; rounds within 15 %: "
               f"{sum(abs(x - 1) <= 0.15 for x in ratios)} of {len(ratios)}."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

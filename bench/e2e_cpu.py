@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from predict_vs_measure import build_model  # noqa: E402  the shared benchmark checkpoint
 from decode_args import add_decode_args  # noqa: E402
-from report import emit  # noqa: E402
+from report import cpu_line, emit  # noqa: E402
 
 # moeplan's all-CPU plan; the engines compared run in their own processes
 PLAN = """version: 1
@@ -118,6 +118,7 @@ def main() -> int:
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"1-minute load average at the end {os.getloadavg()[0]:.2f}",
+             cpu_line(),
              f"- model: {model.name}, checkpoint {ckpt_bytes / 1e9:.2f} GB, prompt {len(args.prompt)} chars, "
              f"{args.tokens} new tokens, {args.repeats} repeats (median)",
              f"- command: `.venv/bin/python bench/e2e_cpu.py {' '.join(sys.argv[1:])}`", "",

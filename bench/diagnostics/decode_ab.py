@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
 from decode_args import add_decode_args  # noqa: E402
-from report import emit  # noqa: E402
+from report import cpu_line, emit  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
 from runtime.kernels import SOURCES, GemvKernel, load  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
@@ -151,6 +151,7 @@ def main() -> int:
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"load average at the end {os.getloadavg()[0]:.2f}",
+             cpu_line(),
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens per generation, {args.pairs} pairs "
              "in alternating order",
              f"- command: `.venv/bin/python bench/diagnostics/decode_ab.py {' '.join(sys.argv[1:])}`", "",

@@ -44,7 +44,7 @@ import runtime.kernels as kernels  # noqa: E402
 from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
 from decode_args import add_decode_args  # noqa: E402
-from report import emit  # noqa: E402
+from report import cpu_line, emit  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
@@ -229,6 +229,7 @@ def main() -> int:
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, kernel "
              f"{ {str(d).split('.')[1]: n for d, n in kernels.load().isa_names().items()} }, "
              f"load average at the end {os.getloadavg()[0]:.2f}",
+             cpu_line(),
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens, medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/diagnostics/decode_breakdown.py {' '.join(sys.argv[1:])}`", "",
              "| kernel calls | ms per token | kernel (or stand-in) ms | kernel GB/s | everything else ms | "
