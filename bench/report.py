@@ -22,7 +22,7 @@ def cpu_line() -> str:
     except OSError:
         pass
     flags = cpu_flags()
-    names = {1: "AVX2", 2: "AVX-512"}
+    names = {1: "AVX2", 2: "AVX-512", 3: "AVX2 with AVX512-VNNI"}
     isa = {str(d).split(".")[1]: names[i] for d, i in instruction_sets(flags).items()}
     int_isa = int_instruction_set(flags)
     return (f"- CPU: {fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "

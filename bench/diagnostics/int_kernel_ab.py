@@ -30,15 +30,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from runtime.kernels import SOURCES, GemvKernel, cpu_flags, instruction_sets, int_instruction_set  # noqa: E402
+from report import cpu_line  # noqa: E402
+from runtime.kernels import (ISA_AVX2, ISA_AVX2_VNNI, SOURCES, GemvKernel, cpu_flags, instruction_sets,  # noqa: E402
+                             int_instruction_set)
 from runtime.quant_format import rule_scales  # noqa: E402
 
 
 def build(sources: list[Path], out: Path) -> GemvKernel:
     subprocess.run(["cc", "-O3", "-fopenmp", "-shared", "-fPIC", *map(str, sources), "-o", str(out), "-lm"], check=True)
-    flags = cpu_flags()
-    return GemvKernel(ctypes.CDLL(str(out)), instruction_sets(flags), int_isa=int_instruction_set(flags))
+    flags, lib = cpu_flags(), ctypes.CDLL(str(out))
+    int_isa = int_instruction_set(flags)
+    if int_isa == ISA_AVX2_VNNI and not hasattr(lib, "qmoe_token_vnni"):  # a revision before qgemv_vnni.c
+        int_isa = ISA_AVX2
+    return GemvKernel(lib, instruction_sets(flags), int_isa=int_isa)
 
 
 def revision_sources(rev: str, folder: Path) -> list[Path]:
@@ -110,6 +116,7 @@ def main() -> int:
     token_counts = [int(t) for t in args.tokens.split(",")]
     xs = {t: (torch.randn(t, h, generator=gen).to(torch.bfloat16), torch.randn(t, i, generator=gen).to(torch.bfloat16))
           for t in token_counts}
+    print(cpu_line())
     print(f"base: {args.rev}; tree: the working tree; load average {os.getloadavg()[0]:.1f}; "
           f"{'arbitrary' if args.any_scales else 'rule'} scales; pool {args.pool_gb} GB; medians of {args.repeats}")
     print("| format | tokens | threads | base GB/s | tree GB/s | time base / tree |")

@@ -24,10 +24,11 @@ import torch
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "decode_ops.c"]
+SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "qgemv_vnni.c", HERE / "decode_ops.c"]
 HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h",
            HERE / "block_f32.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
+ISA_AVX2_VNNI = 3  # the int kernels only: qgemv.c's AVX2 code built with AVX512-VNNI (qgemv_vnni.c)
 INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
 INT_MODEL_DTYPES = (torch.bfloat16, torch.float32)  # the model dtypes (inputs, outputs) the int kernels take
 
@@ -131,8 +132,11 @@ def instruction_sets(flags: set[str]) -> dict[torch.dtype, int]:
 
 
 def int_instruction_set(flags: set[str]) -> int | None:
-    """The int8/int4 kernels' instruction set on this CPU: AVX2 with FMA and F16C (float16 scales), or None."""
-    return ISA_AVX2 if {"avx2", "fma", "f16c"} <= flags else None
+    """The int8/int4 kernels' instruction set on this CPU: AVX2 with FMA and F16C (float16 scales), with
+    AVX512-VNNI on 256-bit registers where the CPU has it (one token's int4 sums, 1.15x on AMD Zen 4), or None."""
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return None
+    return ISA_AVX2_VNNI if {"avx512_vnni", "avx512vl"} <= flags else ISA_AVX2
 
 
 def int_layout(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[str, int, int]:
@@ -184,12 +188,13 @@ class GemvKernel:
         self.isa = dict(isa)  # dtype -> instruction set: the dtypes this kernel runs
         self._scratch_ptr = Scratch().ptr
         pointers = ctypes.POINTER(ctypes.c_void_p)
-        self._qmulti = lib.qgemv_multi
+        vnni = int_isa == ISA_AVX2_VNNI  # qgemv_vnni.c's entry points, same arguments
+        self._qmulti = lib.qgemv_multi_vnni if vnni else lib.qgemv_multi
         self._qmulti.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
                                  ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         self._qmulti.restype = None
-        self._qtoken = lib.qmoe_token
+        self._qtoken = lib.qmoe_token_vnni if vnni else lib.qmoe_token
         self._qtoken.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
                                  ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]

@@ -9,7 +9,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#define AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+/* The int kernels' target: qgemv_vnni.c compiles qgemv.c a second time with AVX512-VNNI on 256-bit registers
+ * (AVX512-VL), where q4planes.h sums with vpdpbusd. */
+#ifdef QGEMV_VNNI
+#define INT_TARGET "avx2,fma,f16c,avx512vnni,avx512vl"
+#else
+#define INT_TARGET "avx2,fma,f16c"
+#endif
+#define AVX2_INLINE __attribute__((target(INT_TARGET), always_inline)) static inline
 
 /* Each lane rounded to bf16 precision (nearest, ties to even, as torch's float -> bf16), kept as fp32.
  * Adding M = sign(v) * 2^(e + 16), e the lane's exponent, leaves an fp32 sum whose last place is v's

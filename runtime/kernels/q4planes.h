@@ -17,7 +17,8 @@
  *
  * X_k = hi * 2^16 + mid * 2^8 + lo with lo, mid, hi signed bytes (|hi| <= 64). Per plane, c * byte <= 15 * 128
  * = 1920; vpmaddubsw adds two (3840, no saturation), the even- and odd-nibble halves are added (7680), vpmaddwd
- * adds two more lanes: |plane sum| <= 15360 per 32-bit lane, and hi's times 2^16 is below 2^30.
+ * adds two more lanes: |plane sum| <= 15360 per 32-bit lane, and hi's times 2^16 is below 2^30. With
+ * AVX512-VNNI (qgemv_vnni.c) a pair's vpdpbusd sums the same four products per 32-bit lane at once.
  *
  * Layout of a prepared input row of K (K a multiple of 32), after its K table-layout floats (qgemv.c):
  *   planes: per pair of groups (2p, 2p + 1), 192 bytes: for each plane (lo, mid, hi) 64 bytes, the 32 even
@@ -59,12 +60,20 @@ AVX2_INLINE __m256i q4p_pair(const uint8_t *q, const int8_t *xp) {
     __m256i even, odd;
     q4p_nibbles(_mm256_loadu_si256((const __m256i *)q), &even, &odd);
     __m256i p[3];
+#ifdef QGEMV_VNNI /* vpdpbusd: four byte products summed into each 32-bit lane in one operation */
+    for (int plane = 0; plane < 3; plane++)
+        p[plane] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), even,
+                                                           _mm256_loadu_si256((const __m256i *)(xp + 64 * plane))),
+                                       odd, _mm256_loadu_si256((const __m256i *)(xp + 64 * plane + 32)));
+    return _mm256_add_epi32(_mm256_add_epi32(p[0], _mm256_slli_epi32(p[1], 8)), _mm256_slli_epi32(p[2], 16));
+#else
     for (int plane = 0; plane < 3; plane++)
         p[plane] = _mm256_add_epi16(_mm256_maddubs_epi16(even, _mm256_loadu_si256((const __m256i *)(xp + 64 * plane))),
                                     _mm256_maddubs_epi16(odd, _mm256_loadu_si256((const __m256i *)(xp + 64 * plane + 32))));
     const __m256i lo_mid = _mm256_add_epi32(_mm256_madd_epi16(p[0], _mm256_set1_epi16(1)),
                                             _mm256_madd_epi16(p[1], _mm256_set1_epi16(256)));
     return _mm256_add_epi32(lo_mid, _mm256_slli_epi32(_mm256_madd_epi16(p[2], _mm256_set1_epi16(1)), 16));
+#endif
 }
 
 /* The same for a lone group (16 bytes of codes): four partial sums. */

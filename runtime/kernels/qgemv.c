@@ -16,8 +16,8 @@
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
  * more tokens (int4 from 5, int8 from 32) dequantize a block of four rows once into fp32 and multiply it
- * by block_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C only: an AVX-512 CPU runs
- * these AVX2 paths.
+ * by block_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C; qgemv_vnni.c
+ * builds the same code again with AVX512-VNNI, which one token's factored int4 pairs use (q4planes.h).
  * Inputs are first widened to fp32 into scratch, one row of K floats per token: for int4 split into the
  * K/2 even elements then the K/2 odd ones (the low and high nibbles of the weights' bytes), or permuted in
  * blocks of 32 for the table path, which one token's rows follow with their byte planes (q4planes.h).
@@ -44,6 +44,13 @@
 #define FMT_INT8 1  /* as runtime/kernels/__init__.py */
 #define FMT_INT4 2
 
+/* qgemv_vnni.c includes this file with QGEMV_VNNI set: its two entry points are named with _vnni, and the
+ * table and the size queries are this file's (one definition in the library). */
+#ifdef QGEMV_VNNI
+#define QEXPORT(name) name##_vnni
+#else
+#define QEXPORT(name) name
+
 int qgemv_max_tokens(void) { return QMAXT; }
 
 uint8_t q4_bf16_tables[1024][64] __attribute__((aligned(64)));
@@ -57,6 +64,7 @@ __attribute__((constructor)) static void build_q4_bf16_tables(void) {
             q4_bf16_tables[i][32 + c] = q4_bf16_tables[i][48 + c] = (uint8_t)(t >> 8);
         }
 }
+#endif
 
 /* How a path wants its fp32 inputs: as they are (int8), even elements then odd (int4, dequant_i4), or
  * permuted within blocks of 32 (int4 of a bf16 model with groups of a multiple of 32, q4tab_block). */
@@ -286,7 +294,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
 /* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
  * registers. */
 #define QDOTS_DISPATCH(name, N_)                                                                 \
-    __attribute__((target("avx2,fma,f16c"))) static void name(const QRowSet *set, const int64_t *rows, \
+    __attribute__((target(INT_TARGET))) static void name(const QRowSet *set, const int64_t *rows, \
                                                               float *sums) {                      \
         if (set->fmt == FMT_INT8) {                                                              \
             if (set->G == 32 && set->to_bf16) qdots_i8(set, rows, sums, N_, 1, 32);             \
@@ -429,7 +437,7 @@ AVX2_INLINE void qrow_q4tab(const uint8_t *w, const uint16_t *sc, const float *x
         }                                                                                                 \
     } while (0)
 
-__attribute__((target("avx2,fma,f16c")))
+__attribute__((target(INT_TARGET)))
 static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc, const float *x, float *out,
                  int64_t out_stride, int64_t K, int64_t G, int T) {
     switch (T) {
@@ -444,7 +452,7 @@ static void qrow(int fmt, int rb, int layout, const void *w, const uint16_t *sc,
  * Row w's weights exactly as the reference's (float(scale) * q, rounded to bf16 for a bf16 model: the
  * helpers of dequant.h), into out[K] in the order the layout's prepared inputs are in, so that a plain fp32
  * product of the two rows is the row's product. qrow redoes the dequantization for each four tokens. */
-__attribute__((target("avx2,fma,f16c")))
+__attribute__((target(INT_TARGET)))
 static void dequant_row(int fmt, int rb, int layout, const void *w, const uint16_t *sc, float *out, int64_t K,
                         int64_t G) {
     if (fmt == FMT_INT8) {
@@ -495,9 +503,11 @@ static inline int input_planes(int layout, int64_t G) { return layout == LAYOUT_
 
 static inline int64_t input_row_floats(int planes, int64_t K) { return K + (planes ? q4p_floats(K) : 0); }
 
+#ifndef QGEMV_VNNI
 /* Floats of scratch a one-token prepared input row of K takes at most (runtime/kernels/__init__.py sizes
  * the scratch with it). */
 int64_t qgemv_row_floats(int64_t K) { return input_row_floats(1, K); }
+#endif
 
 /* Input k of a row of K at the slot its layout reads. */
 static inline void place_input(int layout, float *xs, int64_t K, int64_t k, float v) { xs[input_slot(layout, K, k)] = v; }
@@ -521,7 +531,7 @@ static void prepare_input(int layout, int planes, int is_bf16, const void *x, fl
  * dequantized(W[i])^T for T[i] <= QMAXT tokens; x[i] [T[i], K] in the model's dtype (bf16 when is_bf16,
  * else fp32); y[i] [T[i], N] fp32 or, with out_bf16, rounded to bf16 as torch's bf16 matmul output is.
  * scratch holds count * max(T, 2) * K floats. */
-void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t **S, const void **x, void **y,
+void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const uint16_t **S, const void **x, void **y,
                  const int64_t *T, int64_t N, int64_t K, int64_t G, int threads, float *scratch, int out_bf16) {
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
@@ -572,7 +582,7 @@ void qgemv_multi(int fmt, int is_bf16, int count, const void **W, const uint16_t
  *   h = W_in[i] x;  m = silu(h[:I]) * h[I:];  out += w[i] * (W_out[i] m)
  * rounded to bf16 where the reference's bf16 ops round, in one parallel region. out [H] has x's dtype;
  * scratch holds qgemv_row_floats(H) + count * (2I + qgemv_row_floats(I) + H) floats. */
-void qmoe_token(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
+void QEXPORT(qmoe_token)(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
                 const uint16_t **S_out, const void *x, const float *weights, void *out, int64_t H, int64_t I,
                 int64_t G, int threads, float *scratch) {
     const int layout = input_layout(fmt, is_bf16, G), planes = input_planes(layout, G);

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.kernels import cpu_flags, int_layout, load
+from runtime.kernels import ISA_AVX2, ISA_AVX2_VNNI, GemvKernel, cpu_flags, int_layout, library, load
 
 TOL = 2e-5
 SHAPES = [  # (rows N, inputs K, group size G): odd row counts and every group-size case the paths take
@@ -32,18 +32,24 @@ SHAPES = [  # (rows N, inputs K, group size G): odd row counts and every group-s
 ]
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    """The kernel, which must have built wherever the CPU runs the int path (a failed build would
-    otherwise make every test here skip)."""
+@pytest.fixture(scope="module", params=[ISA_AVX2, ISA_AVX2_VNNI], ids=["avx2", "avx2-vnni"])
+def kernel(request):
+    """The kernel with each int instruction set this CPU runs (a CPU with AVX512-VNNI runs both builds of
+    qgemv.c: the AVX2 one is what a CPU without it gets), which must have built wherever the CPU runs the
+    int path (a failed build would otherwise make every test here skip)."""
     if os.environ.get("MOEPLAN_NO_KERNEL"):
         pytest.skip("MOEPLAN_NO_KERNEL is set")
     if not {"avx2", "fma", "f16c"} <= cpu_flags():
         pytest.skip("the int kernels need AVX2, FMA and F16C")
+    if request.param == ISA_AVX2_VNNI and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX512-VNNI")
     k = load()
     assert k is not None, "the C kernels did not build or load (runtime/kernels/__init__.py: library())"
     assert k.int_isa is not None
-    return k
+    if k.int_isa == request.param:
+        return k
+    lib, isa = library()
+    return GemvKernel(lib, isa, int_isa=request.param)
 
 
 def quantized(n: int, k: int, group: int, fmt: str, gen: torch.Generator, powers_of_two: str = "none",
