@@ -43,7 +43,7 @@ from runtime.expert_store import ExpertStore  # noqa: E402
 from runtime.huge_pages import move_to_huge_pages, supported  # noqa: E402
 from runtime.kernels import GemvKernel, load  # noqa: E402
 from runtime.quant_format import rule_scales  # noqa: E402
-from report import emit  # noqa: E402
+from report import cpu_line, emit  # noqa: E402
 
 
 class AlwaysKernel:
@@ -291,6 +291,7 @@ def main() -> int:
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, torch "
              f"{torch.__version__}, load average at the end {os.getloadavg()[0]:.2f}",
+             cpu_line(),
              f"- expert shape: hidden {args.hidden}, intermediate {args.intermediate} (gate, up, down), "
              f"{args.per_call} experts per call (one layer's misses), pool of {args.pool_gb} GB so reads come "
              f"from DRAM; medians of {args.repeats}",

@@ -33,7 +33,7 @@ INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
 INT_MODEL_DTYPES = (torch.bfloat16, torch.float32)  # the model dtypes (inputs, outputs) the int kernels take
 
 
-def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> bool:
+def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int, amx: bool | None = None) -> bool:
     """Where the kernel beats torch's matmul, as measured with bench/cpu_kernel.py on a Mixtral-sized
     expert; the rule depends on the instruction set because torch's own matmul does.
 
@@ -41,9 +41,13 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     (1.5-1.7x) and loses from four (0.7-0.9x: oneDNN's bf16 GEMM reuses each weight load across
     tokens); fp32 wins up to four tokens on one thread (1.2-1.4x) but lost at one token on two (0.8x)
     before the one-token path read its rows as far-apart streams. AMD Zen 4 (AVX-512 with AVX512-BF16, no
-    AMX; bench/results/cpu_kernel_avx512_zen4.md) with those streams: bf16 1.4-1.6x torch at one token,
-    0.9-1.1x at two, 0.6-0.9x from eight; fp32 at one token 1.2x on one thread and 1.7x on two, so one token
-    runs on the kernel at any thread count (the Intel machine has not run the streams).
+    AMX; bench/results/cpu_kernel_avx512_zen4.md) with those streams: bf16 1.8-2.4x torch at one token;
+    fp32 at one token 1.4x on one thread and 1.8x on two, so one token runs on the kernel at any thread count
+    (the Intel machine has not run the streams). From two tokens the bf16 kernel multiplies four rows by four
+    tokens blocked for L1 (gemv.c, block_bf16_tokens_avx512): on Zen 4 1.09-1.55x torch at two and four
+    tokens on one and two threads, 1.01-1.32x at 8 and 16, 0.83-1.05x from 32 (two runs), so
+    without AMX (`amx`: the CPU flags when not given) bf16 takes the kernel up to four tokens; with AMX
+    oneDNN's GEMM keeps everything from two, as measured on the Intel machine with the older kernel.
     AVX2 (bench/results/cpu_kernel_avx2_run2.md; earlier runs in docs/benchmarks.md): torch has no native bf16 and its fp32 GEMM reaches
     about 30 GFLOP/s on two cores, so the kernel wins at most token counts measured (bf16 1.3-2.9x up to 64
     tokens, fp32 1.2-5x up to 32 on two threads). On one thread fp32 is close to even: at one token the
@@ -59,11 +63,17 @@ def _kernel_wins(isa: int, dtype: torch.dtype, tokens: int, threads: int) -> boo
     """
     if isa == ISA_AVX512:
         if dtype == torch.bfloat16:
-            return tokens <= 1
+            return tokens <= (1 if (_cpu_has_amx() if amx is None else amx) else 4)
         return tokens <= 1 or (threads == 1 and tokens <= 4)
     if dtype == torch.bfloat16:
         return tokens <= 64
     return tokens <= (64 if threads > 1 else 32)
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX for bf16 (read once: the rule is asked on the decode path)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def _split_input_floats(isa: int, dtype: torch.dtype, k: int) -> int:

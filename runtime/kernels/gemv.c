@@ -32,28 +32,6 @@ int gemv_max_tokens(void) { return MAXT; }
 
 /* ---- AVX-512 ---------------------------------------------------------------------------------- */
 
-__attribute__((target("avx512f,avx512bf16")))
-static void rows_bf16_avx512(const uint16_t *W, const uint16_t *x, float *y, int64_t n0, int64_t rows, int64_t N,
-                             int64_t K, int64_t T) {
-    const int64_t K32 = K & ~(int64_t)31;
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *xt = x + t * K;
-        __m512 acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K32; k += 32) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xt + k));
-            for (int r = 0; r < rows; r++)
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512((const void *)(W + (n0 + r) * K + k)), xv);
-        }
-        for (int r = 0; r < rows; r++) {
-            float s = _mm512_reduce_add_ps(acc[r]);
-            const uint16_t *w = W + (n0 + r) * K;
-            for (int64_t k = K32; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(xt[k]);
-            y[t * N + n0 + r] = s;
-        }
-    }
-}
-
 __attribute__((target("avx512f")))
 static void rows_f32_avx512(const float *W, const float *x, float *y, int64_t n0, int64_t rows, int64_t N, int64_t K,
                             int64_t T) {
@@ -359,9 +337,8 @@ static void split_bf16(const uint16_t *x, float *xe, float *xo, int64_t K, int64
 /* Rows n0 .. n0 + rows of W (a matrix with `rows` rows from there on) against x: y [T, rows] fp32. */
 static void rows_block(int isa, int is_bf16, const void *W, const void *x, const float *xe, const float *xo,
                        float *y, int64_t n0, int64_t rows, int64_t K, int64_t T) {
-    if (isa == ISA_AVX512) {
-        if (is_bf16) rows_bf16_avx512((const uint16_t *)W + n0 * K, (const uint16_t *)x, y, 0, rows, rows, K, T);
-        else rows_f32_avx512((const float *)W + n0 * K, (const float *)x, y, 0, rows, rows, K, T);
+    if (isa == ISA_AVX512) {  /* fp32: bf16 goes through block_bf16_tokens_avx512 */
+        rows_f32_avx512((const float *)W + n0 * K, (const float *)x, y, 0, rows, rows, K, T);
     } else if (is_bf16) {
         rows_bf16_avx2((const uint16_t *)W + n0 * K, xe, xo, y, 0, rows, rows, K, T);
     } else {
@@ -430,6 +407,59 @@ static void block_bf16_tokens(const uint16_t *w, int R, const float *xe, const f
     }
 }
 
+/* AVX-512 bf16 from two tokens: R <= 4 rows against four tokens at a time (sixteen AVX512-BF16 accumulators,
+ * eight loads per sixteen dot products), over chunks of ROWS_CHUNK inputs so that the rows' chunk (8 KB)
+ * and four tokens' (8 KB) stay in L1 while every token group passes over them. The inputs are the bf16 rows
+ * themselves. */
+__attribute__((target("avx512f,avx512bf16"), always_inline))
+static inline void block_bf16_tile_avx512(const uint16_t *w, const uint16_t *x, float *out, int64_t K, int64_t k0,
+                                          int64_t k1, const int R, const int TT) {
+    __m512 a[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) a[r][t] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 32) {
+        __m512bh xv[4];
+        for (int t = 0; t < TT; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const void *)(x + t * K + k));
+        for (int r = 0; r < R; r++) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + r * K + k));
+            for (int t = 0; t < TT; t++) a[r][t] = _mm512_dpbf16_ps(a[r][t], wv, xv[t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) out[t * R + r] += _mm512_reduce_add_ps(a[r][t]);
+}
+
+#define BLOCK_BF16_TILE_AVX512(R_)                                                                  \
+    do {                                                                                            \
+        switch (T - t < 4 ? T - t : 4) {                                                            \
+            case 1: block_bf16_tile_avx512(w, x + t * K, out + t * R_, K, k0, k1, R_, 1); break;    \
+            case 2: block_bf16_tile_avx512(w, x + t * K, out + t * R_, K, k0, k1, R_, 2); break;    \
+            case 3: block_bf16_tile_avx512(w, x + t * K, out + t * R_, K, k0, k1, R_, 3); break;    \
+            default: block_bf16_tile_avx512(w, x + t * K, out + t * R_, K, k0, k1, R_, 4); break;   \
+        }                                                                                           \
+    } while (0)
+
+/* bf16 rows w [R, K] (R <= 4) against T tokens x [T, K] (bf16): out [T, R]. */
+__attribute__((target("avx512f,avx512bf16")))
+static void block_bf16_tokens_avx512(const uint16_t *w, int R, const uint16_t *x, float *out, int64_t K, int64_t T) {
+    const int64_t K32 = K & ~(int64_t)31;
+    for (int64_t t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) {
+            float s = 0.0f;
+            for (int64_t j = K32; j < K; j++) s += bf16_to_f32(w[r * K + j]) * bf16_to_f32(x[t * K + j]);
+            out[t * R + r] = s;
+        }
+    for (int64_t k0 = 0; k0 < K32; k0 += ROWS_CHUNK) {
+        const int64_t k1 = K32 - k0 < ROWS_CHUNK ? K32 : k0 + ROWS_CHUNK;
+        for (int64_t t = 0; t < T; t += 4) switch (R) {
+                case 1: BLOCK_BF16_TILE_AVX512(1); break;
+                case 2: BLOCK_BF16_TILE_AVX512(2); break;
+                case 3: BLOCK_BF16_TILE_AVX512(3); break;
+                default: BLOCK_BF16_TILE_AVX512(4); break;
+            }
+    }
+}
+
 /* For each of `count` experts i: y[i] = x[i] @ W[i]^T, with T[i] tokens (<= MAXT), stored as fp32 or, with
  * out_bf16, rounded to bf16 as torch's bf16 matmul output is. For T > 1 the weight rows are read once
  * per token but stay in L1 between tokens (rows_*: up to four tokens per pass over a row; on AVX2 from
@@ -463,7 +493,9 @@ void gemv_multi(int isa, int is_bf16, int count, const void **W, const void **x,
         const int64_t n0 = (item % blocks) * ROWS;
         const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
         float tmp[MAXT * ROWS];  /* [T, rows] */
-        if (isa == ISA_AVX2 && T[i] >= BLOCK_TOKENS && is_bf16)
+        if (isa == ISA_AVX512 && is_bf16)
+            block_bf16_tokens_avx512((const uint16_t *)W[i] + n0 * K, (int)rows, (const uint16_t *)x[i], tmp, K, T[i]);
+        else if (isa == ISA_AVX2 && T[i] >= BLOCK_TOKENS && is_bf16)
             block_bf16_tokens((const uint16_t *)W[i] + n0 * K, (int)rows, scratch + 2 * i * stride,
                               scratch + (2 * i + 1) * stride, tmp, K, T[i]);
         else if (isa == ISA_AVX2 && T[i] >= BLOCK_TOKENS)

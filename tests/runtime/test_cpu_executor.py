@@ -164,9 +164,12 @@ def test_avx2_fp32_rule_takes_the_blocked_kernel_to_64_tokens_on_two_threads():
 def test_avx512_rule_takes_one_token_on_any_thread_count():
     """The measured rule on AVX-512 (runtime/kernels._kernel_wins, bench/results/cpu_kernel_avx512_zen4.md):
     one token runs on the kernel in both dtypes whatever the threads (its rows read as far-apart streams);
-    bf16 from two tokens goes to torch, fp32 up to four tokens on one thread only."""
+    bf16 up to four tokens without AMX (the blocked kernel on Zen 4), from two tokens on torch with AMX
+    (oneDNN's AMX GEMM on the Intel machine); fp32 more than one token on one thread only, up to four."""
     from runtime.kernels import ISA_AVX512, _kernel_wins
 
-    assert _kernel_wins(ISA_AVX512, torch.float32, 1, 2) and _kernel_wins(ISA_AVX512, torch.bfloat16, 1, 2)
+    assert _kernel_wins(ISA_AVX512, torch.float32, 1, 2) and _kernel_wins(ISA_AVX512, torch.bfloat16, 1, 2, amx=True)
     assert _kernel_wins(ISA_AVX512, torch.float32, 4, 1) and not _kernel_wins(ISA_AVX512, torch.float32, 2, 2)
-    assert not _kernel_wins(ISA_AVX512, torch.bfloat16, 2, 1) and not _kernel_wins(ISA_AVX512, torch.float32, 5, 1)
+    assert not _kernel_wins(ISA_AVX512, torch.bfloat16, 2, 1, amx=True) and not _kernel_wins(ISA_AVX512, torch.float32, 5, 1)
+    assert _kernel_wins(ISA_AVX512, torch.bfloat16, 4, 2, amx=False) and not _kernel_wins(ISA_AVX512, torch.bfloat16, 5, 2,
+                                                                                           amx=False)
