@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "qgemv_vnni.c", HERE / "decode_ops.c"]
-HEADERS = [HERE / "bf16.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h",
+HEADERS = [HERE / "bf16.h", HERE / "block_bf16_avx512.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h",
            HERE / "block_f32.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 ISA_AVX2_VNNI = 3  # the int kernels only: qgemv.c's AVX2 code built with AVX512-VNNI (qgemv_vnni.c)
@@ -202,8 +202,10 @@ class GemvKernel:
         self._qmulti = lib.qgemv_multi_vnni if vnni else lib.qgemv_multi
         self._qmulti.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
                                  ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._qmulti.restype = None
+        # a bf16 model's rows from a few tokens dequantized into bf16 for the AVX512-BF16 product (qgemv.c)
+        self._int_bf16_block = int(self.isa.get(torch.bfloat16) == ISA_AVX512)
         self._qtoken = lib.qmoe_token_vnni if vnni else lib.qmoe_token
         self._qtoken.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
                                  ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
@@ -262,7 +264,8 @@ class GemvKernel:
         self._qmulti(INT_FORMATS[fmt], int(dtype == torch.bfloat16), count, ptrs(*[w.data_ptr() for w, _ in weights]),
                      ptrs(*[s.data_ptr() for _, s in weights]), ptrs(*[x.data_ptr() for x in inputs]),
                      ptrs(*[y.data_ptr() for y in outs]), (ctypes.c_int64 * count)(*tokens), n, k, group, threads,
-                     self._scratch_ptr(count * max(max(tokens) * k, self._qrow_floats(k))), int(out_bf16))
+                     self._scratch_ptr(count * max(max(tokens) * k, self._qrow_floats(k))), int(out_bf16),
+                     self._int_bf16_block)
         return outs
 
     def qmoe_token(self, w_in: list[tuple[torch.Tensor, torch.Tensor]], w_out: list[tuple[torch.Tensor, torch.Tensor]],

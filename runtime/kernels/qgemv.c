@@ -30,6 +30,7 @@
 #include "dequant.h"
 #include "hsum.h"
 #include "q4planes.h"
+#include "block_bf16_avx512.h"
 #include "block_f32.h"
 #include "silu_gate.h"
 #include "stream_access.h" /* PREFETCH_BYTES, STREAMS */
@@ -497,6 +498,34 @@ static void dequant_row(int fmt, int rb, int layout, const void *w, const uint16
     }
 }
 
+/* ---- a bf16 model on a CPU with AVX512-BF16, from a few tokens: rows dequantized into bf16 -----------
+ * Row w's weights exactly as the reference's (bf16(float(scale) * q), the same values dequant_row rounds to),
+ * in input order, into out[K] as bf16, for block_bf16_avx512.h's product with the raw bf16 inputs: the same
+ * products as the fp32 path (a bf16 times a bf16 is exact in fp32) at twice the multiply-adds per
+ * instruction, and no prepared inputs. G a multiple of 32. */
+__attribute__((target("avx512f,avx512bf16,f16c")))
+static void dequant_row_bf16_avx512(int fmt, const void *w, const uint16_t *sc, uint16_t *out, int64_t K, int64_t G) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const __m512 s = _mm512_set1_ps(_cvtsh_ss(sc[g])), minus8s = _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            __m512 v[2]; /* inputs k .. k + 15 and k + 16 .. k + 31 */
+            if (fmt == FMT_INT8) {
+                const int8_t *q = (const int8_t *)w + k;
+                for (int h = 0; h < 2; h++)
+                    v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * h)))), s);
+            } else { /* byte j: input 2j in the low nibble, 2j + 1 in the high one, as code q + 8 */
+                const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)w + k / 2)), nib = _mm_set1_epi8(15);
+                const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+                const __m128i codes[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+                for (int h = 0; h < 2; h++) /* code * s - 8 s: s * q exactly, as dequant_i4 */
+                    v[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes[h])), s, minus8s);
+            }
+            for (int h = 0; h < 2; h++) /* rounded to bf16 to nearest even, as torch's float -> bf16 */
+                _mm256_storeu_si256((__m256i *)(out + k + 16 * h), (__m256i)_mm512_cvtneps_pbh(v[h]));
+        }
+    }
+}
+
 /* Whether one-token inputs of `layout` carry the planes of the factored int4 groups (q4planes.h), and how
  * many floats a prepared input row of K then takes. */
 static inline int input_planes(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
@@ -530,9 +559,11 @@ static void prepare_input(int layout, int planes, int is_bf16, const void *x, fl
 /* For each of `count` matrices i (qweight W[i], scales S[i], all [N, K] with group size G): y[i] = x[i] @
  * dequantized(W[i])^T for T[i] <= QMAXT tokens; x[i] [T[i], K] in the model's dtype (bf16 when is_bf16,
  * else fp32); y[i] [T[i], N] fp32 or, with out_bf16, rounded to bf16 as torch's bf16 matmul output is.
- * scratch holds count * max(T, 2) * K floats. */
+ * bf16_block: the CPU has AVX512-BF16, so a bf16 model's rows (groups of a multiple of 32) from a few tokens
+ * are dequantized into bf16 and multiplied by block_bf16_avx512.h. scratch holds count * max(T, 2) * K floats. */
 void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const uint16_t **S, const void **x, void **y,
-                 const int64_t *T, int64_t N, int64_t K, int64_t G, int threads, float *scratch, int out_bf16) {
+                 const int64_t *T, int64_t N, int64_t K, int64_t G, int threads, float *scratch, int out_bf16,
+                 int bf16_block) {
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
     const size_t elem = is_bf16 ? 2 : 4;
@@ -555,7 +586,13 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
         const int i = (int)(item / blocks);
         const int64_t n0 = (item % blocks) * QROWS, rows = N - n0 < QROWS ? N - n0 : QROWS;
         float tmp[QMAXT * QROWS]; /* [T, rows] */
-        if (T[i] >= (fmt == FMT_INT4 ? DEQUANT_ROW_TOKENS_INT4 : DEQUANT_ROW_TOKENS_INT8)) {
+        if (bf16_block && is_bf16 && G % 32 == 0 && T[i] >= DEQUANT_ROW_TOKENS_INT4) { /* both formats: no per-token dequantization left */
+            uint16_t block[QROWS * K];
+            for (int64_t r = 0; r < rows; r++)
+                dequant_row_bf16_avx512(fmt, (const char *)W[i] + (n0 + r) * row_bytes, S[i] + (n0 + r) * (K / G),
+                                        block + r * K, K, G);
+            block_bf16_tokens_avx512(block, (int)rows, (const uint16_t *)x[i], tmp, K, T[i]);
+        } else if (T[i] >= (fmt == FMT_INT4 ? DEQUANT_ROW_TOKENS_INT4 : DEQUANT_ROW_TOKENS_INT8)) {
             float block[QROWS * K];
             for (int64_t r = 0; r < rows; r++)
                 dequant_row(fmt, is_bf16, layout, (const char *)W[i] + (n0 + r) * row_bytes, S[i] + (n0 + r) * (K / G),

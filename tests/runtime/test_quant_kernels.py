@@ -35,8 +35,9 @@ SHAPES = [  # (rows N, inputs K, group size G): odd row counts and every group-s
 @pytest.fixture(scope="module", params=[ISA_AVX2, ISA_AVX2_VNNI], ids=["avx2", "avx2-vnni"])
 def kernel(request):
     """The kernel with each int instruction set this CPU runs (a CPU with AVX512-VNNI runs both builds of
-    qgemv.c: the AVX2 one is what a CPU without it gets), which must have built wherever the CPU runs the
-    int path (a failed build would otherwise make every test here skip)."""
+    qgemv.c, the AVX2 one as a CPU without VNNI or AVX512-BF16 would: fp32 blocks from a few tokens; with
+    them, bf16 blocks), which must have built wherever the CPU runs the int path (a failed build would
+    otherwise make every test here skip)."""
     if os.environ.get("MOEPLAN_NO_KERNEL"):
         pytest.skip("MOEPLAN_NO_KERNEL is set")
     if not {"avx2", "fma", "f16c"} <= cpu_flags():
@@ -49,6 +50,8 @@ def kernel(request):
     if k.int_isa == request.param:
         return k
     lib, isa = library()
+    if request.param == ISA_AVX2:  # what a CPU without AVX512-BF16 runs: the fp32 block path too
+        isa = {dtype: ISA_AVX2 for dtype in isa}
     return GemvKernel(lib, isa, int_isa=request.param)
 
 
