@@ -15,7 +15,8 @@
  *
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
- * more tokens (int4 from 5, int8 from 32) dequantize a block of four rows once into fp32 and multiply it
+ * more tokens (int4 from 5, int8 from 32; both from 5 into bf16 for a bf16 model on a CPU with AVX512-BF16,
+ * multiplied by block_bf16_avx512.h) dequantize a block of four rows once into fp32 and multiply it
  * by block_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C; qgemv_vnni.c
  * builds the same code again with AVX512-VNNI, which one token's factored int4 pairs use (q4planes.h).
  * Inputs are first widened to fp32 into scratch, one row of K floats per token: for int4 split into the
