@@ -10,25 +10,17 @@ from runtime.atomic import write_atomic  # noqa: E402
 
 
 def cpu_line() -> str:
-    """A results file's CPU line: the model name and family/model from /proc/cpuinfo, and the instruction set
-    the kernels run on this CPU (bf16/fp32 and int), so that a result says which kernel path it measured."""
+    """A results file's CPU line: the CPU model and its vector extensions as a profile records them
+    (`host_facts`), and the instruction set the kernels run on this CPU (bf16/fp32 and int), so that a result
+    says which kernel path it measured."""
+    from planner.profile.measure import host_facts
     from runtime.kernels import cpu_flags, instruction_sets, int_instruction_set
 
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = cpu_flags()
+    host, flags = host_facts(), cpu_flags()
     names = {1: "AVX2", 2: "AVX-512", 3: "AVX2 with AVX512-VNNI"}
     isa = {str(d).split(".")[1]: names[i] for d, i in instruction_sets(flags).items()}
-    int_isa = int_instruction_set(flags)
-    return (f"- CPU: {fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "
-            f"{fields.get('model', '?')}), AVX-512 {'yes' if 'avx512f' in flags else 'no'}, AVX512-BF16 "
-            f"{'yes' if 'avx512_bf16' in flags else 'no'}, AMX {'yes' if 'amx_tile' in flags else 'no'}; the kernels' "
-            f"instruction set: {isa or 'none'}, int8/int4 {names.get(int_isa, 'none') if int_isa else 'none'}")
+    return (f"- CPU: {host['cpu_model']}, {', '.join(host['isa'])}; the kernels' instruction set: {isa or 'none'}, "
+            f"int8/int4 {names.get(int_instruction_set(flags) or 0, 'none')}")
 
 
 def emit(lines: list[str], out: str | None) -> int:

@@ -37,7 +37,7 @@ from predict_vs_measure import build_model  # noqa: E402
 from decode_args import add_decode_args  # noqa: E402
 from report import cpu_line, emit  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
-from runtime.kernels import SOURCES, GemvKernel, load  # noqa: E402
+from runtime.kernels import GemvKernel, load  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
@@ -54,7 +54,7 @@ def base_kernel(revision: str) -> GemvKernel:
     """The GEMV kernel of a git revision, compiled as runtime/kernels compiles its own."""
     build = revision_runtime(revision, "runtime") / "kernels"
     compiler = shutil.which(os.environ.get("CC", "cc")) or "gcc"
-    sources = [str(build / source.name) for source in SOURCES]  # every C file the runtime compiles
+    sources = sorted(str(path) for path in build.glob("*.c"))  # every C file of the revision's runtime
     subprocess.run([compiler, "-O3", "-fopenmp", "-shared", "-fPIC", *sources, "-o", str(build / "base.so"), "-lm"],
                    check=True)
     return GemvKernel(ctypes.CDLL(str(build / "base.so")), load().isa)

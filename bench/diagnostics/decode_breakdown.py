@@ -226,8 +226,7 @@ def main() -> int:
     pages = f"{in_huge / 1e9:.2f} GB of weights in 2 MB pages" if in_huge else "4 KB pages"
     lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads, {pages})", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-             f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, kernel "
-             f"{ {str(d).split('.')[1]: n for d, n in kernels.load().isa_names().items()} }, "
+             f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"load average at the end {os.getloadavg()[0]:.2f}",
              cpu_line(),
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens, medians of {args.repeats}",

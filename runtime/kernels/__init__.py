@@ -204,8 +204,6 @@ class GemvKernel:
                                  ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._qmulti.restype = None
-        # a bf16 model's rows from a few tokens dequantized into bf16 for the AVX512-BF16 product (qgemv.c)
-        self._int_bf16_block = int(self.isa.get(torch.bfloat16) == ISA_AVX512)
         self._qtoken = lib.qmoe_token_vnni if vnni else lib.qmoe_token
         self._qtoken.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
                                  ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
@@ -265,7 +263,8 @@ class GemvKernel:
                      ptrs(*[s.data_ptr() for _, s in weights]), ptrs(*[x.data_ptr() for x in inputs]),
                      ptrs(*[y.data_ptr() for y in outs]), (ctypes.c_int64 * count)(*tokens), n, k, group, threads,
                      self._scratch_ptr(count * max(max(tokens) * k, self._qrow_floats(k))), int(out_bf16),
-                     self._int_bf16_block)
+                     # bf16 rows from a few tokens through the AVX512-BF16 product where bf16 runs on it (qgemv.c)
+                     int(self.isa.get(torch.bfloat16) == ISA_AVX512))
         return outs
 
     def qmoe_token(self, w_in: list[tuple[torch.Tensor, torch.Tensor]], w_out: list[tuple[torch.Tensor, torch.Tensor]],

@@ -180,18 +180,23 @@ typedef struct {
     void *const *y;  /* [N] per matrix */
 } RowSet;
 
+/* Row j of a set: its matrix j / N and its row there, divided once per step and shared by the dot products
+ * and the store of their sums. */
+typedef struct {
+    int64_t matrix, row;
+} SetRow;
+
 __attribute__((target("avx2,fma"), always_inline))
-static inline void dots_bf16_avx2(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+static inline void dots_bf16_avx2(const RowSet *set, const SetRow *at, float *sums, const int n) {
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     const int64_t K = set->K, K16 = K & ~(int64_t)15;
     const uint16_t *w[STREAMS];
     const float *xe[STREAMS], *xo[STREAMS];
     __m256 ae[STREAMS], ao[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N;
-        w[r] = (const uint16_t *)set->W[i] + (rows[r] % set->N) * K;
-        xe[r] = (const float *)set->x[i];
-        xo[r] = set->xo[i];
+        w[r] = (const uint16_t *)set->W[at[r].matrix] + at[r].row * K;
+        xe[r] = (const float *)set->x[at[r].matrix];
+        xo[r] = set->xo[at[r].matrix];
         ae[r] = ao[r] = _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < K16; k += 16)
@@ -209,14 +214,13 @@ static inline void dots_bf16_avx2(const RowSet *set, const int64_t *rows, float 
 }
 
 __attribute__((target("avx2,fma"), always_inline))
-static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+static inline void dots_f32_avx2(const RowSet *set, const SetRow *at, float *sums, const int n) {
     const int64_t K = set->K, K8 = K & ~(int64_t)7;
     const float *w[STREAMS], *x[STREAMS];
     __m256 a[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N;
-        w[r] = (const float *)set->W[i] + (rows[r] % set->N) * K;
-        x[r] = (const float *)set->x[i];
+        w[r] = (const float *)set->W[at[r].matrix] + at[r].row * K;
+        x[r] = (const float *)set->x[at[r].matrix];
         a[r] = _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < K8; k += 8)
@@ -236,14 +240,13 @@ static inline void dots_f32_avx2(const RowSet *set, const int64_t *rows, float *
  * hardware prefetchers follow the four streams, and the NTA prefetch lowered moe_token from 0.87-0.95 to
  * 0.72-0.94 of a plain read (bench/diagnostics/kernel_ab, 6 alternating runs, docs/benchmarks.md). */
 __attribute__((target("avx512f,avx512bf16"), always_inline))
-static inline void dots_bf16_avx512(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+static inline void dots_bf16_avx512(const RowSet *set, const SetRow *at, float *sums, const int n) {
     const int64_t K = set->K, K32 = K & ~(int64_t)31;
     const uint16_t *w[STREAMS], *x[STREAMS];
     __m512 a[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N;
-        w[r] = (const uint16_t *)set->W[i] + (rows[r] % set->N) * K;
-        x[r] = (const uint16_t *)set->x[i];
+        w[r] = (const uint16_t *)set->W[at[r].matrix] + at[r].row * K;
+        x[r] = (const uint16_t *)set->x[at[r].matrix];
         a[r] = _mm512_setzero_ps();
     }
     for (int64_t k = 0; k < K32; k += 32)
@@ -259,14 +262,13 @@ static inline void dots_bf16_avx512(const RowSet *set, const int64_t *rows, floa
 }
 
 __attribute__((target("avx512f"), always_inline))
-static inline void dots_f32_avx512(const RowSet *set, const int64_t *rows, float *sums, const int n) {
+static inline void dots_f32_avx512(const RowSet *set, const SetRow *at, float *sums, const int n) {
     const int64_t K = set->K, K16 = K & ~(int64_t)15;
     const float *w[STREAMS], *x[STREAMS];
     __m512 a[STREAMS];
     for (int r = 0; r < n; r++) {
-        const int64_t i = rows[r] / set->N;
-        w[r] = (const float *)set->W[i] + (rows[r] % set->N) * K;
-        x[r] = (const float *)set->x[i];
+        w[r] = (const float *)set->W[at[r].matrix] + at[r].row * K;
+        x[r] = (const float *)set->x[at[r].matrix];
         a[r] = _mm512_setzero_ps();
     }
     for (int64_t k = 0; k < K16; k += 16)
@@ -282,31 +284,31 @@ static inline void dots_f32_avx512(const RowSet *set, const int64_t *rows, float
 
 /* The n rows of one step of the streams into sums, per instruction set; a constant row count keeps the
  * accumulators in registers. */
-typedef void (*StepDots)(const RowSet *set, const int64_t *rows, float *sums, int n);
+typedef void (*StepDots)(const RowSet *set, const SetRow *at, float *sums, int n);
 
 __attribute__((target("avx2,fma")))
-static void step_dots_avx2(const RowSet *set, const int64_t *rows, float *sums, int n) {
+static void step_dots_avx2(const RowSet *set, const SetRow *at, float *sums, int n) {
     if (n == STREAMS) {
-        if (set->is_bf16) dots_bf16_avx2(set, rows, sums, STREAMS);
-        else dots_f32_avx2(set, rows, sums, STREAMS);
+        if (set->is_bf16) dots_bf16_avx2(set, at, sums, STREAMS);
+        else dots_f32_avx2(set, at, sums, STREAMS);
         return;
     }
     for (int r = 0; r < n; r++) {
-        if (set->is_bf16) dots_bf16_avx2(set, rows + r, sums + r, 1);
-        else dots_f32_avx2(set, rows + r, sums + r, 1);
+        if (set->is_bf16) dots_bf16_avx2(set, at + r, sums + r, 1);
+        else dots_f32_avx2(set, at + r, sums + r, 1);
     }
 }
 
 __attribute__((target("avx512f,avx512bf16")))
-static void step_dots_avx512(const RowSet *set, const int64_t *rows, float *sums, int n) {
+static void step_dots_avx512(const RowSet *set, const SetRow *at, float *sums, int n) {
     if (n == STREAMS) {
-        if (set->is_bf16) dots_bf16_avx512(set, rows, sums, STREAMS);
-        else dots_f32_avx512(set, rows, sums, STREAMS);
+        if (set->is_bf16) dots_bf16_avx512(set, at, sums, STREAMS);
+        else dots_f32_avx512(set, at, sums, STREAMS);
         return;
     }
     for (int r = 0; r < n; r++) {
-        if (set->is_bf16) dots_bf16_avx512(set, rows + r, sums + r, 1);
-        else dots_f32_avx512(set, rows + r, sums + r, 1);
+        if (set->is_bf16) dots_bf16_avx512(set, at + r, sums + r, 1);
+        else dots_f32_avx512(set, at + r, sums + r, 1);
     }
 }
 
@@ -316,13 +318,14 @@ static void stream_rows(const RowSet *set, int isa) {
     const StreamShare share = stream_share(set->count * set->N, omp_get_num_threads(), omp_get_thread_num());
     for (int64_t step = 0; step < share.segment; step++) {
         int64_t rows[STREAMS];
+        SetRow at[STREAMS];
         float sums[STREAMS];
         const int n = stream_rows_at(&share, step, rows);
-        dots(set, rows, sums, n);
+        for (int r = 0; r < n; r++) at[r] = (SetRow){rows[r] / set->N, rows[r] % set->N};
+        dots(set, at, sums, n);
         for (int r = 0; r < n; r++) {
-            const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
-            if (set->out_bf16) ((uint16_t *)set->y[i])[row] = f32_to_bf16(sums[r]);
-            else ((float *)set->y[i])[row] = sums[r];
+            if (set->out_bf16) ((uint16_t *)set->y[at[r].matrix])[at[r].row] = f32_to_bf16(sums[r]);
+            else ((float *)set->y[at[r].matrix])[at[r].row] = sums[r];
         }
     }
 }

@@ -582,12 +582,13 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
         return;
     }
     const int64_t blocks = (N + QROWS - 1) / QROWS, row_bytes = fmt == FMT_INT4 ? K / 2 : K;
+    const int bf16_rows = bf16_block && is_bf16 && G % 32 == 0; /* dequant_row_bf16_avx512's groups */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < (int64_t)count * blocks; item++) {
         const int i = (int)(item / blocks);
         const int64_t n0 = (item % blocks) * QROWS, rows = N - n0 < QROWS ? N - n0 : QROWS;
         float tmp[QMAXT * QROWS]; /* [T, rows] */
-        if (bf16_block && is_bf16 && G % 32 == 0 && T[i] >= DEQUANT_ROW_TOKENS_INT4) { /* both formats: no per-token dequantization left */
+        if (bf16_rows && T[i] >= DEQUANT_ROW_TOKENS_INT4) { /* both formats: no per-token dequantization left */
             uint16_t block[QROWS * K];
             for (int64_t r = 0; r < rows; r++)
                 dequant_row_bf16_avx512(fmt, (const char *)W[i] + (n0 + r) * row_bytes, S[i] + (n0 + r) * (K / G),
