@@ -4,7 +4,7 @@
 # skipped, saying so, when less time is left than it needs):
 #  0. the Python environment: the project's .venv where there is one, else the image's python3 (it holds
 #     torch and transformers) with the carried wheels of bench/device_wheels.sh (optuna) installed into
-#     /tmp/site; the versions it runs with go to $OUT/environment.txt;
+#     a temporary folder (mktemp -d); the versions it runs with go to $OUT/environment.txt;
 #  1. host syncs of CUDA decode tokens under torch.cuda.set_sync_debug_mode("warn"), beside the seam's
 #     own count (one per MoE layer per pass), for a plan with hits, CPU misses, promotions and prefetch
 #     and for one whose misses are double-buffered transfers: bench/cuda_syncs.py;
@@ -39,9 +39,10 @@ if [ -z "$py" ]; then
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
 if [ "$dry" != 1 ] && [ -d .whl ] && ! "$py" -c 'import optuna' 2>/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  site=$(mktemp -d)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     > "$out/wheels.log" 2>&1 || { echo "installing the carried wheels failed:"; tail -5 "$out/wheels.log"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 # step NAME SECONDS COMMAND...: run COMMAND under `timeout SECONDS` if the budget leaves that much

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # An absolute folder of a machine: a user's home, the root account's, this workplace's checkouts.
-MACHINE_PATH = re.compile(r"(/home/[a-z]|/root/|/work/|/Users/[A-Za-z]|\.\./shared/(?!checks/))")
+MACHINE_PATH = re.compile(r"(/home/[a-z]|/tmp/[A-Za-z]|/root/|/work/|/Users/[A-Za-z]|\.\./shared/(?!checks/))")
 
 
 def tracked_files() -> list[str]:
