@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
+from e2e_cpu import PLAN_V2  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
 from decode_args import add_decode_args  # noqa: E402
 from report import cpu_line, emit  # noqa: E402
@@ -123,6 +123,7 @@ def main() -> int:
                     help="--piece kernel or runtime: the git revision whose kernel or runtime is 'off'")
     add_decode_args(ap, repeats=8, repeats_flag="--pairs")
     ap.add_argument("--no-huge-pages", action="store_true", help="load as `moeplan run --no-huge-pages` does")
+    ap.add_argument("--experts", default="bfloat16", help="the plan's expert format: bfloat16, int8 or int4")
     ap.add_argument("--out")
     args = ap.parse_args()
     request_for_new_tensors(not args.no_huge_pages)  # as the command line does, before torch allocates
@@ -130,7 +131,7 @@ def main() -> int:
     if not (model / "config.json").exists():
         build_model(model)
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
-    plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
+    plan.write_text(PLAN_V2.format(dtype=args.dtype, experts=args.experts, threads=args.threads))
     session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
     turn = switch(session, args.piece, args.base, plan, model, not args.no_huge_pages)
     for on in (True, False):  # warm-up
@@ -152,7 +153,7 @@ def main() -> int:
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"load average at the end {os.getloadavg()[0]:.2f}",
              cpu_line(),
-             f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens per generation, {args.pairs} pairs "
+             f"- model: {model.name}, all-CPU plan, {args.experts} experts, {args.tokens} decode tokens per generation, {args.pairs} pairs "
              "in alternating order",
              f"- command: `.venv/bin/python bench/diagnostics/decode_ab.py {' '.join(sys.argv[1:])}`", "",
              "| | ms per token (median) | each generation |", "|---|---|---|",
