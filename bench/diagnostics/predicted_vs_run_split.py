@@ -1,16 +1,17 @@
 """Where a CPU decode token's time goes in the runtime, against the pieces the cost model adds up.
 
 In one process, round after round: the runtime generates with an all-CPU plan without slots (`moeplan
-run`'s path, no text streamed), each decoder layer's forward timed in place, so that each token splits into
-its layers and the rest (the generation loop, embedding, final norm, lm_head, the token pick); then the
-profiler's own timings of the same shape, as `moeplan profile` takes them for a model that fits the
-last-level cache (warm): the dense part of one layer (`DenseLayerBench`, with what runs in between as its
+run`'s path, no text streamed), each decoder layer timed in place (through the native decode step's seam
+where it runs), so that each token splits into its layers and the rest (the generation loop, embedding,
+final norm, lm_head, the token pick); then the profiler's own timings of the same shape, as `moeplan
+profile` takes them, warm where a token's bytes fit the last-level cache and cold otherwise (the cost
+model's choice): the dense part of one layer (`DenseLayerBench`, with what runs in between as its
 flush: the MoE layer's experts), the MoE layer's fused one-token call (`MoeLayerBench`, `token` path) and
 the decode step outside the layers: `DecodeStepBench` as it is now (the runtime's generation loop around
 one real layer whose time is taken off) and as it was before 2026-12-07 (`OldDecodeStepBench` below:
 transformers' forward and the sampler in a loop of its own, around a layer that only grows the KV cache),
 and the layer's own time inside the runtime's loop (`cpu.decode_layer`). The cost model's decode token
-was layers x (dense + MoE) + step before, and is now layers x max(dense + MoE, the layer in the loop) + step.
+was layers x (dense + MoE) + step before, and is now layers x max(MoE, the layer in the loop) + step.
 
 Per round it reports the fastest and the median token, both sides; the table gives the median over
 rounds. On a shared machine the fastest tokens describe the host, the medians the load of the moment.
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from planner.catalog import load_model_shape  # noqa: E402
-from planner.profile.measure import ExpertPool, llc_bytes, time_call  # noqa: E402
+from planner.cost_model import decode_bytes  # noqa: E402
+from planner.profile.measure import ExpertPool, StreamBuffer, llc_bytes, time_call  # noqa: E402
 from planner.profile.measure_dense import DecodeStepBench, DenseLayerBench, LayerShape  # noqa: E402
 from planner.profile.measure_moe import MoeLayerBench  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
@@ -58,28 +60,40 @@ def main() -> int:
     session = Session.load(plan)
     layers = session.loaded.model.model.layers
     inside = {"s": 0.0}
-    for layer in layers:  # each layer's forward timed in place: the token's split
-        forward = layer.forward
-
-        def timed(*a, _forward=forward, **k):
+    native = session.engine.native
+    if native is not None and native.enabled:  # the native decode step: each layer timed through its seam
+        def around(index, run):
             start = time.perf_counter()
-            out = _forward(*a, **k)
+            out = run()
             inside["s"] += time.perf_counter() - start
             return out
-        layer.forward = timed
+        native.around_layer = around
+    else:
+        for layer in layers:  # each layer's forward timed in place: the token's split
+            forward = layer.forward
+
+            def timed(*a, _forward=forward, **k):
+                start = time.perf_counter()
+                out = _forward(*a, **k)
+                inside["s"] += time.perf_counter() - start
+                return out
+            layer.forward = timed
 
     shape = LayerShape(m.name, m.hidden, m.expert_intermediate, m.num_heads, m.num_kv_heads, m.head_dim,
                        m.num_experts, m.top_k, m.vocab)
     torch.set_num_threads(args.threads)
     dense = DenseLayerBench(shape, dtype, "cpu")
     step = DecodeStepBench(shape, dtype, "cpu")
-    moe = MoeLayerBench(ExpertPool(shape.hidden, shape.intermediate, dtype, pool_bytes=0,
-                                   min_copies=2 * shape.experts_per_token))
-    old_step = OldDecodeStepBench(shape, dtype)
     llc = llc_bytes() or 0
-    n_layers = len(layers)
     prompt_tokens = len(session.loaded.tokenizer(PROMPT)["input_ids"])
     context = prompt_tokens + args.tokens // 2
+    # as the cost model picks the profile's rows: warm where a token's bytes fit the LLC, else cold
+    cache = "warm" if llc and decode_bytes(m, context) <= llc else "cold"
+    stream = StreamBuffer(1 << 30) if cache == "cold" else None
+    moe = MoeLayerBench(ExpertPool(shape.hidden, shape.intermediate, dtype, pool_bytes=0 if cache == "warm" else None,
+                                   min_copies=2 * shape.experts_per_token))
+    old_step = OldDecodeStepBench(shape, dtype)
+    n_layers = len(layers)
 
     rows = []
     print(f"{m.name}: {n_layers} layers, {args.threads} threads, LLC {llc / 2**20:.0f} MiB, "
@@ -92,11 +106,13 @@ def main() -> int:
         in_layers = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
         outside = [t - x for t, x in zip(total, in_layers)]
         torch.set_num_threads(args.threads)
-        experts = moe.call("token" if moe.fits_token(args.threads) else "run", shape.experts_per_token, 1,
-                           args.threads, "warm")
+        call = moe.call("token" if moe.fits_token(args.threads) else "run", shape.experts_per_token, 1,
+                        args.threads, cache)
+        # the profiler's flush (planner/profile/run.py: neighbour): cold adds two LLCs of unrelated reads
+        experts = call if stream is None else (lambda: (call(), stream.evict(2 * llc)))
         timing = dict(warmup=3, repeats=args.repeats)
         dense_t = dense.time(1, context, flush=experts, **timing)
-        moe_t = moe.time("token", shape.experts_per_token, 1, args.threads, "warm", **timing)
+        moe_t = moe.time("token", shape.experts_per_token, 1, args.threads, cache, **timing)
         step_t, loop_t, _ = step.time_in_loop(32, flush=experts, **timing)
         old_t = old_step.time(32, flush=experts, **timing)
         row = {
@@ -112,14 +128,14 @@ def main() -> int:
         }
         row["profile token (before)"] = tuple(n_layers * row["profile layer"][i] + row["profile step (before)"][i]
                                               for i in (0, 1))
-        # as the cost model adds them: each layer's parts, and what the layer takes in the loop beyond them
-        row["profile token"] = tuple(n_layers * max(row["profile layer"][i], row["profile layer in the loop"][i])
+        # as the cost model adds them (CostModel.loop_extra_s): the layer in the loop, never below its experts
+        row["profile token"] = tuple(n_layers * max(row["profile MoE token"][i], row["profile layer in the loop"][i])
                                      + row["profile step"][i] for i in (0, 1))
         rows.append(row)
         print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[0] * 1e3:.3f}/{v[1] * 1e3:.3f}" for k, v in row.items()),
               file=sys.stderr, flush=True)
 
-    print(f"\n{m.name}, {args.threads} threads, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} after; "
+    print(f"\n{m.name}, {args.threads} threads, {cache} rows, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} after; "
           f"ms, median over rounds of each round's fastest and median token (or timing)\n")
     print("| piece | fastest | median |")
     print("|---|---|---|")
