@@ -15,7 +15,7 @@
  *
  * The work is laid out as in gemv.c: one token reads each thread's rows as STREAMS far-apart streams
  * (stream_access.h), a few tokens use each dequantized row for up to four tokens while it is in registers,
- * more tokens (int4 from 5, int8 from 32; both from 5 into bf16 for a bf16 model on a CPU with AVX512-BF16,
+ * more tokens (int4 from 5, int8 from 32; both from 2 into bf16 for a bf16 model on a CPU with AVX512-BF16,
  * multiplied by block_bf16_avx512.h) dequantize a block of four rows once into fp32 and multiply it
  * by block_f32.h's L1-blocked product, and one decode token's experts run fused (qmoe_token). AVX2 + FMA + F16C; qgemv_vnni.c
  * builds the same code again with AVX512-VNNI, which one token's factored int4 pairs use (q4planes.h).
@@ -43,6 +43,11 @@
  * cost more than one pass of four tokens' FMAs, int8's widening far less. */
 #define DEQUANT_ROW_TOKENS_INT4 5
 #define DEQUANT_ROW_TOKENS_INT8 32
+/* A bf16 model on a CPU with AVX512-BF16: from this many tokens a block of rows is dequantized once into bf16
+ * and multiplied by block_bf16_avx512.h, both formats. Against the per-row path at 2-4 tokens on AMD Zen 4
+ * (bench/diagnostics/int_kernel_ab.py --tokens 2,3,4, two runs): int4 1.05-1.20x at 2 tokens, 1.13-1.35x at
+ * 3-4; int8 0.97-1.03x at 2, 1.06-1.33x at 3-4 (docs/benchmarks.md). */
+#define BF16_ROW_TOKENS 2
 #define FMT_INT8 1  /* as runtime/kernels/__init__.py */
 #define FMT_INT4 2
 
@@ -588,7 +593,7 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
         const int i = (int)(item / blocks);
         const int64_t n0 = (item % blocks) * QROWS, rows = N - n0 < QROWS ? N - n0 : QROWS;
         float tmp[QMAXT * QROWS]; /* [T, rows] */
-        if (bf16_rows && T[i] >= DEQUANT_ROW_TOKENS_INT4) { /* both formats: no per-token dequantization left */
+        if (bf16_rows && T[i] >= BF16_ROW_TOKENS) { /* both formats: no per-token dequantization left */
             uint16_t block[QROWS * K];
             for (int64_t r = 0; r < rows; r++)
                 dequant_row_bf16_avx512(fmt, (const char *)W[i] + (n0 + r) * row_bytes, S[i] + (n0 + r) * (K / G),
