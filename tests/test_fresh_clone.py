@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# An absolute folder of a machine: a user's home, the root account's, this workplace's checkouts.
+# An absolute folder of a machine: a user's home, the root account's, this workplace's checkouts, scratch under /tmp.
 MACHINE_PATH = re.compile(r"(/home/[a-z]|/tmp/[A-Za-z]|/root/|/work/|/Users/[A-Za-z]|\.\./shared/(?!checks/))")
 
 

@@ -135,7 +135,8 @@ def main() -> int:
         print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[0] * 1e3:.3f}/{v[1] * 1e3:.3f}" for k, v in row.items()),
               file=sys.stderr, flush=True)
 
-    print(f"\n{m.name}, {args.threads} threads, {cache} rows, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} after; "
+    print(f"\n{m.name}, {args.threads} threads, {cache} rows, {args.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.1f} after; "
           f"ms, median over rounds of each round's fastest and median token (or timing)\n")
     print("| piece | fastest | median |")
     print("|---|---|---|")

@@ -106,7 +106,8 @@ def assert_close(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}g{g}" for n, k, g in SHAPES])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 6, 7, 33])  # int4 from 5, int8 from 32, both from 2 into bf16 (AVX512-BF16): rows dequantized once
+# rows dequantized once: int4 from 5 tokens, int8 from 32, both from 2 into bf16 (a bf16 model, AVX512-BF16)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 6, 7, 33])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_qmulti_equals_torch(kernel, fmt, dtype, shape, tokens, threads):
     n, k, group = shape
