@@ -84,9 +84,8 @@ def main() -> int:
     if session.engine.native is None or not session.engine.native.enabled:
         raise SystemExit(f"{args.model}: the runtime does not decode it with its native step")
 
-    def flush(llcs: int):
-        experts = pool.call("token" if pool.fits_token(args.threads) else "run", k, 1, args.threads, "cold")
-        return (lambda: (experts(), stream.evict(llcs * llc))) if llcs else experts
+    def flush(llcs: int):  # the profiler's cold neighbour, with `llcs` LLCs of reads after the experts
+        return pool.neighbour(k, args.threads, "cold", llc, lambda: stream, llcs=llcs)
 
     names = ["real decode", *(f"loop, experts + {n} LLC" for n in EVICTIONS)]
     ms: dict[str, list[float]] = {name: [] for name in names}

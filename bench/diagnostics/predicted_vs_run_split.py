@@ -106,10 +106,8 @@ def main() -> int:
         in_layers = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
         outside = [t - x for t, x in zip(total, in_layers)]
         torch.set_num_threads(args.threads)
-        call = moe.call("token" if moe.fits_token(args.threads) else "run", shape.experts_per_token, 1,
-                        args.threads, cache)
-        # the profiler's flush (planner/profile/run.py: neighbour): cold adds two LLCs of unrelated reads
-        experts = call if stream is None else (lambda: (call(), stream.evict(2 * llc)))
+        # the profiler's flush before each repeat of the dense and step timings
+        experts = moe.neighbour(shape.experts_per_token, args.threads, cache, llc, lambda: stream)
         timing = dict(warmup=3, repeats=args.repeats)
         dense_t = dense.time(1, context, flush=experts, **timing)
         moe_t = moe.time("token", shape.experts_per_token, 1, args.threads, cache, **timing)

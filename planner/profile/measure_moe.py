@@ -37,7 +37,10 @@ from runtime.prefetch import Prefetcher
 from runtime.quant_experts import QuantizedExperts, attach
 from runtime.quant_format import quantize
 
-from .measure import ExpertPool, Timing, cold_bytes, time_call
+from .measure import ExpertPool, StreamBuffer, Timing, cold_bytes, time_call
+
+# LLCs' worth of unrelated reads after a cold neighbour's experts (MoeLayerBench.neighbour)
+COLD_NEIGHBOUR_LLCS = 2
 
 
 class MoeLayerBench:
@@ -97,6 +100,25 @@ class MoeLayerBench:
         cpu, quantized = CpuExecutor(threads), self.store.quantized
         return (cpu.fits_token(self.module, self.pool.dtype) if quantized is None
                 else cpu.fits_token_quantized(self.module, quantized, self.pool.dtype))
+
+    def neighbour(self, experts: int, threads: int, cache: str, llc: int | None,
+                  stream: Callable[[], StreamBuffer], llcs: int = COLD_NEIGHBOUR_LLCS) -> Callable[[], object]:
+        """What a decode step runs between two calls of a layer's dense part (or of the step outside the
+        layers), untimed before each repeat of theirs: `experts` experts for one token along the runtime's
+        path, warm or cold; cold, then `llcs` last-level caches' worth of unrelated reads from `stream()`
+        (the other layers' share of a token whose bytes do not fit the cache).
+
+        The reads come on top of the experts' call, however large it is: the timed layer reads its own
+        weights again at every repeat, and an LLC that keeps data by its reuse (AMD Zen 4's) holds part of
+        them through a stream of single-use experts. On AMD Zen 4 (one thread), the one-layer loop of the
+        benchmark model timed 0.89 of a layer in the real decode after the experts' call alone, 0.93 with
+        one LLC of reads added and 1.00 with two (bench/diagnostics/cold_loop_check.py, docs/benchmarks.md)."""
+        call = self.call("token" if self.fits_token(threads) else "run", experts, 1, threads, cache)
+        rest = llcs * (llc or 0) if cache == "cold" else 0
+        if rest <= 0:
+            return call
+        buffer = stream()
+        return lambda: (call(), buffer.evict(rest))
 
     def call(self, path: str, experts: int, tokens: int, threads: int, cache: str) -> Callable[[], object]:
         """One call of `path` on `experts` experts of `tokens` tokens each, with `threads` threads: what

@@ -108,24 +108,8 @@ def plan_jobs(shapes: Sequence[LayerShape], settings: Settings, accelerator: tor
         return state[key]  # type: ignore[return-value]
 
     def neighbour(shape: LayerShape, dtype: str, n: int, cache: str) -> Callable[[], object]:
-        """What a decode step runs between two calls of a layer's dense part (or of the step outside the
-        layers), untimed before each repeat of theirs: the MoE layer's experts for one token, along the
-        runtime's path, warm or cold; cold, then twice a last-level cache's worth of unrelated reads (the
-        other layers' share of a token whose bytes do not fit the cache).
-
-        The reads come on top of the experts' call, however large it is: the timed layer reads its own
-        weights again at every repeat, and an LLC that keeps data by its reuse (AMD Zen 4's) holds part of
-        them through a stream of single-use experts. On AMD Zen 4 (one thread), the one-layer loop of the
-        benchmark model timed 0.89 of a layer in the real decode after the experts' call alone, 0.93 with
-        one LLC of reads added and 1.00 with two (bench/diagnostics/cold_loop_check.py, docs/benchmarks.md)."""
-        bench = moe(shape, dtype)
-        k = shape.experts_per_token
-        experts = bench.call("token" if bench.fits_token(n) else "run", k, 1, n, cache)
-        rest = 2 * (llc or 0) if cache == "cold" else 0
-        if rest <= 0:
-            return experts
-        buffer = stream()
-        return lambda: (experts(), buffer.evict(rest))
+        """The flush before each repeat of a dense or decode-step timing (MoeLayerBench.neighbour)."""
+        return moe(shape, dtype).neighbour(shape.experts_per_token, n, cache, llc, stream)
 
     def expert_job(shape: LayerShape, dtype: str, n: int, tokens: int) -> Callable[[], None]:
         def run() -> None:

@@ -575,9 +575,12 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
     const size_t elem = is_bf16 ? 2 : 4;
     const int layout = input_layout(fmt, is_bf16, G), planes = tmax == 1 && input_planes(layout, G);
     const int64_t stride = tmax == 1 ? input_row_floats(planes, K) : tmax * K;
-    for (int i = 0; i < count; i++)
+    const int bf16_rows = bf16_block && is_bf16 && G % 32 == 0; /* dequant_row_bf16_avx512's groups */
+    for (int i = 0; i < count; i++) {
+        if (bf16_rows && T[i] >= BF16_ROW_TOKENS) continue; /* those blocks multiply the raw bf16 inputs */
         for (int64_t t = 0; t < T[i]; t++)
             prepare_input(layout, planes, is_bf16, (const char *)x[i] + t * K * elem, scratch + i * stride + t * K, K);
+    }
     if (tmax == 1) {
         const float *xs[count];
         for (int i = 0; i < count; i++) xs[i] = scratch + i * stride;
@@ -587,7 +590,6 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
         return;
     }
     const int64_t blocks = (N + QROWS - 1) / QROWS, row_bytes = fmt == FMT_INT4 ? K / 2 : K;
-    const int bf16_rows = bf16_block && is_bf16 && G % 32 == 0; /* dequant_row_bf16_avx512's groups */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < (int64_t)count * blocks; item++) {
         const int i = (int)(item / blocks);
