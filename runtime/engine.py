@@ -25,7 +25,7 @@ from .layer_context import LayerContext
 from .loader import DTYPES, LoadedModel
 from .moe_layer import MoeLayer
 from .native_decode import NativeDecode, build as build_native_decode
-from .quant_experts import DequantScratch
+from .quant_experts import DequantScratch, quantized_of
 from .plan import Plan
 from .prefetch import Prefetcher
 from .replay import RoutingReplay
@@ -54,10 +54,11 @@ class Engine:
             use_cpu_decode_path(loaded.model, experts, cpu.kernel, plan.hardware.cpu_threads)
         # before the expert stores take their views of the weights: a move re-points the parameters.
         # None: move the rest only where torch's allocator gave the large weights 2 MB pages (it is small)
-        params = list(loaded.model.parameters())
+        # The weights: the parameters and, for int experts, their codes and scales (not parameters)
+        weights = list(loaded.model.parameters()) + [t for m in experts if (q := quantized_of(m)) for t in q.tensors()]
         if huge_pages is not False:
-            move_to_huge_pages(params, only_if_born=huge_pages is None)
-        self.huge_page_bytes = bytes_in_huge_pages(params)
+            move_to_huge_pages(weights, only_if_born=huge_pages is None)
+        self.huge_page_bytes = bytes_in_huge_pages(weights)
         self.context = LayerContext(cpu, Prefetcher(seam, num_layers, self.top_k), replay, seam=seam)
         self.layers: list[MoeLayer] = []
         self.locked_host_bytes = 0  # expert host memory page-locked for the accelerator's copies

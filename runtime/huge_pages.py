@@ -56,6 +56,22 @@ def _huge_buffer(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor, born in 2 MB pages where the process asked for them
+    (`request_for_new_tensors`) and it is 2 MB or more: the quantized experts' tables, which moeplan
+    allocates itself. torch's allocator advises huge pages for a large allocation but may serve it from
+    memory the heap already holds in 4 KB pages (measured: 1 to 19 of the benchmark model's 32 int4 tables
+    in 2 MB pages, by the run); a fresh mapping has no such history."""
+    import math
+
+    import torch
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not supported() or os.environ.get(ENV) != "1" or nbytes < HUGE:
+        return torch.empty(shape, dtype=dtype)
+    return _huge_buffer(nbytes).view(dtype).view(shape)
+
+
 def _mappings() -> list[tuple[int, int, int]]:
     """This process's mappings as (start, end, bytes in 2 MB pages), sorted, from /proc/self/smaps
     (AnonHugePages); empty where the file does not exist."""
@@ -143,9 +159,10 @@ def born_in_huge_pages(params: list[torch.nn.Parameter]) -> bool:
     return _largest_is_huge(spans, _in_huge_pages(spans))
 
 
-def move_to_huge_pages(params: list[torch.nn.Parameter], only_if_born: bool = False) -> int:
-    """Copy each CPU storage of `params` that is not in 2 MB pages yet (each once; parameters sharing a
-    storage keep sharing it) into huge pages and re-point the parameters at the copy; returns the bytes
+def move_to_huge_pages(params: list[torch.Tensor], only_if_born: bool = False) -> int:
+    """Copy each CPU storage of `params` (parameters, or the quantized experts' tables) that is not in 2 MB
+    pages yet (each once; tensors sharing a storage keep sharing it) into huge pages and re-point the
+    tensors at the copy; returns the bytes
     moved. With `only_if_born`, nothing moves unless the largest storage was born in 2 MB pages (then the
     rest is small and cheap to move; otherwise the copy would cost about 1 s per GB)."""
     if not supported():

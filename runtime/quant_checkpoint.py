@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from . import huge_pages
 from .contracts.expert_format import (FORMATS, check_group_size, is_quantized, qweight_columns)
 from .errors import ModelError
 from .quant_experts import QuantizedExperts, attach, projection_names
@@ -205,8 +206,8 @@ def load_quantized(folder: Path, config_dict: dict[str, Any], dtype: torch.dtype
                 raise ModelError(f"{folder}: {p}: group size {problem}")
             cols, groups = qweight_columns(fmt, k), k // group_size
             qdtype = torch.uint8 if fmt == "int4" else torch.int8
-            qw = torch.empty((e * n, cols), dtype=qdtype)
-            sc = torch.empty((e * n, groups), dtype=torch.float16)
+            qw = huge_pages.empty((e * n, cols), qdtype)
+            sc = huge_pages.empty((e * n, groups), torch.float16)
             for base, rows in entries:
                 qname, sname = expert_tensor_names(fmt, base)
                 expert_keys.update((qname, sname))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import huge_pages
 from .contracts.expert_format import check_group_size, qweight_columns
 from .errors import ModelError
 from .expert_math import in_proj_name
@@ -79,9 +80,9 @@ def quantize_module(module: torch.nn.Module, fmt: str, group_size: int, where: s
                              f"`moeplan quantize --group-size N` for a group size that divides it")
         # expert by expert, into the layer's tensors: the float32 working copies stay one expert's
         experts, rows, inputs = w.shape
-        qweight[name] = torch.empty((experts, rows, qweight_columns(fmt, inputs)),
-                                    dtype=torch.int8 if fmt == "int8" else torch.uint8)
-        scales[name] = torch.empty((experts, rows, inputs // group_size), dtype=torch.float16)
+        qweight[name] = huge_pages.empty((experts, rows, qweight_columns(fmt, inputs)),
+                                         torch.int8 if fmt == "int8" else torch.uint8)
+        scales[name] = huge_pages.empty((experts, rows, inputs // group_size), torch.float16)
         for e in range(experts):
             qweight[name][e], scales[name][e] = quantize(w[e], fmt, group_size)
         del w

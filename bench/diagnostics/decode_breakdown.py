@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import runtime.kernels as kernels  # noqa: E402
-from e2e_cpu import PLAN  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
+from e2e_cpu import PLAN_V2  # noqa: E402  the same all-CPU plan as the end-to-end benchmark
 from predict_vs_measure import build_model  # noqa: E402
 from decode_args import add_decode_args  # noqa: E402
 from report import cpu_line, emit  # noqa: E402
@@ -56,6 +56,7 @@ class KernelClock:
 
     def __init__(self, threads: int, standins: ctypes.CDLL | None = None) -> None:
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        self.int_seconds, self.int_bytes = 0.0, 0  # the int experts' calls among them (qmulti, qmoe_token)
         # the calling thread's CPU time inside the calls (bench/decode_split.py: on a busy machine the
         # main thread's CPU time outside them is a steadier measure of the Python than the wall clock)
         self.cpu_seconds = 0.0
@@ -102,8 +103,26 @@ class KernelClock:
                 clock.add(time.perf_counter() - start, [weight])
             return timed_call
 
+        qmulti, qtoken = kernels.GemvKernel.qmulti, kernels.GemvKernel.qmoe_token
+
+        def timed_qmulti(kernel, weights, inputs, threads, out_dtype=torch.float32):
+            start = clock.start()
+            if clock.stands_in(weights):
+                out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for (w, _), x in zip(weights, inputs)]
+            else:
+                out = qmulti(kernel, weights, inputs, threads, out_dtype)
+            clock.add(time.perf_counter() - start, weights, int_call=True)
+            return out
+
+        def timed_qtoken(kernel, w_in, w_out, x, gates, threads):
+            start = clock.start()
+            out = torch.zeros_like(x) if clock.stands_in(w_in + w_out) else qtoken(kernel, w_in, w_out, x, gates, threads)
+            clock.add(time.perf_counter() - start, w_in + w_out, int_call=True)
+            return out
+
         kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
         kernels.GemvKernel.linear, kernels.GemvKernel.one_token = timed_linear, timed_one_token
+        kernels.GemvKernel.qmulti, kernels.GemvKernel.qmoe_token = timed_qmulti, timed_qtoken
 
     def stands_in(self, weights: list) -> bool:
         """Whether a stand-in replaces this call (returning zeros); the pausing ones pause here first, as
@@ -120,7 +139,7 @@ class KernelClock:
             self.standins.standin_reread(self._resident.data_ptr(), self._resident.numel(), seconds, self.threads)
         else:  # read, read4: the weights themselves
             read = self.standins.standin_read if stand_in == "read" else self.standins.standin_read4
-            for w in weights:
+            for w in _tensors(weights):
                 read(w.data_ptr(), _nbytes([w]) // 4, self.threads)
         return True
 
@@ -129,15 +148,25 @@ class KernelClock:
         self._cpu_start = time.thread_time()
         return time.perf_counter()
 
-    def add(self, seconds: float, weights: list[torch.Tensor]) -> None:
+    def add(self, seconds: float, weights: list, int_call: bool = False) -> None:
         self.cpu_seconds += time.thread_time() - self._cpu_start
         self.seconds += seconds
         self.calls += 1
         self.bytes += _nbytes(weights)
+        if int_call:
+            self.int_seconds += seconds
+            self.int_bytes += _nbytes(weights)
+
+    def take_int(self) -> tuple[float, int]:
+        """Seconds and bytes of the int experts' calls since the last take."""
+        out = (self.int_seconds, self.int_bytes)
+        self.int_seconds, self.int_bytes = 0.0, 0
+        return out
 
     def reset(self) -> tuple[float, int, int]:
         out = (self.seconds, self.calls, self.bytes)
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        self.int_seconds, self.int_bytes = 0.0, 0
         return out
 
     def take_cpu(self) -> float:
@@ -146,9 +175,15 @@ class KernelClock:
         return out
 
 
+def _tensors(weights: list) -> list:
+    """The weight tensors of a call: an int matrix is a (codes, scales) pair, read as both."""
+    return [t for w in weights for t in (w if isinstance(w, tuple) else (w,))]
+
+
 def _nbytes(weights: list) -> int:
-    """Bytes of weight tensors, or of anything with a shape and dtype (a q/k/v group's stacked rows)."""
-    return sum(math.prod(w.shape) * w.dtype.itemsize for w in weights)
+    """Bytes of weight tensors (an int matrix's codes and scales), or of anything with a shape and dtype (a
+    q/k/v group's stacked rows)."""
+    return sum(math.prod(w.shape) * w.dtype.itemsize for w in _tensors(weights))
 
 
 ROW_NAMES = {"kernel": "weights streamed", "sleep": "a sleep as long as the kernel instead (nothing streamed)",
@@ -182,8 +217,11 @@ def main() -> int:
     ap.add_argument("--no-huge-pages", action="store_true", help="load as `moeplan run --no-huge-pages` does")
     ap.add_argument("--stand-ins", default="zeros,sleep",
                     help=f"comma-separated, run after the real kernel each repeat: {', '.join(list(ROW_NAMES)[1:])}")
+    ap.add_argument("--experts", choices=["int8", "int4"],
+                    help="the plan's expert format, quantized at load (default: --dtype); int bytes: codes and scales")
     ap.add_argument("--out")
     args = ap.parse_args()
+    args.experts = args.experts or args.dtype
     variants = ["kernel"] + [v for v in args.stand_ins.split(",") if v]
     unknown = [v for v in variants if v not in ROW_NAMES]
     if unknown:
@@ -195,12 +233,14 @@ def main() -> int:
     if kernels.load() is None:
         raise SystemExit("the CPU kernel is not available here: nothing to break down")
     plan = Path(tempfile.mkdtemp()) / "all-cpu.yaml"
-    plan.write_text(PLAN.format(dtype=args.dtype, threads=args.threads))
+    plan.write_text(PLAN_V2.format(dtype=args.dtype, threads=args.threads, experts=args.experts))
     standins = build_standins() if any(v in NEEDS_STANDINS for v in variants) else None
     clock = KernelClock(args.threads, standins)  # before the load: the dense projections bind their kernel calls then
     session = Session.load(Plan.load(plan), model_dir=model, huge_pages=False if args.no_huge_pages else None)
     session.generate(args.prompt, max_new_tokens=4)  # warm-up
-    samples: dict[str, dict[str, list[float]]] = {m: {"token": [], "kernel": [], "gbps": []} for m in variants}
+    samples: dict[str, dict[str, list[float]]] = {m: {"token": [], "kernel": [], "gbps": [], "int": []}
+                                                  for m in variants}
+    int_moved = 0
     moved = decoded = calls = 0
     for repeat in range(args.repeats):
         for stand_in in variants:  # the kernel first: the pausing stand-ins take its rate so far
@@ -208,23 +248,29 @@ def main() -> int:
             clock.sleep_gbps = statistics.median(samples["kernel"]["gbps"]) if samples["kernel"]["gbps"] else 0.0
             clock.reset()
             session.generate(args.prompt, max_new_tokens=1)  # the prefill alone, to subtract
+            pre_int_s, pre_int_bytes = clock.take_int()
             pre_s, pre_calls, pre_bytes = clock.reset()
             result = session.generate(args.prompt, max_new_tokens=args.tokens + 1)
+            int_s, int_moved = clock.take_int()
             s, calls, moved = clock.reset()
             s, moved, calls = s - pre_s, moved - pre_bytes, calls - pre_calls
+            int_s, int_moved = int_s - pre_int_s, int_moved - pre_int_bytes
             decoded = len(result.generated_ids) - 1
             got = samples[stand_in]
             got["token"].append(result.decode_seconds / decoded * 1e3)
             got["kernel"].append(s / decoded * 1e3)
             got["gbps"].append(moved / s / 1e9 if s > 0 else 0.0)
+            got["int"].append(int_s / decoded * 1e3)
         print(f"repeat {repeat + 1}: " + ", ".join(f"{m} {samples[m]['token'][-1]:.1f} ms" for m in variants),
               file=sys.stderr, flush=True)
     rows = [(stand_in, statistics.median(got["token"]), statistics.median(got["kernel"]),
-             statistics.median(got["gbps"]), moved / decoded / 1e6, calls / decoded)
+             statistics.median(got["gbps"]), moved / decoded / 1e6, calls / decoded, statistics.median(got["int"]))
             for stand_in, got in samples.items()]
+    with_int = int_moved > 0
     in_huge = session.engine.huge_page_bytes
     pages = f"{in_huge / 1e9:.2f} GB of weights in 2 MB pages" if in_huge else "4 KB pages"
-    lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.threads} threads, {pages})", "",
+    lines = [f"# Where a CPU decode token's time goes ({args.dtype}, {args.experts} experts, {args.threads} threads, "
+             f"{pages})", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
              f"load average at the end {os.getloadavg()[0]:.2f}",
@@ -232,11 +278,24 @@ def main() -> int:
              f"- model: {model.name}, all-CPU plan, {args.tokens} decode tokens, medians of {args.repeats}",
              f"- command: `.venv/bin/python bench/diagnostics/decode_breakdown.py {' '.join(sys.argv[1:])}`", "",
              "| kernel calls | ms per token | kernel (or stand-in) ms | kernel GB/s | everything else ms | "
-             "weight MB per token | kernel calls per token |", "|---|---|---|---|---|---|---|"]
-    for stand_in, total, k, rate, mb, calls in rows:
+             "weight MB per token | kernel calls per token |" + (" int experts' calls ms |" if with_int else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if with_int else "")]
+    for stand_in, total, k, rate, mb, calls, int_ms in rows:
         rate_text = f"{rate:.1f}" if stand_in == "kernel" else "-"
         lines.append(f"| {ROW_NAMES[stand_in]} | {total:.1f} | {k:.1f} | {rate_text} | {total - k:.1f} | {mb:.0f} | "
-                     f"{calls:.0f} |")
+                     f"{calls:.0f} |" + (f" {int_ms:.2f} |" if with_int else ""))
+    if with_int:
+        lines += ["", f"- the int experts' calls: {int_moved / decoded / 1e6:.0f} MB per token (codes and scales), "
+                  f"the kernel at {int_moved / decoded / statistics.median(samples['kernel']['int']) / 1e6:.1f} GB/s"]
+    for stand_in in ("read", "read4"):  # the kernel against reads of the same bytes, repeat by repeat
+        if stand_in not in samples:
+            continue
+        ratios = {part: [r / k for k, r in zip(samples["kernel"][part], samples[stand_in][part]) if k > 0]
+                  for part in ("kernel", "int")}
+        text = f"all calls {statistics.median(ratios['kernel']):.3f}"
+        if with_int:
+            text += f", the int experts' calls {statistics.median(ratios['int']):.3f}"
+        lines.append(f"- {ROW_NAMES[stand_in]} / the kernel, time (median of the repeats' ratios): {text}")
     return emit(lines, args.out)
 
 

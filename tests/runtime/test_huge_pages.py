@@ -103,3 +103,40 @@ def test_run_reports_weights_in_huge_pages_and_the_same_tokens(tmp_path):
     assert reports["--no-huge-pages"]["weights_in_huge_pages_bytes"] == 0
     ids = {flag: report["generated_ids"] for flag, report in reports.items()}
     assert ids[""] == ids["--no-huge-pages"] == ids["--huge-pages"]
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_int_tables_are_born_in_huge_pages_when_asked(wanted):
+    """huge_pages.empty (the quantized experts' codes and scales): a fresh 2 MB-aligned mapping in huge pages
+    when the process asked for them, torch's allocator otherwise."""
+    script = ("from runtime.huge_pages import request_for_new_tensors, born_in_huge_pages, empty, HUGE\n"
+              f"request_for_new_tensors({wanted})\n"
+              "import torch\n"
+              "t = empty((3, 1 << 20, 2), torch.int8)\n"
+              "t.fill_(1)\n"
+              "small = empty((1000,), torch.float16)\n"
+              "print(tuple(t.shape), t.dtype, t.data_ptr() % HUGE == 0, born_in_huge_pages([t]), small.numel())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=_env_without_request(), cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["(3,", "1048576,", "2)", "torch.int8", str(wanted), str(wanted), "1000"]
+
+
+def test_int_plan_keeps_its_quantized_experts_in_huge_pages(tmp_path):
+    """int8 experts quantized at load: their codes (an 8 x 1024 x 256 table of 2 MB) count among the weights
+    in 2 MB pages, as a float plan's experts do; none with --no-huge-pages; the same tokens either way."""
+    _checkpoint_with_large_experts(tmp_path / "model")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 2\nmodel: {name: t, dtype: float32, experts: int8}\n"
+                    "hardware: {accelerator: cpu, cpu_threads: 1}\ncache: {slots: 0, policy: lru, preload: none}\n"
+                    "miss: {compute: cpu, transfer_min_tokens: 0, promote: false}\nprefetch: {lookahead: 0}\n")
+    reports = {}
+    for flag in ("", "--no-huge-pages"):
+        proc = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan), "--model", str(tmp_path / "model"),
+                               "--max-new-tokens", "6", "--json", *([flag] if flag else [])],
+                              capture_output=True, text=True, timeout=300, env=_env_without_request())
+        assert proc.returncode == 0, proc.stderr
+        reports[flag] = json.loads(proc.stdout)
+    assert reports[""]["weights_in_huge_pages_bytes"] >= 8 * 1024 * 256
+    assert reports["--no-huge-pages"]["weights_in_huge_pages_bytes"] == 0
+    assert reports[""]["generated_ids"] == reports["--no-huge-pages"]["generated_ids"]
