@@ -4,8 +4,14 @@ With `accelerator: cpu` the engine applies it to the loaded model, and the profi
 it times, so that the profile measures the code the runtime runs: projections through the GEMV kernel,
 RMSNorm and one-query attention in C (runtime/kernels/decode_ops.c). The MoE routers run their own
 forward: a C router measured within noise of it (0.991 of the decode time, bench/results/decode_ab_router_avx2.md).
+Their one-token product goes through torch's own GEMM rather than oneDNN's, which spends 24 us back to back
+and about 150 us after the kernels' pauses on a [1, 1024] by [8, 1024] bf16 product (torch's GEMM: 4 us) on
+the Zen 4 machine (docs/benchmarks.md).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,6 +31,38 @@ def use_cpu_decode_path(model: torch.nn.Module, skip: list[torch.nn.Module], ker
     ops = load_decode_ops()
     use_kernel_for_norms(model, ops)
     use_cpu_decode_attention(model, ops)
+    use_plain_gemm_for_routers(model)
+
+
+def use_plain_gemm_for_routers(model: torch.nn.Module) -> int:
+    """Each MoE router (transformers 5 names their classes *Router; each holds its [experts, hidden] weight)
+    runs a one-token input with oneDNN off, so that torch computes its product with its own GEMM: fp32 sums
+    rounded to the model's dtype as oneDNN's are, in another order (the last bit of about 1 logit in 100 to
+    1,000 differs, as the GEMV kernel's projections differ from torch's). Every path that decodes on this
+    model calls the router so (the native step and transformers' forward alike). Returns how many."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__.endswith("Router") and isinstance(weight, torch.nn.Parameter) \
+                and weight.dim() == 2 and "forward" not in module.__dict__:
+            module.forward = _one_token_without_onednn(module.forward)
+            count += 1
+    return count
+
+
+def _one_token_without_onednn(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if hidden.numel() != hidden.shape[-1] or hidden.device.type != "cpu":  # more than one token: oneDNN wins
+            return forward(hidden, *args, **kwargs)
+        # the C switch torch.backends.mkldnn.flags() sets, without that context manager's Python per call
+        was = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return forward(hidden, *args, **kwargs)
+        finally:
+            torch._C._set_mkldnn_enabled(was)
+
+    return run
 
 
 def set_kernel_threads(model: torch.nn.Module, threads: int) -> None:

@@ -160,3 +160,25 @@ def test_a_replaced_decoder_layer_sends_tokens_back_to_transformers(checkpoint):
     layers[1] = Wrapped(layers[1])
     assert session.generate(PROMPT, max_new_tokens=5).generated_ids == reference
     assert len(calls) == 5 and session.engine.native.declined == 4  # the prefill, then 4 decode tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routers_take_one_token_through_torchs_own_gemm(family, checkpoint):
+    """runtime/cpu_decode.py: every MoE router of a CPU-decode model runs a one-token input with oneDNN off
+    (the same result as its forward under torch.backends.mkldnn.flags(enabled=False)), a prompt with it on,
+    and leaves the switch as it found it."""
+    folder, config = checkpoint(family)
+    session = _session(folder, config, "bfloat16")
+    routers = [m for m in session.loaded.model.modules() if "forward" in m.__dict__ and type(m).__name__.endswith("Router")]
+    assert len(routers) == config.num_hidden_layers, f"{family}: {len(routers)} routers wrapped"
+    router = routers[0]
+    unwrapped = type(router).forward.__get__(router)
+    torch.manual_seed(0)
+    for rows in (1, 5):
+        x = torch.randn(rows, config.hidden_size).bfloat16()
+        with torch.backends.mkldnn.flags(enabled=rows != 1):
+            want = unwrapped(x)
+        got = router(x)
+        assert torch._C._get_mkldnn_enabled()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), f"{family}: {rows} rows"
