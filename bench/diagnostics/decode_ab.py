@@ -37,7 +37,7 @@ from predict_vs_measure import build_model  # noqa: E402
 from decode_args import add_decode_args  # noqa: E402
 from report import cpu_line, emit  # noqa: E402
 from runtime.huge_pages import request_for_new_tensors  # noqa: E402
-from runtime.kernels import GemvKernel, load  # noqa: E402
+from runtime.kernels import ISA_AVX2, ISA_AVX2_VNNI, GemvKernel, load  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
 from runtime.session import Session  # noqa: E402
 
@@ -57,7 +57,10 @@ def base_kernel(revision: str) -> GemvKernel:
     sources = sorted(str(path) for path in build.glob("*.c"))  # every C file of the revision's runtime
     subprocess.run([compiler, "-O3", "-fopenmp", "-shared", "-fPIC", *sources, "-o", str(build / "base.so"), "-lm"],
                    check=True)
-    return GemvKernel(ctypes.CDLL(str(build / "base.so")), load().isa)
+    lib, live = ctypes.CDLL(str(build / "base.so")), load()
+    # the int kernels' build as the live kernel picks it (a revision before the VNNI build has none)
+    int_isa = ISA_AVX2 if live.int_isa == ISA_AVX2_VNNI and not hasattr(lib, "qgemv_multi_vnni") else live.int_isa
+    return GemvKernel(lib, live.isa, int_isa)
 
 
 def base_runtime(revision: str) -> str:
@@ -105,7 +108,8 @@ def _switch_piece(session: Session, piece: str, base: str):
         live = load()  # the one instance every projection and the executor call
         if live is None:
             raise SystemExit("the CPU kernel is not available here")
-        entry_points = ("_fn", "_one", "_token")
+        # the float kernels' entry points and the int kernels' (with the scratch size their inputs take)
+        entry_points = ("_fn", "_one", "_token", "_qmulti", "_qtoken", "_qrow_floats")
         versions = {True: {name: getattr(live, name) for name in entry_points},
                     False: {name: getattr(base_kernel(base), name) for name in entry_points}}
 
