@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "qgemv.c", HERE / "qgemv_vnni.c", HERE / "decode_ops.c"]
 HEADERS = [HERE / "bf16.h", HERE / "block_bf16_avx512.h", HERE / "hsum.h", HERE / "stream_access.h", HERE / "dequant.h", HERE / "q4planes.h", HERE / "silu_gate.h",
-           HERE / "block_f32.h", HERE / "q4dot_bf16.h"]
+           HERE / "block_f32.h"]
 ISA_AVX2, ISA_AVX512 = 1, 2  # as in gemv.c
 ISA_AVX2_VNNI = 3  # the int kernels only: qgemv.c's AVX2 code built with AVX512-VNNI (qgemv_vnni.c)
 INT_FORMATS = {"int8": 1, "int4": 2}  # as FMT_INT8, FMT_INT4 in qgemv.c
@@ -207,7 +207,7 @@ class GemvKernel:
         self._qtoken = lib.qmoe_token_vnni if vnni else lib.qmoe_token
         self._qtoken.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers, pointers, pointers,
                                  ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
-                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
         self._qtoken.restype = None
         self.int_isa = int_isa  # the int8/int4 kernels' instruction set, None where they cannot run
         self.int_max_tokens = int(lib.qgemv_max_tokens())
@@ -263,8 +263,7 @@ class GemvKernel:
                      ptrs(*[s.data_ptr() for _, s in weights]), ptrs(*[x.data_ptr() for x in inputs]),
                      ptrs(*[y.data_ptr() for y in outs]), (ctypes.c_int64 * count)(*tokens), n, k, group, threads,
                      self._scratch_ptr(count * max(max(tokens) * k, self._qrow_floats(k))), int(out_bf16),
-                     # bf16 rows from a few tokens through the AVX512-BF16 product where bf16 runs on it (qgemv.c),
-                     # and one token's int4 groups by its dot products (q4dot_bf16.h)
+                     # bf16 rows from a few tokens through the AVX512-BF16 product where bf16 runs on it (qgemv.c)
                      int(self.isa.get(torch.bfloat16) == ISA_AVX512))
         return outs
 
@@ -285,9 +284,7 @@ class GemvKernel:
                      ptrs(*[s.data_ptr() for _, s in w_out]), x.data_ptr(), (ctypes.c_float * count)(*gate_weights),
                      out.data_ptr(), hidden, inter, group, threads,
                      self._scratch_ptr(self._qrow_floats(hidden)
-                                       + count * (2 * inter + self._qrow_floats(inter) + hidden)),
-                     # a bf16 model's int4 groups by AVX512-BF16 dot products where bf16 runs on it (q4dot_bf16.h)
-                     int(self.isa.get(torch.bfloat16) == ISA_AVX512))
+                                       + count * (2 * inter + self._qrow_floats(inter) + hidden)))
         return out
 
     def multi(self, weights: list[torch.Tensor], inputs: list[torch.Tensor], threads: int,

@@ -31,7 +31,6 @@
 #include "dequant.h"
 #include "hsum.h"
 #include "q4planes.h"
-#include "q4dot_bf16.h"
 #include "block_bf16_avx512.h"
 #include "block_f32.h"
 #include "silu_gate.h"
@@ -94,8 +93,7 @@ static inline int64_t input_slot(int layout, int64_t K, int64_t k) {
 typedef struct {
     int fmt, to_bf16, out_bf16; /* to_bf16: a bf16 model (weights rounded as the reference's are) */
     int layout;                 /* input_layout(fmt, to_bf16, G): which path reads the rows */
-    int planes;                 /* LAYOUT_TABLE, G 32, one token: x[i] + K holds the input as q4planes.h lays it out
-                                   (1), or as q4dot_bf16.h's words (2: AVX512-BF16, K a multiple of 64) */
+    int planes;                 /* LAYOUT_TABLE, G 32, one token: x[i] + K holds the input as q4planes.h lays it out */
     int64_t count, N, K, G;
     const void *const *W;      /* qweight of each matrix */
     const uint16_t *const *S;  /* float16 scales of each matrix, [N, K/G] */
@@ -228,16 +226,13 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
     const uint16_t *sc[STREAMS];
     const float *x[STREAMS], *pscale[STREAMS], *poffset[STREAMS];
     const int8_t *planes[STREAMS];
-    const uint16_t *words[STREAMS]; /* set->planes 2 */
     __m256 a[STREAMS];
-    float wide[STREAMS][16] = {{0}}; /* q4dot_bf16.h's sums, 16 lanes per row */
     for (int r = 0; r < n; r++) {
         const int64_t i = rows[r] / set->N, row = rows[r] % set->N;
         w[r] = (const uint8_t *)set->W[i] + row * (K / 2);
         sc[r] = set->S[i] + row * groups;
         x[r] = set->x[i];
         planes[r] = (const int8_t *)(x[r] + K);
-        words[r] = (const uint16_t *)(x[r] + K);
         pscale[r] = q4p_scales(K, planes[r]);
         poffset[r] = pscale[r] + q4p_groups8(K);
         a[r] = _mm256_setzero_ps();
@@ -252,13 +247,6 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
             if (!(g0 & 31)) _mm_prefetch((const char *)(sc[r] + g0) + PREFETCH_BYTES / 8, _MM_HINT_NTA);
             full[r] = load_scales8(sc[r] + g0, gn);
             factored = factored && scales_5_bits(full[r]);
-        }
-        if (factored && set->planes == 2) { /* q4dot_bf16.h: bf16 dot products, scaled by the scales */
-            float s[STREAMS][8];
-            for (int r = 0; r < n; r++) _mm256_storeu_ps(s[r], full[r]);
-            if (n == STREAMS) q4dot_streams(w, words, s, wide, g0 / 2, gn / 2);
-            else q4dot_single(w, words, s, wide, g0 / 2, gn / 2);
-            continue;
         }
         if (factored) { /* q4planes.h: per pair of groups, integer sums scaled by scale * 2^-e_g */
             __m256 sv[STREAMS];
@@ -307,11 +295,7 @@ AVX2_INLINE void qdots_q4tab(const QRowSet *set, const int64_t *rows, float *sum
                 a[r] = _mm256_fmadd_ps(_mm256_add_ps(ge, go), _mm256_broadcast_ss(&mult[r][gi]), a[r]);
             }
     }
-    for (int r = 0; r < n; r++) {
-        sums[r] = hsum256(a[r]);
-        if (set->planes == 2)
-            for (int i = 0; i < 16; i++) sums[r] += wide[r][i];
-    }
+    for (int r = 0; r < n; r++) sums[r] = hsum256(a[r]);
 }
 
 /* One function per (format, rounding, width) with the row count a constant, so the accumulators stay in
@@ -550,10 +534,7 @@ static void dequant_row_bf16_avx512(int fmt, const void *w, const uint16_t *sc, 
 
 /* Whether one-token inputs of `layout` carry the planes of the factored int4 groups (q4planes.h), and how
  * many floats a prepared input row of K then takes. */
-static inline int input_planes(int layout, int64_t G, int64_t K, int bf16_dot) {
-    if (layout != LAYOUT_TABLE || G != 32) return 0;
-    return bf16_dot && K % 64 == 0 ? 2 : 1;
-}
+static inline int input_planes(int layout, int64_t G) { return layout == LAYOUT_TABLE && G == 32; }
 
 static inline int64_t input_row_floats(int planes, int64_t K) { return K + (planes ? q4p_floats(K) : 0); }
 
@@ -567,21 +548,18 @@ int64_t qgemv_row_floats(int64_t K) { return input_row_floats(1, K); }
 static inline void place_input(int layout, float *xs, int64_t K, int64_t k, float v) { xs[input_slot(layout, K, k)] = v; }
 
 /* An input row of K values (bf16 or fp32) as the kernels read it: fp32, placed as `layout` says, and with
- * `planes` the planes (1) or the bf16 words (2) after them. */
+ * `planes` the planes after them. */
 static void prepare_input(int layout, int planes, int is_bf16, const void *x, float *xs, int64_t K) {
-    float group[64];
+    float group[32];
     for (int64_t k = 0; k < K; k++) {
         const float v = is_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
         place_input(layout, xs, K, k, v);
-        if (planes == 1) {
+        if (planes) {
             group[k & 31] = v;
             if ((k & 31) == 31) q4p_prepare_group(group, k / 32, K, (int8_t *)(xs + K));
-        } else if (planes == 2) {
-            group[k & 63] = v;
-            if ((k & 63) == 63) q4dot_place_pair(group, (uint16_t *)(xs + K) + (k / 64) * 64);
         }
     }
-    if (planes == 1) q4p_pad(K, (int8_t *)(xs + K));
+    if (planes) q4p_pad(K, (int8_t *)(xs + K));
 }
 
 /* For each of `count` matrices i (qweight W[i], scales S[i], all [N, K] with group size G): y[i] = x[i] @
@@ -595,7 +573,7 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
     int64_t tmax = 0;
     for (int i = 0; i < count; i++) tmax = T[i] > tmax ? T[i] : tmax;
     const size_t elem = is_bf16 ? 2 : 4;
-    const int layout = input_layout(fmt, is_bf16, G), planes = tmax == 1 ? input_planes(layout, G, K, bf16_block) : 0;
+    const int layout = input_layout(fmt, is_bf16, G), planes = tmax == 1 && input_planes(layout, G);
     const int64_t stride = tmax == 1 ? input_row_floats(planes, K) : tmax * K;
     const int bf16_rows = bf16_block && is_bf16 && G % 32 == 0; /* dequant_row_bf16_avx512's groups */
     for (int i = 0; i < count; i++) {
@@ -652,13 +630,11 @@ void QEXPORT(qgemv_multi)(int fmt, int is_bf16, int count, const void **W, const
  * scratch holds qgemv_row_floats(H) + count * (2I + qgemv_row_floats(I) + H) floats. */
 void QEXPORT(qmoe_token)(int fmt, int is_bf16, int count, const void **W_in, const uint16_t **S_in, const void **W_out,
                 const uint16_t **S_out, const void *x, const float *weights, void *out, int64_t H, int64_t I,
-                int64_t G, int threads, float *scratch, int bf16_dot) {
-    /* the input projections' inputs and the output projections' (H and I inputs) may take different ways */
-    const int layout = input_layout(fmt, is_bf16, G), planes_in = input_planes(layout, G, H, bf16_dot),
-              planes_m = input_planes(layout, G, I, bf16_dot);
-    const int64_t in_row = input_row_floats(planes_in, H), m_row = input_row_floats(planes_m, I); /* prepared inputs */
+                int64_t G, int threads, float *scratch) {
+    const int layout = input_layout(fmt, is_bf16, G), planes = input_planes(layout, G);
+    const int64_t in_row = input_row_floats(planes, H), m_row = input_row_floats(planes, I); /* prepared inputs */
     float *xs = scratch, *h = xs + in_row, *m = h + (int64_t)count * 2 * I, *y = m + (int64_t)count * m_row;
-    prepare_input(layout, planes_in, is_bf16, x, xs, H);
+    prepare_input(layout, planes, is_bf16, x, xs, H);
     const float *x_in[count], *m_in[count];
     void *h_out[count], *y_out[count];
     for (int i = 0; i < count; i++) {
@@ -667,8 +643,8 @@ void QEXPORT(qmoe_token)(int fmt, int is_bf16, int count, const void **W_in, con
         h_out[i] = h + i * 2 * I;
         y_out[i] = y + i * H;
     }
-    const QRowSet in = {fmt, is_bf16, 0, layout, planes_in, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
-    const QRowSet down = {fmt, is_bf16, 0, layout, planes_m, count, H, I, G, W_out, S_out, m_in, y_out};
+    const QRowSet in = {fmt, is_bf16, 0, layout, planes, count, 2 * I, H, G, W_in, S_in, x_in, h_out};
+    const QRowSet down = {fmt, is_bf16, 0, layout, planes, count, H, I, G, W_out, S_out, m_in, y_out};
 #pragma omp parallel num_threads(threads)
     {
         qstream_rows(&in);
@@ -680,13 +656,7 @@ void QEXPORT(qmoe_token)(int fmt, int is_bf16, int count, const void **W_in, con
             place_input(layout, m + i * m_row, I, j, v); /* laid out as prepare_input lays an input out */
             h[i * 2 * I + j] = v; /* in order, for the planes: only this item reads the gate's j */
         }
-        if (planes_m == 2) {
-#pragma omp for schedule(static)
-            for (int64_t item = 0; item < (int64_t)count * (I / 64); item++) {
-                const int64_t i = item / (I / 64), p = item % (I / 64);
-                q4dot_place_pair(h + i * 2 * I + 64 * p, (uint16_t *)(m + i * m_row + I) + 64 * p);
-            }
-        } else if (planes_m) {
+        if (planes) {
 #pragma omp for schedule(static)
             for (int64_t item = 0; item < (int64_t)count * (I / 32); item++) {
                 const int64_t i = item / (I / 32), g = item % (I / 32);

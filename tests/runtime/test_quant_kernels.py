@@ -32,32 +32,27 @@ SHAPES = [  # (rows N, inputs K, group size G): odd row counts and every group-s
 ]
 
 
-@pytest.fixture(scope="module", params=[(ISA_AVX2, False), (ISA_AVX2_VNNI, True), (ISA_AVX2_VNNI, False)],
-                ids=["avx2", "avx2-vnni", "avx2-vnni-no-bf16"])
+@pytest.fixture(scope="module", params=[ISA_AVX2, ISA_AVX2_VNNI], ids=["avx2", "avx2-vnni"])
 def kernel(request):
     """The kernel with each int instruction set this CPU runs (a CPU with AVX512-VNNI runs both builds of
     qgemv.c, the AVX2 one as a CPU without VNNI or AVX512-BF16 would: fp32 blocks from a few tokens; with
-    them, bf16 blocks and one token's int4 groups by bf16 dot products, q4dot_bf16.h; and the VNNI build as a
-    CPU with VNNI but not AVX512-BF16 would: one token's int4 groups by vpdpbusd, q4planes.h), which must
-    have built wherever the CPU runs the int path (a failed build would otherwise make every test here skip)."""
-    int_isa, bf16 = request.param
+    them, bf16 blocks), which must have built wherever the CPU runs the int path (a failed build would
+    otherwise make every test here skip)."""
     if os.environ.get("MOEPLAN_NO_KERNEL"):
         pytest.skip("MOEPLAN_NO_KERNEL is set")
     if not {"avx2", "fma", "f16c"} <= cpu_flags():
         pytest.skip("the int kernels need AVX2, FMA and F16C")
-    if int_isa == ISA_AVX2_VNNI and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
+    if request.param == ISA_AVX2_VNNI and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
         pytest.skip("this CPU has no AVX512-VNNI")
-    if bf16 and "avx512_bf16" not in cpu_flags():
-        pytest.skip("this CPU has no AVX512-BF16")
     k = load()
     assert k is not None, "the C kernels did not build or load (runtime/kernels/__init__.py: library())"
     assert k.int_isa is not None
-    lib, isa = library()
-    if not bf16:  # what a CPU without AVX512-BF16 runs: the fp32 block path too
-        isa = {dtype: ISA_AVX2 for dtype in isa}
-    if k.int_isa == int_isa and k.isa == isa:
+    if k.int_isa == request.param:
         return k
-    return GemvKernel(lib, isa, int_isa=int_isa)
+    lib, isa = library()
+    if request.param == ISA_AVX2:  # what a CPU without AVX512-BF16 runs: the fp32 block path too
+        isa = {dtype: ISA_AVX2 for dtype in isa}
+    return GemvKernel(lib, isa, int_isa=request.param)
 
 
 def quantized(n: int, k: int, group: int, fmt: str, gen: torch.Generator, powers_of_two: str = "none",
