@@ -2,11 +2,11 @@
 
 With `accelerator: cpu` the engine applies it to the loaded model, and the profiler to the decoder layer
 it times, so that the profile measures the code the runtime runs: projections through the GEMV kernel,
-RMSNorm and one-query attention in C (runtime/kernels/decode_ops.c). The MoE routers run their own
-forward: a C router measured within noise of it (0.991 of the decode time, bench/results/decode_ab_router_avx2.md).
-Their one-token product goes through torch's own GEMM rather than oneDNN's, which spends 24 us back to back
-and about 150 us after the kernels' pauses on a [1, 1024] by [8, 1024] bf16 product (torch's GEMM: 4 us) on
-the Zen 4 machine (docs/benchmarks.md).
+RMSNorm and one-query attention in C (runtime/kernels/decode_ops.c), and the softmax top-k routers in one C
+call where it reproduces them (runtime/dense_router.py). A router it does not (PhiMoE's sparsemixer, tied
+probabilities) runs its own forward with its one-token product through torch's own GEMM rather than
+oneDNN's, which spends 24 us back to back and about 150 us after the kernels' pauses on a [1, 1024] by
+[8, 1024] bf16 product (torch's GEMM: 4 us) on the Zen 4 machine (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from .decode_attention import use_cpu_decode_attention
 from .dense_linear import KernelLinear, use_kernel_for_dense
 from .dense_norm import use_kernel_for_norms
+from .dense_router import use_kernel_for_routers
 from .kernels import GemvKernel
 from .kernels.decode_ops import load_decode_ops
 
@@ -31,6 +32,7 @@ def use_cpu_decode_path(model: torch.nn.Module, skip: list[torch.nn.Module], ker
     ops = load_decode_ops()
     use_kernel_for_norms(model, ops)
     use_cpu_decode_attention(model, ops)
+    use_kernel_for_routers(model, ops)
     use_plain_gemm_for_routers(model)
 
 

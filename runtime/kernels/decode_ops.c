@@ -263,3 +263,56 @@ void rope_append_attend(int is_bf16, void *q, void *k, const void *v, const void
     attend_one(is_bf16, q, k_cache, v_cache, out, Hq, Hkv, L + 1, D, D, k_head, k_pos, v_head, v_pos, scale, threads,
                scratch);
 }
+
+/* The router of one token, as transformers' softmax top-k routers (Mixtral, Qwen2/3-MoE, OLMoE) write it:
+ *   logits = F.linear(x, W)                   fp32 sums, rounded to the model's dtype
+ *   probs  = softmax(logits.float())          fp32
+ *   top    = topk(probs, k)                   largest first
+ *   top   /= top.sum()   (if normalize)
+ * x is [H], W [E, H] contiguous, one dtype; logits [E] in that dtype; scores [k] the top values, fp32 or bf16
+ * (`scores_bf16`: the Qwen and OLMoE routers cast them to the logits' dtype), top_index [k]; scratch H + E
+ * floats.
+ * Returns 1 without a result when two of the k + 1 largest probabilities are equal: torch's topk orders
+ * equal values in a way of its own, so the caller runs the module's own forward then. */
+__attribute__((target("avx2,fma")))
+int route_one(int is_bf16, const void *x, const void *w, void *logits, int64_t E, int64_t H, int64_t k,
+              int normalize, void *scores, int scores_bf16, int64_t *top_index, float *scratch) {
+    float *xf = scratch, *p = scratch + H;  /* [H] input widened, [E] probabilities */
+    for (int64_t d = 0; d < H; d++) xf[d] = load_elem(x, d, is_bf16);
+    int64_t e = 0;
+    for (; e + 4 <= E; e += 4) dot_rows(xf, w, e * H, H, H, is_bf16, 4, p + e);
+    for (; e < E; e++) dot_rows(xf, w, e * H, H, H, is_bf16, 1, p + e);
+    float top = -INFINITY;
+    for (e = 0; e < E; e++) {
+        if (is_bf16) p[e] = round_bf16(p[e]);
+        store_elem(logits, e, p[e], is_bf16);
+        top = p[e] > top ? p[e] : top;
+    }
+    float sum = 0.0f;
+    for (e = 0; e < E; e++) {
+        p[e] = expf(p[e] - top);
+        sum += p[e];
+    }
+    for (e = 0; e < E; e++) p[e] /= sum;
+    /* the k + 1 largest, largest first (the k + 1st only to see a tie at the edge of the top k); with
+     * them in descending order, equal values are neighbours */
+    const int64_t n = k < E ? k + 1 : E;
+    int64_t order[n];
+    char taken[E];
+    for (e = 0; e < E; e++) taken[e] = 0;
+    for (int64_t r = 0; r < n; r++) {
+        int64_t best = -1;
+        for (e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+        taken[best] = 1;
+        order[r] = best;
+        if (r > 0 && p[best] == p[order[r - 1]]) return 1;
+    }
+    float picked_sum = 0.0f;
+    for (int64_t r = 0; r < k; r++) picked_sum += p[order[r]];
+    for (int64_t r = 0; r < k; r++) {
+        top_index[r] = order[r];
+        store_elem(scores, r, normalize ? p[order[r]] / picked_sum : p[order[r]], scores_bf16);
+    }
+    return 0;
+}

@@ -1,4 +1,4 @@
-"""ctypes wrappers of decode_ops.c: RMSNorm and one-query attention for the dense part at decode."""
+"""ctypes wrappers of decode_ops.c: RMSNorm, one-query attention and the router for the dense part at decode."""
 from __future__ import annotations
 
 import ctypes
@@ -29,7 +29,27 @@ class DecodeOps:
         self.rope_append_attend_raw.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 7, *[ctypes.c_int64] * 8,
                                                 ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         self.rope_append_attend_raw.restype = None
+        self._route = lib.route_one
+        self._route.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                ctypes.c_void_p, ctypes.c_void_p]
+        self._route.restype = ctypes.c_int
         self._scratch_ptr = Scratch().ptr
+
+    def route_one(self, x: torch.Tensor, weight: torch.Tensor, k: int, normalize: bool,
+                  scores_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A softmax top-k router on one token x [1, H] with weight [E, H] (contiguous, x's dtype): (logits
+        [1, E] in x's dtype, scores [1, k] in scores_dtype, indices [1, k]), as the routers of Mixtral,
+        Qwen-MoE and OLMoE return them; None where probabilities tie at the top (torch orders ties its own
+        way: the caller runs the module then)."""
+        experts, hidden = weight.shape
+        logits = torch.empty((1, experts), dtype=x.dtype)
+        scores = torch.empty((1, k), dtype=scores_dtype)
+        index = torch.empty((1, k), dtype=torch.int64)
+        tied = self._route(int(x.dtype == torch.bfloat16), x.data_ptr(), weight.data_ptr(), logits.data_ptr(),
+                           experts, hidden, k, int(normalize), scores.data_ptr(),
+                           int(scores_dtype == torch.bfloat16), index.data_ptr(), self._scratch_ptr(hidden + experts))
+        return None if tied else (logits, scores, index)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """transformers' Llama-style RMSNorm of x over its last dimension; x contiguous, weight in x's dtype.

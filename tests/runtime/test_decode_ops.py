@@ -1,5 +1,5 @@
 """The dense part's C decode operations give what transformers' own modules give (RMSNorm, attention of
-one query), and they are only put in place where they do."""
+one query, the MoE router), and they are only put in place where they do."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from runtime.decode_attention import cpu_decode_attention
 from runtime.dense_norm import KernelRMSNorm, use_kernel_for_norms
+from runtime.dense_router import MIN_CALLS, KernelRouter, use_kernel_for_routers
 from runtime.kernels.decode_ops import load_decode_ops
 
 ops = load_decode_ops()
@@ -111,6 +112,8 @@ def test_cpu_sessions_put_the_decode_ops_in_place(family, checkpoint):
     else:  # two per layer and the final norm (Qwen3-MoE adds the per-head q and k norms)
         assert len(norms) == config.num_hidden_layers * (4 if family == "qwen3_moe" else 2) + 1
     assert model.config._attn_implementation == "moeplan_cpu"
+    routers = [m for m in model.modules() if isinstance(m, KernelRouter)]
+    assert len(routers) == (0 if family == "phimoe" else config.num_hidden_layers)  # sparsemixer stays
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -139,3 +142,113 @@ def test_native_step_ops_equal_torch_bit_for_bit(dtype, heads, kv_heads, dim, le
     a, b, weight = torch.randn(1, 1, 96).to(dtype), torch.randn(1, 1, 96).to(dtype), torch.randn(96).to(dtype)
     total, normed = ops.add_rms_norm(a, b, weight, 1e-5)
     assert torch.equal(total, a + b) and torch.equal(normed, ops.rms_norm(a + b, weight, 1e-5))
+
+
+# ---- the router ---------------------------------------------------------------------------------
+def _moe_model(family: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    from model_factory import make_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(make_config(family), dtype=dtype).eval()
+
+
+def _routers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if name.endswith((".mlp.gate", ".mlp.router"))}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_router_logits_are_recorded_as_transformers_records_them(family):
+    """`output_router_logits=True` records each replaced router (transformers matches routers by class),
+    for one token (the kernel's call) and several (the module's own), and the model's aux loss follows."""
+    model = _moe_model(family, torch.float32)
+    reference = copy.deepcopy(model)
+    assert use_kernel_for_routers(model, ops) == model.config.num_hidden_layers
+    for name, router in _routers(model).items():
+        original = _routers(reference)[name]
+        assert isinstance(router, KernelRouter) and isinstance(router, type(original))
+        assert getattr(router, "num_experts", None) == getattr(original, "num_experts", None)
+    generator = torch.Generator().manual_seed(3)
+    for tokens in (1, 5):
+        ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+        with torch.no_grad():
+            ours = model(input_ids=ids, output_router_logits=True)
+            theirs = reference(input_ids=ids, output_router_logits=True)
+        assert len(ours.router_logits) == len(theirs.router_logits) == model.config.num_hidden_layers
+        for a, b in zip(ours.router_logits, theirs.router_logits):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        if theirs.aux_loss is not None:
+            assert torch.allclose(ours.aux_loss, theirs.aux_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_router_equals_transformers(family, dtype):
+    model = _moe_model(family, dtype)
+    theirs = _routers(model)
+    assert use_kernel_for_routers(model, ops) == len(theirs) == model.config.num_hidden_layers
+    ours = _routers(model)
+    step = torch.finfo(dtype).eps
+    generator = torch.Generator().manual_seed(1)
+    compared = 0
+    with torch.no_grad():
+        for name, router in theirs.items():
+            kernel_router = ours[name]
+            assert isinstance(kernel_router, KernelRouter) and kernel_router.weight is router.weight
+            for scale in (0.5, 1.0, 4.0):
+                for _ in range(40):
+                    x = (torch.randn(1, router.weight.shape[1], generator=generator) * scale).to(dtype)
+                    logits, scores, index = router(x)
+                    routed = ops.route_one(x, router.weight, index.shape[1], kernel_router.normalize, scores.dtype)
+                    got = kernel_router(x)
+                    if routed is None:  # tied: the module's own answer
+                        assert all(torch.equal(a, b) for a, b in zip(got, (logits, scores, index)))
+                        continue
+                    assert torch.equal(got[2], index) and got[1].dtype == scores.dtype
+                    assert torch.allclose(got[1].float(), scores.float(), rtol=max(4 * step, 2e-5), atol=0)
+                    assert torch.allclose(got[0].float(), logits.float(), rtol=2 * step, atol=1e-5)
+                    compared += 1
+    assert compared > 300
+
+
+def test_routers_with_another_rule_keep_their_forward():
+    model = _moe_model("phimoe", torch.float32)  # sparsemixer: not softmax then top-k
+    assert use_kernel_for_routers(model, ops) == 0
+
+    class SigmoidRouter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 32))
+
+        def forward(self, x):
+            logits = F.linear(x.reshape(-1, 32), self.weight)
+            values, index = torch.topk(torch.sigmoid(logits.float()), 2, dim=-1)
+            return logits, values, index
+
+    block = torch.nn.Module()
+    block.gate = SigmoidRouter()
+    assert use_kernel_for_routers(block, ops) == 0 and isinstance(block.gate, SigmoidRouter)
+
+    class Unnormalised(SigmoidRouter):  # softmax and top-k without renormalising: the kernel's other rule
+        def forward(self, x):
+            logits = F.linear(x.reshape(-1, 32), self.weight)
+            values, index = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
+            return logits, values, index
+
+    block.gate = Unnormalised()
+    assert use_kernel_for_routers(block, ops) == 1 and block.gate.normalize is False
+
+
+def test_tied_probabilities_fall_back_to_the_module():
+    model = _moe_model("mixtral", torch.float32)
+    name, router = next(iter(_routers(model).items()))
+    with torch.no_grad():
+        router.weight[2] = router.weight[1]  # experts 1 and 2 always score alike
+    use_kernel_for_routers(model, ops)
+    kernel_router = _routers(model)[name]
+    x = router.weight[1:2].clone() * 3  # experts 1 and 2 on top, tied: torch orders them its own way
+    assert ops.route_one(x, router.weight, 2, True, torch.float32) is None
+    with torch.no_grad():
+        for _ in range(MIN_CALLS):
+            assert all(torch.equal(a, b) for a, b in zip(kernel_router(x), router(x)))
+    assert not kernel_router.enabled  # every call tied: the kernel is no longer tried
