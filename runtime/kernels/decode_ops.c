@@ -304,6 +304,7 @@ int route_one(int is_bf16, const void *x, const void *w, void *logits, int64_t E
         int64_t best = -1;
         for (e = 0; e < E; e++)
             if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+        if (best < 0) return 1; /* no experts: nothing the kernel answers (the module's forward runs) */
         taken[best] = 1;
         order[r] = best;
         if (r > 0 && p[best] == p[order[r - 1]]) return 1;
