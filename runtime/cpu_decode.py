@@ -18,7 +18,7 @@ import torch
 from .decode_attention import use_cpu_decode_attention
 from .dense_linear import KernelLinear, use_kernel_for_dense
 from .dense_norm import use_kernel_for_norms
-from .dense_router import use_kernel_for_routers
+from .dense_router import routers, use_kernel_for_routers
 from .kernels import GemvKernel
 from .kernels.decode_ops import load_decode_ops
 
@@ -37,17 +37,15 @@ def use_cpu_decode_path(model: torch.nn.Module, skip: list[torch.nn.Module], ker
 
 
 def use_plain_gemm_for_routers(model: torch.nn.Module) -> int:
-    """Each MoE router (transformers 5 names their classes *Router; each holds its [experts, hidden] weight)
-    runs a one-token input with oneDNN off, so that torch computes its product with its own GEMM: fp32 sums
-    rounded to the model's dtype as oneDNN's are, in another order (the last bit of about 1 logit in 100 to
-    1,000 differs, as the GEMV kernel's projections differ from torch's). Every path that decodes on this
-    model calls the router so (the native step and transformers' forward alike). Returns how many."""
+    """Each MoE router (dense_router.routers: the C one too, for the calls it hands to the module's own
+    forward) runs a one-token input with oneDNN off, so that torch computes its product with its own GEMM:
+    fp32 sums rounded to the model's dtype as oneDNN's are, in another order (the last bit of about 1 logit in
+    100 to 1,000 differs, as the GEMV kernel's projections differ from torch's). Every path that decodes on
+    this model calls the router so (the native step and transformers' forward alike). Returns how many."""
     count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if type(module).__name__.endswith("Router") and isinstance(weight, torch.nn.Parameter) \
-                and weight.dim() == 2 and "forward" not in module.__dict__:
-            module.forward = _one_token_without_onednn(module.forward)
+    for _, _, router in routers(model):
+        if "forward" not in router.__dict__:
+            router.forward = _one_token_without_onednn(router.forward)
             count += 1
     return count
 

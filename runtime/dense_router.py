@@ -24,6 +24,7 @@ the loss failed on the empty tuple.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
@@ -116,21 +117,29 @@ def kernel_router_class(router_class: type) -> type:
     return type(f"Kernel{router_class.__name__}", (KernelRouter, router_class), {})
 
 
+def routers(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Each MoE router of `model` as (its block, the block's attribute holding it, the router): a module under
+    one of ROUTER_NAMES with a two-dimensional [experts, hidden] weight."""
+    for parent in list(model.modules()):
+        for name in ROUTER_NAMES:
+            child = parent._modules.get(name)
+            weight = getattr(child, "weight", None)
+            if child is not None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                yield parent, name, child
+
+
 def use_kernel_for_routers(model: torch.nn.Module, ops: DecodeOps | None) -> int:
     """Replace each MoE router of `model` that the kernel reproduces; returns how many."""
     if ops is None:
         return 0
     replaced = 0
-    for parent in list(model.modules()):
-        for name in ROUTER_NAMES:
-            child = parent._modules.get(name)
-            weight = getattr(child, "weight", None)
-            if (child is None or isinstance(child, (torch.nn.Linear, KernelRouter)) or list(child.children())
-                    or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in DTYPES
-                    or weight.device.type != "cpu" or getattr(child, "bias", None) is not None):
-                continue
-            rule = _kernel_rule(child, ops)
-            if rule is not None:
-                parent._modules[name] = kernel_router_class(type(child))(child, ops, *rule)
-                replaced += 1
+    for parent, name, child in routers(model):
+        weight = child.weight
+        if (isinstance(child, (torch.nn.Linear, KernelRouter)) or list(child.children())
+                or weight.dtype not in DTYPES or weight.device.type != "cpu" or getattr(child, "bias", None) is not None):
+            continue
+        rule = _kernel_rule(child, ops)
+        if rule is not None:
+            parent._modules[name] = kernel_router_class(type(child))(child, ops, *rule)
+            replaced += 1
     return replaced

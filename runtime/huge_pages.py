@@ -162,9 +162,9 @@ def born_in_huge_pages(params: list[torch.nn.Parameter]) -> bool:
 def move_to_huge_pages(params: list[torch.Tensor], only_if_born: bool = False) -> int:
     """Copy each CPU storage of `params` (parameters, or the quantized experts' tables) that is not in 2 MB
     pages yet (each once; tensors sharing a storage keep sharing it) into huge pages and re-point the
-    tensors at the copy; returns the bytes
-    moved. With `only_if_born`, nothing moves unless the largest storage was born in 2 MB pages (then the
-    rest is small and cheap to move; otherwise the copy would cost about 1 s per GB)."""
+    tensors at the copy; returns the bytes moved. With `only_if_born`, nothing moves unless the largest
+    storage was born in 2 MB pages (then the rest is small and cheap to move; otherwise the copy would cost
+    about 1 s per GB)."""
     if not supported():
         return 0
     import torch

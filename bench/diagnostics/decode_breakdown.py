@@ -64,23 +64,29 @@ class KernelClock:
         self.stand_in, self.sleep_gbps = "kernel", 0.0
         self.threads, self.standins = threads, standins
         self._resident = torch.ones(1 << 20, dtype=torch.int32)  # 4 MB: stays in a server CPU's L3
-        multi, token, linear = kernels.GemvKernel.multi, kernels.GemvKernel.moe_token, kernels.GemvKernel.linear
+        linear = kernels.GemvKernel.linear
         clock = self
 
-        def timed_multi(kernel, weights, inputs, threads, out_dtype=torch.float32):
-            start = clock.start()
-            if clock.stands_in(weights):
-                out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for w, x in zip(weights, inputs)]
-            else:
-                out = multi(kernel, weights, inputs, threads, out_dtype)
-            clock.add(time.perf_counter() - start, weights)
-            return out
+        def timed_multi(multi, int_call: bool):  # multi or qmulti (weights: tensors or (codes, scales) pairs)
+            def run(kernel, weights, inputs, threads, out_dtype=torch.float32):
+                start = clock.start()
+                if clock.stands_in(weights):
+                    out = [torch.zeros(x.shape[0], _tensors([w])[0].shape[0], dtype=out_dtype)
+                           for w, x in zip(weights, inputs)]
+                else:
+                    out = multi(kernel, weights, inputs, threads, out_dtype)
+                clock.add(time.perf_counter() - start, weights, int_call)
+                return out
+            return run
 
-        def timed_token(kernel, w_in, w_out, x, gates, threads):
-            start = clock.start()
-            out = torch.zeros_like(x) if clock.stands_in(w_in + w_out) else token(kernel, w_in, w_out, x, gates, threads)
-            clock.add(time.perf_counter() - start, w_in + w_out)
-            return out
+        def timed_token(token, int_call: bool):  # moe_token or qmoe_token
+            def run(kernel, w_in, w_out, x, gates, threads):
+                start = clock.start()
+                out = torch.zeros_like(x) if clock.stands_in(w_in + w_out) else token(kernel, w_in, w_out, x, gates,
+                                                                                      threads)
+                clock.add(time.perf_counter() - start, w_in + w_out, int_call)
+                return out
+            return run
 
         def timed_linear(kernel, weight, x, threads, out_dtype):
             start = clock.start()
@@ -103,26 +109,10 @@ class KernelClock:
                 clock.add(time.perf_counter() - start, [weight])
             return timed_call
 
-        qmulti, qtoken = kernels.GemvKernel.qmulti, kernels.GemvKernel.qmoe_token
-
-        def timed_qmulti(kernel, weights, inputs, threads, out_dtype=torch.float32):
-            start = clock.start()
-            if clock.stands_in(weights):
-                out = [torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype) for (w, _), x in zip(weights, inputs)]
-            else:
-                out = qmulti(kernel, weights, inputs, threads, out_dtype)
-            clock.add(time.perf_counter() - start, weights, int_call=True)
-            return out
-
-        def timed_qtoken(kernel, w_in, w_out, x, gates, threads):
-            start = clock.start()
-            out = torch.zeros_like(x) if clock.stands_in(w_in + w_out) else qtoken(kernel, w_in, w_out, x, gates, threads)
-            clock.add(time.perf_counter() - start, w_in + w_out, int_call=True)
-            return out
-
-        kernels.GemvKernel.multi, kernels.GemvKernel.moe_token = timed_multi, timed_token
-        kernels.GemvKernel.linear, kernels.GemvKernel.one_token = timed_linear, timed_one_token
-        kernels.GemvKernel.qmulti, kernels.GemvKernel.qmoe_token = timed_qmulti, timed_qtoken
+        k = kernels.GemvKernel
+        k.multi, k.moe_token = timed_multi(k.multi, False), timed_token(k.moe_token, False)
+        k.qmulti, k.qmoe_token = timed_multi(k.qmulti, True), timed_token(k.qmoe_token, True)
+        k.linear, k.one_token = timed_linear, timed_one_token
 
     def stands_in(self, weights: list) -> bool:
         """Whether a stand-in replaces this call (returning zeros); the pausing ones pause here first, as
@@ -157,14 +147,10 @@ class KernelClock:
             self.int_seconds += seconds
             self.int_bytes += _nbytes(weights)
 
-    def take_int(self) -> tuple[float, int]:
-        """Seconds and bytes of the int experts' calls since the last take."""
-        out = (self.int_seconds, self.int_bytes)
-        self.int_seconds, self.int_bytes = 0.0, 0
-        return out
 
-    def reset(self) -> tuple[float, int, int]:
-        out = (self.seconds, self.calls, self.bytes)
+    def reset(self) -> tuple[float, int, int, float, int]:
+        """(seconds, calls, bytes) of every call since the last reset, then (seconds, bytes) of the int ones."""
+        out = (self.seconds, self.calls, self.bytes, self.int_seconds, self.int_bytes)
         self.seconds, self.calls, self.bytes = 0.0, 0, 0
         self.int_seconds, self.int_bytes = 0.0, 0
         return out
@@ -248,11 +234,9 @@ def main() -> int:
             clock.sleep_gbps = statistics.median(samples["kernel"]["gbps"]) if samples["kernel"]["gbps"] else 0.0
             clock.reset()
             session.generate(args.prompt, max_new_tokens=1)  # the prefill alone, to subtract
-            pre_int_s, pre_int_bytes = clock.take_int()
-            pre_s, pre_calls, pre_bytes = clock.reset()
+            pre_s, pre_calls, pre_bytes, pre_int_s, pre_int_bytes = clock.reset()
             result = session.generate(args.prompt, max_new_tokens=args.tokens + 1)
-            int_s, int_moved = clock.take_int()
-            s, calls, moved = clock.reset()
+            s, calls, moved, int_s, int_moved = clock.reset()
             s, moved, calls = s - pre_s, moved - pre_bytes, calls - pre_calls
             int_s, int_moved = int_s - pre_int_s, int_moved - pre_int_bytes
             decoded = len(result.generated_ids) - 1
